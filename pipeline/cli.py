@@ -1,0 +1,186 @@
+"""The ``distill`` command line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import ConfigError, load_config
+from .stage import Progress as StageProgress
+from .storage import Storage
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation pipelines for reasoning models, on Ray.")
+runs_app = typer.Typer(no_args_is_help=True, help="Read run manifests.")
+app.add_typer(runs_app, name="runs")
+
+console = Console(stderr=True)
+out = Console()
+
+SetOpt = typer.Option(None, "--set", help="override a config value: a.b.c=value (repeatable)")
+
+
+def _load(config: str, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        for line in e.problems:
+            console.print(f"[bold red]config error[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+class _Bar(StageProgress):
+    def __init__(self, progress: Progress, description: str, total: int | None):
+        self.progress, self.task = progress, progress.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        t = self.progress.tasks[self.task]
+        if t.total is None:
+            self.progress.update(self.task, total=1, completed=1)
+
+
+@app.command()
+def plan(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional[list[str]] = SetOpt,
+         json_: bool = typer.Option(False, "--json")):
+    """Print the DAG with each stage's fingerprint and whether it would run or come from cache. Loads no model."""
+    from .runner import Runner
+
+    cfg = _load(config, set_)
+    entries = Runner(cfg).plan()
+    if json_:
+        out.print_json(json.dumps([{"name": e.name, "kind": e.kind, "fingerprint": e.fingerprint, "inputs": e.inputs,
+                                    "action": "cached" if e.cached else "run"} for e in entries]))
+        return
+    table = Table(title=f"{cfg.name}  ({cfg.path})")
+    for col in ("stage", "kind", "inputs", "fingerprint", "action"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.name, e.kind, ", ".join(f"{k}<-{v}" for k, v in e.inputs.items()) or "-", e.fingerprint,
+                      "[green]cached[/]" if e.cached else "[yellow]run[/]")
+    out.print(table)
+
+
+@app.command()
+def run(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional[list[str]] = SetOpt,
+        address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: start a local Ray)"),
+        verbose: bool = typer.Option(False, "-v", "--verbose")):
+    """Run the pipeline; stages whose outputs are committed come from cache."""
+    from .runner import Runner
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    cfg = _load(config, set_)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=False)
+
+    def on_stage(name: str, event: str, info: dict) -> None:
+        if event == "cached":
+            progress.console.print(f"[green]cached[/] {name} ({info['fingerprint']})")
+        elif event == "start":
+            progress.console.print(f"[cyan]run[/]    {name} ({info['fingerprint']})")
+        elif event == "done":
+            progress.console.print(f"[green]done[/]   {name} in {info['seconds']:.1f}s  rows={info['rows']}")
+        elif event == "failed":
+            progress.console.print(f"[red]failed[/] {name}: {info.get('error')}", highlight=False)
+
+    with progress:
+        result = Runner(cfg, address=address, progress_factory=lambda d, t: _Bar(progress, d, t), on_stage=on_stage).run()
+    _print_manifest(result.manifest)
+    out.print(f"run manifest: {result.manifest_uri}")
+    if not result.ok:
+        console.print(f"[bold red]run failed[/] {result.error}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_manifest(m: dict) -> None:
+    table = Table(title=f"run {m['run_id']}  [{m['status']}]")
+    for col in ("stage", "status", "seconds", "rows", "fingerprint"):
+        table.add_column(col)
+    for s in m["stages"]:
+        color = {"done": "green", "cached": "cyan", "failed": "red"}.get(s["status"], "yellow")
+        rows = ", ".join(f"{k}={v}" for k, v in (s.get("rows") or {}).items())
+        table.add_row(s["name"], f"[{color}]{s['status']}[/]", f"{s.get('seconds', 0):.1f}", rows, s["fingerprint"])
+    out.print(table)
+    for s in m["stages"]:
+        _print_comparison(s["name"], s.get("metrics") or {})
+
+
+def _print_comparison(stage: str, metrics: dict) -> None:
+    """Metrics shaped {group: {metric: number}} (e.g. teacher/student) print as one table."""
+    groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values())}
+    if len(groups) < 2:
+        return
+    cols: list[str] = []
+    for v in groups.values():
+        cols += [c for c in v if c not in cols]
+    table = Table(title=f"{stage} metrics")
+    table.add_column("")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for g, v in groups.items():
+        table.add_row(g, *[("-" if c not in v else f"{v[c]:.3f}" if isinstance(v[c], float) else str(v[c])) for c in cols])
+    out.print(table)
+
+
+def _storage(root: Optional[str], config: Optional[str]) -> Storage:
+    if config:
+        return Storage(_load(config, None).storage.root)
+    return Storage(root or os.environ.get("DISTILL_ROOT", ".distill"))
+
+
+RootOpt = typer.Option(None, "--root", help="storage root (default .distill, or $DISTILL_ROOT)")
+ConfigOpt = typer.Option(None, "--config", help="take the storage root from this pipeline config")
+
+
+@runs_app.command("ls")
+def runs_ls(root: Optional[str] = RootOpt, config: Optional[str] = ConfigOpt, json_: bool = typer.Option(False, "--json")):
+    """List runs, oldest first."""
+    from .runner import list_runs
+
+    runs = list_runs(_storage(root, config))
+    if json_:
+        out.print_json(json.dumps([{k: r.get(k) for k in ("run_id", "pipeline", "status", "started", "seconds")} for r in runs]))
+        return
+    table = Table()
+    for col in ("run", "pipeline", "status", "started", "seconds", "stages"):
+        table.add_column(col)
+    for r in runs:
+        counts: dict[str, int] = {}
+        for s in r["stages"]:
+            counts[s["status"]] = counts.get(s["status"], 0) + 1
+        table.add_row(r["run_id"], r["pipeline"], r["status"], r["started"], f"{r.get('seconds', 0):.1f}",
+                      ", ".join(f"{v} {k}" for k, v in counts.items()))
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument("latest"), root: Optional[str] = RootOpt, config: Optional[str] = ConfigOpt,
+              json_: bool = typer.Option(False, "--json")):
+    """Show one run manifest (RUN id or 'latest')."""
+    from .runner import read_run
+
+    try:
+        m = read_run(_storage(root, config), run)
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1)
+    if json_:
+        sys.stdout.write(json.dumps(m, indent=2) + "\n")
+        return
+    _print_manifest(m)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,294 @@
+"""Storage on fsspec: a local folder or ``s3://bucket/prefix`` (through s3fs).
+
+Layout under the root::
+
+    cache/<kind>/<fingerprint>/<output>/   one artifact (dataset or model)
+    cache/<kind>/<fingerprint>/_stage.json  the stage's commit record, written last
+    runs/<run_id>/manifest.json              run manifests
+    runs/_latest                             id of the newest run
+
+Artifacts are committed by a manifest written last with an exclusive create
+(``If-None-Match: *`` on S3, ``link()`` locally). Readers trust only what a
+committed manifest lists. Credentials and endpoints come from the standard AWS
+environment/config and are never written anywhere by this module.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+DATASET_FORMAT = "distill.dataset/1"
+MODEL_FORMAT = "distill.model/1"
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+class AlreadyCommitted(StorageError, FileExistsError):
+    """Another writer committed this artifact first."""
+
+
+def redact_uri(uri: str) -> str:
+    """Drop any user:password@ part of a URI so it can be logged or stored."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Storage:
+    """A root folder on any fsspec filesystem."""
+
+    def __init__(self, root: str, storage_options: dict | None = None):
+        self.root_uri = root.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.root_uri, **(storage_options or {}))
+        self.is_local = self.fs.protocol in ("file", "local") or "file" in getattr(self.fs, "protocol", ())
+
+    def __reduce__(self):  # ship to Ray workers as a plain root; credentials stay in the environment
+        return (Storage, (self.root_uri,))
+
+    # -- paths -------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+    def uri(self, path: str) -> str:
+        """A full URI for a path of this filesystem (what users and readers see)."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def strip(self, uri: str) -> str:
+        return self.fs._strip_protocol(uri)
+
+    # -- small files -------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+
+    def write_json(self, path: str, obj: Any, exclusive: bool = False) -> None:
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        self.put_bytes(path, data, exclusive=exclusive)
+
+    def put_bytes(self, path: str, data: bytes, exclusive: bool = False) -> None:
+        """Write a whole object at once. ``exclusive`` makes it a conditional create."""
+        parent = path.rsplit("/", 1)[0]
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if exclusive:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError as e:
+                        raise AlreadyCommitted(f"{path} was already committed") from e
+                else:
+                    os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        if exclusive:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError as e:
+                raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
+            except Exception as e:  # botocore ClientError PreconditionFailed
+                if "PreconditionFailed" in repr(e) or "412" in str(e):
+                    raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
+                raise
+        else:
+            self.fs.pipe_file(path, data)
+
+    def ls(self, path: str) -> list[str]:
+        try:
+            return sorted(self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def invalidate(self) -> None:
+        self.fs.invalidate_cache()
+
+    # -- datasets ----------------------------------------------------------
+    def dataset_writer(self, path: str, lineage: dict | None = None, rows_per_shard: int = 50_000) -> "DatasetWriter":
+        return DatasetWriter(self, path, lineage or {}, rows_per_shard)
+
+    def dataset_manifest(self, path: str) -> dict:
+        mpath = f"{path.rstrip('/')}/{MANIFEST}"
+        try:
+            manifest = self.read_json(mpath)
+        except FileNotFoundError as e:
+            raise StorageError(f"no committed dataset at {self.uri(path)} (missing {MANIFEST})") from e
+        if manifest.get("format") != DATASET_FORMAT:
+            raise StorageError(f"{self.uri(mpath)} is not a distill dataset manifest")
+        return manifest
+
+    def dataset_files(self, path: str) -> list[str]:
+        """Full URIs of the shards a committed manifest lists (for pyarrow/datasets readers)."""
+        manifest = self.dataset_manifest(path)
+        return [self.uri(f"{path.rstrip('/')}/{s['path']}") for s in manifest["shards"]]
+
+    def read_dataset(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        manifest = self.dataset_manifest(path)
+        schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(manifest["arrow_schema"])))
+        tables = []
+        for shard in manifest["shards"]:
+            with self.fs.open(f"{path.rstrip('/')}/{shard['path']}", "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        return pa.concat_tables(tables)
+
+    def iter_rows(self, path: str) -> Iterator[dict]:
+        for batch in self.read_dataset(path).to_batches():
+            yield from batch.to_pylist()
+
+    # -- model / file-tree artifacts --------------------------------------
+    def put_tree(self, local_dir: str | Path, path: str, lineage: dict | None = None) -> dict:
+        """Upload a local folder as an artifact; the manifest listing its files is written last."""
+        local_dir = Path(local_dir)
+        files = []
+        for p in sorted(local_dir.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(local_dir).as_posix()
+                data = p.read_bytes()
+                self.put_bytes(f"{path}/{rel}", data)
+                files.append({"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        manifest = {"format": MODEL_FORMAT, "files": files, "lineage": lineage or {}, "created": now_iso()}
+        self.write_json(f"{path}/{MANIFEST}", manifest, exclusive=True)
+        return manifest
+
+    def tree_manifest(self, path: str) -> dict:
+        try:
+            manifest = self.read_json(f"{path.rstrip('/')}/{MANIFEST}")
+        except FileNotFoundError as e:
+            raise StorageError(f"no committed model at {self.uri(path)} (missing {MANIFEST})") from e
+        return manifest
+
+    def localize_tree(self, path: str, cache_dir: str | None = None) -> str:
+        """A local folder holding the artifact: the folder itself when storage is local."""
+        manifest = self.tree_manifest(path)
+        if self.is_local:
+            return path
+        digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:20]
+        base = Path(cache_dir or os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "models"
+        target = base / digest
+        if (target / MANIFEST).exists():
+            return str(target)
+        tmp = base / f".{digest}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in manifest["files"]:
+            dest = tmp / f["path"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open(f"{path}/{f['path']}", "rb") as src:
+                dest.write_bytes(src.read())
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; theirs is identical
+            pass
+        return str(target)
+
+
+@dataclass
+class ShardInfo:
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class DatasetWriter:
+    """Writes uniquely named Parquet shards, then the manifest (exclusive create) last."""
+
+    def __init__(self, storage: Storage, path: str, lineage: dict, rows_per_shard: int):
+        self.storage, self.path, self.lineage = storage, path.rstrip("/"), lineage
+        self.rows_per_shard = rows_per_shard
+        self.schema: pa.Schema | None = None
+        self.shards: list[ShardInfo] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._token = uuid.uuid4().hex[:8]
+        self.committed = False
+
+    def write(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        elif table.schema != self.schema:
+            try:
+                table = table.cast(self.schema)
+            except (pa.ArrowInvalid, ValueError) as e:
+                raise StorageError(f"schema mismatch writing {self.path}: {e}") from e
+        if table.num_rows == 0:
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.rows_per_shard:
+            merged = pa.concat_tables(self._pending)
+            self._flush(merged.slice(0, self.rows_per_shard))
+            rest = merged.slice(self.rows_per_shard)
+            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def write_many(self, tables: Iterable[pa.Table]) -> None:
+        for t in tables:
+            self.write(t)
+
+    def _flush(self, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        name = f"part-{len(self.shards):05d}-{self._token}.parquet"
+        self.storage.put_bytes(f"{self.path}/{name}", data)
+        self.shards.append(ShardInfo(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest()))
+
+    def commit(self, schema: pa.Schema | None = None) -> dict:
+        if self.committed:
+            raise StorageError(f"{self.path} already committed by this writer")
+        if self.schema is None:
+            self.schema = schema
+        if self.schema is None:
+            raise StorageError(f"cannot commit {self.path}: no rows and no schema given")
+        if self._pending:
+            self._flush(pa.concat_tables(self._pending))
+            self._pending, self._pending_rows = [], 0
+        if not self.shards:  # an empty dataset still carries its schema for readers
+            self._flush(self.schema.empty_table())
+        manifest = {
+            "format": DATASET_FORMAT,
+            "rows": sum(s.rows for s in self.shards),
+            "bytes": sum(s.bytes for s in self.shards),
+            "shards": [s.__dict__ for s in self.shards],
+            "schema": {f.name: str(f.type) for f in self.schema},
+            "arrow_schema": self.schema.serialize().to_pybytes().hex(),
+            "lineage": self.lineage,
+            "created": now_iso(),
+        }
+        self.storage.write_json(f"{self.path}/{MANIFEST}", manifest, exclusive=True)
+        self.committed = True
+        return manifest

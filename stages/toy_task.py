@@ -1,0 +1,105 @@
+"""toy_task: a small multi-step arithmetic task the project makes itself.
+
+Each problem chains 2-4 additions/subtractions of small numbers. The gold
+solution works one step per line inside ``<think>`` and ends in ``\\boxed{}``,
+so the same verifiers and formats as real math data apply. Three disjoint
+splits come out: ``train`` (with gold solutions, to build a toy teacher),
+``distill`` (prompts the teacher answers) and ``eval`` (held out).
+Disjointness is by prompt text, hence by ``prompt_id``.
+"""
+from __future__ import annotations
+
+import json
+import random
+from typing import ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.ids import prompt_id
+from pipeline.stage import Stage, StageContext
+
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("source", pa.string()),
+        ("metadata", pa.string()),
+        ("solution", pa.string()),
+    ]
+)
+
+
+def make_problem(rng: random.Random, min_steps: int, max_steps: int, max_operand: int) -> tuple[str, str, str]:
+    """Returns (prompt, solution, answer). Intermediate values stay in [0, 2*max_operand]."""
+    steps = rng.randint(min_steps, max_steps)
+    value = rng.randint(1, max_operand)
+    terms = [str(value)]
+    lines = []
+    for _ in range(steps):
+        if value > max_operand and rng.random() < 0.7 or value + max_operand > 2 * max_operand:
+            b = rng.randint(1, min(value, max_operand))
+            new, op = value - b, "-"
+        elif value > 0 and rng.random() < 0.35:
+            b = rng.randint(1, min(value, max_operand))
+            new, op = value - b, "-"
+        else:
+            b = rng.randint(1, max_operand)
+            new, op = value + b, "+"
+        lines.append(f"{value} {op} {b} = {new}")
+        terms.append(f"{op} {b}")
+        value = new
+    prompt = f"Compute {' '.join(terms)}."
+    solution = "<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{" + str(value) + "}."
+    return prompt, solution, str(value)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    train_size: int = Field(4000, ge=1)
+    distill_size: int = Field(200, ge=1)
+    eval_size: int = Field(100, ge=1)
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(3, ge=1)
+    max_operand: int = Field(50, ge=2)
+
+
+class ToyTask(Stage):
+    kind: ClassVar[str] = "toy_task"
+    version: ClassVar[str] = "1"
+    Params = Params
+    inputs: ClassVar[dict] = {}
+    outputs: ClassVar[dict] = {"train": "dataset", "distill": "dataset", "eval": "dataset"}
+
+    def run(self, ctx: StageContext) -> None:
+        p: Params = self.params
+        rng = random.Random(p.seed)
+        seen: set[str] = set()
+        splits = {"eval": p.eval_size, "distill": p.distill_size, "train": p.train_size}
+        attempts_left = 50 * sum(splits.values())
+        for split, size in splits.items():
+            rows = []
+            while len(rows) < size:
+                attempts_left -= 1
+                if attempts_left < 0:
+                    raise RuntimeError(
+                        f"toy_task: could not draw {size} distinct problems for split {split!r}; "
+                        "raise max_operand or max_steps"
+                    )
+                prompt, solution, answer = make_problem(rng, p.min_steps, p.max_steps, p.max_operand)
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+                rows.append(
+                    {
+                        "prompt_id": prompt_id(prompt),
+                        "prompt": prompt,
+                        "answer": answer,
+                        "source": f"toy_task/{split}",
+                        "metadata": json.dumps({"steps": solution.count("\n") - 2}),
+                        "solution": solution,
+                    }
+                )
+            ctx.write_dataset(split, [pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)])
