@@ -31,21 +31,25 @@ PROMPT_SCHEMA = pa.schema(
 )
 
 
-def make_problem(rng: random.Random, min_steps: int, max_steps: int, max_operand: int) -> tuple[str, str, str]:
-    """Returns (prompt, solution, answer). Intermediate values stay in [0, 2*max_operand]."""
+def make_problem(rng: random.Random, min_steps: int, max_steps: int, max_operand: int,
+                 easy_fraction: float = 0.0) -> tuple[str, str, str]:
+    """Returns (prompt, solution, answer).
+
+    With probability ``easy_fraction`` a problem uses single-digit operands only
+    (easy for a small model); otherwise operands go up to ``max_operand``. The
+    mix gives a teacher whose pass rate varies by problem, as real data does.
+    Values never go negative.
+    """
+    top = 9 if rng.random() < easy_fraction else max_operand
     steps = rng.randint(min_steps, max_steps)
-    value = rng.randint(1, max_operand)
+    value = rng.randint(1, top)
     terms = [str(value)]
     lines = []
     for _ in range(steps):
-        if value > max_operand and rng.random() < 0.7 or value + max_operand > 2 * max_operand:
-            b = rng.randint(1, min(value, max_operand))
-            new, op = value - b, "-"
-        elif value > 0 and rng.random() < 0.35:
-            b = rng.randint(1, min(value, max_operand))
+        b = rng.randint(1, top)
+        if b <= value and rng.random() < 0.4:
             new, op = value - b, "-"
         else:
-            b = rng.randint(1, max_operand)
             new, op = value + b, "+"
         lines.append(f"{value} {op} {b} = {new}")
         terms.append(f"{op} {b}")
@@ -64,6 +68,7 @@ class Params(BaseModel):
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_operand: int = Field(50, ge=2)
+    easy_fraction: float = Field(0.5, ge=0, le=1)
 
 
 class ToyTask(Stage):
@@ -88,7 +93,7 @@ class ToyTask(Stage):
                         f"toy_task: could not draw {size} distinct problems for split {split!r}; "
                         "raise max_operand or max_steps"
                     )
-                prompt, solution, answer = make_problem(rng, p.min_steps, p.max_steps, p.max_operand)
+                prompt, solution, answer = make_problem(rng, p.min_steps, p.max_steps, p.max_operand, p.easy_fraction)
                 if prompt in seen:
                     continue
                 seen.add(prompt)

@@ -1,0 +1,104 @@
+"""Shared fixtures: one local Ray, one moto S3 server on 127.0.0.1, one tiny model.
+
+vLLM engines are kept alive across tests (``DISTILL_KEEP_ENGINES=1``) because each
+start costs tens of seconds here; Ray gets more logical CPUs than the machine has so
+a kept engine never blocks a training task from being scheduled.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+os.environ["DISTILL_KEEP_ENGINES"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DISTILL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"distill-test-cache-{os.getpid()}"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1; the standard AWS variables point at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    })
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_endpoint):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="distill-test")
+    return "distill-test"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """Started after the S3 variables are set, so Ray workers inherit them."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    from stages.common.engine import shutdown_kept
+
+    shutdown_kept()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer Llama with a tokenizer trained here on toy arithmetic text."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.init_model import build_tokenizer
+    from stages.toy_task import make_problem
+
+    rng = random.Random(0)
+    texts = [t for _ in range(300) for t in make_problem(rng, 2, 3, 20)[:2]]
+    tok = build_tokenizer(texts, 300)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return path
+
+

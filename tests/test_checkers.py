@@ -1,0 +1,78 @@
+import json
+import random
+
+import pytest
+from conftest import SHARED_DATA
+
+from stages.common.checkers import FormatSpec, answers_equal, check_rows, check_sample, gold_answer, last_boxed
+from stages.toy_task import make_problem
+
+FMT = FormatSpec()
+
+
+def test_last_boxed_handles_nesting_and_takes_the_last():
+    assert last_boxed(r"first \boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{ {a}^{2} }") == "{a}^{2}"
+    assert last_boxed("no answer here") is None
+    assert last_boxed(r"\boxed{unterminated") is None
+
+
+def test_gold_answer_forms():
+    assert gold_answer("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
+    assert gold_answer(r"so the answer is $\boxed{\frac{14}{3}}$.") == r"\frac{14}{3}"
+    assert gold_answer("27.0") == "27.0"
+
+
+@pytest.mark.parametrize("gold,pred,equal", [
+    ("72", "72", True),
+    ("27.0", "27", True),
+    (r"\frac{1}{2}", "0.5", True),
+    (r"\frac{14}{3}", r"\dfrac{14}{3}", True),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3, \frac{\pi}{2})", True),
+    ("6 - 5i", "6-5i", True),
+    ("72", "73", False),
+    (r"\frac{1}{2}", r"\frac{1}{3}", False),
+])
+def test_answers_equal(gold, pred, equal):
+    assert answers_equal(gold, pred) is equal
+
+
+def test_verdicts_and_reasons():
+    good = "<think>\n3 + 4 = 7\n</think>\nThe answer is \\boxed{7}."
+    assert check_sample(good, "stop", "#### 7", FMT).reason == "ok"
+    v = check_sample(good, "stop", "8", FMT)
+    assert (v.verdict, v.reason) == ("rejected", "wrong_answer") and "expected 8, got 7" in v.detail
+    assert check_sample(good, "length", "7", FMT).reason == "truncated"
+    assert check_sample("The answer is \\boxed{7}", "stop", "7", FMT).reason == "missing_think"
+    assert check_sample("<think></think> \\boxed{7}", "stop", "7", FMT).reason == "missing_think"
+    assert check_sample("<think>x</think> seven", "stop", "7", FMT).reason == "no_boxed_answer"
+    # the boxed answer must be after the reasoning, not inside it
+    assert check_sample("<think>\\boxed{7}</think> done", "stop", "7", FMT).reason == "no_boxed_answer"
+    assert check_sample("", "error", "7", FMT, error="prompt_too_long: 900 tokens").reason == "generation_error"
+    assert check_sample("", "stop", "7", FMT).reason == "missing_think"
+    assert check_sample("\\boxed{7}", "stop", "7", FormatSpec(require_think=False)).reason == "ok"
+    assert check_sample("<think>x</think>\\boxed{7}", "stop", None, FMT).verdict == "error"
+    rows = check_rows([{"completion": good, "finish_reason": "stop", "answer": "7"}], FMT.model_dump())
+    assert rows == [{"verdict": "correct", "reason": "ok", "detail": "", "extracted": "7"}]
+
+
+def test_toy_gold_solutions_verify():
+    rng = random.Random(1)
+    for _ in range(200):
+        prompt, solution, answer = make_problem(rng, 2, 4, 40, 0.5)
+        assert check_sample(solution, "stop", answer, FMT).reason == "ok", (prompt, solution)
+        wrong = solution.replace("\\boxed{" + answer + "}", "\\boxed{" + str(int(answer) + 1) + "}")
+        assert check_sample(wrong, "stop", answer, FMT).reason == "wrong_answer"
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
+@pytest.mark.parametrize("name,field", [("gsm8k/test.jsonl", "answer"), ("math500/test.jsonl", "solution")])
+def test_shared_gold_answers_verify_against_themselves(name, field):
+    """The gold solution's boxed answer (or #### n) verifies as correct against the gold answer field."""
+    rows = [json.loads(line) for line in open(SHARED_DATA / name)][:150]
+    ok = 0
+    for r in rows:
+        gold = r["answer"]
+        completion = "<think>work</think> \\boxed{" + gold_answer(r[field]) + "}"
+        ok += check_sample(completion, "stop", gold, FMT).reason == "ok"
+    assert ok / len(rows) >= 0.99

@@ -1,0 +1,155 @@
+"""The whole DAG with real parts (vLLM engines in Ray actors, math-verify, TRL), on a local
+folder and on S3 (moto on 127.0.0.1): same test, same assertions."""
+import json
+import os
+import uuid
+
+import pytest
+from conftest import write_jsonl
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+from pipeline.runner import Runner
+from pipeline.storage import Storage
+
+N = 2
+PROMPTS = [{"q": f"Compute {i} + {i + 3}.", "a": str(2 * i + 3)} for i in range(1, 7)]
+OVERLONG = {"q": "Compute " + " + ".join(["12"] * 80) + ".", "a": "960"}
+EVAL = [{"q": f"Compute {i} - 1.", "a": str(i - 1)} for i in range(2, 6)]
+
+CONFIG = """
+name: e2e
+storage: {{root: {root}}}
+stages:
+  prompts:
+    params: {{path: {src}, prompt_field: q, answer_field: a}}
+  eval_prompts:
+    uses: prompts
+    params: {{path: {eval_src}, prompt_field: q, answer_field: a}}
+  generate:
+    inputs: {{prompts: prompts.prompts}}
+    params:
+      model: {model}
+      sampling: {{n: {n}, temperature: 1.0, max_tokens: 16, seed: 1}}
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}
+  verify:
+    inputs: {{samples: generate.samples}}
+  dedupe:
+    inputs: {{samples: verify.verified}}
+    params: {{require_verdict: null, max_per_prompt: 1}}
+  sft:
+    inputs: {{data: dedupe.sft}}
+    params: {{model: {model}, max_steps: 2, batch_size: 4, max_length: 128, learning_rate: 1.0e-4, num_cpus: 1}}
+  evaluate:
+    inputs: {{prompts: {eval_input}, train: dedupe.sft, student: sft.model}}
+    params:
+      teacher: {model}
+      sampling: {{n: {n}, temperature: 1.0, max_tokens: 16}}
+      ks: [1, 2]
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}
+"""
+
+
+def _setup(backend, tmp_path, request):
+    src = write_jsonl(tmp_path / "src.jsonl", PROMPTS + [OVERLONG, {"q": "no answer here"}])
+    eval_src = write_jsonl(tmp_path / "eval.jsonl", EVAL)
+    if backend == "local":
+        return str(tmp_path / "root"), str(src), str(eval_src)
+    bucket = request.getfixturevalue("s3_bucket")
+    prefix = f"s3://{bucket}/{uuid.uuid4().hex[:8]}"
+    st = Storage(prefix)
+    st.put_bytes(st.path("in/src.jsonl"), src.read_bytes())
+    st.put_bytes(st.path("in/eval.jsonl"), eval_src.read_bytes())
+    return f"{prefix}/root", f"{prefix}/in/src.jsonl", f"{prefix}/in/eval.jsonl"
+
+
+def _config(tmp_path, root, src, eval_src, model, eval_input="eval_prompts.prompts"):
+    p = tmp_path / f"e2e-{uuid.uuid4().hex[:6]}.yaml"
+    p.write_text(CONFIG.format(root=root, src=src, eval_src=eval_src, model=model, n=N, eval_input=eval_input))
+    return p
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_pipeline_end_to_end(backend, ray_local, tiny_model, tmp_path, request):
+    root, src, eval_src = _setup(backend, tmp_path, request)
+    cfg_path = _config(tmp_path, root, src, eval_src, tiny_model)
+    runner = Runner(load_config(cfg_path))
+    result = runner.run()
+    assert result.ok, result.error
+    stages = {s["name"]: s for s in result.manifest["stages"]}
+    assert all(s["status"] == "done" for s in stages.values())
+    for s in stages.values():
+        assert set(s) >= {"name", "status", "seconds", "fingerprint", "output", "rows", "metrics"}
+    st = runner.storage
+
+    def read(stage, out):
+        return st.read_dataset(st.strip(stages[stage]["output"][out])).to_pylist()
+
+    # prompts: the row without an answer is quarantined with its reason
+    assert stages["prompts"]["rows"] == {"prompts": 7, "quarantine": 1}
+    assert read("prompts", "quarantine")[0]["reason"] == "missing answer field 'a'"
+
+    # generate: every (prompt, sample) exactly once; the overlong prompt is an errored row
+    samples = read("generate", "samples")
+    keys = [(r["prompt_id"], r["sample_index"]) for r in samples]
+    assert len(keys) == len(set(keys)) == 7 * N
+    long_rows = [r for r in samples if r["prompt"].startswith("Compute 12 + 12")]
+    assert len(long_rows) == N
+    assert all(r["error"].startswith("prompt_too_long") and r["finish_reason"] == "error" for r in long_rows)
+    ok_rows = [r for r in samples if r not in long_rows]
+    assert all(r["error"] is None and r["finish_reason"] in ("stop", "length") for r in ok_rows)
+    assert all(0 < r["completion_tokens"] <= 16 for r in ok_rows)
+
+    # verify: every sample has a verdict and a reason; counts per reason add up
+    verified = read("verify", "verified")
+    assert len(verified) == 7 * N and all(r["verdict"] and r["reason"] for r in verified)
+    assert {r["reason"] for r in verified if r["prompt"].startswith("Compute 12 + 12")} == {"generation_error"}
+    assert sum(stages["verify"]["metrics"]["reasons"].values()) == 7 * N
+
+    # dedupe: kept + dropped covers every input row; chat messages for SFT
+    sft_rows, dropped = read("dedupe", "sft"), read("dedupe", "dropped")
+    assert len(sft_rows) + len(dropped) == 7 * N
+    assert len({r["prompt_id"] for r in sft_rows}) == len(sft_rows) <= 7
+    assert [m["role"] for m in sft_rows[0]["messages"]] == ["user", "assistant"]
+
+    # sft: a loadable checkpoint in storage
+    model_files = st.tree_manifest(st.strip(stages["sft"]["output"]["model"]))["files"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f["path"] for f in model_files}
+    assert stages["sft"]["metrics"]["steps"] == 2
+
+    # evaluate: both models scored with the same metrics
+    metrics = stages["evaluate"]["metrics"]
+    for role in ("teacher", "student"):
+        assert metrics[role]["prompts"] == len(EVAL) and metrics[role]["samples"] == len(EVAL) * N
+        assert {"pass@1", "pass@2", "maj@2", "mean_tokens", "truncated_rate"} <= set(metrics[role])
+        assert metrics[role]["pass@2"] >= metrics[role]["pass@1"]
+    evals = read("evaluate", "samples")
+    assert {r["role"] for r in evals} == {"teacher", "student"} and len(evals) == 2 * len(EVAL) * N
+
+    # no credentials in anything written
+    if backend == "s3":
+        secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+        for path in st.fs.find(st.root):
+            if path.endswith(".json"):
+                assert secret not in st.fs.cat(path).decode()
+
+    # a second run of the unchanged config does no work
+    again = Runner(load_config(cfg_path)).run()
+    assert again.ok and [s["status"] for s in again.manifest["stages"]] == ["cached"] * 7
+    assert again.manifest["stages"][-1]["metrics"] == metrics
+
+    cli = CliRunner()
+    plan = cli.invoke(app, ["plan", str(cfg_path), "--json"])
+    assert plan.exit_code == 0 and {e["action"] for e in json.loads(plan.output)} == {"cached"}
+    shown = cli.invoke(app, ["runs", "show", "latest", "--root", root, "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["run_id"] == again.run_id
+    listed = cli.invoke(app, ["runs", "ls", "--root", root, "--json"])
+    assert [r["run_id"] for r in json.loads(listed.output)] == [result.run_id, again.run_id]
+
+    # the held-out set must not overlap the training data
+    leak_cfg = _config(tmp_path, root, src, eval_src, tiny_model, eval_input="prompts.prompts")
+    leak = Runner(load_config(leak_cfg)).run()
+    assert not leak.ok
+    assert "overlap the training data" in leak.stage_errors["evaluate"]

@@ -1,0 +1,69 @@
+"""The prompts and dedupe stages through the runner: quarantine with reasons, no lost rows, caching."""
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from pipeline.config import load_config
+from pipeline.runner import Runner, read_run
+
+
+@pytest.fixture
+def source(tmp_path):
+    rows = [
+        {"question": "What is 2 + 2?", "answer": "4", "level": 1},
+        {"question": "What is 3 + 5?"},  # missing answer
+        {"question": "   ", "answer": "1"},  # empty prompt
+        '{"question": "broken json", ',
+        {"question": "What is  2 + 2?", "answer": "4"},  # same prompt after normalisation
+        {"question": "Half of 9?", "answer": 4.5},
+        [1, 2, 3],
+    ]
+    path = write_jsonl(tmp_path / "src.jsonl", rows)
+    with open(path, "ab") as f:
+        f.write(b'{"question": "bad \xff bytes", "answer": "1"}\n')
+    return path
+
+
+def _cfg(tmp_path, source):
+    p = tmp_path / "p.yaml"
+    p.write_text(f"""
+name: prompts-only
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts:
+    params: {{path: {source}, prompt_field: question, answer_field: answer}}
+""")
+    return load_config(p)
+
+
+def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
+    runner = Runner(_cfg(tmp_path, source))
+    result = runner.run()
+    assert result.ok, result.error
+    st = runner.storage
+    rec = result.manifest["stages"][0]
+    good = st.read_dataset(st.strip(rec["output"]["prompts"])).to_pylist()
+    bad = st.read_dataset(st.strip(rec["output"]["quarantine"])).to_pylist()
+    assert len(good) + len(bad) == 8  # no input row is lost
+    assert [g["answer"] for g in good] == ["4", "4.5"]
+    assert json.loads(good[0]["metadata"]) == {"level": 1}
+    reasons = {b["row_number"]: b["reason"] for b in bad}
+    assert reasons[2] == "missing answer field 'answer'"
+    assert reasons[3] == "empty prompt field 'question'"
+    assert reasons[4].startswith("invalid JSON")
+    assert reasons[5].startswith("duplicate prompt")
+    assert reasons[7].startswith("expected a JSON object")
+    assert reasons[8].startswith("invalid UTF-8")
+    assert rec["metrics"]["quarantine_reasons"]["missing answer field 'answer'"] == 1
+
+    again = Runner(_cfg(tmp_path, source)).run()
+    assert [s["status"] for s in again.manifest["stages"]] == ["cached"]
+    assert read_run(runner.storage, "latest")["run_id"] == again.run_id
+
+    # editing the source file changes the fingerprint
+    with open(source, "a") as f:
+        f.write(json.dumps({"question": "new one?", "answer": "1"}) + "\n")
+    third = Runner(_cfg(tmp_path, source)).run()
+    assert third.manifest["stages"][0]["status"] == "done"
+    assert third.manifest["stages"][0]["rows"]["prompts"] == 3
