@@ -209,7 +209,9 @@ class Runner:
 
         if ray.is_initialized():
             return
-        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": os.environ.get("DISTILL_RAY_LOGS") == "1"}
+        verbose = os.environ.get("DISTILL_RAY_LOGS") == "1"
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": verbose,
+                                  "logging_level": logging.INFO if verbose else logging.ERROR}
         if self.address:
             kwargs["address"] = self.address
         else:

@@ -58,6 +58,7 @@ class SamplingSpec(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(512, ge=1)
     seed: int = 0
+    ignore_eos: bool = Field(False, description="keep sampling past EOS (benchmarks)")
 
 
 def request_seed(seed: int, prompt_id: str) -> int:
@@ -113,6 +114,7 @@ class EngineActor:
                 top_p=sampling["top_p"],
                 max_tokens=min(sampling["max_tokens"], self.max_len - len(ids)),
                 seed=request_seed(sampling["seed"], row["prompt_id"]),
+                ignore_eos=sampling.get("ignore_eos", False),
             )
             todo.append((row["prompt_id"], ids, params))
         if todo:
