@@ -114,19 +114,24 @@ def _print_manifest(m: dict) -> None:
 
 
 def _print_comparison(stage: str, metrics: dict) -> None:
-    """Metrics shaped {group: {metric: number}} (e.g. teacher/student) print as one table."""
+    """Metrics shaped {group: {metric: number}} (e.g. teacher/student) print as one table,
+    a row per metric and a column per group."""
     groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values())}
     if len(groups) < 2:
         return
-    cols: list[str] = []
+    names: list[str] = []
     for v in groups.values():
-        cols += [c for c in v if c not in cols]
+        names += [c for c in v if c not in names]
     table = Table(title=f"{stage} metrics")
-    table.add_column("")
-    for c in cols:
-        table.add_column(c, justify="right")
-    for g, v in groups.items():
-        table.add_row(g, *[("-" if c not in v else f"{v[c]:.3f}" if isinstance(v[c], float) else str(v[c])) for c in cols])
+    table.add_column("metric")
+    for g in groups:
+        table.add_column(g, justify="right")
+    for name in names:
+        cells = []
+        for v in groups.values():
+            x = v.get(name)
+            cells.append("-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x))
+        table.add_row(name, *cells)
     out.print(table)
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, ClassVar, Iterable
 
 import pyarrow as pa
@@ -30,6 +32,32 @@ from .ids import sha256_hex
 from .storage import Storage
 
 log = logging.getLogger("distill")
+
+
+def _source(module: ModuleType) -> str:
+    try:
+        return inspect.getsource(module)
+    except (OSError, TypeError):
+        return module.__name__
+
+
+def _local_modules(root: ModuleType) -> set[ModuleType]:
+    """``root`` and the modules of its package tree it refers to, transitively."""
+    top = root.__name__.split(".")[0]
+    found: dict[str, ModuleType] = {}
+    todo = [root]
+    while todo:
+        mod = todo.pop()
+        if mod.__name__ in found:
+            continue
+        found[mod.__name__] = mod
+        for value in vars(mod).values():
+            name = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.split(".")[0] == top and name not in found:
+                dep = sys.modules.get(name)
+                if dep is not None:
+                    todo.append(dep)
+    return set(found.values())
 
 
 class StageError(RuntimeError):
@@ -52,13 +80,14 @@ class Stage:
 
     @classmethod
     def code_version(cls) -> str:
-        """``version`` plus a hash of the module source: editing a stage invalidates its cache."""
+        """``version`` plus a hash of the stage module's source and of the sibling modules it
+        uses (same top-level package, transitively): editing a stage or a helper it
+        imports invalidates its cache."""
         module = inspect.getmodule(cls)
-        try:
-            src = inspect.getsource(module) if module else ""
-        except (OSError, TypeError):
-            src = ""
-        return f"{cls.version}:{sha256_hex(src)[:12]}"
+        if module is None:
+            return cls.version
+        sources = [_source(m) for m in sorted(_local_modules(module), key=lambda m: m.__name__)]
+        return f"{cls.version}:{sha256_hex(chr(0).join(sources))[:12]}"
 
     def fingerprint_params(self) -> dict:
         return fingerprint_params(self.params)

@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import resources
 from pipeline.stage import Stage, StageContext, StageError
-from stages.common.checkers import CHECKER_VERSION, FormatSpec, answer_key, check_rows
+from stages.common.checkers import CHECKER_VERSION, FormatSpec, answer_key
 from stages.common.engine import EngineSpec, SamplingSpec, open_engines
 from stages.common.metrics import ReasoningMetrics
+from stages.common.verifier import VerifierPool
 
 EVAL_SCHEMA = pa.schema(
     [("role", pa.string()), ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt", pa.string()),
@@ -42,6 +43,7 @@ class Params(BaseModel):
     system_prompt: str | None = None
     engine: EngineSpec = Field(default_factory=EngineSpec)
     checker_version: str = CHECKER_VERSION
+    timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
 
 
 class Evaluate(Stage):
@@ -90,7 +92,14 @@ class Evaluate(Stage):
             )
         by_id = {r["prompt_id"]: r for r in prompts}
         writer = ctx.dataset_writer("samples")
-        fmt = p.format.model_dump()
+        verifier = VerifierPool(workers=1, timeout=p.timeout_s)
+        try:
+            self._score(ctx, p, models, prompts, by_id, writer, verifier)
+        finally:
+            verifier.close()
+        ctx.commit_dataset("samples", writer, EVAL_SCHEMA)
+
+    def _score(self, ctx, p: Params, models, prompts, by_id, writer, verifier: VerifierPool) -> None:
         for role, uri in models.items():
             acc = ReasoningMetrics(ks=tuple(p.ks))
             bar = ctx.progress(f"{role} answering", len(prompts))
@@ -98,7 +107,7 @@ class Evaluate(Stage):
                 for chunk in pool.generate(prompts, p.sampling):
                     rows = [{**r, "role": role, "prompt": by_id[r["prompt_id"]]["prompt"],
                              "answer": by_id[r["prompt_id"]]["answer"]} for r in chunk]
-                    verdicts = check_rows(rows, fmt)
+                    verdicts = verifier.check_rows(rows, p.format)
                     rows = [{**r, **v} for r, v in zip(rows, verdicts)]
                     for r in rows:
                         acc.add(r["prompt_id"], r["sample_index"], r["verdict"] == "correct", answer_key(r["extracted"]),
@@ -107,4 +116,3 @@ class Evaluate(Stage):
                     bar.advance(len({r["prompt_id"] for r in chunk}))
             bar.close()
             ctx.metrics[role] = acc.summary()
-        ctx.commit_dataset("samples", writer, EVAL_SCHEMA)

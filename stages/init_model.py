@@ -77,6 +77,9 @@ class InitModel(Stage):
     def run(self, ctx: StageContext) -> None:
         import torch
         from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         p: Params = self.params
         if p.hidden_size % p.num_heads:

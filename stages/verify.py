@@ -5,7 +5,9 @@ error, ...). Output ``verified``: the same rows plus ``verdict`` (correct,
 rejected, error), ``reason`` (a code, see ``stages.common.checkers``),
 ``detail`` and ``extracted`` (the last boxed answer). Counts per reason and
 per-prompt pass rates go into the stage metrics.
-Checks run as Ray tasks over chunks of rows.
+Checks run in Ray actors, each holding a verifier service (``stages.common.verifier``):
+math comparisons happen in worker processes killed at a hard per-check timeout, so a
+pathological answer gets reason ``timeout`` instead of hanging the stage.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.stage import Stage, StageContext
-from stages.common.checkers import CHECKER_VERSION, FormatSpec, check_rows
+from stages.common.checkers import CHECKER_VERSION, FormatSpec
+from stages.common.verifier import VerifierPool
 
 VERDICT_FIELDS = [("verdict", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("extracted", pa.string())]
 
@@ -23,8 +26,22 @@ VERDICT_FIELDS = [("verdict", pa.string()), ("reason", pa.string()), ("detail", 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: FormatSpec = Field(default_factory=FormatSpec)
-    chunk_size: int = Field(256, ge=1, json_schema_extra={"fingerprint": False})
-    num_cpus: float = Field(1, gt=0, json_schema_extra={"fingerprint": False}, description="Ray CPUs per check task")
+    timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
+    actors: int = Field(1, ge=1, json_schema_extra={"fingerprint": False}, description="verifier actors")
+    workers: int = Field(2, ge=1, json_schema_extra={"fingerprint": False}, description="check processes per actor")
+    chunk_size: int = Field(512, ge=1, json_schema_extra={"fingerprint": False})
+    num_cpus: float = Field(1, gt=0, json_schema_extra={"fingerprint": False}, description="Ray CPUs per actor")
+
+
+class VerifierActor:
+    def __init__(self, workers: int, timeout: float):
+        self.pool = VerifierPool(workers=workers, timeout=timeout)
+
+    def check(self, rows: list[dict], fmt: dict) -> list[dict]:
+        return self.pool.check_rows(rows, FormatSpec.model_validate(fmt))
+
+    def stats(self) -> dict:
+        return dict(self.pool.stats)
     checker_version: str = CHECKER_VERSION
 
 
@@ -41,16 +58,23 @@ class Verify(Stage):
         p: Params = self.params
         table = ctx.read_input("samples")
         rows = table.to_pylist()
-        task = ray.remote(num_cpus=p.num_cpus)(check_rows)
         fmt = p.format.model_dump()
-        refs = [task.remote(rows[i : i + p.chunk_size], fmt) for i in range(0, len(rows), p.chunk_size)]
-        bar = ctx.progress("checking", len(rows))
-        verdicts: list[dict] = []
-        for ref in refs:  # in order, so verdicts line up with rows
-            part = ray.get(ref)
-            verdicts.extend(part)
-            bar.advance(len(part))
-        bar.close()
+        actor_cls = ray.remote(num_cpus=p.num_cpus)(VerifierActor)
+        actors = [actor_cls.remote(p.workers, p.timeout_s) for _ in range(p.actors)]
+        try:
+            refs = [actors[j % len(actors)].check.remote(rows[i : i + p.chunk_size], fmt)
+                    for j, i in enumerate(range(0, len(rows), p.chunk_size))]
+            bar = ctx.progress("checking", len(rows))
+            verdicts: list[dict] = []
+            for ref in refs:  # in order, so verdicts line up with rows
+                part = ray.get(ref)
+                verdicts.extend(part)
+                bar.advance(len(part))
+            bar.close()
+            stats = ray.get([a.stats.remote() for a in actors])
+        finally:
+            for a in actors:
+                ray.kill(a)
         schema = table.schema
         for name, typ in VERDICT_FIELDS:
             schema = schema.append(pa.field(name, typ))
@@ -72,4 +96,6 @@ class Verify(Stage):
             "reasons": reasons,
             "prompts": len(per_prompt),
             "prompts_with_correct": sum(1 for c in per_prompt.values() if c[0] > 0),
+            "answer_checks": sum(x["checks"] for x in stats),
+            "check_timeouts": sum(x["timeouts"] for x in stats),
         })

@@ -4,7 +4,7 @@ import random
 import pytest
 from conftest import SHARED_DATA
 
-from stages.common.checkers import FormatSpec, answers_equal, check_rows, check_sample, gold_answer, last_boxed
+from stages.common.checkers import FormatSpec, answers_equal, check_sample, gold_answer, last_boxed
 from stages.toy_task import make_problem
 
 FMT = FormatSpec()
@@ -52,8 +52,8 @@ def test_verdicts_and_reasons():
     assert check_sample("", "stop", "7", FMT).reason == "missing_think"
     assert check_sample("\\boxed{7}", "stop", "7", FormatSpec(require_think=False)).reason == "ok"
     assert check_sample("<think>x</think>\\boxed{7}", "stop", None, FMT).verdict == "error"
-    rows = check_rows([{"completion": good, "finish_reason": "stop", "answer": "7"}], FMT.model_dump())
-    assert rows == [{"verdict": "correct", "reason": "ok", "detail": "", "extracted": "7"}]
+    deferred = check_sample(good, "stop", "7", FMT, compare=False)
+    assert (deferred.verdict, deferred.reason, deferred.extracted) == ("pending", "compare", "7")
 
 
 def test_toy_gold_solutions_verify():
