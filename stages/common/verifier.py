@@ -137,7 +137,7 @@ class VerifierPool:
         w.conn, w.proc, w.job = fresh.conn, fresh.proc, None
 
     def check_rows(self, rows: list[dict], fmt: FormatSpec) -> list[dict]:
-        """Verdict columns for sample rows, like ``checkers.check_rows`` but safe from hangs."""
+        """Verdict columns (verdict, reason, detail, extracted) for sample rows."""
         pending: list[tuple[int, str, str]] = []
         verdicts: list[Verdict | None] = []
         for i, r in enumerate(rows):
