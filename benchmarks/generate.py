@@ -49,6 +49,7 @@ def pipeline_run(model: str, src: Path, root: str) -> dict:
     from pipeline.config import load_config
     from pipeline.runner import Runner
 
+    Path(root).mkdir(parents=True, exist_ok=True)
     cfg = Path(root) / "bench.yaml"
     cfg.write_text(json.dumps({
         "name": "bench-generate",

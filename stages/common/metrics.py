@@ -1,6 +1,7 @@
 """Sampling metrics for reasoning evaluation, computed in one place.
 
-- ``pass@1``: mean correctness over all samples.
+- ``pass@1``: mean correctness over all samples (equal to the per-prompt
+  average when every prompt has the same number of samples).
 - ``pass@k``: the unbiased estimator of Chen et al. (2021),
   ``1 - C(n-c, k) / C(n, k)`` per prompt, averaged over prompts.
 - ``maj@k``: majority vote over the extracted answers of a prompt's first ``k``
@@ -78,12 +79,14 @@ class ReasoningMetrics:
             "prompts": len(prompts),
             "samples": len(all_samples),
             "pass@1": sum(x.correct for x in all_samples) / len(all_samples),
-            "mean_tokens": sum(x.tokens for x in all_samples) / len(all_samples),
-            "truncated_rate": sum(x.truncated for x in all_samples) / len(all_samples),
         }
         for k in self.ks:
-            if k > n_min:
+            if k > n_min or k == 1:
                 continue
             out[f"pass@{k}"] = sum(pass_at_k(len(s), sum(x.correct for x in s), k) for s in prompts) / len(prompts)
-            out[f"maj@{k}"] = sum(maj_at_k([(x.answer, x.correct) for x in s], k) for s in prompts) / len(prompts)
+        for k in self.ks:
+            if k <= n_min:
+                out[f"maj@{k}"] = sum(maj_at_k([(x.answer, x.correct) for x in s], k) for s in prompts) / len(prompts)
+        out["mean_tokens"] = sum(x.tokens for x in all_samples) / len(all_samples)
+        out["truncated_rate"] = sum(x.truncated for x in all_samples) / len(all_samples)
         return out
