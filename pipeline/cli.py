@@ -19,6 +19,8 @@ from .storage import Storage
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation pipelines for reasoning models, on Ray.")
 runs_app = typer.Typer(no_args_is_help=True, help="Read run manifests.")
 app.add_typer(runs_app, name="runs")
+datasets_app = typer.Typer(no_args_is_help=True, help="Inspect committed datasets (local or s3://).")
+app.add_typer(datasets_app, name="datasets")
 
 console = Console(stderr=True)
 out = Console()
@@ -181,6 +183,120 @@ def runs_show(run: str = typer.Argument("latest"), root: Optional[str] = RootOpt
         sys.stdout.write(json.dumps(m, indent=2) + "\n")
         return
     _print_manifest(m)
+
+
+def _dataset_or_exit(uri: str):
+    from .inspect_datasets import resolve
+    from .storage import StorageError
+
+    try:
+        return resolve(uri)
+    except (StorageError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@datasets_app.command("ls")
+def datasets_ls(uri: str = typer.Argument(".distill", help="storage root or any folder under it"),
+                json_: bool = typer.Option(False, "--json")):
+    """Every committed dataset under URI: name, version, rows, bytes, created, run."""
+    from .inspect_datasets import find_datasets
+
+    st, path = _dataset_or_exit(uri)
+    found = find_datasets(st, path)
+    if json_:
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return
+    table = Table()
+    for col in ("name", "version", "rows", "bytes", "created", "run", "path"):
+        table.add_column(col, overflow="fold")
+    base = st.uri(path).rstrip("/")
+    for d in found:
+        table.add_row(d["name"], d["version"] or "-", str(d["rows"]), _human(d["bytes"]), d["created"] or "-",
+                      d["run"] or "-", uri.rstrip("/") + d["uri"][len(base):])
+    out.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(uri: str = typer.Argument(..., help="a dataset folder (holding _manifest.json)"),
+                  json_: bool = typer.Option(False, "--json")):
+    """Schema, lineage, shards, and (where the columns exist) verdicts, reasons, sources, token lengths."""
+    from .inspect_datasets import show
+
+    st, path = _dataset_or_exit(uri)
+    info = _call_or_exit(show, st, path)
+    if json_:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        return
+    out.print(f"[bold]{info['name']}[/]  version {info['version']}  rows {info['rows']}  {_human(info['bytes'])}  "
+              f"{len(info['shards'])} shard(s)  run {info['run']}")
+    out.print(f"uri: {info['uri']}")
+    schema = Table(title="schema")
+    schema.add_column("column")
+    schema.add_column("type")
+    for k, v in info["schema"].items():
+        schema.add_row(k, v)
+    out.print(schema)
+    lineage = {k: v for k, v in info["lineage"].items() if k != "parents"}
+    out.print("lineage: " + ", ".join(f"{k}={v}" for k, v in lineage.items()))
+    for parent, p in (info["lineage"].get("parents") or {}).items():
+        out.print(f"  parent {parent}: {p['uri']} ({p['fingerprint']})")
+    for key in ("verdicts", "reasons", "sources"):
+        if key in info:
+            t = Table(title=key)
+            t.add_column(key[:-1])
+            t.add_column("rows", justify="right")
+            for k, v in info[key].items():
+                t.add_row(str(k), str(v))
+            out.print(t)
+    if info.get("completion_tokens_histogram"):
+        top = max(b["count"] for b in info["completion_tokens_histogram"]) or 1
+        out.print("completion tokens:")
+        for b in info["completion_tokens_histogram"]:
+            out.print(f"  {b['from']:>6}-{b['to']:<6} {'#' * round(40 * b['count'] / top)} {b['count']}")
+
+
+@datasets_app.command("head")
+def datasets_head(uri: str = typer.Argument(..., help="a dataset folder"), n: int = typer.Option(5, "-n"),
+                  json_: bool = typer.Option(False, "--json")):
+    """The first N rows; chat rows print as turns."""
+    from .inspect_datasets import head
+
+    st, path = _dataset_or_exit(uri)
+    rows = _call_or_exit(head, st, path, n)
+    if json_:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    for i, r in enumerate(rows):
+        out.rule(f"row {i}" + (f"  {r['prompt_id']}" if "prompt_id" in r else ""))
+        msgs = r.get("messages")
+        if isinstance(msgs, list):
+            for m in msgs:
+                out.print(f"[bold cyan]{m['role']}[/]: {m['content']}", highlight=False)
+            rest = {k: v for k, v in r.items() if k != "messages"}
+        else:
+            rest = r
+        for k, v in rest.items():
+            text = str(v)
+            out.print(f"[dim]{k}[/]: {text[:500]}{'…' if len(text) > 500 else ''}", highlight=False)
+
+
+def _call_or_exit(fn, *args):
+    from .storage import StorageError
+
+    try:
+        return fn(*args)
+    except (StorageError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -1,0 +1,110 @@
+"""Inspecting committed datasets from their manifests and Parquet metadata.
+
+Nothing here downloads a dataset whole: listings come from manifests, schemas and
+row counts from manifests, column statistics from the few columns asked for.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import DATASET_FORMAT, MANIFEST, Storage, StorageError
+
+
+def find_datasets(storage: Storage, path: str) -> list[dict]:
+    """Every committed dataset under ``path``: one summary per manifest."""
+    out = []
+    for mpath in sorted(storage.fs.glob(f"{path.rstrip('/')}/**/{MANIFEST}")):
+        try:
+            m = storage.read_json(mpath)
+        except (FileNotFoundError, ValueError):
+            continue
+        if m.get("format") != DATASET_FORMAT:
+            continue
+        ds_path = mpath.rsplit("/", 1)[0]
+        out.append(summary(storage, ds_path, m))
+    out.sort(key=lambda d: (d["created"] or "", d["name"]))
+    return out
+
+
+def summary(storage: Storage, path: str, m: dict) -> dict:
+    lin = m.get("lineage") or {}
+    name = f"{lin['stage']}.{lin['output']}" if lin.get("stage") and lin.get("output") else path.rsplit("/", 1)[-1]
+    return {
+        "name": name,
+        "version": (lin.get("fingerprint") or "")[:12] or None,
+        "rows": m["rows"],
+        "bytes": m["bytes"],
+        "shards": len(m["shards"]),
+        "created": m.get("created"),
+        "run": lin.get("run_id"),
+        "uri": storage.uri(path),
+    }
+
+
+def _column(storage: Storage, path: str, m: dict, name: str) -> list:
+    values: list = []
+    for shard in m["shards"]:
+        with storage.fs.open(f"{path}/{shard['path']}", "rb") as f:
+            values.extend(pq.read_table(f, columns=[name]).column(name).to_pylist())
+    return values
+
+
+def histogram(values: list[int], bins: int = 10) -> list[dict]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    width = max(1, -(-(hi - lo + 1) // bins))
+    counts = Counter((v - lo) // width for v in values)
+    return [{"from": lo + i * width, "to": lo + (i + 1) * width - 1, "count": counts.get(i, 0)}
+            for i in range(-(-(hi - lo + 1) // width))]
+
+
+def show(storage: Storage, path: str) -> dict:
+    m = storage.dataset_manifest(path)
+    schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(m["arrow_schema"])))
+    cols = set(schema.names)
+    info: dict[str, Any] = {
+        **summary(storage, path, m),
+        "schema": m["schema"],
+        "lineage": m.get("lineage") or {},
+        "shards": m["shards"],
+    }
+    if "reason" in cols:
+        info["reasons"] = dict(Counter(_column(storage, path, m, "reason")).most_common())
+    if "verdict" in cols:
+        info["verdicts"] = dict(Counter(_column(storage, path, m, "verdict")).most_common())
+    if "source" in cols:
+        info["sources"] = dict(Counter(_column(storage, path, m, "source")).most_common())
+    if "completion_tokens" in cols:
+        info["completion_tokens_histogram"] = histogram(_column(storage, path, m, "completion_tokens"))
+    if "prompt_id" in cols:
+        info["prompts"] = len(set(_column(storage, path, m, "prompt_id")))
+    return info
+
+
+def head(storage: Storage, path: str, n: int = 5) -> list[dict]:
+    m = storage.dataset_manifest(path)
+    rows: list[dict] = []
+    for shard in m["shards"]:
+        if len(rows) >= n:
+            break
+        with storage.fs.open(f"{path}/{shard['path']}", "rb") as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=max(1, n - len(rows))):
+                rows.extend(batch.to_pylist()[: n - len(rows)])
+                if len(rows) >= n:
+                    break
+    return rows
+
+
+def resolve(uri: str) -> tuple[Storage, str]:
+    """A Storage rooted at ``uri`` and the dataset path inside it."""
+    st = Storage(uri)
+    if not st.exists(st.root):
+        raise StorageError(f"nothing at {uri}")
+    return st, st.root
