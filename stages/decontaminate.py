@@ -1,0 +1,156 @@
+"""decontaminate: drop training rows whose prompts (optionally completions) share a word
+n-gram with an evaluation set, and report which eval item each matched.
+
+Eval sets are files (``eval_files``: JSONL/Parquet with a text field, e.g. the
+benchmarks in ``../shared/data``) and/or an upstream dataset wired as input
+``eval`` (e.g. the run's own held-out prompts). Texts are lower-cased and split
+into words and punctuation marks (so ``3 + 4`` and ``3 - 4`` differ); a text shorter than ``ngram`` words counts as one n-gram, so short
+exact copies are caught too.
+
+Input ``samples``: rows with ``messages`` (user turns are the prompt, assistant
+turns the completion) or ``prompt`` / ``completion`` columns.
+Outputs: ``clean`` (same schema as the input) and ``contaminated``
+(prompt_id, sample_index, field, eval_source, eval_id, eval_text, ngram).
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import ClassVar, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import resources
+from pipeline.stage import Stage, StageContext, StageError
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+REPORT_SCHEMA = pa.schema(
+    [("prompt_id", pa.string()), ("sample_index", pa.int32()), ("field", pa.string()), ("eval_source", pa.string()),
+     ("eval_id", pa.string()), ("eval_text", pa.string()), ("ngram", pa.string())]
+)
+
+
+class EvalFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    field: str = Field(description="the text field to index, e.g. question / problem")
+    id_field: str | None = None
+    name: str | None = None
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eval_files: list[EvalFile] = Field(default_factory=list)
+    ngram: int = Field(13, ge=1)
+    check_completions: bool = False
+
+
+def ngrams(text: str, n: int) -> Iterator[str]:
+    words = _WORD.findall(text.lower())
+    if not words:
+        return
+    if len(words) <= n:
+        yield " ".join(words)
+        return
+    for i in range(len(words) - n + 1):
+        yield " ".join(words[i : i + n])
+
+
+def _read_file(path: str) -> Iterator[dict]:
+    if path.endswith(".parquet"):
+        with fsspec.open(path, "rb") as f:
+            yield from pq.read_table(f).to_pylist()
+        return
+    with fsspec.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+
+class Index:
+    """n-gram -> the first eval item it came from."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.grams: dict[str, tuple[str, str, str]] = {}
+        self.items = 0
+
+    def add(self, source: str, item_id: str, text: str) -> None:
+        self.items += 1
+        for g in ngrams(text, self.n):
+            self.grams.setdefault(g, (source, item_id, text))
+
+    def match(self, text: str) -> tuple[str, tuple[str, str, str]] | None:
+        for g in ngrams(text, self.n):
+            hit = self.grams.get(g)
+            if hit is not None:
+                return g, hit
+        return None
+
+
+def _texts(row: dict, role: str, field: str) -> str:
+    msgs = row.get("messages")
+    if isinstance(msgs, list):
+        return "\n".join(m["content"] for m in msgs if m.get("role") == role and m.get("content"))
+    return row.get(field) or ""
+
+
+class Decontaminate(Stage):
+    kind: ClassVar[str] = "decontaminate"
+    version: ClassVar[str] = "1"
+    Params = Params
+    inputs: ClassVar[dict] = {"samples": "dataset", "eval": "dataset"}
+    optional_inputs: ClassVar[frozenset] = frozenset({"eval"})
+    outputs: ClassVar[dict] = {"clean": "dataset", "contaminated": "dataset"}
+
+    def check(self) -> list[tuple[str, str]]:
+        return [(f"eval_files.{i}.path", f"no eval file at {e.path}")
+                for i, e in enumerate(self.params.eval_files) if not resources.exists(e.path)]
+
+    def external_fingerprint(self) -> dict:
+        return {e.path: resources.file_fingerprint(e.path) for e in self.params.eval_files}
+
+    def run(self, ctx: StageContext) -> None:
+        p: Params = self.params
+        index = Index(p.ngram)
+        for e in p.eval_files:
+            name = e.name or "/".join(e.path.rstrip("/").split("/")[-2:]).rsplit(".", 1)[0]
+            for i, row in enumerate(_read_file(e.path)):
+                text = row.get(e.field)
+                if isinstance(text, str) and text.strip():
+                    index.add(name, str(row.get(e.id_field, i) if e.id_field else i), text)
+        if ctx.has_input("eval"):
+            for row in ctx.read_input("eval", columns=["prompt_id", "prompt"]).to_pylist():
+                index.add("run:eval", row["prompt_id"], row["prompt"])
+        if index.items == 0:
+            raise StageError("no eval texts to check against: set eval_files or wire input 'eval'")
+
+        table = ctx.read_input("samples")
+        rows = table.to_pylist()
+        keep, report = [], []
+        for i, r in enumerate(rows):
+            hit = None
+            for role, field in (("user", "prompt"),) + ((("assistant", "completion"),) if p.check_completions else ()):
+                m = index.match(_texts(r, role, field))
+                if m:
+                    hit = (field, *m)
+                    break
+            if hit is None:
+                keep.append(i)
+                continue
+            field, gram, (source, item_id, text) = hit
+            report.append({"prompt_id": r.get("prompt_id"), "sample_index": r.get("sample_index", i), "field": field,
+                           "eval_source": source, "eval_id": item_id, "eval_text": text[:2000], "ngram": gram})
+        ctx.write_dataset("clean", [table.take(keep)], table.schema)
+        ctx.write_dataset("contaminated", [pa.Table.from_pylist(report, schema=REPORT_SCHEMA)])
+        by_source: dict[str, int] = {}
+        for r in report:
+            by_source[r["eval_source"]] = by_source.get(r["eval_source"], 0) + 1
+        ctx.metrics.update({"eval_items": index.items, "ngrams": len(index.grams), "input_rows": len(rows),
+                            "removed": len(report), "removed_by_eval_set": by_source})

@@ -1,0 +1,45 @@
+"""A GSM8K test question planted in the training data is removed and reported."""
+import json
+
+import pyarrow as pa
+import pytest
+from conftest import SHARED_DATA, write_jsonl
+
+from pipeline.config import load_config
+from pipeline.runner import Runner
+
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
+
+
+@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="../shared/data not present")
+def test_planted_benchmark_question_is_removed(ray_local, tmp_path):
+    planted = json.loads(GSM8K_TEST.open().readlines()[41])["question"]
+    rows = [{"prompt": f"Compute {i} + {i}.", "answer": str(2 * i)} for i in range(1, 30)]
+    # lightly reworded: a different opening, the same body
+    rows.insert(7, {"prompt": "Please solve: " + planted, "answer": "1"})
+    src = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: decon
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  decontaminate:
+    inputs: {{samples: prompts.prompts}}
+    params:
+      ngram: 13
+      eval_files: [{{path: {GSM8K_TEST}, field: question}}]
+""")
+    runner = Runner(load_config(cfg))
+    result = runner.run()
+    assert result.ok, result.error
+    stage = result.manifest["stages"][-1]
+    st = runner.storage
+    clean = st.read_dataset(st.strip(stage["output"]["clean"])).to_pylist()
+    report = st.read_dataset(st.strip(stage["output"]["contaminated"])).to_pylist()
+    assert len(clean) == 29 and all(not r["prompt"].startswith("Please solve") for r in clean)
+    (hit,) = report
+    assert hit["eval_source"] == "gsm8k/test" and hit["eval_id"] == "41"
+    assert hit["eval_text"] == planted and hit["field"] == "prompt"
+    assert stage["metrics"]["removed_by_eval_set"] == {"gsm8k/test": 1}
+    assert stage["metrics"]["eval_items"] == 1319
