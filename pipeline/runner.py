@@ -150,6 +150,7 @@ class Runner:
                 storage=self.storage,
                 inputs={inp: artifacts[(up, out)] for inp, (up, out) in node.inputs.items()},
                 output_root=self.storage.path("cache", entry.kind, entry.fingerprint, attempt),
+                checkpoint_root=self.storage.path("cache", entry.kind, entry.fingerprint, "checkpoints"),
                 output_types=dict(node.cls.outputs),
                 resources={**node.cls.default_resources, **node.spec.resources},
                 progress_factory=self.progress_factory,

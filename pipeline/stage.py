@@ -152,6 +152,9 @@ class StageContext:
     output_root: str
     output_types: dict[str, str]
     resources: dict[str, float] = field(default_factory=dict)
+    # Shared by every attempt at this fingerprint: partial results committed here survive
+    # a crashed or killed run, so the next attempt can resume instead of redoing them.
+    checkpoint_root: str = ""
     progress_factory: ProgressFactory | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
@@ -191,6 +194,14 @@ class StageContext:
         return self.storage.localize_tree(art.path)
 
     # -- outputs -----------------------------------------------------------
+    def committed_checkpoints(self) -> list[str]:
+        """Paths of the checkpoint datasets committed under ``checkpoint_root`` so far."""
+        return [p for p in self.storage.ls(self.checkpoint_root)
+                if self.storage.exists(f"{p}/_manifest.json")]
+
+    def checkpoint_writer(self, name: str):
+        return self.storage.dataset_writer(f"{self.checkpoint_root}/{name}", self.lineage("checkpoint"))
+
     def dataset_writer(self, output: str, rows_per_shard: int = 50_000):
         return self.storage.dataset_writer(self.output_path(output), self.lineage(output), rows_per_shard)
 

@@ -5,9 +5,16 @@ Input ``prompts`` (the prompts contract) and the teacher, as ``params.model``
 Output ``samples``: one row per (prompt_id, sample_index) with the completion,
 token counts, ``finish_reason`` and ``error`` (null unless the request failed,
 e.g. a prompt longer than the model's context).
+
+Exactly-once resume: every finished chunk is committed at once as a small
+checkpoint dataset under the stage's checkpoint folder (keyed by the stage
+fingerprint, which covers the teacher and the sampling settings). A re-run after
+a crash or ``kill -9`` skips every prompt already committed and generates only
+the rest; the output keeps one row per (prompt_id, sample_index).
 """
 from __future__ import annotations
 
+import uuid
 from typing import ClassVar
 
 import pyarrow as pa
@@ -65,27 +72,51 @@ class Generate(Stage):
             raise StageError(f"stage {ctx.name!r}: set params.model or wire input 'model'")
         prompts = ctx.read_input("prompts", columns=["prompt_id", "prompt", "answer", "source"]).to_pylist()
         by_id = {r["prompt_id"]: r for r in prompts}
-        writer = ctx.dataset_writer("samples")
+        done_ids = {pid for path in ctx.committed_checkpoints()
+                    for pid in ctx.storage.read_dataset(path, columns=["prompt_id"]).column("prompt_id").to_pylist()}
+        todo = [r for r in prompts if r["prompt_id"] not in done_ids]
         bar = ctx.progress("generating", len(prompts))
+        bar.advance(len(prompts) - len(todo))
+        generated_tokens = 0
+        if todo:
+            with open_engines(model_uri, p.engine, p.chat_template, p.system_prompt) as pool:
+                ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
+                for chunk in pool.generate(todo, p.sampling):
+                    rows = [{**r, "prompt": by_id[r["prompt_id"]]["prompt"], "answer": by_id[r["prompt_id"]]["answer"],
+                             "source": by_id[r["prompt_id"]]["source"]} for r in chunk]
+                    generated_tokens += sum(r["completion_tokens"] for r in chunk)
+                    part = ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
+                    part.write(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
+                    part.commit(SAMPLES_SCHEMA)
+                    bar.advance(len({r["prompt_id"] for r in chunk}))
+        bar.close()
+
+        # Assemble the output from every committed checkpoint, one row per key (a concurrent
+        # attempt may have committed the same prompt too).
+        writer = ctx.dataset_writer("samples")
+        seen: set[tuple[str, int]] = set()
         errors = tokens = 0
         reasons: dict[str, int] = {}
-        with open_engines(model_uri, p.engine, p.chat_template, p.system_prompt) as pool:
-            ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
-            for chunk in pool.generate(prompts, p.sampling):
-                rows = []
-                for r in chunk:
-                    src = by_id[r["prompt_id"]]
-                    rows.append({**r, "prompt": src["prompt"], "answer": src["answer"], "source": src["source"]})
-                    tokens += r["completion_tokens"]
-                    if r["error"]:
-                        errors += 1
-                        key = r["error"].split(":")[0]
-                        reasons[key] = reasons.get(key, 0) + 1
-                writer.write(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
-                bar.advance(len({r["prompt_id"] for r in chunk}))
-        bar.close()
+        for path in ctx.committed_checkpoints():
+            rows = []
+            for r in ctx.storage.read_dataset(path).to_pylist():
+                key = (r["prompt_id"], r["sample_index"])
+                if key in seen or r["prompt_id"] not in by_id:
+                    continue
+                seen.add(key)
+                rows.append(r)
+                tokens += r["completion_tokens"]
+                if r["error"]:
+                    errors += 1
+                    code = r["error"].split(":")[0]
+                    reasons[code] = reasons.get(code, 0) + 1
+            writer.write(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
         total = len(prompts) * p.sampling.n
+        if len(seen) != total:
+            raise StageError(f"expected {total} samples, assembled {len(seen)}")
         ctx.metrics.update({"prompts": len(prompts), "samples": total, "completion_tokens": tokens,
+                            "generated_tokens_this_attempt": generated_tokens,
+                            "resumed_prompts": len(prompts) - len(todo),
                             "errored_samples": errors, "error_reasons": reasons})
         if total and errors / total > p.max_error_rate:
             raise StageError(f"{errors}/{total} samples errored (max_error_rate={p.max_error_rate}): {reasons}")

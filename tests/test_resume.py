@@ -1,0 +1,84 @@
+"""kill -9 of the driver mid-generation, then a re-run: every key exactly once, and no
+committed sample is generated again."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, write_jsonl
+
+from pipeline.config import load_config
+from pipeline.runner import Runner
+from pipeline.storage import Storage
+
+N_PROMPTS, N = 48, 2
+
+
+def _survivors(pgid: int, wait: float = 15.0) -> list[str]:
+    """Processes still in the killed run's process group (zombies awaiting a reaper excluded)."""
+    deadline = time.time() + wait
+    while True:
+        out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
+        left = [line for line in out.splitlines()
+                if line.split()[1] == str(pgid) and not line.split()[2].startswith("Z")]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+@pytest.mark.engine
+def test_driver_kill_and_resume(ray_local, tiny_model, tmp_path):
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} + {i}.", "answer": str(2 * i)}
+                                               for i in range(N_PROMPTS)])
+    root = tmp_path / "root"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: resume
+storage: {{root: {root}}}
+ray: {{num_cpus: 2}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  generate:
+    inputs: {{prompts: prompts.prompts}}
+    params:
+      model: {tiny_model}
+      sampling: {{n: {N}, max_tokens: 100, ignore_eos: true, seed: 3}}
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}}
+""")
+    env = {**os.environ, "DISTILL_KEEP_ENGINES": "0", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    st = Storage(str(root))
+    parts: list[str] = []
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            parts = [p for p in st.fs.glob(st.path("cache/generate/*/checkpoints/*/_manifest.json"))]
+            if len(parts) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the first run finished before it could be killed"
+        assert len(parts) >= 3
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(30)
+    assert _survivors(proc.pid) == []  # nothing of the killed run survives
+
+    before = {}
+    for m in st.fs.glob(st.path("cache/generate/*/checkpoints/*/_manifest.json")):
+        for r in st.read_dataset(m.rsplit("/", 1)[0]).to_pylist():
+            before[(r["prompt_id"], r["sample_index"])] = r["completion"]
+    assert 0 < len(before) < N_PROMPTS * N
+
+    result = Runner(load_config(cfg)).run()
+    assert result.ok, result.error
+    gen = {s["name"]: s for s in result.manifest["stages"]}["generate"]
+    rows = st.read_dataset(st.strip(gen["output"]["samples"])).to_pylist()
+    keys = [(r["prompt_id"], r["sample_index"]) for r in rows]
+    assert len(keys) == len(set(keys)) == N_PROMPTS * N
+    # committed samples were kept as they were, not generated again
+    assert all({(r["prompt_id"], r["sample_index"]): r["completion"] for r in rows}[k] == v for k, v in before.items())
+    assert gen["metrics"]["resumed_prompts"] * N == len(before)
+    assert gen["metrics"]["generated_tokens_this_attempt"] == (N_PROMPTS * N - len(before)) * 100
