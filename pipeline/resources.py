@@ -88,6 +88,20 @@ def check_model(uri: str) -> str | None:
     return None
 
 
+def model_params_problems(params, fields: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(field, message)`` for each model path param that is set but not a loadable model."""
+    out = []
+    for f in fields:
+        uri = getattr(params, f)
+        if uri is not None and (msg := check_model(uri)):
+            out.append((f, msg))
+    return out
+
+
+def model_params_fingerprint(params, fields: tuple[str, ...]) -> dict:
+    return {f: model_fingerprint(getattr(params, f)) for f in fields if getattr(params, f)}
+
+
 def localize_model(uri: str) -> str:
     """A local folder with the model's files (downloaded once for remote URIs)."""
     fs, path = _fs(uri)

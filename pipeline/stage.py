@@ -186,6 +186,14 @@ class StageContext:
             raise StageError(f"input {name!r} of stage {self.name!r} is a {art.type}, not a dataset")
         return self.storage.read_dataset(art.path, columns=columns)
 
+    def model_uri(self, name: str, param: str | None) -> str:
+        """The model wired as input ``name``, else the ``param`` path/URI of the same name."""
+        if name in self.inputs:
+            return self.inputs[name].uri
+        if param:
+            return param
+        raise StageError(f"stage {self.name!r}: set params.{name} or wire input '{name}'")
+
     def input_model(self, name: str) -> str:
         """A local folder holding the input model (downloaded once if storage is remote)."""
         art = self.inputs[name]

@@ -89,7 +89,7 @@ class Storage:
             return json.loads(f.read().decode("utf-8"))
 
     def write_json(self, path: str, obj: Any, exclusive: bool = False) -> None:
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        data = json.dumps(obj, indent=2, default=str).encode()
         self.put_bytes(path, data, exclusive=exclusive)
 
     def put_bytes(self, path: str, data: bytes, exclusive: bool = False) -> None:

@@ -55,28 +55,19 @@ class Evaluate(Stage):
     outputs: ClassVar[dict] = {"samples": "dataset"}
 
     def check(self) -> list[tuple[str, str]]:
-        out = []
-        for field in ("student", "teacher"):
-            uri = getattr(self.params, field)
-            if uri is not None and (msg := resources.check_model(uri)):
-                out.append((field, msg))
+        out = resources.model_params_problems(self.params, ("student", "teacher"))
         if any(k > self.params.sampling.n for k in self.params.ks):
             out.append(("ks", f"every k must be <= sampling.n ({self.params.sampling.n})"))
         return out
 
     def external_fingerprint(self) -> dict:
-        return {f: resources.model_fingerprint(getattr(self.params, f))
-                for f in ("student", "teacher") if getattr(self.params, f)}
+        return resources.model_params_fingerprint(self.params, ("student", "teacher"))
 
     def _models(self, ctx: StageContext) -> dict[str, str]:
         models = {}
-        for role in ("teacher", "student"):
-            if ctx.has_input(role):
-                models[role] = ctx.inputs[role].uri
-            elif getattr(self.params, role):
-                models[role] = getattr(self.params, role)
-        if "student" not in models:
-            raise StageError(f"stage {ctx.name!r}: set params.student or wire input 'student'")
+        if ctx.has_input("teacher") or self.params.teacher:
+            models["teacher"] = ctx.model_uri("teacher", self.params.teacher)
+        models["student"] = ctx.model_uri("student", self.params.student)
         return models
 
     def run(self, ctx: StageContext) -> None:

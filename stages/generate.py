@@ -41,13 +41,6 @@ class Params(BaseModel):
     max_error_rate: float = Field(0.5, ge=0, le=1, description="fail the stage when more samples than this errored")
 
 
-def model_problem(model: str | None) -> list[tuple[str, str]]:
-    if model is None:
-        return []
-    msg = resources.check_model(model)
-    return [("model", msg)] if msg else []
-
-
 class Generate(Stage):
     kind: ClassVar[str] = "generate"
     version: ClassVar[str] = "1"
@@ -57,19 +50,14 @@ class Generate(Stage):
     outputs: ClassVar[dict] = {"samples": "dataset"}
 
     def check(self) -> list[tuple[str, str]]:
-        return model_problem(self.params.model)
+        return resources.model_params_problems(self.params, ("model",))
 
     def external_fingerprint(self) -> dict:
-        return {"model": resources.model_fingerprint(self.params.model)} if self.params.model else {}
+        return resources.model_params_fingerprint(self.params, ("model",))
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params
-        if ctx.has_input("model"):
-            model_uri = ctx.inputs["model"].uri
-        elif p.model:
-            model_uri = p.model
-        else:
-            raise StageError(f"stage {ctx.name!r}: set params.model or wire input 'model'")
+        model_uri = ctx.model_uri("model", p.model)
         prompts = ctx.read_input("prompts", columns=["prompt_id", "prompt", "answer", "source"]).to_pylist()
         by_id = {r["prompt_id"]: r for r in prompts}
         done_ids = {pid for path in ctx.committed_checkpoints()

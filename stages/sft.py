@@ -162,24 +162,16 @@ class SFT(Stage):
     outputs: ClassVar[dict] = {"model": "model"}
 
     def check(self) -> list[tuple[str, str]]:
-        if self.params.model is None:
-            return []
-        msg = resources.check_model(self.params.model)
-        return [("model", msg)] if msg else []
+        return resources.model_params_problems(self.params, ("model",))
 
     def external_fingerprint(self) -> dict:
-        return {"model": resources.model_fingerprint(self.params.model)} if self.params.model else {}
+        return resources.model_params_fingerprint(self.params, ("model",))
 
     def run(self, ctx: StageContext) -> None:
         import ray
 
         p: Params = self.params
-        if ctx.has_input("model"):
-            model_uri = ctx.inputs["model"].uri
-        elif p.model:
-            model_uri = p.model
-        else:
-            raise StageError(f"stage {ctx.name!r}: set params.model or wire input 'model'")
+        model_uri = ctx.model_uri("model", p.model)
         data = ctx.inputs["data"]
         out_path = ctx.output_path("model")
         bar = ctx.progress("training", None)
