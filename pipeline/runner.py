@@ -43,6 +43,7 @@ class PlanEntry:
     cached: bool
     record_path: str
     record: dict | None = None
+    checkpoint_key: str = ""
 
 
 @dataclass
@@ -80,19 +81,21 @@ class Runner:
         for name in self.cfg.order():
             node = self.cfg.nodes[name]
             inputs = {inp: f"{up}.{out}" for inp, (up, out) in node.inputs.items()}
-            fp = fingerprint(
-                {
-                    "kind": node.cls.kind,
-                    "code": node.cls.code_version(),
-                    "params": node.stage.fingerprint_params(),
-                    "external": node.stage.external_fingerprint(),
-                    "inputs": {inp: [fps[up], out] for inp, (up, out) in sorted(node.inputs.items())},
-                }
-            )
+            identity = {
+                "kind": node.cls.kind,
+                "code": node.cls.code_version(),
+                "params": node.stage.fingerprint_params(),
+                "external": node.stage.external_fingerprint(),
+                "inputs": {inp: [fps[up], out] for inp, (up, out) in sorted(node.inputs.items())},
+            }
+            fp = fingerprint(identity)
+            ignored = node.cls.checkpoint_ignores_inputs
+            ckpt = fp if not ignored else "k" + fingerprint(
+                {**identity, "inputs": {k: v for k, v in identity["inputs"].items() if k not in ignored}})[1:]
             fps[name] = fp
             record_path = self.storage.path("cache", node.cls.kind, fp, STAGE_RECORD)
             record = self._read_record(record_path)
-            entries.append(PlanEntry(name, node.cls.kind, fp, inputs, record is not None, record_path, record))
+            entries.append(PlanEntry(name, node.cls.kind, fp, inputs, record is not None, record_path, record, ckpt))
         return entries
 
     def _read_record(self, path: str) -> dict | None:
@@ -150,7 +153,7 @@ class Runner:
                 storage=self.storage,
                 inputs={inp: artifacts[(up, out)] for inp, (up, out) in node.inputs.items()},
                 output_root=self.storage.path("cache", entry.kind, entry.fingerprint, attempt),
-                checkpoint_root=self.storage.path("cache", entry.kind, entry.fingerprint, "checkpoints"),
+                checkpoint_root=self.storage.path("cache", entry.kind, entry.checkpoint_key, "checkpoints"),
                 output_types=dict(node.cls.outputs),
                 resources={**node.cls.default_resources, **node.spec.resources},
                 progress_factory=self.progress_factory,

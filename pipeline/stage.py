@@ -71,6 +71,10 @@ class Stage:
     inputs: ClassVar[dict[str, str]] = {}
     optional_inputs: ClassVar[frozenset[str]] = frozenset()
     outputs: ClassVar[dict[str, str]] = {}
+    # Inputs whose content does not key the stage's checkpoints: a stage that works per row
+    # (e.g. generation per prompt) can then reuse what it committed for other inputs, so
+    # adding rows to a source only pays for the new rows.
+    checkpoint_ignores_inputs: ClassVar[frozenset[str]] = frozenset()
     # Ray resources a stage's heavy work asks for by default; the config can override.
     default_resources: ClassVar[dict[str, float]] = {}
 

@@ -7,10 +7,12 @@ token counts, ``finish_reason`` and ``error`` (null unless the request failed,
 e.g. a prompt longer than the model's context).
 
 Exactly-once resume: every finished chunk is committed at once as a small
-checkpoint dataset under the stage's checkpoint folder (keyed by the stage
-fingerprint, which covers the teacher and the sampling settings). A re-run after
-a crash or ``kill -9`` skips every prompt already committed and generates only
-the rest; the output keeps one row per (prompt_id, sample_index).
+checkpoint dataset. Checkpoints are keyed by the teacher and the sampling
+settings but not by the prompt set, so a sample's identity is (prompt_id,
+teacher, sampling, sample_index). A re-run after a crash or ``kill -9`` skips
+every prompt already committed and generates only the rest, and adding prompts
+to the source generates only the new prompts' samples. The output keeps one row
+per (prompt_id, sample_index), for the prompts of this input only.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class Generate(Stage):
     inputs: ClassVar[dict] = {"prompts": "dataset", "model": "model"}
     optional_inputs: ClassVar[frozenset] = frozenset({"model"})
     outputs: ClassVar[dict] = {"samples": "dataset"}
+    checkpoint_ignores_inputs: ClassVar[frozenset] = frozenset({"prompts"})
 
     def check(self) -> list[tuple[str, str]]:
         return resources.model_params_problems(self.params, ("model",))
@@ -79,8 +82,8 @@ class Generate(Stage):
                     bar.advance(len({r["prompt_id"] for r in chunk}))
         bar.close()
 
-        # Assemble the output from every committed checkpoint, one row per key (a concurrent
-        # attempt may have committed the same prompt too).
+        # Assemble the output from the committed checkpoints: one row per key (a concurrent
+        # attempt may have committed the same prompt too), prompts of this input only.
         writer = ctx.dataset_writer("samples")
         seen: set[tuple[str, int]] = set()
         errors = tokens = 0

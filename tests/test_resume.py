@@ -82,3 +82,46 @@ stages:
     assert all({(r["prompt_id"], r["sample_index"]): r["completion"] for r in rows}[k] == v for k, v in before.items())
     assert gen["metrics"]["resumed_prompts"] * N == len(before)
     assert gen["metrics"]["generated_tokens_this_attempt"] == (N_PROMPTS * N - len(before)) * 100
+
+
+@pytest.mark.engine
+def test_incremental_rerun_generates_only_new_prompts(ray_local, tiny_model, tmp_path):
+    rows = [{"prompt": f"Compute {i} - 1.", "answer": str(i - 1)} for i in range(2, 8)]
+    src = write_jsonl(tmp_path / "src.jsonl", rows)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: incremental
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  generate:
+    inputs: {{prompts: prompts.prompts}}
+    params:
+      model: {tiny_model}
+      sampling: {{n: {N}, max_tokens: 20, ignore_eos: true, seed: 5}}
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}
+""")
+
+    def run():
+        result = Runner(load_config(cfg)).run()
+        assert result.ok, result.error
+        gen = {s["name"]: s for s in result.manifest["stages"]}["generate"]
+        st = Storage(str(tmp_path / "root"))
+        out = st.read_dataset(st.strip(gen["output"]["samples"])).to_pylist()
+        return gen, {(r["prompt_id"], r["sample_index"]): r["completion"] for r in out}, len(out)
+
+    first, first_rows, _ = run()
+    assert first["metrics"]["generated_tokens_this_attempt"] == 6 * N * 20
+
+    write_jsonl(src, rows + [{"prompt": f"Compute {i} + 10.", "answer": str(i + 10)} for i in range(3)])
+    second, second_rows, count = run()
+    assert second["status"] == "done" and second["fingerprint"] != first["fingerprint"]
+    assert second["metrics"]["resumed_prompts"] == 6
+    assert second["metrics"]["generated_tokens_this_attempt"] == 3 * N * 20  # only the new prompts
+    assert count == len(second_rows) == 9 * N
+    assert all(second_rows[k] == v for k, v in first_rows.items())
+
+    # dropping prompts from the source drops their rows from the output, and generates nothing
+    write_jsonl(src, rows[:4])
+    third, third_rows, count = run()
+    assert third["metrics"]["generated_tokens_this_attempt"] == 0 and count == 4 * N
