@@ -85,6 +85,9 @@ class EngineActor:
     def ready(self) -> int:
         return self.max_len
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def _prompt_ids(self, prompt: str) -> list[int]:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
             {"role": "user", "content": prompt}
