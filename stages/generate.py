@@ -5,6 +5,14 @@ Input ``prompts`` (the prompts contract) and the teacher, as ``params.model``
 Output ``samples``: one row per (prompt_id, sample_index) with the completion,
 token counts, ``finish_reason`` and ``error`` (null unless the request failed,
 e.g. a prompt longer than the model's context).
+Output ``prompt_stats``: per prompt, samples and tokens spent and, with adaptive
+sampling, verified samples, the estimated pass rate and whether the prompt was
+exhausted unsolved (the difficulty signal for later stages).
+
+``sampling.strategy: adaptive`` samples in rounds of ``n`` per prompt, verifies
+each round with the verify stage's checkers, and stops a prompt once it has
+``target_correct`` verified samples or has spent ``max_samples`` samples (or
+``max_tokens_per_prompt`` tokens). ``fixed`` draws ``n`` samples per prompt.
 
 Exactly-once resume: every finished chunk is committed at once as a small
 checkpoint dataset. Checkpoints are keyed by the teacher and the sampling
@@ -24,12 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import resources
 from pipeline.stage import Stage, StageContext, StageError
+from stages.common.checkers import FormatSpec
 from stages.common.engine import EngineSpec, SamplingSpec, open_engines
+from stages.common.verifier import VerifierPool
 
 SAMPLES_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt", pa.string()), ("answer", pa.string()),
      ("source", pa.string()), ("completion", pa.string()), ("prompt_tokens", pa.int32()),
      ("completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string())]
+)
+STATS_SCHEMA = pa.schema(
+    [("prompt_id", pa.string()), ("samples", pa.int32()), ("completion_tokens", pa.int64()), ("correct", pa.int32()),
+     ("est_pass_rate", pa.float64()), ("exhausted_unsolved", pa.bool_())]
 )
 
 
@@ -41,6 +55,8 @@ class Params(BaseModel):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     max_error_rate: float = Field(0.5, ge=0, le=1, description="fail the stage when more samples than this errored")
+    format: FormatSpec = Field(default_factory=FormatSpec, description="adaptive: what counts as verified")
+    verify_timeout_s: float = Field(5.0, gt=0, description="adaptive: hard limit per answer check")
 
 
 class Generate(Stage):
@@ -49,7 +65,7 @@ class Generate(Stage):
     Params = Params
     inputs: ClassVar[dict] = {"prompts": "dataset", "model": "model"}
     optional_inputs: ClassVar[frozenset] = frozenset({"model"})
-    outputs: ClassVar[dict] = {"samples": "dataset"}
+    outputs: ClassVar[dict] = {"samples": "dataset", "prompt_stats": "dataset"}
     checkpoint_ignores_inputs: ClassVar[frozenset] = frozenset({"prompts"})
 
     def check(self) -> list[tuple[str, str]]:
@@ -63,52 +79,133 @@ class Generate(Stage):
         model_uri = ctx.model_uri("model", p.model)
         prompts = ctx.read_input("prompts", columns=["prompt_id", "prompt", "answer", "source"]).to_pylist()
         by_id = {r["prompt_id"]: r for r in prompts}
-        done_ids = {pid for path in ctx.committed_checkpoints()
-                    for pid in ctx.storage.read_dataset(path, columns=["prompt_id"]).column("prompt_id").to_pylist()}
-        todo = [r for r in prompts if r["prompt_id"] not in done_ids]
+        rows: dict[tuple[str, int], dict] = {}  # one row per key, committed ones first
+        for path in ctx.committed_checkpoints():
+            for r in ctx.storage.read_dataset(path).to_pylist():
+                if r["prompt_id"] in by_id:
+                    rows.setdefault((r["prompt_id"], r["sample_index"]), r)
+        resumed = {pid for pid, _ in rows}
         bar = ctx.progress("generating", len(prompts))
-        bar.advance(len(prompts) - len(todo))
-        generated_tokens = 0
-        if todo:
-            with open_engines(model_uri, p.engine, p.chat_template, p.system_prompt) as pool:
-                ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
-                for chunk in pool.generate(todo, p.sampling):
-                    rows = [{**r, "prompt": by_id[r["prompt_id"]]["prompt"], "answer": by_id[r["prompt_id"]]["answer"],
-                             "source": by_id[r["prompt_id"]]["source"]} for r in chunk]
-                    generated_tokens += sum(r["completion_tokens"] for r in chunk)
-                    part = ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
-                    part.write(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
-                    part.commit(SAMPLES_SCHEMA)
-                    bar.advance(len({r["prompt_id"] for r in chunk}))
-        bar.close()
+        state = {"tokens": 0, "pool": None}
 
-        # Assemble the output from the committed checkpoints: one row per key (a concurrent
-        # attempt may have committed the same prompt too), prompts of this input only.
+        def sample(requests: list[dict]) -> list[dict]:
+            """Generate, commit each finished chunk as a checkpoint, return the new rows."""
+            if state["pool"] is None:
+                state["pool"] = open_engines(model_uri, p.engine, p.chat_template, p.system_prompt)
+                ctx.metrics["engine_startup_seconds"] = round(state["pool"].startup_seconds, 2)
+            new = []
+            for chunk in state["pool"].generate(requests, p.sampling):
+                full = [{**r, "prompt": by_id[r["prompt_id"]]["prompt"], "answer": by_id[r["prompt_id"]]["answer"],
+                         "source": by_id[r["prompt_id"]]["source"]} for r in chunk]
+                part = ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
+                part.write(pa.Table.from_pylist(full, schema=SAMPLES_SCHEMA))
+                part.commit(SAMPLES_SCHEMA)
+                state["tokens"] += sum(r["completion_tokens"] for r in chunk)
+                new.extend(full)
+            return new
+
+        try:
+            if p.sampling.strategy == "adaptive":
+                stats = self._adaptive(ctx, prompts, rows, sample, bar)
+            else:
+                todo = [r for r in prompts if r["prompt_id"] not in resumed]
+                bar.advance(len(prompts) - len(todo))
+                for r in sample(todo) if todo else []:
+                    rows.setdefault((r["prompt_id"], r["sample_index"]), r)
+                bar.advance(len(todo))
+                stats = {}
+        finally:
+            if state["pool"] is not None:
+                state["pool"].shutdown()
+            bar.close()
+        self._write(ctx, prompts, rows, stats, state["tokens"], len(resumed))
+
+    def _adaptive(self, ctx: StageContext, prompts: list[dict], rows: dict, sample, bar) -> dict:
+        """Rounds of ``n`` samples per unfinished prompt, verified as they finish; a prompt stops at
+        ``target_correct`` verified samples, ``max_samples`` samples or its token budget."""
+        s = self.params.sampling
+        verdicts: dict[tuple[str, int], bool] = {}
+        with VerifierPool(workers=1, timeout=self.params.verify_timeout_s) as verifier:
+
+            def check(new_rows: list[dict]) -> None:
+                for r, v in zip(new_rows, verifier.check_rows(new_rows, self.params.format)):
+                    verdicts[(r["prompt_id"], r["sample_index"])] = v["verdict"] == "correct"
+
+            check(list(rows.values()))  # resumed samples count toward their prompts
+            stats = {r["prompt_id"]: {"samples": 0, "correct": 0, "tokens": 0} for r in prompts}
+            for (pid, _), r in rows.items():
+                stats[pid]["samples"] += 1
+                stats[pid]["correct"] += verdicts[(pid, r["sample_index"])]
+                stats[pid]["tokens"] += r["completion_tokens"]
+
+            def finished(st: dict) -> bool:
+                return (st["correct"] >= s.target_correct or st["samples"] >= s.max_samples
+                        or (s.max_tokens_per_prompt is not None and st["tokens"] >= s.max_tokens_per_prompt))
+
+            done = sum(finished(st) for st in stats.values())
+            bar.advance(done)
+            while True:
+                active = [r for r in prompts if not finished(stats[r["prompt_id"]])]
+                if not active:
+                    break
+                requests = [{**r, "offset": stats[r["prompt_id"]]["samples"],
+                             "n": min(s.n, s.max_samples - stats[r["prompt_id"]]["samples"])} for r in active]
+                new = sample(requests)
+                check(new)
+                for r in new:
+                    key = (r["prompt_id"], r["sample_index"])
+                    if key in rows:
+                        continue
+                    rows[key] = r
+                    st = stats[r["prompt_id"]]
+                    st["samples"] += 1
+                    st["correct"] += verdicts[key]
+                    st["tokens"] += r["completion_tokens"]
+                now = sum(finished(st) for st in stats.values())
+                bar.advance(now - done)
+                done = now
+        return stats
+
+    def _write(self, ctx: StageContext, prompts: list[dict], rows: dict, stats: dict, generated: int, resumed: int) -> None:
+        p: Params = self.params
         writer = ctx.dataset_writer("samples")
-        seen: set[tuple[str, int]] = set()
+        order = {r["prompt_id"]: i for i, r in enumerate(prompts)}
+        out = sorted(rows.values(), key=lambda r: (order[r["prompt_id"]], r["sample_index"]))
+        writer.write(pa.Table.from_pylist(out, schema=SAMPLES_SCHEMA))
         errors = tokens = 0
         reasons: dict[str, int] = {}
-        for path in ctx.committed_checkpoints():
-            rows = []
-            for r in ctx.storage.read_dataset(path).to_pylist():
-                key = (r["prompt_id"], r["sample_index"])
-                if key in seen or r["prompt_id"] not in by_id:
-                    continue
-                seen.add(key)
-                rows.append(r)
-                tokens += r["completion_tokens"]
-                if r["error"]:
-                    errors += 1
-                    code = r["error"].split(":")[0]
-                    reasons[code] = reasons.get(code, 0) + 1
-            writer.write(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
-        total = len(prompts) * p.sampling.n
-        if len(seen) != total:
-            raise StageError(f"expected {total} samples, assembled {len(seen)}")
-        ctx.metrics.update({"prompts": len(prompts), "samples": total, "completion_tokens": tokens,
-                            "generated_tokens_this_attempt": generated_tokens,
-                            "resumed_prompts": len(prompts) - len(todo),
+        per_prompt: dict[str, dict] = {r["prompt_id"]: {"samples": 0, "tokens": 0} for r in prompts}
+        for r in out:
+            tokens += r["completion_tokens"]
+            per_prompt[r["prompt_id"]]["samples"] += 1
+            per_prompt[r["prompt_id"]]["tokens"] += r["completion_tokens"]
+            if r["error"]:
+                errors += 1
+                code = r["error"].split(":")[0]
+                reasons[code] = reasons.get(code, 0) + 1
+        if p.sampling.strategy == "fixed" and len(out) != len(prompts) * p.sampling.n:
+            raise StageError(f"expected {len(prompts) * p.sampling.n} samples, assembled {len(out)}")
+        stat_rows = []
+        for r in prompts:
+            st = stats.get(r["prompt_id"])
+            pp = per_prompt[r["prompt_id"]]
+            stat_rows.append({
+                "prompt_id": r["prompt_id"], "samples": pp["samples"], "completion_tokens": pp["tokens"],
+                "correct": st["correct"] if st else None,
+                "est_pass_rate": st["correct"] / st["samples"] if st and st["samples"] else None,
+                "exhausted_unsolved": (st["correct"] == 0) if st else None,
+            })
+        ctx.write_dataset("prompt_stats", [pa.Table.from_pylist(stat_rows, schema=STATS_SCHEMA)])
+        ctx.metrics.update({"prompts": len(prompts), "samples": len(out), "completion_tokens": tokens,
+                            "generated_tokens_this_attempt": generated, "resumed_prompts": resumed,
                             "errored_samples": errors, "error_reasons": reasons})
-        if total and errors / total > p.max_error_rate:
-            raise StageError(f"{errors}/{total} samples errored (max_error_rate={p.max_error_rate}): {reasons}")
+        if stats:
+            ctx.metrics.update({
+                "strategy": "adaptive",
+                "verified_samples": sum(st["correct"] for st in stats.values()),
+                "prompts_reaching_target": sum(st["correct"] >= p.sampling.target_correct for st in stats.values()),
+                "prompts_exhausted_unsolved": sum(st["correct"] == 0 for st in stats.values()),
+            })
+        if out and errors / len(out) > p.max_error_rate:
+            raise StageError(f"{errors}/{len(out)} samples errored (max_error_rate={p.max_error_rate}): {reasons}")
         ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA)

@@ -125,3 +125,40 @@ stages:
     write_jsonl(src, rows[:4])
     third, third_rows, count = run()
     assert third["metrics"]["generated_tokens_this_attempt"] == 0 and count == 4 * N
+
+
+@pytest.mark.engine
+def test_adaptive_sampling_stops_at_budget_and_records_difficulty(ray_local, tiny_model, tmp_path):
+    """A random tiny model never verifies, so every prompt runs to its budget and is
+    recorded as exhausted unsolved; rounds continue sample indices without gaps."""
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} + 2.", "answer": str(i + 2)} for i in range(5)])
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: adaptive
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  generate:
+    inputs: {{prompts: prompts.prompts}}
+    params:
+      model: {tiny_model}
+      sampling: {{strategy: adaptive, n: 2, max_samples: 5, target_correct: 1, max_tokens: 8, seed: 2}}
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}
+""")
+    result = Runner(load_config(cfg)).run()
+    assert result.ok, result.error
+    gen = {s["name"]: s for s in result.manifest["stages"]}["generate"]
+    st = Storage(str(tmp_path / "root"))
+    rows = st.read_dataset(st.strip(gen["output"]["samples"])).to_pylist()
+    stats = st.read_dataset(st.strip(gen["output"]["prompt_stats"])).to_pylist()
+    by_prompt: dict = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append(r["sample_index"])
+    assert len(by_prompt) == 5 and all(sorted(v) == [0, 1, 2, 3, 4] for v in by_prompt.values())
+    assert all(s["samples"] == 5 and s["correct"] == 0 and s["exhausted_unsolved"] for s in stats)
+    assert gen["metrics"]["prompts_exhausted_unsolved"] == 5 and gen["metrics"]["verified_samples"] == 0
+    # different rounds of a prompt draw different samples (their own seeds)
+    texts = {}
+    for r in rows:
+        texts.setdefault(r["prompt_id"], set()).add(r["completion"])
+    assert all(len(t) > 1 for t in texts.values())

@@ -60,6 +60,12 @@ class SamplingSpec(BaseModel):
     max_tokens: int = Field(512, ge=1)
     seed: int = 0
     ignore_eos: bool = Field(False, description="keep sampling past EOS (benchmarks)")
+    # Adaptive rejection sampling: sample in rounds of ``n`` per prompt, verify as rounds
+    # finish, stop a prompt at ``target_correct`` verified samples or at its budget.
+    strategy: str = Field("fixed", pattern="^(fixed|adaptive)$")
+    target_correct: int = Field(1, ge=1, description="adaptive: stop a prompt at this many verified samples")
+    max_samples: int = Field(16, ge=1, description="adaptive: most samples per prompt")
+    max_tokens_per_prompt: int | None = Field(None, ge=1, description="adaptive: completion-token budget per prompt")
 
 
 def request_seed(seed: int, prompt_id: str) -> int:
@@ -97,19 +103,22 @@ class EngineActor:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, rows: list[dict], sampling: dict) -> list[dict]:
+        """Samples for each row. A row may carry ``n`` (samples wanted, default
+        ``sampling["n"]``) and ``offset`` (index of its first sample, for later rounds of
+        adaptive sampling; each round of a prompt gets its own seed)."""
         from vllm import SamplingParams
 
-        n = sampling["n"]
         out: list[dict] = []
         todo = []
         for row in rows:
+            pid, n, offset = row["prompt_id"], row.get("n", sampling["n"]), row.get("offset", 0)
             try:
                 ids = self._prompt_ids(row["prompt"])
             except Exception as e:  # a prompt the template or tokenizer cannot take
-                out.extend(_error_rows(row["prompt_id"], n, 0, f"prompt could not be tokenized: {type(e).__name__}: {e}"))
+                out.extend(_error_rows(pid, n, offset, 0, f"prompt could not be tokenized: {type(e).__name__}: {e}"))
                 continue
             if len(ids) >= self.max_len:
-                out.extend(_error_rows(row["prompt_id"], n, len(ids),
+                out.extend(_error_rows(pid, n, offset, len(ids),
                                        f"prompt_too_long: {len(ids)} tokens >= model context {self.max_len}"))
                 continue
             params = SamplingParams(
@@ -117,30 +126,30 @@ class EngineActor:
                 temperature=sampling["temperature"],
                 top_p=sampling["top_p"],
                 max_tokens=min(sampling["max_tokens"], self.max_len - len(ids)),
-                seed=request_seed(sampling["seed"], row["prompt_id"]),
+                seed=request_seed(sampling["seed"], pid if offset == 0 else f"{pid}:{offset}"),
                 ignore_eos=sampling.get("ignore_eos", False),
             )
-            todo.append((row["prompt_id"], ids, params))
+            todo.append((pid, ids, params, offset))
         if todo:
-            out.extend(self._run(todo, n))
+            out.extend(self._run(todo))
         return out
 
-    def _run(self, todo: list, n: int) -> list[dict]:
+    def _run(self, todo: list) -> list[dict]:
         try:
-            results = self.llm.generate([{"prompt_token_ids": ids} for _, ids, _ in todo], [p for _, _, p in todo], use_tqdm=False)
+            results = self.llm.generate([{"prompt_token_ids": t[1]} for t in todo], [t[2] for t in todo], use_tqdm=False)
         except Exception as e:
             if len(todo) == 1:
-                pid, ids, _ = todo[0]
-                return _error_rows(pid, n, len(ids), f"engine_error: {type(e).__name__}: {str(e)[:500]}")
+                pid, ids, params, offset = todo[0]
+                return _error_rows(pid, params.n, offset, len(ids), f"engine_error: {type(e).__name__}: {str(e)[:500]}")
             # isolate the bad request(s): the rest of the chunk still runs
             mid = len(todo) // 2
-            return self._run(todo[:mid], n) + self._run(todo[mid:], n)
+            return self._run(todo[:mid]) + self._run(todo[mid:])
         rows = []
-        for (pid, ids, _), res in zip(todo, results):
+        for (pid, ids, _, offset), res in zip(todo, results):
             for i, o in enumerate(res.outputs):
                 rows.append({
                     "prompt_id": pid,
-                    "sample_index": i,
+                    "sample_index": offset + i,
                     "completion": o.text,
                     "prompt_tokens": len(ids),
                     "completion_tokens": len(o.token_ids),
@@ -150,8 +159,8 @@ class EngineActor:
         return rows
 
 
-def _error_rows(prompt_id: str, n: int, prompt_tokens: int, reason: str) -> list[dict]:
-    return [{"prompt_id": prompt_id, "sample_index": i, "completion": "", "prompt_tokens": prompt_tokens,
+def _error_rows(prompt_id: str, n: int, offset: int, prompt_tokens: int, reason: str) -> list[dict]:
+    return [{"prompt_id": prompt_id, "sample_index": offset + i, "completion": "", "prompt_tokens": prompt_tokens,
              "completion_tokens": 0, "finish_reason": "error", "error": reason} for i in range(n)]
 
 
