@@ -67,3 +67,28 @@ def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
     third = Runner(_cfg(tmp_path, source)).run()
     assert third.manifest["stages"][0]["status"] == "done"
     assert third.manifest["stages"][0]["rows"]["prompts"] == 3
+
+
+def test_parquet_source_with_field_names(ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"problem": ["1+1?", "2+2?", None], "solution": ["2", "4", "x"], "level": [1, 2, 3]}),
+                   tmp_path / "src.parquet")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: pq
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {tmp_path}/src.parquet, prompt_field: problem, answer_field: solution, source: mine}}}}
+""")
+    runner = Runner(load_config(cfg))
+    result = runner.run()
+    assert result.ok, result.error
+    rec = result.manifest["stages"][0]
+    st = runner.storage
+    good = st.read_dataset(st.strip(rec["output"]["prompts"])).to_pylist()
+    bad = st.read_dataset(st.strip(rec["output"]["quarantine"])).to_pylist()
+    assert [(g["prompt"], g["answer"], g["source"]) for g in good] == [("1+1?", "2", "mine"), ("2+2?", "4", "mine")]
+    assert json.loads(good[1]["metadata"]) == {"level": 2}
+    assert [(b["row_number"], b["reason"]) for b in bad] == [(3, "empty prompt field 'problem'")]
