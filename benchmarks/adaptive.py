@@ -62,6 +62,7 @@ def main() -> None:
                 correct[r["prompt_id"]] = correct.get(r["prompt_id"], 0) + (r["verdict"] == "correct")
             results[strategy] = {
                 "traces": sum(correct.values()),
+                "useful_traces": sum(min(c, TARGET) for c in correct.values()),
                 "tokens": stages["generate"]["metrics"]["completion_tokens"],
                 "prompts_at_target": sum(c >= TARGET for c in correct.values()),
             }
@@ -70,6 +71,11 @@ def main() -> None:
          target_correct=TARGET, max_samples=MAX_SAMPLES, prompts=N_PROMPTS,
          prompts_at_target={k: v["prompts_at_target"] for k, v in results.items()},
          tokens={k: v["tokens"] for k, v in results.items()})
+    # Traces past target_correct on a prompt are surplus (dedupe keeps at most k per prompt):
+    # counting at most target_correct per prompt compares what each strategy pays per needed trace.
+    useful = {k: v["useful_traces"] / v["tokens"] * 1e6 for k, v in results.items()}
+    emit("adaptive-useful", useful["adaptive"], useful["fixed"], "traces (at most target_correct per prompt) per 1M tokens",
+         target_correct=TARGET)
 
 
 if __name__ == "__main__":

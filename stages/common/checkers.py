@@ -13,6 +13,8 @@ missing_think       reasoning block required but absent or unterminated
 no_boxed_answer     no ``\\boxed{}`` in the answer part
 wrong_answer        the last ``\\boxed{}`` differs from the gold answer
 bad_gold            the gold answer could not be parsed (an ``error``)
+timeout             the answer check overran its hard deadline (an ``error``;
+                    set by the verifier service, ``stages.common.verifier``)
 checker_error       the checker raised (an ``error``)
 ==================  ========================================================
 
