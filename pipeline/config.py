@@ -41,8 +41,7 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uses: str | None = Field(None, description="stage kind; defaults to the stage's name")
     inputs: dict[str, str] = Field(default_factory=dict, description="input -> 'stage' or 'stage.output'")
-    params: dict[str, Any] = Field(default_factory=dict)
-    resources: dict[str, float] = Field(default_factory=dict, description="Ray resources for the heavy work")
+    params: dict[str, Any] = Field(default_factory=dict, description="the stage's own params; Ray resources are params too")
 
 
 class PipelineSpec(BaseModel):

@@ -107,4 +107,5 @@ def localize_model(uri: str) -> str:
     fs, path = _fs(uri)
     if _is_local(fs):
         return str(Path(path))
-    return Storage(uri).localize_tree(Storage(uri).root)
+    st = Storage(uri)
+    return st.localize_tree(st.root)

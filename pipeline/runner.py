@@ -155,7 +155,6 @@ class Runner:
                 output_root=self.storage.path("cache", entry.kind, entry.fingerprint, attempt),
                 checkpoint_root=self.storage.path("cache", entry.kind, entry.checkpoint_key, "checkpoints"),
                 output_types=dict(node.cls.outputs),
-                resources={**node.cls.default_resources, **node.spec.resources},
                 progress_factory=self.progress_factory,
             )
             t0 = time.time()

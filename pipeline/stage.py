@@ -75,8 +75,6 @@ class Stage:
     # (e.g. generation per prompt) can then reuse what it committed for other inputs, so
     # adding rows to a source only pays for the new rows.
     checkpoint_ignores_inputs: ClassVar[frozenset[str]] = frozenset()
-    # Ray resources a stage's heavy work asks for by default; the config can override.
-    default_resources: ClassVar[dict[str, float]] = {}
 
     def __init__(self, name: str, params: BaseModel):
         self.name = name
@@ -155,7 +153,6 @@ class StageContext:
     inputs: dict[str, Artifact]
     output_root: str
     output_types: dict[str, str]
-    resources: dict[str, float] = field(default_factory=dict)
     # Shared by every attempt at this fingerprint: partial results committed here survive
     # a crashed or killed run, so the next attempt can resume instead of redoing them.
     checkpoint_root: str = ""
@@ -197,13 +194,6 @@ class StageContext:
         if param:
             return param
         raise StageError(f"stage {self.name!r}: set params.{name} or wire input '{name}'")
-
-    def input_model(self, name: str) -> str:
-        """A local folder holding the input model (downloaded once if storage is remote)."""
-        art = self.inputs[name]
-        if art.type != "model":
-            raise StageError(f"input {name!r} of stage {self.name!r} is a {art.type}, not a model")
-        return self.storage.localize_tree(art.path)
 
     # -- outputs -----------------------------------------------------------
     def committed_checkpoints(self) -> list[str]:

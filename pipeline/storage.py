@@ -23,7 +23,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -132,9 +132,6 @@ class Storage:
         except FileNotFoundError:
             return []
 
-    def invalidate(self) -> None:
-        self.fs.invalidate_cache()
-
     # -- datasets ----------------------------------------------------------
     def dataset_writer(self, path: str, lineage: dict | None = None, rows_per_shard: int = 50_000) -> "DatasetWriter":
         return DatasetWriter(self, path, lineage or {}, rows_per_shard)
@@ -164,10 +161,6 @@ class Storage:
         if not tables:
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         return pa.concat_tables(tables)
-
-    def iter_rows(self, path: str) -> Iterator[dict]:
-        for batch in self.read_dataset(path).to_batches():
-            yield from batch.to_pylist()
 
     # -- model / file-tree artifacts --------------------------------------
     def put_tree(self, local_dir: str | Path, path: str, lineage: dict | None = None) -> dict:

@@ -31,7 +31,7 @@ def test_valid_config_loads_and_orders(tmp_path, prompts_file):
 name: ok
 storage: {{root: {tmp_path}/root}}
 stages:
-  verify: {{inputs: {{samples: generate}}}}
+  verify: {{inputs: {{samples: generate.samples}}}}
   prompts: {{params: {{path: {prompts_file}}}}}
   generate: {{inputs: {{prompts: prompts.prompts}}, params: {{model: {tmp_path}}}}}
 """)

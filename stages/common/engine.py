@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -272,13 +272,3 @@ def _engine_env(spec: EngineSpec) -> dict[str, str]:
             env[k] = os.environ[k]
     return env
 
-
-def iter_chunks(items: Iterable, size: int) -> Iterator[list]:
-    buf = []
-    for x in items:
-        buf.append(x)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
