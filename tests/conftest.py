@@ -102,3 +102,21 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+
+
+def generate_config(tmp_path: Path, name: str, src: Path, model: str, sampling: str, engine: str,
+                    extra: str = "") -> Path:
+    """A two-stage pipeline (prompts -> generate) for the generation tests; ``sampling`` and
+    ``engine`` are YAML flow mappings."""
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"""
+name: {name}
+storage: {{root: {tmp_path}/root}}
+{extra}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  generate:
+    inputs: {{prompts: prompts.prompts}}
+    params: {{model: {model}, sampling: {sampling}, engine: {engine}}}
+""")
+    return cfg

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import ray
-from conftest import write_jsonl
+from conftest import generate_config, write_jsonl
 
 from pipeline.config import load_config
 from pipeline.runner import Runner
@@ -19,19 +19,9 @@ N_PROMPTS, N = 40, 2
 def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} * 2.", "answer": str(2 * i)}
                                                for i in range(N_PROMPTS)])
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"""
-name: crash
-storage: {{root: {tmp_path}/root}}
-stages:
-  prompts: {{params: {{path: {src}}}}}
-  generate:
-    inputs: {{prompts: prompts.prompts}}
-    params:
-      model: {tiny_model}
-      sampling: {{n: {N}, max_tokens: 100, ignore_eos: true, seed: 9}}
-      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}}
-""")
+    cfg = generate_config(tmp_path, "crash", src, tiny_model,
+                          f"{{n: {N}, max_tokens: 100, ignore_eos: true, seed: 9}}",
+                          "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}")
     before = set(map(id, engine._KEPT.values()))
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", Runner(load_config(cfg)).run()))

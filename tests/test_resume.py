@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, write_jsonl
+from conftest import REPO, generate_config, write_jsonl
 
 from pipeline.config import load_config
 from pipeline.runner import Runner
@@ -33,20 +33,10 @@ def test_driver_kill_and_resume(ray_local, tiny_model, tmp_path):
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} + {i}.", "answer": str(2 * i)}
                                                for i in range(N_PROMPTS)])
     root = tmp_path / "root"
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"""
-name: resume
-storage: {{root: {root}}}
-ray: {{num_cpus: 2}}
-stages:
-  prompts: {{params: {{path: {src}}}}}
-  generate:
-    inputs: {{prompts: prompts.prompts}}
-    params:
-      model: {tiny_model}
-      sampling: {{n: {N}, max_tokens: 100, ignore_eos: true, seed: 3}}
-      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}}
-""")
+    cfg = generate_config(tmp_path, "resume", src, tiny_model,
+                          f"{{n: {N}, max_tokens: 100, ignore_eos: true, seed: 3}}",
+                          "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}",
+                          extra="ray: {num_cpus: 2}")
     env = {**os.environ, "DISTILL_KEEP_ENGINES": "0", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -88,19 +78,9 @@ stages:
 def test_incremental_rerun_generates_only_new_prompts(ray_local, tiny_model, tmp_path):
     rows = [{"prompt": f"Compute {i} - 1.", "answer": str(i - 1)} for i in range(2, 8)]
     src = write_jsonl(tmp_path / "src.jsonl", rows)
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"""
-name: incremental
-storage: {{root: {tmp_path}/root}}
-stages:
-  prompts: {{params: {{path: {src}}}}}
-  generate:
-    inputs: {{prompts: prompts.prompts}}
-    params:
-      model: {tiny_model}
-      sampling: {{n: {N}, max_tokens: 20, ignore_eos: true, seed: 5}}
-      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}
-""")
+    cfg = generate_config(tmp_path, "incremental", src, tiny_model,
+                          f"{{n: {N}, max_tokens: 20, ignore_eos: true, seed: 5}}",
+                          "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}")
 
     def run():
         result = Runner(load_config(cfg)).run()
@@ -132,19 +112,9 @@ def test_adaptive_sampling_stops_at_budget_and_records_difficulty(ray_local, tin
     """A random tiny model never verifies, so every prompt runs to its budget and is
     recorded as exhausted unsolved; rounds continue sample indices without gaps."""
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} + 2.", "answer": str(i + 2)} for i in range(5)])
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"""
-name: adaptive
-storage: {{root: {tmp_path}/root}}
-stages:
-  prompts: {{params: {{path: {src}}}}}
-  generate:
-    inputs: {{prompts: prompts.prompts}}
-    params:
-      model: {tiny_model}
-      sampling: {{strategy: adaptive, n: 2, max_samples: 5, target_correct: 1, max_tokens: 8, seed: 2}}
-      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}
-""")
+    cfg = generate_config(tmp_path, "adaptive", src, tiny_model,
+                          "{strategy: adaptive, n: 2, max_samples: 5, target_correct: 1, max_tokens: 8, seed: 2}",
+                          "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}")
     result = Runner(load_config(cfg)).run()
     assert result.ok, result.error
     gen = {s["name"]: s for s in result.manifest["stages"]}["generate"]
