@@ -289,6 +289,29 @@ def datasets_head(uri: str = typer.Argument(..., help="a dataset folder"), n: in
             out.print(f"[dim]{k}[/]: {text[:500]}{'…' if len(text) > 500 else ''}", highlight=False)
 
 
+@datasets_app.command("gc")
+def datasets_gc(uri: str = typer.Argument(".distill", help="storage root"),
+                dry_run: bool = typer.Option(False, "--dry-run", help="list what would go, delete nothing"),
+                older_than_hours: float = typer.Option(24.0, "--older-than-hours", help="leave younger files alone"),
+                json_: bool = typer.Option(False, "--json")):
+    """Delete files no committed record references (failed attempts, unlisted shards) and abort
+    stale multipart uploads."""
+    from .gc import run_gc
+
+    st, _ = _dataset_or_exit(uri)
+    result = run_gc(st, older_than=older_than_hours * 3600, dry_run=dry_run)
+    if json_:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for f in result["files"]:
+        out.print(f"{verb} {f['path']} ({_human(f['bytes'])})", highlight=False)
+    for u in result["multipart_uploads"]:
+        out.print(f"{'would abort' if dry_run else 'aborted'} multipart upload {u['key']}", highlight=False)
+    out.print(f"{verb} {len(result['files'])} file(s), {_human(result['bytes'])}; "
+              f"{len(result['multipart_uploads'])} multipart upload(s)")
+
+
 def _call_or_exit(fn, *args):
     from .storage import StorageError
 
