@@ -6,7 +6,12 @@ Input ``samples``: rows with ``prompt_id``, ``prompt`` and a completion column
 Output ``sft``: ``prompt_id``, ``source``, ``sample_index``, ``messages``
 (list of {role, content}), ready for the sft stage.
 Output ``dropped``: every input row not kept, with its ``reason``
-(``verdict:<reason>``, ``duplicate``, ``over_max_per_prompt``).
+(``verdict:<reason>``, ``empty_completion``, ``duplicate``, ``near_duplicate``,
+``over_max_per_prompt``).
+
+Near duplicates (``near_dup.enabled``): MinHash over word n-grams of
+prompt + completion, with an LSH index at the configured Jaccard threshold; a row
+whose text is that close to an earlier kept row is dropped.
 """
 from __future__ import annotations
 
@@ -25,8 +30,18 @@ SFT_SCHEMA = pa.schema(
 DROPPED_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32()), ("reason", pa.string())])
 
 
+class NearDupSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity above which rows are near duplicates")
+    ngram: int = Field(5, ge=1, description="words per shingle")
+    num_perm: int = Field(128, ge=16)
+    seed: int = 1
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    near_dup: NearDupSpec = Field(default_factory=NearDupSpec)
     completion_field: str = "completion"
     require_verdict: str | None = Field("correct", description="keep only rows with this verdict; null keeps all")
     max_per_prompt: int | None = Field(None, ge=1, description="at most k traces per prompt")
@@ -36,6 +51,36 @@ class Params(BaseModel):
 
 def dedupe_key(prompt: str, completion: str) -> str:
     return sha256_hex(normalize_text(prompt).lower() + "\x00" + normalize_text(completion).lower())
+
+
+class NearDupIndex:
+    """MinHash LSH over word shingles (datasketch)."""
+
+    def __init__(self, spec: NearDupSpec):
+        from datasketch import MinHashLSH
+
+        self.spec = spec
+        self.lsh = MinHashLSH(threshold=spec.threshold, num_perm=spec.num_perm)
+        self.count = 0
+
+    def _minhash(self, text: str):
+        from datasketch import MinHash
+
+        words = normalize_text(text).lower().split()
+        n = self.spec.ngram
+        shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+        m = MinHash(num_perm=self.spec.num_perm, seed=self.spec.seed)
+        m.update_batch([s.encode("utf-8", "surrogatepass") for s in shingles])
+        return m
+
+    def seen_or_add(self, text: str) -> bool:
+        """True if a near duplicate was indexed before; otherwise index this text."""
+        m = self._minhash(text)
+        if self.lsh.query(m):
+            return True
+        self.lsh.insert(str(self.count), m)
+        self.count += 1
+        return False
 
 
 class Dedupe(Stage):
@@ -56,6 +101,7 @@ class Dedupe(Stage):
         dropped: list[dict] = []
         kept_by_prompt: dict[str, list[dict]] = {}
         seen: set[str] = set()
+        near = NearDupIndex(p.near_dup) if p.near_dup.enabled else None
         for i, r in enumerate(rows):
             idx = r.get("sample_index", i) if r.get("sample_index") is not None else i
             if p.require_verdict and r.get("verdict") != p.require_verdict:
@@ -71,6 +117,9 @@ class Dedupe(Stage):
                 dropped.append({"prompt_id": r["prompt_id"], "sample_index": idx, "reason": "duplicate"})
                 continue
             seen.add(key)
+            if near is not None and near.seen_or_add(r["prompt"] + "\n" + completion):
+                dropped.append({"prompt_id": r["prompt_id"], "sample_index": idx, "reason": "near_duplicate"})
+                continue
             kept_by_prompt.setdefault(r["prompt_id"], []).append({**r, "_idx": idx, "_completion": completion})
 
         out = []
