@@ -29,6 +29,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/sft.py
+	$(BIN)/python benchmarks/verify.py
+	$(BIN)/python benchmarks/storage.py
+	$(BIN)/python benchmarks/adaptive.py
 
 clean:
 	rm -rf .distill
