@@ -103,8 +103,15 @@ def head(storage: Storage, path: str, n: int = 5) -> list[dict]:
 
 
 def resolve(uri: str) -> tuple[Storage, str]:
-    """A Storage rooted at ``uri`` and the dataset path inside it."""
+    """A Storage rooted at ``uri`` and the dataset path inside it. A ``latest/...`` pointer
+    file resolves to the version it names."""
     st = Storage(uri)
     if not st.exists(st.root):
         raise StorageError(f"nothing at {uri}")
+    if st.fs.isfile(st.root):
+        try:
+            target = st.read_json(st.root)["uri"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(f"{uri} is neither a dataset folder nor a latest pointer") from e
+        st = Storage(target)
     return st, st.root

@@ -197,6 +197,8 @@ class Runner:
                 self.on_stage(entry.name, "failed", rec)
             manifest["stages"].append(rec)
 
+        if failed is None:
+            self._update_latest(manifest)
         manifest["status"] = "failed" if failed else "done"
         manifest["finished"] = now_iso()
         manifest["seconds"] = round(time.time() - started, 3)
@@ -206,6 +208,15 @@ class Runner:
         uri = self.storage.uri(f"{run_dir}/manifest.json")
         error = f"stage {failed!r} failed: {stage_errors[failed]}" if failed else None
         return RunResult(run_id, uri, manifest, failed is None, error, stage_errors)
+
+    def _update_latest(self, manifest: dict) -> None:
+        """``latest/<pipeline>/<stage>.<output>``: a pointer to the newest committed version of
+        each named output, replaced whole (atomic rename locally, a single PUT on S3)."""
+        for s in manifest["stages"]:
+            for out, uri in s["output"].items():
+                pointer = {"uri": uri, "fingerprint": s["fingerprint"], "run_id": manifest["run_id"],
+                           "produced_by_run": s.get("produced_by_run", manifest["run_id"])}
+                self.storage.write_json(self.storage.path("latest", self.cfg.name, f"{s['name']}.{out}"), pointer)
 
     def _ensure_ray(self) -> None:
         import ray

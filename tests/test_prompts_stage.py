@@ -68,6 +68,16 @@ def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
     assert third.manifest["stages"][0]["status"] == "done"
     assert third.manifest["stages"][0]["rows"]["prompts"] == 3
 
+    # the latest pointer names the newest version, and the inspection CLI follows it
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    pointer = st.read_json(st.path("latest", "prompts-only", "prompts.prompts"))
+    assert pointer["uri"] == third.manifest["stages"][0]["output"]["prompts"]
+    shown = CliRunner().invoke(app, ["datasets", "show", st.path("latest", "prompts-only", "prompts.prompts"), "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["rows"] == 3
+
 
 def test_parquet_source_with_field_names(ray_local, tmp_path):
     import pyarrow as pa
