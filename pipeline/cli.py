@@ -289,6 +289,27 @@ def datasets_head(uri: str = typer.Argument(..., help="a dataset folder"), n: in
             out.print(f"[dim]{k}[/]: {text[:500]}{'…' if len(text) > 500 else ''}", highlight=False)
 
 
+@datasets_app.command("diff")
+def datasets_diff(a: str = typer.Argument(..., help="dataset folder or latest pointer (before)"),
+                  b: str = typer.Argument(..., help="dataset folder or latest pointer (after)"),
+                  json_: bool = typer.Option(False, "--json")):
+    """Rows, added and removed prompt_ids, and the shift of length and pass-rate distributions."""
+    from .inspect_datasets import diff
+
+    d = _call_or_exit(diff, _dataset_or_exit(a), _dataset_or_exit(b))
+    if json_:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+        return
+    out.print(f"rows {d['rows']['a']} -> {d['rows']['b']} ({d['rows']['delta']:+d})")
+    p = d["prompts"]
+    out.print(f"prompts {p['a']} -> {p['b']}: {len(p['added'])} added, {len(p['removed'])} removed")
+    for label in ("length", "pass_rate"):
+        if label in d and d[label]["a"].get("count") and d[label]["b"].get("count"):
+            a_, b_ = d[label]["a"], d[label]["b"]
+            out.print(f"{label}: mean {a_['mean']:.3f} -> {b_['mean']:.3f}, p50 {a_['p50']} -> {b_['p50']}, "
+                      f"p90 {a_['p90']} -> {b_['p90']}")
+
+
 @datasets_app.command("gc")
 def datasets_gc(uri: str = typer.Argument(".distill", help="storage root"),
                 dry_run: bool = typer.Option(False, "--dry-run", help="list what would go, delete nothing"),

@@ -87,6 +87,53 @@ def show(storage: Storage, path: str) -> dict:
     return info
 
 
+def _stats(values: list) -> dict:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return {"count": 0}
+    pick = lambda q: vals[min(len(vals) - 1, int(q * len(vals)))]  # noqa: E731
+    return {"count": len(vals), "mean": sum(vals) / len(vals), "p50": pick(0.5), "p90": pick(0.9), "max": vals[-1]}
+
+
+def _profile(storage: Storage, path: str) -> dict:
+    m = storage.dataset_manifest(path)
+    cols = set(m["schema"])
+    prof: dict[str, Any] = {"rows": m["rows"], "version": (m.get("lineage") or {}).get("fingerprint")}
+    ids = _column(storage, path, m, "prompt_id") if "prompt_id" in cols else []
+    prof["prompt_ids"] = set(ids)
+    if "completion_tokens" in cols:
+        prof["lengths"] = _column(storage, path, m, "completion_tokens")
+    elif "messages" in cols:
+        prof["lengths"] = [len(msgs[-1]["content"]) if msgs else 0 for msgs in _column(storage, path, m, "messages")]
+    if "verdict" in cols and ids:
+        per: dict[str, list[int]] = {}
+        for pid, v in zip(ids, _column(storage, path, m, "verdict")):
+            c = per.setdefault(pid, [0, 0])
+            c[0] += v == "correct"
+            c[1] += 1
+        prof["pass_rates"] = [c / n for c, n in per.values()]
+    return prof
+
+
+def diff(a: tuple[Storage, str], b: tuple[Storage, str]) -> dict:
+    """What changed from dataset A to dataset B: rows, prompt ids, length and pass-rate distributions."""
+    pa_, pb = _profile(*a), _profile(*b)
+    out: dict[str, Any] = {
+        "rows": {"a": pa_["rows"], "b": pb["rows"], "delta": pb["rows"] - pa_["rows"]},
+        "versions": {"a": pa_["version"], "b": pb["version"]},
+        "prompts": {"a": len(pa_["prompt_ids"]), "b": len(pb["prompt_ids"]),
+                    "added": sorted(pb["prompt_ids"] - pa_["prompt_ids"]),
+                    "removed": sorted(pa_["prompt_ids"] - pb["prompt_ids"])},
+    }
+    for key, label in (("lengths", "length"), ("pass_rates", "pass_rate")):
+        if key in pa_ or key in pb:
+            sa, sb = _stats(pa_.get(key, [])), _stats(pb.get(key, []))
+            out[label] = {"a": sa, "b": sb}
+            if sa.get("count") and sb.get("count"):
+                out[label]["mean_shift"] = sb["mean"] - sa["mean"]
+    return out
+
+
 def head(storage: Storage, path: str, n: int = 5) -> list[dict]:
     m = storage.dataset_manifest(path)
     rows: list[dict] = []

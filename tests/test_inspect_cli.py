@@ -70,3 +70,21 @@ def test_show_missing_dataset_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "no committed dataset" in result.output
     result = CliRunner().invoke(app, ["datasets", "ls", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "nothing at" in result.output
+
+
+def test_diff(root):
+    st = Storage(root)
+    a = [{"prompt_id": p, "completion_tokens": t, "verdict": v}
+         for p, t, v in [("p1", 10, "correct"), ("p1", 20, "rejected"), ("p2", 30, "rejected")]]
+    b = [{"prompt_id": p, "completion_tokens": t, "verdict": v}
+         for p, t, v in [("p1", 10, "correct"), ("p1", 40, "correct"), ("p3", 50, "correct"), ("p3", 60, "rejected")]]
+    ua = _write(st, "cache/verify/a/1/verified", a, "verify", "verified")
+    ub = _write(st, "cache/verify/b/1/verified", b, "verify", "verified")
+    d = _json(["datasets", "diff", ua, ub, "--json"])
+    assert d["rows"] == {"a": 3, "b": 4, "delta": 1}
+    assert d["prompts"]["added"] == ["p3"] and d["prompts"]["removed"] == ["p2"]
+    assert d["length"]["a"]["mean"] == 20 and d["length"]["b"]["mean"] == 40 and d["length"]["mean_shift"] == 20
+    # pass rate per prompt: a = [0.5, 0.0], b = [1.0, 0.5]
+    assert d["pass_rate"]["a"]["mean"] == 0.25 and d["pass_rate"]["b"]["mean"] == 0.75
+    text = CliRunner().invoke(app, ["datasets", "diff", ua, ub]).output
+    assert "rows 3 -> 4 (+1)" in text and "1 added, 1 removed" in text
