@@ -187,13 +187,8 @@ def runs_show(run: str = typer.Argument("latest"), root: Optional[str] = RootOpt
 
 def _dataset_or_exit(uri: str):
     from .inspect_datasets import resolve
-    from .storage import StorageError
 
-    try:
-        return resolve(uri)
-    except (StorageError, FileNotFoundError) as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(1)
+    return _call_or_exit(resolve, uri)
 
 
 def _human(n: int) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .storage import DATASET_FORMAT, MANIFEST, Storage, StorageError
@@ -45,12 +44,13 @@ def summary(storage: Storage, path: str, m: dict) -> dict:
     }
 
 
-def _column(storage: Storage, path: str, m: dict, name: str) -> list:
-    values: list = []
-    for shard in m["shards"]:
-        with storage.fs.open(f"{path}/{shard['path']}", "rb") as f:
-            values.extend(pq.read_table(f, columns=[name]).column(name).to_pylist())
-    return values
+def _columns(storage: Storage, path: str, m: dict, wanted: tuple[str, ...]) -> dict[str, list]:
+    """The wanted columns that exist, read in one pass over the manifest's shards."""
+    names = [c for c in wanted if c in m["schema"]]
+    if not names:
+        return {}
+    table = storage.read_dataset(path, columns=names)
+    return {c: table.column(c).to_pylist() for c in names}
 
 
 def histogram(values: list[int], bins: int = 10) -> list[dict]:
@@ -66,24 +66,20 @@ def histogram(values: list[int], bins: int = 10) -> list[dict]:
 
 def show(storage: Storage, path: str) -> dict:
     m = storage.dataset_manifest(path)
-    schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(m["arrow_schema"])))
-    cols = set(schema.names)
     info: dict[str, Any] = {
         **summary(storage, path, m),
         "schema": m["schema"],
         "lineage": m.get("lineage") or {},
         "shards": m["shards"],
     }
-    if "reason" in cols:
-        info["reasons"] = dict(Counter(_column(storage, path, m, "reason")).most_common())
-    if "verdict" in cols:
-        info["verdicts"] = dict(Counter(_column(storage, path, m, "verdict")).most_common())
-    if "source" in cols:
-        info["sources"] = dict(Counter(_column(storage, path, m, "source")).most_common())
+    cols = _columns(storage, path, m, ("reason", "verdict", "source", "completion_tokens", "prompt_id"))
+    for col, key in (("verdict", "verdicts"), ("reason", "reasons"), ("source", "sources")):
+        if col in cols:
+            info[key] = dict(Counter(cols[col]).most_common())
     if "completion_tokens" in cols:
-        info["completion_tokens_histogram"] = histogram(_column(storage, path, m, "completion_tokens"))
+        info["completion_tokens_histogram"] = histogram(cols["completion_tokens"])
     if "prompt_id" in cols:
-        info["prompts"] = len(set(_column(storage, path, m, "prompt_id")))
+        info["prompts"] = len(set(cols["prompt_id"]))
     return info
 
 
@@ -97,17 +93,18 @@ def _stats(values: list) -> dict:
 
 def _profile(storage: Storage, path: str) -> dict:
     m = storage.dataset_manifest(path)
-    cols = set(m["schema"])
     prof: dict[str, Any] = {"rows": m["rows"], "version": (m.get("lineage") or {}).get("fingerprint")}
-    ids = _column(storage, path, m, "prompt_id") if "prompt_id" in cols else []
+    cols = _columns(storage, path, m, ("prompt_id", "completion_tokens", "verdict")
+                    + (() if "completion_tokens" in m["schema"] else ("messages",)))
+    ids = cols.get("prompt_id", [])
     prof["prompt_ids"] = set(ids)
     if "completion_tokens" in cols:
-        prof["lengths"] = _column(storage, path, m, "completion_tokens")
+        prof["lengths"] = cols["completion_tokens"]
     elif "messages" in cols:
-        prof["lengths"] = [len(msgs[-1]["content"]) if msgs else 0 for msgs in _column(storage, path, m, "messages")]
+        prof["lengths"] = [len(msgs[-1]["content"]) if msgs else 0 for msgs in cols["messages"]]
     if "verdict" in cols and ids:
         per: dict[str, list[int]] = {}
-        for pid, v in zip(ids, _column(storage, path, m, "verdict")):
+        for pid, v in zip(ids, cols["verdict"]):
             c = per.setdefault(pid, [0, 0])
             c[0] += v == "correct"
             c[1] += 1

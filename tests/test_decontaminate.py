@@ -1,7 +1,6 @@
 """A GSM8K test question planted in the training data is removed and reported."""
 import json
 
-import pyarrow as pa
 import pytest
 from conftest import SHARED_DATA, write_jsonl
 
