@@ -3,9 +3,10 @@ n-gram with an evaluation set, and report which eval item each matched.
 
 Eval sets are files (``eval_files``: JSONL/Parquet with a text field, e.g. the
 benchmarks in ``../shared/data``) and/or an upstream dataset wired as input
-``eval`` (e.g. the run's own held-out prompts). Texts are lower-cased and split
-into words and punctuation marks (so ``3 + 4`` and ``3 - 4`` differ); a text shorter than ``ngram`` words counts as one n-gram, so short
-exact copies are caught too.
+``eval`` (e.g. the run's own held-out prompts). N-grams come from
+``stages.common.ngrams``: texts are lower-cased and split into words and punctuation
+marks (so ``3 + 4`` and ``3 - 4`` differ); a text shorter than ``ngram`` words counts
+as one n-gram, so short exact copies are caught too.
 
 Input ``samples``: rows with ``messages`` (user turns are the prompt, assistant
 turns the completion) or ``prompt`` / ``completion`` columns.
@@ -15,7 +16,6 @@ Outputs: ``clean`` (same schema as the input) and ``contaminated``
 from __future__ import annotations
 
 import json
-import re
 from typing import ClassVar, Iterator
 
 import fsspec
@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import resources
 from pipeline.stage import Stage, StageContext, StageError
+from stages.common.ngrams import DEFAULT_NGRAM, Index, row_text
 
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 REPORT_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("sample_index", pa.int32()), ("field", pa.string()), ("eval_source", pa.string()),
      ("eval_id", pa.string()), ("eval_text", pa.string()), ("ngram", pa.string())]
@@ -44,19 +44,8 @@ class EvalFile(BaseModel):
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     eval_files: list[EvalFile] = Field(default_factory=list)
-    ngram: int = Field(13, ge=1)
+    ngram: int = Field(DEFAULT_NGRAM, ge=1)
     check_completions: bool = False
-
-
-def ngrams(text: str, n: int) -> Iterator[str]:
-    words = _WORD.findall(text.lower())
-    if not words:
-        return
-    if len(words) <= n:
-        yield " ".join(words)
-        return
-    for i in range(len(words) - n + 1):
-        yield " ".join(words[i : i + n])
 
 
 def _read_file(path: str) -> Iterator[dict]:
@@ -71,34 +60,6 @@ def _read_file(path: str) -> Iterator[dict]:
                     yield json.loads(line)
                 except json.JSONDecodeError:
                     continue
-
-
-class Index:
-    """n-gram -> the first eval item it came from."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.grams: dict[str, tuple[str, str, str]] = {}
-        self.items = 0
-
-    def add(self, source: str, item_id: str, text: str) -> None:
-        self.items += 1
-        for g in ngrams(text, self.n):
-            self.grams.setdefault(g, (source, item_id, text))
-
-    def match(self, text: str) -> tuple[str, tuple[str, str, str]] | None:
-        for g in ngrams(text, self.n):
-            hit = self.grams.get(g)
-            if hit is not None:
-                return g, hit
-        return None
-
-
-def _texts(row: dict, role: str, field: str) -> str:
-    msgs = row.get("messages")
-    if isinstance(msgs, list):
-        return "\n".join(m["content"] for m in msgs if m.get("role") == role and m.get("content"))
-    return row.get(field) or ""
 
 
 class Decontaminate(Stage):
@@ -137,7 +98,7 @@ class Decontaminate(Stage):
         for i, r in enumerate(rows):
             hit = None
             for role, field in (("user", "prompt"),) + ((("assistant", "completion"),) if p.check_completions else ()):
-                m = index.match(_texts(r, role, field))
+                m = index.match(row_text(r, role, field))
                 if m:
                     hit = (field, *m)
                     break
