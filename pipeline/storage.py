@@ -9,7 +9,9 @@ Layout under the root::
 
 Artifacts are committed by a manifest written last with an exclusive create
 (``If-None-Match: *`` on S3, ``link()`` locally). Readers trust only what a
-committed manifest lists. Credentials and endpoints come from the standard AWS
+committed manifest lists. A writer killed part-way leaves nothing a reader sees:
+locally a ``.tmp-*`` file, on S3 at most an uncompleted multipart upload (objects
+of ``2 * part_size`` bytes or more go up in parts), both removed by ``gc``. Credentials and endpoints come from the standard AWS
 environment/config and are never written anywhere by this module.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pyarrow.parquet as pq
 MANIFEST = "_manifest.json"
 DATASET_FORMAT = "distill.dataset/1"
 MODEL_FORMAT = "distill.model/1"
+DEFAULT_PART_SIZE = 50 * 2**20  # s3fs's default; S3 wants at least 5 MiB per part but the last
 
 
 class StorageError(RuntimeError):
@@ -61,13 +64,17 @@ def now_iso() -> str:
 class Storage:
     """A root folder on any fsspec filesystem."""
 
-    def __init__(self, root: str, storage_options: dict | None = None):
+    def __init__(self, root: str, storage_options: dict | None = None, part_size: int | None = None):
         self.root_uri = root.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.root_uri, **(storage_options or {}))
         self.is_local = self.fs.protocol in ("file", "local") or "file" in getattr(self.fs, "protocol", ())
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_s3 = "s3" in protocols
+        # objects of 2 * part_size bytes or more are uploaded as multipart uploads of this part size
+        self.part_size = int(part_size or os.environ.get("DISTILL_S3_PART_SIZE") or DEFAULT_PART_SIZE)
 
     def __reduce__(self):  # ship to Ray workers as a plain root; credentials stay in the environment
-        return (Storage, (self.root_uri,))
+        return (Storage, (self.root_uri, None, self.part_size))
 
     # -- paths -------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -114,9 +121,10 @@ class Storage:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
+        kwargs = {"chunksize": self.part_size} if self.is_s3 else {}
         if exclusive:
             try:
-                self.fs.pipe_file(path, data, mode="create")
+                self.fs.pipe_file(path, data, mode="create", **kwargs)
             except FileExistsError as e:
                 raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
             except Exception as e:  # botocore ClientError PreconditionFailed
@@ -124,7 +132,7 @@ class Storage:
                     raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
                 raise
         else:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, data, **kwargs)
 
     def ls(self, path: str) -> list[str]:
         try:
@@ -147,7 +155,10 @@ class Storage:
         return manifest
 
     def dataset_files(self, path: str) -> list[str]:
-        """Full URIs of the shards a committed manifest lists (for pyarrow/datasets readers)."""
+        """Full URIs of the shards a committed manifest lists, in order: what to hand to
+        ``pyarrow.dataset``, ``datasets.load_dataset("parquet", data_files=...)`` or
+        ``polars.scan_parquet`` so they read exactly the committed rows (never a folder glob,
+        which would also pick up shards of failed writers)."""
         manifest = self.dataset_manifest(path)
         return [self.uri(f"{path.rstrip('/')}/{s['path']}") for s in manifest["shards"]]
 

@@ -99,3 +99,135 @@ def test_tree_artifact_roundtrip(storage, tmp_path):
 def test_redact_uri():
     assert redact_uri("s3://KEY:SECRET@bucket/prefix") == "s3://bucket/prefix"
     assert redact_uri("/local/path") == "/local/path"
+
+
+# -- a writer killed part-way (SIGKILL, so no cleanup code runs) ---------------------------
+
+_KILLED_WRITER = r"""
+import os, sys, time
+import pyarrow as pa
+from pipeline.storage import Storage
+
+root, path, marker = sys.argv[1:4]
+st = Storage(root)
+
+# Stand-ins for a slow disk or network: the parent SIGKILLs us while we wait in them.
+if st.is_local:
+    real_fsync = os.fsync
+    def fsync(fd):  # the shard's bytes are in the temp file; the rename has not happened
+        real_fsync(fd)
+        open(marker, "w").close()
+        time.sleep(600)
+    os.fsync = fsync
+else:
+    import asyncio
+    import s3fs
+    real_call = s3fs.S3FileSystem._call_s3
+    async def call_s3(self, method, *args, **kwargs):
+        if method == "upload_part" and kwargs.get("PartNumber", 1) > 1:
+            open(marker, "w").close()
+            await asyncio.sleep(600)  # part 1 goes up (parts run concurrently), part 2 never does
+        return await real_call(self, method, *args, **kwargs)
+    s3fs.S3FileSystem._call_s3 = call_s3
+
+w = st.dataset_writer(path, rows_per_shard=1000)
+w.write(pa.table({"blob": [os.urandom(2**20) for _ in range(11)]}))  # one incompressible 11 MiB shard
+w.commit()
+"""
+
+
+def test_killed_writer_leaves_nothing_visible(storage, tmp_path):
+    """SIGKILL during a shard upload: no manifest, no shard object, readers and `datasets ls`
+    see nothing; on S3 the upload stays pending until `datasets gc` aborts it, locally a
+    ``.tmp-*`` file is left that readers ignore and gc deletes."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import boto3
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    other = storage.path("cache", "prompts", "f1", "a1", "prompts")  # a committed stage output beside it
+    w = storage.dataset_writer(other)
+    w.write(_table(3))
+    w.commit()
+    storage.write_json(storage.path("cache", "prompts", "f1", "_stage.json"),
+                       {"outputs": {"prompts": {"type": "dataset", "path": other, "uri": storage.uri(other)}}})
+    path = storage.path("cache", "prompts", "f2", "a2", "prompts")
+    marker = tmp_path / "hanging"
+    env = {**os.environ, "PYTHONPATH": str(root), "DISTILL_S3_PART_SIZE": str(5 * 2**20)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, storage.root_uri, path, str(marker)], env=env, cwd=root)
+    try:
+        s3 = None if storage.is_local else boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        bucket, _, prefix = storage.root.partition("/")
+        key = path[len(bucket) + 1:]
+        deadline = time.time() + 60
+        while True:  # wait until the writer hangs with (on S3) part 1 of its upload stored
+            assert proc.poll() is None, "the writer exited before it was killed"
+            assert time.time() < deadline, "the writer never reached the upload"
+            if marker.exists():
+                if storage.is_local:
+                    break
+                ups = s3.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+                if ups and s3.list_parts(Bucket=bucket, Key=ups[0]["Key"], UploadId=ups[0]["UploadId"]).get("Parts"):
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    storage.fs.invalidate_cache()
+    assert not storage.exists(f"{path}/_manifest.json")
+    with pytest.raises(StorageError, match="no committed dataset"):
+        storage.read_dataset(path)
+    with pytest.raises(StorageError, match="no committed dataset"):
+        storage.dataset_files(path)
+    cli = CliRunner()
+    listed = cli.invoke(app, ["datasets", "ls", storage.root_uri, "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [d["uri"] for d in json.loads(listed.output)] == [storage.uri(other)]
+    shown = cli.invoke(app, ["datasets", "show", storage.uri(path)])
+    assert shown.exit_code == 1 and ("no committed dataset" in shown.output or "nothing at" in shown.output)
+
+    if storage.is_local:
+        left = sorted(p.name for p in Path(path).iterdir())
+        assert len(left) == 1 and left[0].startswith(".tmp-")  # the whole shard, never renamed into place
+        assert (Path(path) / left[0]).stat().st_size > 10 * 2**20
+        # even a reader that globs the folder (which ours never do) skips dot files
+        assert pads.dataset(path, format="parquet").count_rows() == 0
+    else:
+        assert s3.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) == 0  # no shard object
+        ups = s3.list_multipart_uploads(Bucket=bucket, Prefix=key)["Uploads"]
+        assert len(ups) == 1 and ups[0]["Key"].startswith(key + "/part-00000-")
+        assert [p["PartNumber"] for p in s3.list_parts(Bucket=bucket, Key=ups[0]["Key"], UploadId=ups[0]["UploadId"])["Parts"]] == [1]
+
+    gc = cli.invoke(app, ["datasets", "gc", storage.root_uri, "--older-than-hours", "0", "--json"])
+    assert gc.exit_code == 0, gc.output
+    result = json.loads(gc.output)
+    if storage.is_local:
+        assert [f["path"].rsplit("/", 1)[-1] for f in result["files"]] == left
+        assert list(Path(path).iterdir()) == []
+    else:
+        assert result["files"] == [] and [u["key"] for u in result["multipart_uploads"]] == [ups[0]["Key"]]
+        assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
+    assert storage.read_dataset(other).num_rows == 3  # the committed neighbour is untouched
+
+
+def test_multipart_shard_commits_and_reads(storage, monkeypatch):
+    """A shard large enough to go up in parts (S3) commits and reads back byte for byte."""
+    monkeypatch.setenv("DISTILL_S3_PART_SIZE", str(5 * 2**20))
+    st = Storage(storage.root_uri)
+    blobs = [os.urandom(2**20) for _ in range(11)]
+    path = st.path("big")
+    w = st.dataset_writer(path)
+    w.write(pa.table({"blob": blobs}))
+    m = w.commit()
+    assert m["rows"] == 11 and m["shards"][0]["bytes"] > 2 * st.part_size
+    assert st.read_dataset(path).column("blob").to_pylist() == blobs
