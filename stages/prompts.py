@@ -3,13 +3,18 @@
 Output ``prompts``: ``prompt_id`` (hash of the normalised prompt), ``prompt``,
 ``answer`` (as text), ``source``, ``metadata`` (JSON of the other fields).
 Output ``quarantine``: rows that cannot be used, each with its ``reason``:
-invalid JSON, missing/empty prompt or answer, a duplicate of an earlier prompt.
-No input row is dropped silently: ``rows.prompts + rows.quarantine`` equals the
-number of input rows.
+invalid UTF-8, invalid JSON (including nesting too deep to parse), a line that
+is not a JSON object, a missing or empty (null, blank) prompt or answer, a
+prompt that is not a string or an answer that is neither a string nor a number,
+a lone surrogate (``"\\ud800"``) in the prompt or answer, a duplicate of an
+earlier prompt. No input row is dropped silently: ``rows.prompts +
+rows.quarantine`` equals the number of input rows (``metrics.input_rows``;
+blank JSONL lines are not rows and are counted in ``metrics.blank_lines``).
 """
 from __future__ import annotations
 
 import json
+import numbers
 from typing import Any, ClassVar, Iterator
 
 import fsspec
@@ -60,12 +65,10 @@ def _source_name(path: str) -> str:
 
 
 def _read_rows(path: str, fmt: str) -> Iterator[tuple[int, dict | None, str | None, str]]:
-    """(row number, row or None, error or None, raw text)."""
+    """(row number, row or None, error or None, raw text); a blank JSONL line comes as
+    (line number, None, None, "")."""
     if fmt == "parquet":
-        with fsspec.open(path, "rb") as f:
-            table = pq.read_table(f)
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield i, row, None, ""
+        yield from _read_parquet(path)
         return
     with fsspec.open(path, "rb") as f:
         for i, line in enumerate(f, start=1):
@@ -74,17 +77,57 @@ def _read_rows(path: str, fmt: str) -> Iterator[tuple[int, dict | None, str | No
             except UnicodeDecodeError as e:
                 yield i, None, f"invalid UTF-8: {e.reason} at byte {e.start}", line.decode("utf-8", "replace")
                 continue
+            if i == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not text.strip():
+                yield i, None, None, ""
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 yield i, None, f"invalid JSON: {e.msg} at column {e.colno}", text
                 continue
+            except RecursionError:
+                yield i, None, "invalid JSON: nested too deeply", text
+                continue
+            except ValueError as e:  # e.g. an integer longer than Python converts
+                yield i, None, f"invalid JSON: {e}", text
+                continue
             if not isinstance(row, dict):
                 yield i, None, f"expected a JSON object, got {type(row).__name__}", text
                 continue
             yield i, row, None, text
+
+
+def _read_parquet(path: str, batch_rows: int = 10_000) -> Iterator[tuple[int, dict | None, str | None, str]]:
+    """Rows batch by batch; a value that is not valid UTF-8 spoils only its own row."""
+    n = 0
+    with fsspec.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+            columns: dict[str, list] = {}
+            errors: dict[int, str] = {}
+            for name, col in zip(batch.schema.names, batch.columns):
+                try:
+                    columns[name] = col.to_pylist()
+                except UnicodeDecodeError:
+                    values = []
+                    for j in range(len(col)):
+                        try:
+                            values.append(col[j].as_py())
+                        except UnicodeDecodeError:
+                            try:  # shown in the quarantine's raw text with replacement characters
+                                values.append(col[j].cast(pa.binary()).as_py().decode("utf-8", "replace"))
+                            except (pa.ArrowException, AttributeError):
+                                values.append(None)
+                            errors.setdefault(j, f"invalid UTF-8 in field {name!r}")
+                    columns[name] = values
+            for j in range(batch.num_rows):
+                n += 1
+                row = {name: values[j] for name, values in columns.items()}
+                if j in errors:
+                    yield n, None, errors[j], json.dumps(row, default=str, ensure_ascii=False)
+                else:
+                    yield n, row, None, ""
 
 
 def _as_text(value: Any) -> str | None:
@@ -94,6 +137,14 @@ def _as_text(value: Any) -> str | None:
         return None
     text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if text.strip() else None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _clean(text: str) -> str:
@@ -121,6 +172,7 @@ class Prompts(Stage):
         p: Params = self.params
         good, bad = [], []
         seen: dict[str, str] = {}
+        blank = 0
         files = [f for path in _paths(p) for f in resources.expand(path)]
         if not files:
             raise StageError(f"no prompt files found at {p.path}")
@@ -129,6 +181,9 @@ class Prompts(Stage):
             for n, row, err, raw in _read_rows(file, _fmt(file, p.format)):
                 if p.limit is not None and len(good) >= p.limit:
                     break
+                if row is None and err is None:
+                    blank += 1
+                    continue
                 if err is None:
                     err = self._problem(row, p)
                 if err is not None:
@@ -153,13 +208,21 @@ class Prompts(Stage):
         for b in bad:
             key = b["reason"].split(":")[0].split(" (")[0]
             reasons[key] = reasons.get(key, 0) + 1
-        ctx.metrics.update({"files": len(files), "quarantine_reasons": reasons})
+        ctx.metrics.update({"files": len(files), "input_rows": len(good) + len(bad), "blank_lines": blank,
+                            "quarantine_reasons": reasons})
 
     @staticmethod
     def _problem(row: dict, p: Params) -> str | None:
         for field, label in ((p.prompt_field, "prompt"), (p.answer_field, "answer")):
             if field not in row:
                 return f"missing {label} field {field!r}"
-            if _as_text(row[field]) is None:
+            value = row[field]
+            if _as_text(value) is None:  # null, NaN, blank
                 return f"empty {label} field {field!r}"
+            if label == "prompt" and not isinstance(value, str):
+                return f"wrong type for prompt field {field!r}: {type(value).__name__}, expected a string"
+            if label == "answer" and (isinstance(value, bool) or not isinstance(value, (str, numbers.Number))):
+                return f"wrong type for answer field {field!r}: {type(value).__name__}, expected a string or a number"
+            if isinstance(value, str) and _has_surrogate(value):
+                return f"invalid Unicode in {label} field {field!r}: lone surrogate"
         return None
