@@ -223,7 +223,8 @@ def datasets_ls(uri: str = typer.Argument(".distill", help="storage root or any 
 @datasets_app.command("show")
 def datasets_show(uri: str = typer.Argument(..., help="a dataset folder (holding _manifest.json)"),
                   json_: bool = typer.Option(False, "--json")):
-    """Schema, lineage, shards, and (where the columns exist) verdicts, reasons, sources, token lengths."""
+    """Schema, lineage, shards, (where the columns exist) verdicts, reasons, sources, a length
+    histogram (tokens, else characters), and the funnel of rows from the ancestor datasets."""
     from .inspect_datasets import show
 
     st, path = _dataset_or_exit(uri)
@@ -252,11 +253,32 @@ def datasets_show(uri: str = typer.Argument(..., help="a dataset folder (holding
             for k, v in info[key].items():
                 t.add_row(str(k), str(v))
             out.print(t)
-    if info.get("completion_tokens_histogram"):
-        top = max(b["count"] for b in info["completion_tokens_histogram"]) or 1
-        out.print("completion tokens:")
-        for b in info["completion_tokens_histogram"]:
+    hist = info.get("length_histogram") or {}
+    if hist.get("bins"):
+        top = max(b["count"] for b in hist["bins"]) or 1
+        out.print(f"length of {hist['column']} ({hist['unit']}):", highlight=False)
+        for b in hist["bins"]:
             out.print(f"  {b['from']:>6}-{b['to']:<6} {'#' * round(40 * b['count'] / top)} {b['count']}")
+    _print_funnel(info.get("funnel") or [])
+
+
+def _print_funnel(steps: list[dict]) -> None:
+    """One row per dataset from the oldest ancestor down to the shown one: its rows, the other
+    outputs of the stage that wrote it, and that stage's counts per reason."""
+    if len(steps) < 2 and not any(s.get("reasons") for s in steps):
+        return
+    table = Table(title="funnel")
+    for col in ("dataset", "rows", "stage outputs", "reasons"):
+        table.add_column(col, overflow="fold")
+    for s in steps:
+        if s.get("missing"):
+            table.add_row(s["uri"], "[red]missing[/]", "", "")
+            continue
+        others = ", ".join(f"{k}={v}" for k, v in (s.get("outputs") or {}).items() if k != s.get("output"))
+        reasons = "; ".join(f"{k}: " + ", ".join(f"{r}={n}" for r, n in v.items())
+                            for k, v in (s.get("reasons") or {}).items())
+        table.add_row(s["name"], str(s["rows"]), others or "-", reasons or "-")
+    out.print(table)
 
 
 @datasets_app.command("head")

@@ -1,16 +1,24 @@
 """Inspecting committed datasets from their manifests and Parquet metadata.
 
 Nothing here downloads a dataset whole: listings come from manifests, schemas and
-row counts from manifests, column statistics from the few columns asked for.
+row counts from manifests, column statistics from the few columns asked for, the
+funnel from the manifests of the dataset's ancestors (lineage ``parents``) and the
+stage records (``_stage.json``) of the stages that wrote them.
 """
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .storage import DATASET_FORMAT, MANIFEST, Storage, StorageError
+
+STAGE_RECORD = "_stage.json"  # pipeline.runner.STAGE_RECORD, without importing the runner
+MAX_ANCESTORS = 64
 
 
 def find_datasets(storage: Storage, path: str) -> list[dict]:
@@ -64,6 +72,25 @@ def histogram(values: list[int], bins: int = 10) -> list[dict]:
             for i in range(-(-(hi - lo + 1) // width))]
 
 
+def _length_column(m: dict) -> tuple[str, str] | None:
+    """(column, unit) a length histogram is built from: token counts if recorded, else characters."""
+    if "completion_tokens" in m["schema"]:
+        return "completion_tokens", "tokens"
+    for col in ("completion", "messages", "prompt"):
+        if col in m["schema"]:
+            return col, "chars"
+    return None
+
+
+def _lengths(table: pa.Table, column: str) -> list[int]:
+    col = table.column(column)
+    if column == "messages":  # chat rows: the last turn (the completion), as ``diff`` measures it
+        return [len(msgs[-1]["content"] or "") if msgs else 0 for msgs in col.to_pylist()]
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.utf8_length(col).to_pylist()
+    return col.to_pylist()
+
+
 def show(storage: Storage, path: str) -> dict:
     m = storage.dataset_manifest(path)
     info: dict[str, Any] = {
@@ -72,15 +99,108 @@ def show(storage: Storage, path: str) -> dict:
         "lineage": m.get("lineage") or {},
         "shards": m["shards"],
     }
-    cols = _columns(storage, path, m, ("reason", "verdict", "source", "completion_tokens", "prompt_id"))
+    length = _length_column(m)
+    wanted = ("reason", "verdict", "source", "prompt_id") + ((length[0],) if length else ())
+    cols = _columns(storage, path, m, wanted)
     for col, key in (("verdict", "verdicts"), ("reason", "reasons"), ("source", "sources")):
         if col in cols:
             info[key] = dict(Counter(cols[col]).most_common())
-    if "completion_tokens" in cols:
-        info["completion_tokens_histogram"] = histogram(cols["completion_tokens"])
+    if length:
+        column, unit = length
+        table = storage.read_dataset(path, columns=[column]) if column == "messages" else None
+        values = _lengths(table, column) if table is not None else _lengths(pa.table({column: cols[column]}), column)
+        info["length_histogram"] = {"column": column, "unit": unit, "bins": histogram(values)}
+        if column == "completion_tokens":
+            info["completion_tokens_histogram"] = info["length_histogram"]["bins"]
     if "prompt_id" in cols:
         info["prompts"] = len(set(cols["prompt_id"]))
+    info["funnel"] = funnel(storage, path, m)
     return info
+
+
+# -- the funnel: a dataset and its ancestors ---------------------------------------------
+
+def _stage_record(storage: Storage, path: str, lineage: dict) -> dict | None:
+    """The record of the stage attempt that wrote the dataset at ``path``
+    (``cache/<kind>/<fingerprint>/<attempt>/<output>``), if it names this very dataset."""
+    parts = path.rstrip("/").rsplit("/", 2)
+    if len(parts) < 3 or not lineage.get("fingerprint"):
+        return None
+    try:
+        rec = storage.read_json(f"{parts[0]}/{STAGE_RECORD}")
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    out = (rec.get("outputs") or {}).get(lineage.get("output") or "") or {}
+    if rec.get("fingerprint") != lineage["fingerprint"] or out.get("path", "").rstrip("/") != path.rstrip("/"):
+        return None  # another attempt of the same stage was the one committed
+    return rec
+
+
+def _locate(storage: Storage, uri: str) -> tuple[Storage, str]:
+    """A parent URI as (storage, path): on the same filesystem when the protocol matches."""
+    protocol = fsspec.utils.get_protocol(uri)
+    protocols = storage.fs.protocol if isinstance(storage.fs.protocol, tuple) else (storage.fs.protocol,)
+    if protocol in protocols:
+        return storage, storage.strip(uri)
+    st = Storage(uri)
+    return st, st.root
+
+
+def _step(storage: Storage, path: str, m: dict) -> dict:
+    lin = m.get("lineage") or {}
+    brief = {k: v for k, v in summary(storage, path, m).items() if k not in ("bytes", "shards", "created")}
+    step: dict[str, Any] = {**brief, "stage": lin.get("stage"), "output": lin.get("output")}
+    rec = _stage_record(storage, path, lin)
+    if rec is not None:
+        step["outputs"] = dict(rec.get("rows") or {})  # every dataset the stage wrote, with its rows
+        metrics = rec.get("metrics") or {}
+        # breakdowns such as quarantine_reasons, reasons (verify; "ok" is the accepted rows),
+        # dropped_reasons, error_reasons, removed_by_eval_set
+        step["reasons"] = {k: v for k, v in metrics.items()
+                           if isinstance(v, dict) and v and all(isinstance(x, int) for x in v.values())}
+        step["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return step
+
+
+def funnel(storage: Storage, path: str, m: dict) -> list[dict]:
+    """The dataset and its ancestor datasets, oldest first: per step its rows (from its
+    manifest) and, where the stage record is there, the rows of every output of that stage
+    and its per-reason counts (quarantined, rejected, dropped, removed). Model parents are
+    not rows and are left out; a parent that is gone appears with ``missing``."""
+    nodes: dict[str, dict] = {}
+    todo = [(storage, path, m)]
+    while todo and len(nodes) < MAX_ANCESTORS:
+        st, p, man = todo.pop(0)
+        key = st.uri(p)
+        if key in nodes:
+            continue
+        step = nodes[key] = {**_step(st, p, man), "parents": {}}
+        for inp, parent in ((man.get("lineage") or {}).get("parents") or {}).items():
+            uri = parent.get("uri") if isinstance(parent, dict) else None
+            if not uri:
+                continue
+            try:
+                pst, ppath = _locate(st, uri)
+                pman = pst.read_json(f"{ppath.rstrip('/')}/{MANIFEST}")
+            except (FileNotFoundError, NotADirectoryError, ValueError, StorageError):
+                step["parents"][inp] = uri
+                nodes.setdefault(uri, {"uri": uri, "missing": True, "parents": {}})
+                continue
+            if pman.get("format") != DATASET_FORMAT:
+                continue  # a model or other artifact, not part of the row funnel
+            step["parents"][inp] = pst.uri(ppath)
+            todo.append((pst, ppath, pman))
+    # oldest first: order by the longest path down to the shown dataset
+    depth = dict.fromkeys(nodes, 0)
+    for _ in range(len(nodes)):
+        changed = False
+        for key, step in nodes.items():
+            for parent in step["parents"].values():
+                if parent in depth and depth[parent] < depth[key] + 1:
+                    depth[parent], changed = depth[key] + 1, True
+        if not changed:
+            break
+    return [nodes[k] for k in sorted(nodes, key=lambda k: -depth[k])]
 
 
 def _stats(values: list) -> dict:

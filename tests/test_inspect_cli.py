@@ -88,3 +88,115 @@ def test_diff(root):
     assert d["pass_rate"]["a"]["mean"] == 0.25 and d["pass_rate"]["b"]["mean"] == 0.75
     text = CliRunner().invoke(app, ["datasets", "diff", ua, ub]).output
     assert "rows 3 -> 4 (+1)" in text and "1 added, 1 removed" in text
+
+
+TRACE = ("<think> First we add the two numbers of apples that Janet has in her basket, which gives twelve, "
+         "then we subtract the three she gave to her neighbour on Monday morning, leaving nine apples </think> \\boxed{9}")
+
+
+def test_show_funnel_from_a_pipeline(ray_local, root, tmp_path):
+    """prompts -> dedupe -> decontaminate: `show` on the last dataset reports every step's rows
+    and reasons, and they match the committed datasets."""
+    from conftest import write_jsonl
+
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    rows = [{"prompt": f"Apples question {i}?", "trace": f"<think> {i} apples </think> \\boxed{{{i}}}", "source": "s"}
+            for i in range(6)]
+    rows += [{"prompt": "Janet's apples, version A?", "trace": TRACE},
+             {"prompt": "Janet's apples, version B?", "trace": TRACE.replace("Monday", "Tuesday")},  # near duplicate
+             {"prompt": "No trace?"},  # quarantined
+             {"prompt": "  ", "trace": "x"},  # quarantined
+             {"prompt": "Apples question 0?", "trace": "again"}]  # quarantined: duplicate prompt
+    src = write_jsonl(tmp_path / "src.jsonl", rows)
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"question": "Apples question 3?"}, {"question": "unrelated"}])
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: funnel
+storage: {{root: {root}}}
+stages:
+  prompts: {{params: {{path: {src}, answer_field: trace}}}}
+  dedupe:
+    inputs: {{samples: prompts.prompts}}
+    params: {{completion_field: answer, require_verdict: null, near_dup: {{enabled: true, threshold: 0.5, ngram: 3}}}}
+  decontaminate:
+    inputs: {{samples: dedupe.sft}}
+    params: {{eval_files: [{{path: {evals}, field: question, name: held-out}}]}}
+""")
+    runner = Runner(load_config(cfg))
+    result = runner.run()
+    assert result.ok, result.error
+    st = runner.storage
+    out = {(s["name"], k): v for s in result.manifest["stages"] for k, v in s["output"].items()}
+    real = {k: st.dataset_manifest(st.strip(v))["rows"] for k, v in out.items()}
+    assert real == {("prompts", "prompts"): 8, ("prompts", "quarantine"): 3, ("dedupe", "sft"): 7,
+                    ("dedupe", "dropped"): 1, ("decontaminate", "clean"): 6, ("decontaminate", "contaminated"): 1}
+
+    info = _json(["datasets", "show", out[("decontaminate", "clean")], "--json"])
+    steps = info["funnel"]
+    assert [s["name"] for s in steps] == ["prompts.prompts", "dedupe.sft", "decontaminate.clean"]
+    assert [s["uri"] for s in steps] == [out[("prompts", "prompts")], out[("dedupe", "sft")], out[("decontaminate", "clean")]]
+    for s in steps:
+        assert s["rows"] == real[(s["stage"], s["output"])]
+        assert s["outputs"] == {o: n for (stage, o), n in real.items() if stage == s["stage"]}
+    prompts, dedupe, decon = steps
+    assert prompts["reasons"]["quarantine_reasons"] == {"missing answer field 'trace'": 1, "empty prompt field 'prompt'": 1,
+                                                        "duplicate prompt": 1}
+    assert prompts["metrics"]["input_rows"] == len(rows) == prompts["rows"] + prompts["outputs"]["quarantine"]
+    assert dedupe["reasons"]["dropped_reasons"] == {"near_duplicate": 1}
+    assert dedupe["metrics"]["input_rows"] == prompts["rows"] == dedupe["rows"] + dedupe["outputs"]["dropped"]
+    assert decon["reasons"]["removed_by_eval_set"] == {"held-out": 1}
+    assert decon["metrics"]["input_rows"] == dedupe["rows"] == decon["rows"] + decon["outputs"]["contaminated"]
+    assert dedupe["parents"] == {"samples": prompts["uri"]} and decon["parents"] == {"samples": dedupe["uri"]}
+    assert prompts["parents"] == {}
+    # no completion_tokens column: lengths in characters of the completion turn
+    hist = info["length_histogram"]
+    assert hist["column"] == "messages" and hist["unit"] == "chars" and sum(b["count"] for b in hist["bins"]) == 6
+    assert "completion_tokens_histogram" not in info
+
+    shown = _json(["datasets", "show", out[("prompts", "prompts")], "--json"])
+    assert list(shown["sources"].values()) == [8]  # one source file
+    assert shown["length_histogram"]["column"] == "prompt" and len(shown["funnel"]) == 1
+
+    text = CliRunner().invoke(app, ["datasets", "show", out[("decontaminate", "clean")]]).output
+    assert "funnel" in text and "near_duplicate=1" in text and "contaminated=1" in text
+    assert "length of messages (chars)" in text
+
+
+def test_funnel_follows_lineage_of_datasets_written_directly(root):
+    """Datasets written through the storage API with lineage: the funnel walks every ancestor
+    once, oldest first, leaves models out and marks a parent that is gone."""
+    st = Storage(root)
+
+    def write(rel, n, parents, stage, output):
+        path = st.path(rel)
+        w = st.dataset_writer(path, {"run_id": "r", "stage": stage, "output": output, "fingerprint": stage * 4,
+                                     "parents": {k: {"uri": u, "fingerprint": "x"} for k, u in parents.items()}},
+                              rows_per_shard=2)
+        w.write(pa.table({"prompt_id": [f"p{i}" for i in range(n)], "completion": ["x" * i for i in range(n)]}))
+        w.commit()
+        return st.uri(path)
+
+    model = st.path("models", "teacher")
+    st.write_json(f"{model}/_manifest.json", {"format": "distill.model/1", "files": []})
+    prompts = write("d/prompts", 5, {}, "prompts", "prompts")
+    samples = write("d/samples", 9, {"prompts": prompts, "model": st.uri(model)}, "generate", "samples")
+    verified = write("d/verified", 9, {"samples": samples}, "verify", "verified")
+    gone = st.uri(st.path("d", "deleted"))
+    sft = write("d/sft", 4, {"samples": verified, "prompts": prompts, "extra": gone}, "dedupe", "sft")
+
+    steps = _json(["datasets", "show", sft, "--json"])["funnel"]
+    # prompts is a parent of both samples and sft: listed once, before everything built on it
+    assert [s.get("name") or s["uri"] for s in steps] == ["prompts.prompts", "generate.samples", gone,
+                                                          "verify.verified", "dedupe.sft"]
+    rows = {s["name"]: s["rows"] for s in steps if not s.get("missing")}
+    assert rows == {"prompts.prompts": 5, "generate.samples": 9, "verify.verified": 9, "dedupe.sft": 4}
+    (missing,) = [s for s in steps if s.get("missing")]
+    assert missing["uri"] == gone
+    by_name = {s.get("name"): s for s in steps}
+    assert by_name["generate.samples"]["parents"] == {"prompts": prompts}  # the model is not a row step
+    assert all("reasons" not in s for s in steps)  # no stage records: rows only
+    info = _json(["datasets", "show", sft, "--json"])
+    assert info["length_histogram"] == {"column": "completion", "unit": "chars",
+                                        "bins": [{"from": b, "to": b, "count": 1} for b in range(4)]}
