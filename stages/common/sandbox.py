@@ -1,0 +1,728 @@
+"""A sandbox for running untrusted code against stdin/stdout tests (code datasets).
+
+``run_tests(program, tests, limits)`` runs a Python program once per test, each
+run in a fresh process tree, and stops at the first test that does not pass.
+``extract_program(completion)`` takes the last fenced code block of a completion.
+``check_code_sample`` in ``stages.common.checkers`` wraps both into the verdict
+shape the verify stage uses.
+
+Isolation (detected once per process by actually running a probe in it, cached):
+
+* **bubblewrap** (``bwrap`` on PATH): ``--unshare-all --unshare-user`` (user, pid,
+  network, IPC, UTS namespaces), ``--die-with-parent``, the host filesystem
+  bound read-only, a fresh ``/dev`` and ``/proc``, the run's working folder the
+  only writable place.
+* **util-linux unshare** (``unshare --user --map-root-user --net --ipc --uts
+  --pid --fork --mount-proc --kill-child``; no root and no setuid helper needed):
+  inside, a small wrapper (pid 1 of the new pid namespace) bind-mounts the working
+  folder, makes every other mount read-only (``mount_setattr(AT_RECURSIVE)``;
+  per-mount remounts on kernels older than 5.12), then forks the program with an
+  empty capability bounding set and ``no_new_privs``, so the program cannot undo
+  the read-only mounts.
+* neither works: every check is an ``error`` with reason ``no_isolation``
+  ("no network isolation available"), unless ``allow_unisolated: true``, in which
+  case programs run with the resource limits only (no namespaces, host
+  filesystem writable by the sandbox user, network reachable).
+
+The probe checks what matters: the only network interface is ``lo`` (down, so even
+127.0.0.1 is unreachable), ``/`` is read-only, the working folder is writable, the
+program has no capabilities.
+
+Per test run:
+
+* a fresh working folder (``$TMPDIR/distill-sbx-*``, holding ``prog.py``), removed
+  afterwards; ``HOME`` and ``TMPDIR`` point at it, the rest of the filesystem is
+  read-only;
+* ``python -I prog.py`` (isolated mode: no ``PYTHON*`` variables, no user site;
+  ``site`` is imported so ``exit()``/``quit()`` exist), stdin fed from the test
+  input, with the environment cleared;
+* ``setrlimit`` in the forked child: ``RLIMIT_CPU`` (``cpu_seconds``; SIGXCPU, then
+  SIGKILL a second later), ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_NPROC``
+  (``max_processes``: tasks, threads included, that the program may have alive,
+  itself included), ``RLIMIT_FSIZE`` (``max_file_mb``), ``RLIMIT_NOFILE`` 256,
+  ``RLIMIT_CORE`` 0;
+* stdout is read as it comes and capped at ``max_output_bytes`` (the tree is
+  killed as soon as the cap is passed; the checker never holds more than the cap
+  plus one read); stderr keeps its last 4 KiB; stdin is written without blocking;
+* a wall-clock limit per test (``timeout_s``, counted from the program's start,
+  not the sandbox's), then SIGKILL to the whole process group. With a pid
+  namespace, the namespace's init dying takes every process in it along, so a
+  program that ``setsid()``s or double-forks leaves nothing behind; without one
+  (``allow_unisolated``), processes carrying the run's environment marker are
+  hunted down in ``/proc`` as well.
+
+``RLIMIT_NPROC`` counts per user *and* user namespace, so inside its own user
+namespace a fork bomb is held to ``max_processes`` without other sandboxes or the
+machine's processes counting towards it. The kernel never applies it to real root
+(uid 0 outside any namespace), so when the checker runs as root the sandbox runs
+as ``nobody`` (uid/gid 65534) instead; then the interpreter has to be readable by
+``nobody``: ``python`` (config) or the first of ``sys.executable``,
+``/usr/bin/python3``, ``/usr/local/bin/python3`` that runs in the probe.
+
+Verdicts (``run_tests`` returns ``{"verdict", "reason", "detail", "tests",
+"passed", "failed_test", "seconds"}``):
+
+==========  ================  ==================================================
+verdict     reason            meaning
+==========  ================  ==================================================
+pass        ok                every test's output matched
+fail        wrong_output      output differs (after trimming trailing
+                              whitespace per line and trailing empty lines; a
+                              prefix of the expected lines is wrong)
+fail        runtime_error     nonzero exit or killed by a signal
+fail        memory_limit      ``MemoryError`` (``RLIMIT_AS``)
+fail        file_size_limit   a write beyond ``max_file_mb`` (EFBIG / SIGXFSZ)
+fail        output_limit      more than ``max_output_bytes`` on stdout
+fail        no_code_block     the completion has no fenced code block
+timeout     time_limit        wall clock beyond ``timeout_s``
+timeout     cpu_limit         CPU time beyond ``cpu_seconds`` (SIGXCPU)
+error       no_isolation      no sandbox available and unisolated runs not allowed
+error       sandbox_error     the sandbox could not start (details in ``detail``)
+error       bad_tests         tests missing or malformed
+==========  ================  ==================================================
+
+``error`` is an infrastructure or data fault, never a wrong answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SANDBOX_VERSION = "1"
+NOBODY = 65534  # the sandbox's uid/gid when the checker runs as root
+WORKDIR_PREFIX = "distill-sbx-"
+SETUP_TIMEOUT_S = 20.0  # starting namespaces and the wrapper; beyond it: error, not timeout
+STDERR_TAIL = 4096
+
+
+class SandboxLimits(BaseModel):
+    """Limits for one program run (one test). ``CodeSpec`` is the same model, as the verify stage's ``code`` params."""
+
+    model_config = ConfigDict(extra="forbid")
+    timeout_s: float = Field(5.0, gt=0, le=600, description="wall clock per test, from the program's start")
+    cpu_seconds: int = Field(5, ge=1, description="RLIMIT_CPU per process")
+    memory_mb: int = Field(1024, ge=64, description="RLIMIT_AS (address space) per process")
+    max_processes: int = Field(32, ge=1, description="RLIMIT_NPROC: tasks (threads too) alive, the program included")
+    max_file_mb: int = Field(10, ge=0, description="RLIMIT_FSIZE: largest file the program may write")
+    max_output_bytes: int = Field(1 << 20, ge=1, description="stdout cap; beyond it the run is killed (output_limit)")
+    allow_unisolated: bool = Field(False, description="run with rlimits only when no namespace sandbox works")
+    python: str | None = Field(None, description="interpreter for programs; default: the first that works in the sandbox")
+
+
+CodeSpec = SandboxLimits
+
+
+# --------------------------------------------------------------------------- programs and tests
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
+
+
+def extract_program(completion: str | None) -> str | None:
+    """The last fenced code block (```` ```python ```` or plain ```` ``` ````), or None.
+
+    A fence must start a line; the closing fence is the next line that is only a fence.
+    Blocks tagged with another language than python (``bash``, ``text``...) are skipped
+    unless no python/untagged block exists."""
+    if not completion:
+        return None
+    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(completion)]
+    py = [code for lang, code in blocks if lang in ("", "python", "py", "python3")]
+    chosen = py or [code for _, code in blocks]
+    if not chosen or not chosen[-1].strip():
+        return None
+    return chosen[-1]
+
+
+def parse_tests(tests) -> list[dict]:
+    """Tests as ``[{"input": str, "output": str}, ...]`` from a JSON string or a list;
+    ``{"inputs": [...], "outputs": [...]}`` (APPS style) works too. Raises ValueError."""
+    if isinstance(tests, (str, bytes)):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tests are not JSON: {e}") from None
+    if isinstance(tests, dict) and "inputs" in tests and "outputs" in tests:
+        if len(tests["inputs"]) != len(tests["outputs"]):
+            raise ValueError("inputs and outputs differ in length")
+        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+    if not isinstance(tests, list) or not tests:
+        raise ValueError("no tests")
+    out = []
+    for i, t in enumerate(tests):
+        if not isinstance(t, dict) or "output" not in t:
+            raise ValueError(f"test {i} has no output")
+        inp, exp = t.get("input", ""), t["output"]
+        if isinstance(inp, list):
+            inp = "\n".join(map(str, inp)) + "\n"
+        if isinstance(exp, list):
+            exp = "\n".join(map(str, exp))
+        if not isinstance(inp, str) or not isinstance(exp, str):
+            raise ValueError(f"test {i}: input and output must be strings")
+        out.append({"input": inp, "output": exp})
+    return out
+
+
+def _lines(text: str) -> list[str]:
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def outputs_match(got: str, expected: str) -> bool:
+    """Exact match after trimming trailing whitespace on each line and trailing empty lines."""
+    return _lines(got) == _lines(expected)
+
+
+# --------------------------------------------------------------------------- the in-sandbox wrapper
+
+# Runs as ``python -I -S -c WRAPPER CFG`` inside the namespaces (pid 1 there). Reports on
+# the status fd, line by line: ``ok`` (the program is about to exec), ``exit N`` or
+# ``signal N`` (how it ended), ``error MSG`` (setup failed). The program never sees the
+# status fd (close-on-exec), so it cannot forge these lines.
+WRAPPER = r'''
+import ctypes, json, os, re, resource, sys
+cfg = json.loads(sys.argv[1])
+st = cfg["status_fd"]
+def report(line):
+    os.write(st, (line.replace("\n", " ")[:2000] + "\n").encode())
+def check(rc, what):
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, what + ": " + os.strerror(e))
+try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    wd = cfg["workdir"].encode()
+    if cfg["readonly"]:
+        MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+        check(libc.mount(wd, wd, None, MS_BIND, None), "bind workdir")
+        ro = (ctypes.c_uint64 * 4)(1, 0, 0, 0)  # struct mount_attr: attr_set=MOUNT_ATTR_RDONLY
+        rw = (ctypes.c_uint64 * 4)(0, 1, 0, 0)  # attr_clr=MOUNT_ATTR_RDONLY
+        SYS_mount_setattr, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000
+        if not cfg.get("legacy_remount") and libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, ro, 32) == 0:
+            check(libc.syscall(SYS_mount_setattr, AT_FDCWD, wd, 0, rw, 32), "workdir read-write")
+        else:  # kernels before 5.12: remount each mount read-only, keeping its locked flags
+            keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024,
+                    "nodiratime": 2048, "relatime": 1 << 21}
+            unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+            for line in open("/proc/self/mountinfo").read().splitlines():
+                f = line.split()
+                mp, opts = unesc(f[4]), f[5].split(",")
+                if mp == cfg["workdir"]:
+                    continue
+                flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+                for o in opts:
+                    flags |= keep.get(o, 0)
+                if not {"noatime", "relatime"} & set(opts):
+                    flags |= 1 << 24  # MS_STRICTATIME
+                libc.mount(None, mp.encode(), None, flags, None)
+        if not os.statvfs("/").f_flag & os.ST_RDONLY:
+            raise OSError("/ is still writable")
+        if os.statvfs(cfg["workdir"]).f_flag & os.ST_RDONLY:
+            raise OSError("the work folder is read-only")
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: the program cannot ptrace its init
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.set_inheritable(st, False)
+            if cfg["drop_caps"]:
+                last = int(open("/proc/sys/kernel/cap_last_cap").read())
+                for cap in range(last + 1):
+                    check(libc.prctl(24, cap, 0, 0, 0), "drop capability")  # PR_CAPBSET_DROP
+            check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+            for name, soft, hard in cfg["rlimits"]:
+                resource.setrlimit(getattr(resource, name), (soft, hard))
+            os.chdir(cfg["workdir"])
+            os.close(w)  # tells init: setup done, exec next
+            os.execve(cfg["python"], [cfg["python"], "-I", cfg["program"]], cfg["env"])
+        except BaseException as e:
+            try:
+                report("error %s: %s" % (type(e).__name__, e))
+            finally:
+                os._exit(125)
+    os.close(w)
+    os.read(r, 1)  # EOF when the child closed it (about to exec) or died
+    os.close(r)
+    report("ok")
+    while True:
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status):
+            report("exit %d" % os.WEXITSTATUS(status))
+            break
+        if os.WIFSIGNALED(status):
+            report("signal %d" % os.WTERMSIG(status))
+            break
+except BaseException as e:
+    try:
+        report("error %s: %s" % (type(e).__name__, e))
+    finally:
+        os._exit(125)
+'''
+
+
+# --------------------------------------------------------------------------- isolation detection
+
+@dataclass(frozen=True)
+class Isolation:
+    """How programs are run: ``backend`` is ``bwrap``, ``unshare`` or ``none``."""
+
+    backend: str
+    python: str
+    uid: int | None  # run as this uid/gid (root only), else None
+    detail: str = ""
+
+    def command(self, cfg_json: str, workdir: str) -> list[str]:
+        inner = [self.python, "-I", "-S", "-c", WRAPPER, cfg_json]
+        if self.backend == "bwrap":
+            return [_bwrap(), "--unshare-all", "--unshare-user", "--die-with-parent", "--ro-bind", "/", "/",
+                    "--dev", "/dev", "--proc", "/proc", "--bind", workdir, workdir, "--chdir", workdir, "--", *inner]
+        if self.backend == "unshare":
+            return [_unshare(), "--user", "--map-root-user", "--net", "--ipc", "--uts", "--pid", "--fork",
+                    "--mount-proc", "--kill-child", "--", *inner]
+        return inner
+
+
+def _bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+def _unshare() -> str | None:
+    return shutil.which("unshare")
+
+
+_PROBE = r'''
+import json, os, socket, sys
+r = {"python": sys.version.split()[0]}
+r["ifaces"] = [l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]]
+s = socket.socket()
+s.settimeout(1)
+try:
+    s.connect(("127.0.0.1", 9))
+    r["connect"] = "connected"
+except OSError as e:
+    r["connect"] = e.errno
+r["ro"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+open("probe.txt", "w").write("x")
+r["writable"] = open("probe.txt").read() == "x"
+r["capeff"] = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0]
+print(json.dumps(r))
+'''
+
+_isolation_cache: dict[tuple, Isolation | None] = {}
+_isolation_errors: dict[tuple, str] = {}
+_isolation_lock = threading.Lock()
+
+
+def _python_candidates(python: str | None) -> list[str]:
+    if python:
+        return [python]
+    seen, out = set(), []
+    for p in (sys.executable, getattr(sys, "_base_executable", None), "/usr/bin/python3", "/usr/local/bin/python3"):
+        if p and os.path.exists(p) and os.path.realpath(p) not in seen:
+            seen.add(os.path.realpath(p))
+            out.append(p)
+    return out
+
+
+def _probe(iso: Isolation) -> str | None:
+    """None when ``iso`` works and isolates; else what is wrong."""
+    run = _execute(iso, _PROBE, "", SandboxLimits(timeout_s=10), marker_hunt=False)
+    if run.setup_error:
+        return run.setup_error
+    if run.exit_code != 0:
+        return f"probe exited {run.exit_code}/{run.signal}: {run.stderr_tail[-300:]!r}"
+    try:
+        r = json.loads(run.stdout)
+    except ValueError:
+        return f"probe printed {run.stdout[:200]!r}"
+    if not r.get("writable"):
+        return "work folder not writable"
+    if iso.backend == "none":
+        return None
+    if set(r["ifaces"]) - {"lo"} or r["connect"] == "connected":
+        return f"network reachable (interfaces {r['ifaces']})"
+    if not r["ro"]:
+        return "root filesystem writable"
+    if int(r["capeff"], 16):
+        return f"program keeps capabilities {r['capeff']}"
+    return None
+
+
+def detect_isolation(python: str | None = None, allow_unisolated: bool = False) -> Isolation | None:
+    """The first sandbox that works here (probed once per interpreter choice, cached);
+    with ``allow_unisolated``, a plain rlimits-only runner when none does."""
+    key = (python,)
+    with _isolation_lock:
+        if key not in _isolation_cache:
+            uid = NOBODY if os.geteuid() == 0 else None
+            found, errors = None, []
+            backends = [b for b, tool in (("bwrap", _bwrap()), ("unshare", _unshare())) if tool]
+            for backend in backends:
+                for py in _python_candidates(python):
+                    iso = Isolation(backend, py, uid)
+                    err = _probe(iso)
+                    if err is None:
+                        found = iso
+                        break
+                    errors.append(f"{backend} with {py}: {err}")
+                if found:
+                    break
+            _isolation_cache[key] = found
+            _isolation_errors[key] = "; ".join(errors) or "neither bwrap nor unshare found"
+        found = _isolation_cache[key]
+        if found is not None or not allow_unisolated:
+            return found
+        ukey = (python, "unisolated")
+        if ukey not in _isolation_cache:
+            uid = NOBODY if os.geteuid() == 0 else None
+            found = None
+            for py in _python_candidates(python):
+                iso = Isolation("none", py, uid, "no namespaces: rlimits only")
+                if _probe(iso) is None:
+                    found = iso
+                    break
+            _isolation_cache[ukey] = found
+        return _isolation_cache[ukey]
+
+
+def isolation_error(python: str | None = None) -> str:
+    """Why ``detect_isolation(python)`` found nothing (after it ran)."""
+    return _isolation_errors.get((python,), "")
+
+
+# --------------------------------------------------------------------------- one run
+
+@dataclass
+class RunResult:
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr_tail: str = ""
+    output_overflow: bool = False
+    timed_out: bool = False
+    setup_error: str | None = None
+    seconds: float = 0.0
+    workdir: str = ""
+    stdout_bytes: int = 0
+    status_lines: list[str] = field(default_factory=list)
+
+
+def _make_workdir() -> str:
+    return tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
+
+
+def _remove_tree(path: str) -> None:
+    def onerror(func, p, exc):  # a program may chmod its folders to 000
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+        except OSError:
+            pass
+        try:
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
+    if os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _rlimits(limits: SandboxLimits, iso: Isolation) -> list[tuple[str, int, int]]:
+    mb = 1 << 20
+    out = [
+        ("RLIMIT_CPU", limits.cpu_seconds, limits.cpu_seconds + 1),
+        ("RLIMIT_AS", limits.memory_mb * mb, limits.memory_mb * mb),
+        ("RLIMIT_FSIZE", limits.max_file_mb * mb, limits.max_file_mb * mb),
+        ("RLIMIT_NOFILE", 256, 256),
+        ("RLIMIT_CORE", 0, 0),
+    ]
+    if iso.backend != "none":
+        # counted per (user namespace, uid): the two helpers in the namespace (unshare or
+        # bwrap's init, and the wrapper) count too
+        out.append(("RLIMIT_NPROC", limits.max_processes + 2, limits.max_processes + 2))
+    elif iso.uid is not None:
+        # no namespace: every process of the sandbox uid (nobody) on the machine counts
+        out.append(("RLIMIT_NPROC", limits.max_processes + 1, limits.max_processes + 1))
+    # (unisolated as an ordinary user: no NPROC limit, it would count all of the user's processes)
+    return out
+
+
+def _hunt(marker: str) -> int:
+    """SIGKILL processes whose environment carries ``marker``; how many were found."""
+    me, found = os.getpid(), 0
+    needle = f"DISTILL_SANDBOX={marker}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read():
+                    found += 1
+                    os.kill(int(name), signal.SIGKILL)
+        except OSError:
+            pass
+    return found
+
+
+def _reap(marker: str, wait_s: float = 3.0) -> None:
+    """Kill every process of a run and wait (bounded) until none is left: a namespace being
+    torn down, or, without one, descendants that left the process group."""
+    end = time.monotonic() + wait_s
+    while _hunt(marker) and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def _execute(iso: Isolation, program: str, stdin: str, limits: SandboxLimits, marker_hunt: bool = True) -> RunResult:
+    """Run ``program`` once in a fresh work folder under ``iso``."""
+    res = RunResult()
+    workdir = _make_workdir()
+    res.workdir = workdir
+    status_r = status_w = -1
+    proc = None
+    t0 = time.monotonic()
+    try:
+        prog_path = os.path.join(workdir, "prog.py")
+        with open(prog_path, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(program)
+        os.chmod(prog_path, 0o644)
+        if iso.uid is not None:
+            os.chown(workdir, iso.uid, iso.uid)
+            os.chown(prog_path, iso.uid, iso.uid)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "LC_ALL": "C.UTF-8", "DISTILL_SANDBOX": workdir}
+        status_r, status_w = os.pipe()
+        cfg = {"workdir": workdir, "program": prog_path, "python": iso.python, "env": env, "status_fd": status_w,
+               "readonly": iso.backend == "unshare", "drop_caps": iso.backend == "unshare",
+               "rlimits": _rlimits(limits, iso)}
+        extra = {"user": iso.uid, "group": iso.uid, "extra_groups": []} if iso.uid is not None else {}
+        try:
+            proc = subprocess.Popen(iso.command(json.dumps(cfg), workdir), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
+                                    start_new_session=True, cwd=workdir, env=env, **extra)
+        except OSError as e:
+            res.setup_error = f"cannot start sandbox: {e}"
+            return res
+        finally:
+            os.close(status_w)
+        _pump(proc, status_r, stdin.encode("utf-8", "surrogateescape"), limits, res)
+    finally:
+        if proc is not None:
+            try:  # the group leader is not reaped yet, so its pgid cannot have been reused
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILLed already
+                pass
+        if status_r >= 0:
+            os.close(status_r)
+        if marker_hunt and (iso.backend == "none" or res.timed_out or res.output_overflow or res.setup_error):
+            _reap(workdir)
+        _remove_tree(workdir)
+        res.seconds = time.monotonic() - t0
+    return res
+
+
+def _pump(proc: subprocess.Popen, status_r: int, data: bytes, limits: SandboxLimits, res: RunResult) -> None:
+    """Feed stdin, read stdout (capped), stderr (tail) and the status fd until the run ends or a limit is hit."""
+    sel = selectors.DefaultSelector()
+    out_fd, err_fd, in_fd = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
+    for fd in (out_fd, err_fd, status_r):
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    if data:
+        os.set_blocking(in_fd, False)
+        sel.register(in_fd, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    out, err, status = bytearray(), bytearray(), bytearray()
+    try:
+        _pump_loop(proc, sel, (in_fd, out_fd, err_fd, status_r), data, limits, res, out, err, status)
+    finally:
+        sel.close()
+        res.stdout = out.decode("utf-8", "replace")
+        res.stderr_tail = err[-STDERR_TAIL:].decode("utf-8", "replace")
+        res.status_lines = status.decode("utf-8", "replace").splitlines()
+    if res.output_overflow or res.timed_out or res.setup_error:
+        return
+    for line in res.status_lines:
+        kind, _, rest = line.partition(" ")
+        if kind == "exit":
+            res.exit_code = int(rest)
+        elif kind == "signal":
+            res.signal = int(rest)
+        elif kind == "error" and not res.setup_error:
+            res.setup_error = rest
+    if res.exit_code is None and res.signal is None and not res.setup_error:
+        # the wrapper never reported: the sandbox could not start (e.g. unshare failed)
+        res.setup_error = f"sandbox exited {proc.returncode} without a result: {res.stderr_tail[-500:]}"
+
+
+def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
+    in_fd, out_fd, err_fd, status_r = fds
+    sent = 0
+    deadline = time.monotonic() + SETUP_TIMEOUT_S
+    started = False
+    finished = False
+    while sel.get_map():
+        now = time.monotonic()
+        if now >= deadline:
+            if finished:  # the program ended; what is left holding the pipes gets killed
+                break
+            if started:
+                res.timed_out = True
+            else:
+                res.setup_error = f"sandbox did not start within {SETUP_TIMEOUT_S:g}s"
+            return
+        for key, _ in sel.select(deadline - now):
+            fd = key.fd
+            if fd == in_fd:
+                try:
+                    sent += os.write(in_fd, data[sent : sent + 65536])
+                except BlockingIOError:
+                    continue
+                except OSError:  # the program closed its stdin or exited
+                    sent = len(data)
+                if sent >= len(data):
+                    sel.unregister(in_fd)
+                    proc.stdin.close()
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sel.unregister(fd)
+                continue
+            if fd == out_fd:
+                res.stdout_bytes += len(chunk)
+                if res.stdout_bytes > limits.max_output_bytes:
+                    res.output_overflow = True
+                    return
+                out += chunk
+            elif fd == err_fd:
+                err += chunk
+                if len(err) > 2 * STDERR_TAIL:
+                    del err[:-STDERR_TAIL]
+            else:
+                status += chunk
+                if not started and b"ok\n" in status:
+                    started = True
+                    deadline = time.monotonic() + limits.timeout_s
+                if not finished and re.search(rb"^(exit|signal|error) ", status, re.M):
+                    # the program is gone; give its last output a moment to arrive (descendants
+                    # that outlive it, possible only without a pid namespace, are not waited for)
+                    finished = True
+                    deadline = min(deadline, time.monotonic() + 0.5)
+    # every pipe is closed: the namespace (or the process tree) is gone; collect the exit status
+    try:
+        proc.wait(max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        if finished:
+            pass
+        elif started:
+            res.timed_out = True
+        else:
+            res.setup_error = "sandbox did not start"
+
+
+# --------------------------------------------------------------------------- verdicts
+
+def _short(s: str, n: int = 200) -> str:
+    s = repr(s)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def classify(run: RunResult, expected: str, limits: SandboxLimits) -> tuple[str, str, str]:
+    """(verdict, reason, detail) for one test run."""
+    if run.setup_error:
+        return "error", "sandbox_error", run.setup_error[:500]
+    if run.output_overflow:
+        return "fail", "output_limit", f"more than {limits.max_output_bytes} bytes of output"
+    if run.timed_out:
+        return "timeout", "time_limit", f"still running after {limits.timeout_s:g}s"
+    if run.signal is not None:
+        if run.signal == signal.SIGXCPU:
+            return "timeout", "cpu_limit", f"used more than {limits.cpu_seconds}s of CPU"
+        if run.signal == signal.SIGXFSZ:
+            return "fail", "file_size_limit", f"wrote a file beyond {limits.max_file_mb} MB"
+        try:
+            name = signal.Signals(run.signal).name
+        except ValueError:
+            name = str(run.signal)
+        return "fail", "runtime_error", f"killed by {name}" + (f": {_last_line(run.stderr_tail)}" if run.stderr_tail else "")
+    if run.exit_code != 0:
+        last = _last_line(run.stderr_tail)
+        if "MemoryError" in run.stderr_tail:
+            return "fail", "memory_limit", f"exit {run.exit_code}: {last}"
+        if "File too large" in run.stderr_tail:
+            return "fail", "file_size_limit", f"exit {run.exit_code}: {last}"
+        return "fail", "runtime_error", f"exit {run.exit_code}" + (f": {last}" if last else "")
+    if outputs_match(run.stdout, expected):
+        return "pass", "ok", ""
+    return "fail", "wrong_output", f"expected {_short(expected)}, got {_short(run.stdout)}"
+
+
+def run_tests(program: str, tests: list[dict], limits: SandboxLimits | None = None) -> dict:
+    """Run ``program`` on each ``{"input", "output"}`` test in order, stopping at the first
+    that does not pass. Returns ``{"verdict", "reason", "detail", "tests", "passed",
+    "failed_test", "seconds"}``; see the module docstring for verdicts and reasons."""
+    limits = limits or SandboxLimits()
+    t0 = time.monotonic()
+
+    def result(verdict, reason, detail, passed=0, failed=None):
+        return {"verdict": verdict, "reason": reason, "detail": detail, "tests": len(tests), "passed": passed,
+                "failed_test": failed, "seconds": round(time.monotonic() - t0, 3)}
+
+    try:
+        tests = parse_tests(tests)
+    except ValueError as e:
+        return {**result("error", "bad_tests", str(e)), "tests": 0}
+    iso = detect_isolation(limits.python, limits.allow_unisolated)
+    if iso is None:
+        why = isolation_error(limits.python)
+        return result("error", "no_isolation", "no network isolation available" + (f" ({why})" if why else ""))
+    for i, t in enumerate(tests):
+        run = _execute(iso, program, t["input"], limits)
+        verdict, reason, detail = classify(run, t["output"], limits)
+        if verdict != "pass":
+            prefix = f"test {i + 1}/{len(tests)}: " if len(tests) > 1 else ""
+            return result(verdict, reason, prefix + detail if detail else prefix.rstrip(": "), i, i)
+    return result("pass", "ok", "", len(tests))
+
+
+def run_completion(completion: str | None, tests, limits: SandboxLimits | None = None) -> dict:
+    """``run_tests`` on the last fenced code block of ``completion`` (``fail``/``no_code_block`` without one)."""
+    program = extract_program(completion)
+    if program is None:
+        return {"verdict": "fail", "reason": "no_code_block", "detail": "no fenced code block in the completion",
+                "tests": 0, "passed": 0, "failed_test": None, "seconds": 0.0}
+    return run_tests(program, tests, limits)

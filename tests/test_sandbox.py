@@ -1,0 +1,454 @@
+"""The code sandbox: verdicts for well- and ill-behaved programs, and nothing left behind.
+
+Every test that runs a program also checks, afterwards, that no process of any run is
+alive (no process anywhere carries a run's ``DISTILL_SANDBOX`` environment marker) and
+that no run's work folder is left in the temp folder. The battery runs on each sandbox
+backend available here (``unshare``; ``bwrap`` when it is on PATH).
+"""
+import glob
+import json
+import os
+import resource
+import shutil
+import socket
+import tempfile
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from stages.common import sandbox as sb
+from stages.common.sandbox import SandboxLimits, extract_program, outputs_match, parse_tests, run_completion, run_tests
+
+FAST = SandboxLimits(timeout_s=2, cpu_seconds=2)
+
+
+def _marked_processes() -> list[str]:
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        for part, needle in (("environ", b"DISTILL_SANDBOX="), ("cmdline", sb.WORKDIR_PREFIX.encode())):
+            try:
+                with open(f"/proc/{name}/{part}", "rb") as f:
+                    if needle in f.read():
+                        out.append(name)
+                        break
+            except OSError:
+                pass
+    return out
+
+
+def _workdirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), sb.WORKDIR_PREFIX + "*")))
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    before = _workdirs()
+    yield
+    assert _marked_processes() == [], "a sandboxed process survived its run"
+    assert _workdirs() <= before, "a work folder was left behind"
+
+
+@pytest.fixture(params=["unshare", "bwrap"])
+def backend(request, monkeypatch):
+    """Force one backend: the detection cache is emptied and the other tool hidden."""
+    name = request.param
+    if name == "bwrap" and not shutil.which("bwrap"):
+        pytest.skip("bwrap not installed")
+    if name == "unshare":
+        monkeypatch.setattr(sb, "_bwrap", lambda: None)
+    monkeypatch.setattr(sb, "_isolation_cache", {})
+    monkeypatch.setattr(sb, "_isolation_errors", {})
+    iso = sb.detect_isolation()
+    if iso is None:
+        pytest.skip(f"no sandbox here: {sb.isolation_error()}")
+    assert iso.backend == name
+    return iso
+
+
+def prog(src: str) -> str:
+    return textwrap.dedent(src).strip() + "\n"
+
+
+def one(program: str, expected: str = "", stdin: str = "", limits: SandboxLimits = FAST) -> dict:
+    return run_tests(program, [{"input": stdin, "output": expected}], limits)
+
+
+@pytest.fixture
+def listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.3)
+    yield srv
+    srv.close()
+
+
+def assert_never_connected(srv: socket.socket) -> None:
+    with pytest.raises(socket.timeout):
+        conn, _ = srv.accept()
+        conn.close()
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def test_extract_program_takes_the_last_python_block():
+    text = "think\n```python\nprint(1)\n```\nthen\n```\nprint(2)\n```\nand shell:\n```bash\nls\n```\n"
+    assert extract_program(text) == "print(2)\n"
+    assert extract_program("```py\nx = 1\n```") == "x = 1\n"
+    assert extract_program("```bash\necho hi\n```") == "echo hi\n"  # only other languages: the last block
+    assert extract_program("no code here") is None
+    assert extract_program("```python\nprint(1)\n") is None  # unterminated
+    assert extract_program("inline ```print(1)``` is not a block") is None
+    assert extract_program(None) is None
+
+
+def test_outputs_match_trims_trailing_whitespace_only():
+    assert outputs_match("1 2  \n3\t\n\n\n", "1 2\n3")
+    assert outputs_match("a\r\nb\r\n", "a\nb\n")
+    assert not outputs_match("1\n2", "1\n2\n3")  # a prefix of the expected lines
+    assert not outputs_match(" 1", "1")  # leading whitespace counts
+    assert not outputs_match("1\n\n2", "1\n2")  # inner empty lines count
+
+
+def test_parse_tests_forms():
+    assert parse_tests('[{"input": "1\\n", "output": "2"}]') == [{"input": "1\n", "output": "2"}]
+    assert parse_tests({"inputs": ["a", "b"], "outputs": ["A", "B"]}) == [
+        {"input": "a", "output": "A"}, {"input": "b", "output": "B"}]
+    for bad in ("not json", "[]", [{"input": "x"}], {"inputs": ["a"], "outputs": []}, [{"input": 1, "output": "x"}]):
+        with pytest.raises(ValueError):
+            parse_tests(bad)
+    assert run_tests("print(1)", "[]")["reason"] == "bad_tests"
+
+
+def test_config_forbids_unknown_keys():
+    with pytest.raises(Exception):
+        SandboxLimits(timeout=3)
+    assert sb.CodeSpec is SandboxLimits and SandboxLimits().allow_unisolated is False
+
+
+# --------------------------------------------------------------------------- well-behaved programs
+
+def test_correct_program_passes_every_test(backend):
+    src = prog("""
+        a, b = map(int, input().split())
+        print(a + b)
+    """)
+    tests = [{"input": f"{a} {b}\n", "output": f"{a + b}\n"} for a, b in [(1, 2), (10, 20), (-5, 5)]]
+    r = run_tests(src, tests, FAST)
+    assert (r["verdict"], r["reason"], r["passed"], r["tests"]) == ("pass", "ok", 3, 3)
+
+
+def test_stops_at_the_first_failing_test(backend):
+    src = "n = int(input())\nprint(n * 2 if n < 3 else n)\n"
+    tests = [{"input": f"{n}\n", "output": f"{n * 2}\n"} for n in (1, 2, 3, 4)]
+    r = run_tests(src, tests, FAST)
+    assert (r["verdict"], r["reason"], r["passed"], r["failed_test"]) == ("fail", "wrong_output", 2, 2)
+    assert r["detail"].startswith("test 3/4: expected '6\\n', got '3\\n'")
+
+
+def test_prefix_of_expected_lines_fails(backend):
+    r = one("print(1)\nprint(2)\n", "1\n2\n3\n")
+    assert (r["verdict"], r["reason"]) == ("fail", "wrong_output")
+
+
+def test_trailing_whitespace_differences_pass(backend):
+    r = one("print('1 2   ')\nprint('3\\t')\nprint()\nprint()\n", "1 2\n3")
+    assert (r["verdict"], r["reason"]) == ("pass", "ok")
+
+
+def test_nonzero_exit_fails_even_with_right_output(backend):
+    r = one("print(3)\nexit(3)\n", "3")
+    assert (r["verdict"], r["reason"], r["detail"]) == ("fail", "runtime_error", "exit 3")
+    r = one("raise ValueError('boom')\n", "3")
+    assert (r["verdict"], r["reason"]) == ("fail", "runtime_error") and "ValueError: boom" in r["detail"]
+
+
+def test_no_code_block_fails():
+    r = run_completion("I think the answer is print(3)", [{"input": "", "output": "3"}], FAST)
+    assert (r["verdict"], r["reason"]) == ("fail", "no_code_block")
+
+
+def test_completion_uses_its_last_block(backend):
+    completion = "First try:\n```python\nprint(0)\n```\nFixed:\n```python\nprint(int(input()) + 1)\n```\n"
+    assert run_completion(completion, [{"input": "41\n", "output": "42"}], FAST)["verdict"] == "pass"
+
+
+def test_large_stdin_and_stdout_do_not_deadlock(backend):
+    data = "x" * 999 + "\n"
+    big = data * 3000  # 3 MB each way, through 64 KiB pipes
+    limits = SandboxLimits(timeout_s=10, max_output_bytes=4 << 20)
+    r = one("import sys\nsys.stdout.write(sys.stdin.read())\n", big, big, limits)
+    assert (r["verdict"], r["reason"]) == ("pass", "ok")
+    # a program that never reads its (large) stdin still finishes
+    r = one("print('done')\n", "done", big, limits)
+    assert (r["verdict"], r["reason"]) == ("pass", "ok")
+
+
+def test_program_sees_a_private_writable_work_folder(backend):
+    src = prog("""
+        import os
+        open("scratch.txt", "w").write("hi")
+        print(open("scratch.txt").read(), os.environ["HOME"] == os.getcwd(), sorted(os.listdir(".")))
+    """)
+    r = one(src, "hi True ['prog.py', 'scratch.txt']")
+    assert r["verdict"] == "pass", r
+
+
+# --------------------------------------------------------------------------- ill-behaved programs
+
+def test_infinite_loop_times_out(backend):
+    t0 = time.monotonic()
+    r = one("while True:\n    pass\n", limits=SandboxLimits(timeout_s=1, cpu_seconds=5))
+    assert (r["verdict"], r["reason"]) == ("timeout", "time_limit")
+    assert time.monotonic() - t0 < 4
+
+
+def test_cpu_limit(backend):
+    r = one("while True:\n    pass\n", limits=SandboxLimits(timeout_s=8, cpu_seconds=1))
+    assert (r["verdict"], r["reason"]) == ("timeout", "cpu_limit")
+    assert r["seconds"] < 5
+
+
+def test_sleeping_program_times_out(backend):
+    r = one("import time\ntime.sleep(60)\n", limits=SandboxLimits(timeout_s=1))
+    assert (r["verdict"], r["reason"]) == ("timeout", "time_limit")
+
+
+def test_process_limit_is_exact_and_per_sandbox(backend):
+    # children sleep on: they are alive while the parent counts, and must die with the run
+    src = prog("""
+        import os, time
+        n = 0
+        for _ in range(1000):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            n += 1
+        print(n)
+    """)
+    limits = SandboxLimits(timeout_s=5, max_processes=8)
+    r = one(src, "7", limits=limits)  # the program itself plus 7 children
+    assert (r["verdict"], r["reason"]) == ("pass", "ok"), r
+
+
+def test_fork_bomb_is_contained(backend):
+    src = prog("""
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+    """)
+    t0 = time.monotonic()
+    r = one(src, limits=SandboxLimits(timeout_s=2, cpu_seconds=2, max_processes=16))
+    assert r["verdict"] in ("timeout", "fail"), r
+    assert time.monotonic() - t0 < 8
+    # the machine still forks (no process table exhaustion), and nothing survives (fixture)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def test_daemonized_grandchild_does_not_survive(backend):
+    src = prog("""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(60)
+            os._exit(0)
+        print("detached")
+    """)
+    r = one(src, "detached")
+    assert (r["verdict"], r["reason"]) == ("pass", "ok")
+
+
+def test_huge_file_hits_the_file_size_limit_and_the_folder_goes(backend, monkeypatch):
+    made = []
+    real = sb._make_workdir
+    monkeypatch.setattr(sb, "_make_workdir", lambda: made.append(real()) or made[-1])
+    src = prog("""
+        chunk = b"x" * (1 << 20)
+        with open("big.bin", "wb") as f:
+            for _ in range(2048):  # 2 GB
+                f.write(chunk)
+    """)
+    r = one(src, limits=SandboxLimits(timeout_s=10, max_file_mb=10))
+    assert (r["verdict"], r["reason"]) == ("fail", "file_size_limit"), r
+    assert len(made) == 1 and not os.path.exists(made[0])
+
+
+def test_huge_allocation_is_a_memory_error(backend):
+    r = one("x = bytearray(8 * 1024 ** 3)\nprint(len(x))\n", "8589934592")
+    assert (r["verdict"], r["reason"]) == ("fail", "memory_limit") and "MemoryError" in r["detail"]
+
+
+def test_network_is_unreachable(backend, listener):
+    port = listener.getsockname()[1]
+    src = prog(f"""
+        import socket
+        try:
+            socket.create_connection(("127.0.0.1", {port}), timeout=2)
+            print("connected")
+        except OSError as e:
+            print("blocked", e.errno)
+    """)
+    r = one(src, "connected")
+    assert (r["verdict"], r["reason"]) == ("fail", "wrong_output") and "blocked" in r["detail"]
+    assert_never_connected(listener)
+
+
+def test_huge_output_is_cut_off_fast_and_in_bounded_memory(backend):
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, a high-water mark
+    src = prog("""
+        import sys
+        line = "x" * 999_999 + "\\n"
+        for _ in range(100):  # 100 MB
+            sys.stdout.write(line)
+    """)
+    t0 = time.monotonic()
+    r = one(src, limits=SandboxLimits(timeout_s=10, max_output_bytes=1 << 20))
+    assert (r["verdict"], r["reason"]) == ("fail", "output_limit")
+    assert time.monotonic() - t0 < 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 32 * 1024
+
+
+def test_shell_via_ctypes_stays_inside(backend, listener):
+    """``system()`` works (a shell is just more processes under the same limits), but what
+    it runs cannot write outside the work folder or reach the network."""
+    port = listener.getsockname()[1]
+    marker = f"/tmp/distill-escape-{uuid.uuid4().hex}"
+    src = prog(f"""
+        import ctypes, sys
+        libc = ctypes.CDLL(None)
+        outside = libc.system(b"touch {marker} 2>/dev/null")
+        net = libc.system(("%s -c 'import socket; socket.create_connection((\\"127.0.0.1\\", {port}), 2)' 2>/dev/null"
+                           % sys.executable).encode())
+        inside = libc.system(b"touch made_by_shell && test -f made_by_shell")
+        print(outside != 0, net != 0, inside == 0)
+    """)
+    try:
+        r = one(src, "True True True", limits=SandboxLimits(timeout_s=10))
+        assert (r["verdict"], r["reason"]) == ("pass", "ok"), r
+        assert not os.path.exists(marker)
+        assert_never_connected(listener)
+    finally:
+        if os.path.exists(marker):
+            os.unlink(marker)
+
+
+def test_program_cannot_undo_the_read_only_filesystem(backend):
+    src = prog("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        MS_REMOUNT, MS_BIND = 32, 4096
+        rc = libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND, None)
+        caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0]
+        try:
+            open("/etc/distill-sbx-test", "w")
+            wrote = True
+        except OSError:
+            wrote = False
+        print(rc, int(caps, 16), wrote)
+    """)
+    r = one(src, "-1 0 False")
+    assert r["verdict"] == "pass", r
+
+
+# --------------------------------------------------------------------------- no sandbox available
+
+def test_no_isolation_is_an_error_unless_allowed(monkeypatch):
+    monkeypatch.setattr(sb, "_bwrap", lambda: None)
+    monkeypatch.setattr(sb, "_unshare", lambda: None)
+    monkeypatch.setattr(sb, "_isolation_cache", {})
+    monkeypatch.setattr(sb, "_isolation_errors", {})
+    r = one("print(1)\n", "1")
+    assert (r["verdict"], r["reason"]) == ("error", "no_isolation")
+    assert "no network isolation available" in r["detail"]
+    r = one("print(1)\n", "1", limits=SandboxLimits(timeout_s=2, allow_unisolated=True))
+    assert (r["verdict"], r["reason"]) == ("pass", "ok")
+    # without a pid namespace, a timeout still takes the whole tree down (checked by the fixture)
+    src = prog("""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(60)
+        time.sleep(60)
+    """)
+    r = one(src, limits=SandboxLimits(timeout_s=1, allow_unisolated=True))
+    assert (r["verdict"], r["reason"]) == ("timeout", "time_limit")
+
+
+def test_failed_probe_is_an_error(monkeypatch):
+    monkeypatch.setattr(sb, "_bwrap", lambda: None)
+    monkeypatch.setattr(sb, "_unshare", lambda: "/bin/false")
+    monkeypatch.setattr(sb, "_isolation_cache", {})
+    monkeypatch.setattr(sb, "_isolation_errors", {})
+    r = one("print(1)\n", "1")
+    assert (r["verdict"], r["reason"]) == ("error", "no_isolation")
+    assert "unshare" in r["detail"]
+
+
+# --------------------------------------------------------------------------- verify-stage integration
+
+GOOD = "<think>\nadd them\n</think>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```\n"
+BAD = "<think>\nmultiply\n</think>\n```python\na, b = map(int, input().split())\nprint(a * b)\n```\n"
+ADD_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "1 1\n", "output": "2\n"}]
+
+
+def test_check_code_sample_verdict_shape(backend):
+    from stages.common.checkers import FormatSpec, check_code_sample
+
+    fmt = FormatSpec()
+    v = check_code_sample(GOOD, ADD_TESTS, FAST, "stop", fmt)
+    assert (v.verdict, v.reason, v.detail) == ("correct", "ok", "") and "print(a + b)" in v.extracted
+    v = check_code_sample(BAD, json.dumps(ADD_TESTS), FAST, "stop", fmt)
+    assert (v.verdict, v.reason) == ("rejected", "wrong_output") and v.detail.startswith("test 1/2: expected '5\\n'")
+    assert check_code_sample(GOOD, ADD_TESTS, FAST, "length", fmt).reason == "truncated"
+    assert check_code_sample(GOOD.replace("</think>", ""), ADD_TESTS, FAST, "stop", fmt).reason == "missing_think"
+    assert check_code_sample("<think>x</think> no code", ADD_TESTS, FAST, "stop", fmt).reason == "no_code_block"
+    v = check_code_sample("<think>x</think>\n```python\nwhile True: pass\n```", ADD_TESTS,
+                          SandboxLimits(timeout_s=1), "stop", fmt)
+    assert (v.verdict, v.reason) == ("rejected", "time_limit")
+    assert check_code_sample(GOOD, "[]", FAST, "stop", fmt).verdict == "error"  # bad tests: not a wrong answer
+    assert check_code_sample(None, ADD_TESTS, FAST, None, fmt, error="engine died").reason == "generation_error"
+
+
+def test_verify_actor_checks_code_and_math_rows_in_order(backend):
+    from stages.verify import Params, VerifierActor
+
+    p = Params.model_validate({"checker": "auto", "code": {"timeout_s": 2, "cpu_seconds": 2}})
+    with pytest.raises(Exception):
+        Params.model_validate({"code": {"timeout": 2}})
+    math_row = {"completion": "<think>x</think> \\boxed{7}", "finish_reason": "stop", "answer": "7", "error": None}
+    rows = [
+        {**math_row, "tests": None},
+        {"completion": GOOD, "finish_reason": "stop", "answer": "", "error": None, "tests": json.dumps(ADD_TESTS)},
+        {"completion": BAD, "finish_reason": "stop", "answer": "", "error": None, "tests": ADD_TESTS},
+        {**math_row, "answer": "8", "tests": None},
+        {"completion": GOOD, "finish_reason": "stop", "answer": "", "error": None, "tests": json.dumps(ADD_TESTS)},
+    ]
+    actor = VerifierActor(workers=2, timeout=5.0)
+    try:
+        out = actor.check(rows, p.format.model_dump(), p.checker, p.code.model_dump())
+        assert [(v["verdict"], v["reason"]) for v in out] == [
+            ("correct", "ok"), ("correct", "ok"), ("rejected", "wrong_output"), ("rejected", "wrong_answer"),
+            ("correct", "ok")]
+        assert actor.stats()["code_checks"] == 3 and len(actor.code_cache) == 2  # the repeated program ran once
+        # checker=code: tests from the answer column (prompts read with answer_field: tests)
+        code_rows = [{"completion": GOOD, "finish_reason": "stop", "answer": json.dumps(ADD_TESTS), "error": None}]
+        assert actor.check(code_rows, p.format.model_dump(), "code", p.code.model_dump())[0]["reason"] == "ok"
+        # math-only chunks take the old path untouched
+        assert actor.check([math_row], p.format.model_dump())[0]["reason"] == "ok"
+    finally:
+        actor.pool.close()
