@@ -1,4 +1,4 @@
-"""dedupe: keep verified traces, drop exact duplicates, cap traces per prompt, format chat rows.
+"""dedupe: keep verified traces, drop exact and near duplicates, cap traces per prompt, format chat rows.
 
 Input ``samples``: rows with ``prompt_id``, ``prompt`` and a completion column
 (``completion`` from generate/verify, or e.g. ``solution`` for gold data), and a
@@ -7,20 +7,36 @@ Output ``sft``: ``prompt_id``, ``source``, ``sample_index``, ``messages``
 (list of {role, content}), ready for the sft stage.
 Output ``dropped``: every input row not kept, with its ``reason``
 (``verdict:<reason>``, ``empty_completion``, ``duplicate``, ``near_duplicate``,
-``over_max_per_prompt``).
+``over_max_per_prompt``); metric ``dropped_reasons`` counts them.
+
+Exact duplicates: same prompt and completion after normalisation (whitespace runs
+collapsed to one space, stripped, lower-cased), done column-wise on the Arrow data
+(``normalize_texts``, ``first_occurrences``). Lower-casing is Arrow's Unicode
+``utf8_lower``, which differs from Python's ``str.lower`` on a few dozen rare code
+points (e.g. U+0130); whitespace is exactly Python's ``str.isspace`` set.
 
 Near duplicates (``near_dup.enabled``): MinHash over word n-grams of
 prompt + completion, with an LSH index at the configured Jaccard threshold; a row
-whose text is that close to an earlier kept row is dropped.
+whose text is that close to an earlier kept row is dropped. Signatures are the ones
+``datasketch.MinHash`` (scheme affine32) computes, vectorised over all rows
+(``MinHasher``); bands are datasketch's ``MinHashLSH`` parameters (``LSHIndex``).
+
+The ``max_per_prompt`` cap keeps, per prompt (``prefer``):
+``shortest`` the k shortest completions (ties: input order); ``first`` the first k
+in input order; ``diverse`` the shortest, then repeatedly the candidate whose largest
+Jaccard similarity (word ``near_dup.ngram``-gram shingles of the normalised
+completion) to the traces already kept is smallest (ties: shorter, then input order).
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import hashlib
+from typing import ClassVar, Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.ids import normalize_text, sha256_hex
 from pipeline.stage import Stage, StageContext, StageError
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -45,42 +61,241 @@ class Params(BaseModel):
     completion_field: str = "completion"
     require_verdict: str | None = Field("correct", description="keep only rows with this verdict; null keeps all")
     max_per_prompt: int | None = Field(None, ge=1, description="at most k traces per prompt")
-    prefer: str = Field("shortest", pattern="^(shortest|first)$", description="which traces survive the cap")
+    prefer: str = Field("shortest", pattern="^(shortest|first|diverse)$",
+                        description="which traces survive the cap: shortest, first, or diverse (max-min Jaccard)")
     system_prompt: str | None = None
 
 
-def dedupe_key(prompt: str, completion: str) -> str:
-    return sha256_hex(normalize_text(prompt).lower() + "\x00" + normalize_text(completion).lower())
+# -- exact duplicates: column-wise, no Ray ------------------------------------
+
+# Python's str.isspace() set: ASCII (one byte) and the rest as UTF-8 lead byte + continuation bytes.
+_ASCII_WS = np.zeros(33, bool)
+_ASCII_WS[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+_U8, _U32 = np.uint8, np.uint32
 
 
-class NearDupIndex:
-    """MinHash LSH over word shingles (datasketch)."""
+def _multibyte_ws(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start positions and byte lengths of the non-ASCII whitespace characters in UTF-8 bytes
+    (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000)."""
+    cand = np.flatnonzero((d - _U8(0xC2)) <= _U8(0xE3 - 0xC2))  # lead bytes C2..E3
+    if not len(cand):
+        return cand, cand
+    last = len(d) - 1
+    b0, b1, b2 = d[cand], d[np.minimum(cand + 1, last)], d[np.minimum(cand + 2, last)]
+    two = (b0 == 0xC2) & ((b1 == 0x85) | (b1 == 0xA0))
+    three = (b0 == 0xE1) & (b1 == 0x9A) & (b2 == 0x80)
+    three |= (b0 == 0xE2) & (b1 == 0x80) & ((b2 <= 0x8A) | (b2 == 0xA8) | (b2 == 0xA9) | (b2 == 0xAF))
+    three |= (b0 == 0xE2) & (b1 == 0x81) & (b2 == 0x9F)
+    three |= (b0 == 0xE3) & (b1 == 0x80) & (b2 == 0x80)
+    hit = two | three
+    return cand[hit], np.where(two[hit], 2, 3)
 
-    def __init__(self, spec: NearDupSpec):
-        from datasketch import MinHashLSH
 
-        self.spec = spec
-        self.lsh = MinHashLSH(threshold=spec.threshold, num_perm=spec.num_perm)
-        self.count = 0
+def _normalize_chunk(arr: pa.Array) -> pa.Array:
+    large = pa.types.is_large_string(arr.type)
+    if not (large or pa.types.is_string(arr.type)):
+        arr = arr.cast(pa.string())
+    arr = pc.utf8_lower(arr)
+    if arr.null_count:
+        arr = pc.fill_null(arr, "")
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], np.int64 if large else np.int32)[arr.offset : arr.offset + n + 1]
+    base, end = int(offsets[0]), int(offsets[-1])
+    if n == 0 or end == base:
+        return arr
+    off = offsets.astype(np.int64) - base
+    d = np.frombuffer(arr.buffers()[2], np.uint8, count=end - base, offset=base)
+    size = len(d)
 
-    def _minhash(self, text: str):
+    ws = d <= 32  # whitespace bytes; fixed up below for control characters and multi-byte spaces
+    ctrl = np.flatnonzero(d < 32)
+    ctrl_ws = _ASCII_WS[d[ctrl]]
+    ws[ctrl[~ctrl_ws]] = False
+    to_space = [ctrl[ctrl_ws]]
+    mb, mb_len = _multibyte_ws(d)
+    if len(mb):
+        ws[mb] = ws[mb + 1] = True
+        ws[(mb + 2)[mb_len == 3]] = True
+        to_space.append(mb)
+
+    # drop: whitespace after whitespace in the same row (its continuation bytes too), a row's
+    # leading whitespace, and the run that ends a row
+    row_start = np.zeros(size + 1, bool)
+    row_start[off[:-1]] = True
+    runs = np.flatnonzero(ws[1:] & ws[:-1]) + 1
+    runs = runs[~row_start[runs]]
+    nonempty = off[1:] > off[:-1]
+    starts, last = off[:-1][nonempty], off[1:][nonempty] - 1
+    lead = starts[ws[starts]]
+    trail = last[ws[last]]
+    if len(runs) and len(trail):
+        # a trailing byte inside a run: the run begins one byte before its block of
+        # consecutive positions in ``runs``
+        k = np.searchsorted(runs, trail)
+        inside = runs[np.minimum(k, len(runs) - 1)] == trail
+        if inside.any():
+            block = np.ones(len(runs), bool)
+            block[1:] = np.diff(runs) != 1
+            first = np.maximum.accumulate(np.where(block, np.arange(len(runs)), 0))
+            trail = trail.copy()
+            trail[inside] = runs[first[k[inside]]] - 1
+    drop = np.sort(np.concatenate([runs, lead, trail]), kind="stable")
+    if len(drop) > 1:
+        drop = drop[np.concatenate([[True], drop[1:] != drop[:-1]])]
+
+    out = d.copy()
+    for pos in to_space:
+        out[pos] = 32
+    if len(drop):
+        keep = np.ones(size, bool)
+        keep[drop] = False
+        out = out[keep]
+        off = off - np.searchsorted(drop, off)
+    cls = pa.LargeStringArray if large else pa.StringArray
+    return cls.from_buffers(n, pa.py_buffer(off.astype(np.int64 if large else np.int32)), pa.py_buffer(out))
+
+
+def normalize_texts(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """``pipeline.ids.normalize_text(s).lower()`` for every string (null reads as ""), column-wise."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    out = [_normalize_chunk(c) for c in chunks if len(c)]
+    return pa.chunked_array(out, out[0].type) if out else pa.chunked_array([], pa.string())
+
+
+def _codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    enc = pc.dictionary_encode(values)
+    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
+    if not chunks:
+        return np.zeros(0, np.int64), 0
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
+    return codes, len(chunks[0].dictionary)
+
+
+def first_occurrences(*columns: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Per row, True where its tuple of column values appears for the first time (no nulls)."""
+    codes, _ = _codes(columns[0])
+    for col in columns[1:]:
+        more, size = _codes(col)
+        codes, _ = _codes(pa.array(codes * size + more))
+    first = np.ones(len(codes), bool)
+    if len(codes) > 1:
+        # dictionary codes are numbered in order of first appearance
+        seen = np.maximum.accumulate(codes)
+        first[1:] = seen[1:] > seen[:-1]
+    return first
+
+
+def exact_duplicates(prompts: pa.Array | pa.ChunkedArray, completions: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Per row, True if an earlier row has the same normalised prompt and completion."""
+    return ~first_occurrences(normalize_texts(prompts), normalize_texts(completions))
+
+
+# -- near duplicates: MinHash LSH, vectorised ---------------------------------
+
+
+def shingles(text: str, n: int) -> set[bytes]:
+    """Word n-grams of a normalised text, as UTF-8 (one shingle when it has fewer than n words)."""
+    words = text.encode("utf-8", "surrogatepass").split()
+    return {b" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+class MinHasher:
+    """datasketch ``MinHash(num_perm, seed)`` signatures (scheme affine32: SHA-1 32-bit shingle hash,
+    MurmurHash3 finalizer, ``a * h + b`` mod 2^32), for many texts at once."""
+
+    def __init__(self, num_perm: int, seed: int, ngram: int):
         from datasketch import MinHash
 
-        words = normalize_text(text).lower().split()
-        n = self.spec.ngram
-        shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
-        m = MinHash(num_perm=self.spec.num_perm, seed=self.spec.seed)
-        m.update_batch([s.encode("utf-8", "surrogatepass") for s in shingles])
-        return m
+        m = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
+        self.a, self.b = (np.asarray(x, np.uint32) for x in m.permutations)
+        self.num_perm, self.ngram = num_perm, ngram
 
-    def seen_or_add(self, text: str) -> bool:
-        """True if a near duplicate was indexed before; otherwise index this text."""
-        m = self._minhash(text)
-        if self.lsh.query(m):
+    @staticmethod
+    def _fmix32(h: np.ndarray) -> np.ndarray:
+        h = h ^ (h >> _U32(16))
+        h = h * _U32(0x85EBCA6B)
+        h = h ^ (h >> _U32(13))
+        h = h * _U32(0xC2B2AE35)
+        return h ^ (h >> _U32(16))
+
+    def signatures(self, texts: Iterable[str], chunk: int = 1 << 16) -> np.ndarray:
+        """uint32 [len(texts), num_perm]; ``texts`` already normalised (``normalize_texts``)."""
+        sets = [shingles(t, self.ngram) for t in texts]
+        out = np.empty((len(sets), self.num_perm), np.uint32)
+        i = 0
+        while i < len(sets):
+            j, count = i, 0
+            while j < len(sets) and (count == 0 or count + len(sets[j]) <= chunk):
+                count += len(sets[j])
+                j += 1
+            flat = [s for doc in sets[i:j] for s in doc]
+            digests = b"".join([hashlib.sha1(s).digest() for s in flat])
+            h = self._fmix32(np.frombuffer(digests, "<u4").reshape(-1, 5)[:, 0].astype(np.uint32))
+            phv = h[:, None] * self.a[None, :] + self.b[None, :]
+            bounds = np.cumsum([0] + [len(doc) for doc in sets[i : j - 1]])
+            out[i:j] = np.minimum.reduceat(phv, bounds, axis=0)
+            i = j
+        return out
+
+
+class LSHIndex:
+    """Banded LSH with datasketch ``MinHashLSH``'s band count and width for the threshold: a
+    signature that shares a band with an indexed one is a near duplicate (what
+    ``MinHashLSH.query`` returning any key means)."""
+
+    def __init__(self, threshold: float, num_perm: int):
+        from datasketch import MinHashLSH
+
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.b, self.r = lsh.b, lsh.r
+        self.tables: list[set[bytes]] = [set() for _ in range(self.b)]
+
+    def band_keys(self, sigs: np.ndarray) -> list[list[bytes]]:
+        out = []
+        for k in range(self.b):
+            band = np.ascontiguousarray(sigs[:, k * self.r : (k + 1) * self.r])
+            out.append(band.view(np.dtype((np.void, band.shape[1] * band.itemsize))).ravel().tolist())
+        return out
+
+    def seen_or_add(self, keys: Sequence[bytes]) -> bool:
+        if any(key in table for key, table in zip(keys, self.tables)):
             return True
-        self.lsh.insert(str(self.count), m)
-        self.count += 1
+        for key, table in zip(keys, self.tables):
+            table.add(key)
         return False
+
+
+def near_duplicates(texts: Sequence[str], spec: NearDupSpec) -> np.ndarray:
+    """Per normalised text, in order: True if it is a near duplicate of an earlier text that was kept."""
+    if not len(texts):
+        return np.zeros(0, bool)
+    sigs = MinHasher(spec.num_perm, spec.seed, spec.ngram).signatures(texts)
+    index = LSHIndex(spec.threshold, spec.num_perm)
+    keys = index.band_keys(sigs)
+    return np.array([index.seen_or_add(row) for row in zip(*keys)], bool)
+
+
+# -- choosing k traces per prompt ----------------------------------------------
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def pick_diverse(keys: Sequence, sets: Sequence[set], k: int) -> list[int]:
+    """Greedy max-min: the first by ``keys`` (e.g. (length, sample_index)), then repeatedly the
+    candidate least similar (largest Jaccard to any picked one) to those picked; ties go by
+    ``keys``. Positions, in pick order."""
+    left = sorted(range(len(keys)), key=lambda i: keys[i])
+    picked = [left.pop(0)]
+    worst = {i: 0.0 for i in left}  # largest similarity to a picked candidate
+    while left and len(picked) < k:
+        for i in left:
+            worst[i] = max(worst[i], jaccard(sets[i], sets[picked[-1]]))
+        best = min(left, key=lambda i: (worst[i], keys[i]))
+        left.remove(best)
+        picked.append(best)
+    return picked
 
 
 class Dedupe(Stage):
@@ -97,49 +312,77 @@ class Dedupe(Stage):
         missing = needed - set(table.column_names)
         if missing:
             raise StageError(f"input 'samples' lacks column(s) {sorted(missing)} (has {table.column_names})")
-        rows = table.to_pylist()
-        dropped: list[dict] = []
-        kept_by_prompt: dict[str, list[dict]] = {}
-        seen: set[str] = set()
-        near = NearDupIndex(p.near_dup) if p.near_dup.enabled else None
-        for i, r in enumerate(rows):
-            idx = r.get("sample_index", i) if r.get("sample_index") is not None else i
-            if p.require_verdict and r.get("verdict") != p.require_verdict:
-                dropped.append({"prompt_id": r["prompt_id"], "sample_index": idx,
-                                "reason": f"verdict:{r.get('reason') or r.get('verdict')}"})
-                continue
-            completion = r.get(p.completion_field)
-            if not completion:
-                dropped.append({"prompt_id": r["prompt_id"], "sample_index": idx, "reason": "empty_completion"})
-                continue
-            key = dedupe_key(r["prompt"], completion)
-            if key in seen:
-                dropped.append({"prompt_id": r["prompt_id"], "sample_index": idx, "reason": "duplicate"})
-                continue
-            seen.add(key)
-            if near is not None and near.seen_or_add(r["prompt"] + "\n" + completion):
-                dropped.append({"prompt_id": r["prompt_id"], "sample_index": idx, "reason": "near_duplicate"})
-                continue
-            kept_by_prompt.setdefault(r["prompt_id"], []).append({**r, "_idx": idx, "_completion": completion})
+        n = table.num_rows
+        pids = table.column("prompt_id").to_pylist()
+        given = table.column("sample_index").to_pylist() if "sample_index" in table.column_names else [None] * n
+        idx = [i if s is None else s for i, s in enumerate(given)]
+        reasons: dict[int, str] = {}  # row -> why it is dropped before the cap
 
+        alive = np.ones(n, bool)
+        if p.require_verdict:
+            ok = pc.fill_null(pc.equal(table.column("verdict"), p.require_verdict), False).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(~ok)
+            why = table.column("reason").take(bad).to_pylist() if "reason" in table.column_names else [None] * len(bad)
+            for i, v, r in zip(bad.tolist(), table.column("verdict").take(bad).to_pylist(), why):
+                reasons[i] = f"verdict:{r or v}"
+            alive &= ok
+        completions = table.column(p.completion_field)
+        has_text = pc.fill_null(pc.greater(pc.binary_length(completions.cast(pa.string())), 0), False)
+        for i in np.flatnonzero(alive & ~has_text.to_numpy(zero_copy_only=False)).tolist():
+            reasons[i] = "empty_completion"
+        alive &= has_text.to_numpy(zero_copy_only=False)
+
+        rows = np.flatnonzero(alive)
+        take = pa.array(rows)
+        norm_p = normalize_texts(table.column("prompt").take(take))
+        norm_c = normalize_texts(completions.take(take))
+        first = first_occurrences(norm_p, norm_c)
+        for i in rows[~first].tolist():
+            reasons[i] = "duplicate"
+        keep = pa.array(first)
+        rows, norm_p, norm_c = rows[first], norm_p.filter(keep), norm_c.filter(keep)
+        if p.near_dup.enabled and len(rows):
+            texts = pc.binary_join_element_wise(norm_p, norm_c, " ").to_pylist()
+            near = near_duplicates(texts, p.near_dup)
+            for i in rows[near].tolist():
+                reasons[i] = "near_duplicate"
+            rows, norm_c = rows[~near], norm_c.filter(pa.array(~near))
+
+        take = pa.array(rows)
+        raw = {c: table.column(c).take(take).to_pylist() for c in ("prompt", "source") if c in table.column_names}
+        raw_c = completions.take(take).cast(pa.string()).to_pylist()
+        norm_cs = norm_c.to_pylist() if p.prefer == "diverse" else None
+        groups: dict[str, list[int]] = {}  # prompt_id -> positions in ``rows``
+        for j, i in enumerate(rows.tolist()):
+            groups.setdefault(pids[i], []).append(j)
+
+        dropped = [{"prompt_id": pids[i], "sample_index": idx[i], "reason": reasons[i]} for i in sorted(reasons)]
         out = []
-        for pid, group in kept_by_prompt.items():
-            if p.prefer == "shortest":
-                group.sort(key=lambda r: (len(r["_completion"]), r["_idx"]))
-            if p.max_per_prompt is not None:
-                for r in group[p.max_per_prompt :]:
-                    dropped.append({"prompt_id": pid, "sample_index": r["_idx"], "reason": "over_max_per_prompt"})
-                group = group[: p.max_per_prompt]
-            for r in group:
+        for pid, group in groups.items():
+            k = p.max_per_prompt if p.max_per_prompt is not None else len(group)
+            shortest = [(len(raw_c[j]), idx[rows[j]], j) for j in group]
+            if p.prefer == "first":
+                order = group
+            elif p.prefer == "diverse" and len(group) > k:
+                sets = [shingles(norm_cs[j], p.near_dup.ngram) for j in group]
+                picked = pick_diverse(shortest, sets, k)
+                order = [group[q] for q in picked] + [group[q] for q in sorted(set(range(len(group))) - set(picked))]
+            else:  # shortest (diverse too when nothing is dropped)
+                order = [j for *_, j in sorted(shortest)]
+            for j in order[k:]:
+                dropped.append({"prompt_id": pid, "sample_index": idx[rows[j]], "reason": "over_max_per_prompt"})
+            for j in order[:k]:
+                i = int(rows[j])
                 messages = ([{"role": "system", "content": p.system_prompt}] if p.system_prompt else []) + [
-                    {"role": "user", "content": r["prompt"]},
-                    {"role": "assistant", "content": r["_completion"]},
+                    {"role": "user", "content": raw["prompt"][j]},
+                    {"role": "assistant", "content": raw_c[j]},
                 ]
-                out.append({"prompt_id": pid, "source": r.get("source"), "sample_index": r["_idx"], "messages": messages})
+                out.append({"prompt_id": pid, "source": raw["source"][j] if "source" in raw else None,
+                            "sample_index": idx[i], "messages": messages})
         ctx.write_dataset("sft", [pa.Table.from_pylist(out, schema=SFT_SCHEMA)])
         ctx.write_dataset("dropped", [pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA)])
-        reasons: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for d in dropped:
-            reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
-        ctx.metrics.update({"input_rows": len(rows), "kept": len(out), "prompts_kept": len(kept_by_prompt),
-                            "dropped_reasons": reasons})
+            counts[d["reason"]] = counts.get(d["reason"], 0) + 1
+        ctx.metrics.update({"input_rows": n, "kept": len(out), "prompts_kept": len(groups),
+                            "dropped_reasons": counts})

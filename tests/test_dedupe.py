@@ -48,3 +48,75 @@ def test_near_duplicate_of_a_lightly_edited_trace(ray_local, tmp_path, near):
     else:
         assert len(kept) == 3 and dropped == []
 
+
+
+# -- which traces survive max_per_prompt ---------------------------------------------
+
+def _run_stage(tmp_path, rows: list[dict], **params):
+    """The dedupe stage's run() on a committed input dataset (rows that share a prompt_id cannot come
+    from the prompts stage, which drops repeated prompts)."""
+    import pyarrow as pa
+
+    from pipeline.stage import Artifact, StageContext
+    from pipeline.storage import Storage
+    from stages.dedupe import Dedupe, Params
+
+    st = Storage(str(tmp_path / "root"))
+    src = st.path("in", "samples")
+    w = st.dataset_writer(src)
+    w.write(pa.Table.from_pylist(rows))
+    w.commit()
+    stage = Dedupe("dedupe", Params(**params))
+    ctx = StageContext(name="dedupe", kind="dedupe", fingerprint="f", run_id="r", storage=st,
+                       inputs={"samples": Artifact("dataset", src, st.uri(src), "f0")},
+                       output_root=st.path("out"), output_types=dict(Dedupe.outputs))
+    stage.run(ctx)
+    read = lambda out: st.read_dataset(ctx.written[out].path).to_pylist()  # noqa: E731
+    return read("sft"), read("dropped"), ctx.metrics
+
+
+BASE = ("<think> Janet has 3 baskets with 4 apples in each basket so she has twelve apples in total "
+        "before she gives three of them away to her neighbour which leaves nine apples for the pie </think> \\boxed{9}")
+CANDIDATES = [
+    {"sample_index": 0, "completion": BASE.replace("to her neighbour ", "")},                       # shortest
+    {"sample_index": 1, "completion": BASE.replace("neighbour", "friend")},                       # a one-word edit of it
+    {"sample_index": 2, "completion": "<think> 3 * 4 = 12 and 12 - 3 = 9, so after giving three apples away "
+                                      "Janet keeps 9 apples, which is just enough for the large apple pie that she "
+                                      "wants to bake for her family tonight </think> \\boxed{9}"},  # the longest
+    {"sample_index": 3, "completion": "  " + BASE.replace("to her neighbour ", "").upper()},     # exact dup after normalising
+    {"sample_index": 4, "completion": "<think> guess </think> \\boxed{8}", "verdict": "rejected", "reason": "wrong_answer"},
+]
+
+
+@pytest.mark.parametrize("prefer, kept, over", [("shortest", [0, 1], [2]), ("diverse", [0, 2], [1]),
+                                                 ("first", [0, 1], [2])])
+def test_prefer_selects_which_traces_survive_the_cap(tmp_path, prefer, kept, over):
+    rows = [{"prompt_id": "p1", "prompt": "Janet's apples?", "verdict": "correct", "reason": "ok", **c}
+            for c in CANDIDATES]
+    rows.append({"prompt_id": "p2", "prompt": "Other?", "sample_index": 0, "completion": "<think> x </think> \\boxed{1}",
+                 "verdict": "correct", "reason": "ok"})
+    # 0 and 1 are close (Jaccard 0.70 on 5-word shingles) but under the 0.9 near-duplicate threshold
+    sft, dropped, metrics = _run_stage(tmp_path, rows, max_per_prompt=2, prefer=prefer,
+                                       near_dup={"enabled": True, "threshold": 0.9})
+    by_prompt = {}
+    for r in sft:
+        by_prompt.setdefault(r["prompt_id"], []).append(r["sample_index"])
+    assert sorted(by_prompt["p1"]) == kept and by_prompt["p2"] == [0]
+    completions = {c["sample_index"]: c["completion"] for c in CANDIDATES}
+    for r in sft:
+        if r["prompt_id"] == "p1":
+            assert r["messages"][-1] == {"role": "assistant", "content": completions[r["sample_index"]]}
+    assert {(d["sample_index"], d["reason"]) for d in dropped} == {
+        (3, "duplicate"), (4, "verdict:wrong_answer"), *((i, "over_max_per_prompt") for i in over)}
+    assert metrics["dropped_reasons"] == {"duplicate": 1, "verdict:wrong_answer": 1, "over_max_per_prompt": 1}
+    assert metrics["kept"] == 3 and metrics["input_rows"] == 6
+
+
+def test_diverse_picks_greedy_max_min():
+    from stages.dedupe import pick_diverse
+
+    sets = [{1, 2, 3, 4}, {1, 2, 3, 5}, {7, 8}, {1, 2, 7, 8}]
+    keys = [(10, 0), (11, 1), (30, 2), (12, 3)]
+    assert pick_diverse(keys, sets, 2) == [0, 2]          # 2 shares nothing with 0
+    assert pick_diverse(keys, sets, 3) == [0, 2, 3]       # worst similarity to {0, 2}: 1 -> 0.6, 3 -> 0.5
+    assert pick_diverse(keys, [{1}, {2}, {3}, {4}], 3) == [0, 1, 3]  # all tie at 0: shortest first
