@@ -342,7 +342,7 @@ def _python_candidates(python: str | None) -> list[str]:
 
 def _probe(iso: Isolation) -> str | None:
     """None when ``iso`` works and isolates; else what is wrong."""
-    run = _execute(iso, _PROBE, "", SandboxLimits(timeout_s=10), marker_hunt=False)
+    run = _execute(iso, _PROBE, "", SandboxLimits(timeout_s=10))
     if run.setup_error:
         return run.setup_error
     if run.exit_code != 0:
@@ -421,6 +421,7 @@ class RunResult:
     workdir: str = ""
     stdout_bytes: int = 0
     status_lines: list[str] = field(default_factory=list)
+    leader_status: int | None = None  # exit status (or signal) of unshare/bwrap/the wrapper
 
 
 def _make_workdir() -> str:
@@ -489,7 +490,7 @@ def _reap(marker: str, wait_s: float = 3.0) -> None:
         time.sleep(0.01)
 
 
-def _execute(iso: Isolation, program: str, stdin: str, limits: SandboxLimits, marker_hunt: bool = True) -> RunResult:
+def _execute(iso: Isolation, program: str, stdin: str, limits: SandboxLimits) -> RunResult:
     """Run ``program`` once in a fresh work folder under ``iso``."""
     res = RunResult()
     workdir = _make_workdir()
@@ -499,7 +500,7 @@ def _execute(iso: Isolation, program: str, stdin: str, limits: SandboxLimits, ma
     t0 = time.monotonic()
     try:
         prog_path = os.path.join(workdir, "prog.py")
-        with open(prog_path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        with open(prog_path, "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(program)
         os.chmod(prog_path, 0o644)
         if iso.uid is not None:
@@ -521,27 +522,29 @@ def _execute(iso: Isolation, program: str, stdin: str, limits: SandboxLimits, ma
             return res
         finally:
             os.close(status_w)
-        _pump(proc, status_r, stdin.encode("utf-8", "surrogateescape"), limits, res)
+        _pump(proc, status_r, stdin.encode("utf-8", "replace"), limits, res)
     finally:
-        if proc is not None:
-            try:  # the group leader is not reaped yet, so its pgid cannot have been reused
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                try:
-                    f.close()
-                except OSError:
+        try:
+            if proc is not None:
+                try:  # the group leader is not reaped yet, so its pgid cannot have been reused
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
                     pass
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILLed already
-                pass
-        if status_r >= 0:
-            os.close(status_r)
-        if marker_hunt and (iso.backend == "none" or res.timed_out or res.output_overflow or res.setup_error):
-            _reap(workdir)
-        _remove_tree(workdir)
+                for f in (proc.stdin, proc.stdout, proc.stderr):
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILLed already
+                    pass
+            if status_r >= 0:
+                os.close(status_r)
+            if iso.backend == "none" or res.timed_out or res.output_overflow or res.setup_error:
+                _reap(workdir)
+        finally:
+            _remove_tree(workdir)
         res.seconds = time.monotonic() - t0
     return res
 
@@ -578,7 +581,7 @@ def _pump(proc: subprocess.Popen, status_r: int, data: bytes, limits: SandboxLim
             res.setup_error = rest
     if res.exit_code is None and res.signal is None and not res.setup_error:
         # the wrapper never reported: the sandbox could not start (e.g. unshare failed)
-        res.setup_error = f"sandbox exited {proc.returncode} without a result: {res.stderr_tail[-500:]}"
+        res.setup_error = f"sandbox exited {res.leader_status} without a result: {res.stderr_tail[-500:]}"
 
 
 def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
@@ -637,16 +640,27 @@ def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
                     # that outlive it, possible only without a pid namespace, are not waited for)
                     finished = True
                     deadline = min(deadline, time.monotonic() + 0.5)
-    # every pipe is closed: the namespace (or the process tree) is gone; collect the exit status
-    try:
-        proc.wait(max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        if finished:
-            pass
-        elif started:
-            res.timed_out = True
-        else:
-            res.setup_error = "sandbox did not start"
+    # every pipe is closed: the namespace (or the process tree) is gone; wait for the leader
+    # to exit, without reaping it: until it is reaped its pid, and so the process group id
+    # the caller kills, cannot be reused
+    end = max(deadline, time.monotonic() + 0.1)
+    while True:
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            info = True
+        if info is not None:
+            res.leader_status = getattr(info, "si_status", None)
+            return
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.005)
+    if finished:
+        pass
+    elif started:
+        res.timed_out = True
+    else:
+        res.setup_error = "sandbox did not start"
 
 
 # --------------------------------------------------------------------------- verdicts
