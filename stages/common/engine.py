@@ -393,24 +393,54 @@ class EnginePool:
         self.startup_seconds = time.time() - t0
 
     def generate(self, rows: list[dict], sampling: SamplingSpec) -> Iterator[list[dict]]:
-        """Yields result chunks as they finish (not in input order)."""
-        import ray
+        """Yields result chunks as they finish (not in input order).
 
-        chunks = [rows[i : i + self.spec.batch_size] for i in range(0, len(rows), self.spec.batch_size)]
+        A chunk whose call was lost with its actor (a crash, or the node gone: Ray may say
+        the call "may or may not have been executed") is queued again; its rows are only
+        taken from a call that returned, so the retry cannot duplicate samples. An actor
+        that is dead for good gets no more chunks; with none left the error is raised.
+        """
+        import ray
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        chunks = [(rows[i : i + self.spec.batch_size], 0) for i in range(0, len(rows), self.spec.batch_size)]
         chunks.reverse()
         sp = sampling.model_dump()
-        inflight: dict[Any, int] = {}
+        inflight: dict[Any, tuple[int, list, int]] = {}
         load = [0] * len(self.actors)
+        dead: set[int] = set()
         while chunks or inflight:
-            for idx in sorted(range(len(self.actors)), key=lambda j: load[j]):
+            for idx in sorted(set(range(len(self.actors))) - dead, key=lambda j: load[j]):
                 while chunks and load[idx] < self.spec.chunks_in_flight:
-                    ref = self.actors[idx].generate.remote(chunks.pop(), sp)
-                    inflight[ref] = idx
+                    chunk, tries = chunks.pop()
+                    inflight[self.actors[idx].generate.remote(chunk, sp)] = (idx, chunk, tries)
                     load[idx] += 1
+            if not inflight:
+                raise RuntimeError(f"all {len(self.actors)} engine replicas are dead; {len(chunks)} chunks left")
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:
-                load[inflight.pop(ref)] -= 1
-                yield ray.get(ref)
+                idx, chunk, tries = inflight.pop(ref)
+                load[idx] -= 1
+                try:
+                    result = ray.get(ref)
+                except RayActorError as e:
+                    if tries >= self.spec.max_restarts + 2:
+                        raise
+                    if isinstance(e, ActorDiedError) and not self._alive(idx):
+                        dead.add(idx)
+                    time.sleep(min(2.0**tries, 10.0))  # let Ray restart the actor
+                    chunks.append((chunk, tries + 1))
+                    continue
+                yield result
+
+    def _alive(self, idx: int) -> bool:
+        import ray
+
+        try:
+            ray.get(self.actors[idx].ready.remote(), timeout=120)
+            return True
+        except Exception:
+            return False
 
     def alive(self) -> bool:
         import ray
