@@ -452,3 +452,18 @@ def test_verify_actor_checks_code_and_math_rows_in_order(backend):
         assert actor.check([math_row], p.format.model_dump())[0]["reason"] == "ok"
     finally:
         actor.pool.close()
+
+
+def test_many_files_are_bounded_in_total(backend):
+    """Each file is capped by RLIMIT_FSIZE and the work folder is a tmpfs of about
+    ``max_file_mb``, so many small files cannot fill the host's disk or memory either."""
+    src = prog("""
+        chunk = b"x" * (1 << 20)
+        for i in range(200):  # 200 files of 4 MB = 800 MB
+            with open(f"f{i}", "wb") as f:
+                for _ in range(4):
+                    f.write(chunk)
+    """)
+    r = one(src, limits=SandboxLimits(timeout_s=10, max_file_mb=10))
+    assert (r["verdict"], r["reason"]) == ("fail", "file_size_limit"), r
+    assert "No space left on device" in r["detail"]

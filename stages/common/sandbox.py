@@ -8,17 +8,17 @@ shape the verify stage uses.
 
 Isolation (detected once per process by actually running a probe in it, cached):
 
-* **bubblewrap** (``bwrap`` on PATH): ``--unshare-all --unshare-user`` (user, pid,
-  network, IPC, UTS namespaces), ``--die-with-parent``, the host filesystem
-  bound read-only, a fresh ``/dev`` and ``/proc``, the run's working folder the
-  only writable place.
+* **bubblewrap** (``bwrap`` on PATH, 0.7 or later for ``--size``): ``--unshare-all
+  --unshare-user`` (user, pid, network, IPC, UTS namespaces), ``--die-with-parent``,
+  the host filesystem bound read-only, a fresh read-only ``/dev`` and a fresh
+  ``/proc``, the work folder a size-limited tmpfs, the only writable place.
 * **util-linux unshare** (``unshare --user --map-root-user --net --ipc --uts
   --pid --fork --mount-proc --kill-child``; no root and no setuid helper needed):
-  inside, a small wrapper (pid 1 of the new pid namespace) bind-mounts the working
-  folder, makes every other mount read-only (``mount_setattr(AT_RECURSIVE)``;
-  per-mount remounts on kernels older than 5.12), then forks the program with an
-  empty capability bounding set and ``no_new_privs``, so the program cannot undo
-  the read-only mounts.
+  inside, a small wrapper (pid 1 of the new pid namespace) makes every mount
+  read-only (``mount_setattr(AT_RECURSIVE)``; per-mount remounts on kernels older
+  than 5.12), mounts a size-limited tmpfs on the work folder, then forks the
+  program with an empty capability bounding set and ``no_new_privs``, so the
+  program cannot undo the read-only mounts.
 * neither works: every check is an ``error`` with reason ``no_isolation``
   ("no network isolation available"), unless ``allow_unisolated: true``, in which
   case programs run with the resource limits only (no namespaces, host
@@ -30,8 +30,10 @@ program has no capabilities.
 
 Per test run:
 
-* a fresh working folder (``$TMPDIR/distill-sbx-*``, holding ``prog.py``), removed
-  afterwards; ``HOME`` and ``TMPDIR`` point at it, the rest of the filesystem is
+* a fresh work folder (``$TMPDIR/distill-sbx-*`` on the host, holding ``prog.py``,
+  removed afterwards); inside the sandbox a tmpfs of ``max_file_mb + 1`` MiB is
+  mounted over it, so what the program writes never reaches the host and is
+  bounded in total; ``HOME`` and ``TMPDIR`` point at it, everything else is
   read-only;
 * ``python -I prog.py`` (isolated mode: no ``PYTHON*`` variables, no user site;
   ``site`` is imported so ``exit()``/``quit()`` exist), stdin fed from the test
@@ -47,9 +49,11 @@ Per test run:
 * a wall-clock limit per test (``timeout_s``, counted from the program's start,
   not the sandbox's), then SIGKILL to the whole process group. With a pid
   namespace, the namespace's init dying takes every process in it along, so a
-  program that ``setsid()``s or double-forks leaves nothing behind; without one
-  (``allow_unisolated``), processes carrying the run's environment marker are
-  hunted down in ``/proc`` as well.
+  program that ``setsid()``s or double-forks leaves nothing behind. After a kill,
+  and after every run without a pid namespace (``allow_unisolated``), processes
+  carrying the run's environment marker (``DISTILL_SANDBOX=<work folder>``) are
+  hunted down in ``/proc`` until none is left (at most 3 s), so when ``run_tests``
+  returns, nothing of the run is alive.
 
 ``RLIMIT_NPROC`` counts per user *and* user namespace, so inside its own user
 namespace a fork bomb is held to ``max_processes`` without other sandboxes or the
@@ -58,6 +62,14 @@ machine's processes counting towards it. The kernel never applies it to real roo
 as ``nobody`` (uid/gid 65534) instead; then the interpreter has to be readable by
 ``nobody``: ``python`` (config) or the first of ``sys.executable``,
 ``/usr/bin/python3``, ``/usr/local/bin/python3`` that runs in the probe.
+Unisolated runs get ``RLIMIT_NPROC`` only as ``nobody`` (then all of ``nobody``'s
+processes on the machine count); as an ordinary user they get none.
+
+Known limits: ``RLIMIT_AS`` and ``RLIMIT_CPU`` are per process, so a program can hold
+up to ``max_processes x memory_mb`` of memory and ``max_processes`` CPUs until its
+wall-clock limit (no cgroups here: they need delegation that a Ray worker rarely
+has). The program can read whatever ``nobody`` (or the checker's user) can read on the
+host filesystem; it cannot write outside its work folder or reach any network.
 
 Verdicts (``run_tests`` returns ``{"verdict", "reason", "detail", "tests",
 "passed", "failed_test", "seconds"}``):
@@ -71,7 +83,8 @@ fail        wrong_output      output differs (after trimming trailing
                               prefix of the expected lines is wrong)
 fail        runtime_error     nonzero exit or killed by a signal
 fail        memory_limit      ``MemoryError`` (``RLIMIT_AS``)
-fail        file_size_limit   a write beyond ``max_file_mb`` (EFBIG / SIGXFSZ)
+fail        file_size_limit   a file beyond ``max_file_mb`` (EFBIG / SIGXFSZ), or
+                              the work folder full (ENOSPC)
 fail        output_limit      more than ``max_output_bytes`` on stdout
 fail        no_code_block     the completion has no fenced code block
 timeout     time_limit        wall clock beyond ``timeout_s``
@@ -100,7 +113,6 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SANDBOX_VERSION = "1"
 NOBODY = 65534  # the sandbox's uid/gid when the checker runs as root
 WORKDIR_PREFIX = "distill-sbx-"
 SETUP_TIMEOUT_S = 20.0  # starting namespaces and the wrapper; beyond it: error, not timeout
@@ -114,8 +126,8 @@ class SandboxLimits(BaseModel):
     timeout_s: float = Field(5.0, gt=0, le=600, description="wall clock per test, from the program's start")
     cpu_seconds: int = Field(5, ge=1, description="RLIMIT_CPU per process")
     memory_mb: int = Field(1024, ge=64, description="RLIMIT_AS (address space) per process")
-    max_processes: int = Field(32, ge=1, description="RLIMIT_NPROC: tasks (threads too) alive, the program included")
-    max_file_mb: int = Field(10, ge=0, description="RLIMIT_FSIZE: largest file the program may write")
+    max_processes: int = Field(16, ge=1, description="RLIMIT_NPROC: tasks (threads too) alive, the program included")
+    max_file_mb: int = Field(10, ge=0, description="RLIMIT_FSIZE; the work folder holds about as much in all")
     max_output_bytes: int = Field(1 << 20, ge=1, description="stdout cap; beyond it the run is killed (output_limit)")
     allow_unisolated: bool = Field(False, description="run with rlimits only when no namespace sandbox works")
     python: str | None = Field(None, description="interpreter for programs; default: the first that works in the sandbox")
@@ -209,27 +221,29 @@ try:
     wd = cfg["workdir"].encode()
     if cfg["readonly"]:
         MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
-        check(libc.mount(wd, wd, None, MS_BIND, None), "bind workdir")
+        with open(cfg["program"], "rb") as f:
+            prog = f.read()
         ro = (ctypes.c_uint64 * 4)(1, 0, 0, 0)  # struct mount_attr: attr_set=MOUNT_ATTR_RDONLY
-        rw = (ctypes.c_uint64 * 4)(0, 1, 0, 0)  # attr_clr=MOUNT_ATTR_RDONLY
         SYS_mount_setattr, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000
-        if not cfg.get("legacy_remount") and libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, ro, 32) == 0:
-            check(libc.syscall(SYS_mount_setattr, AT_FDCWD, wd, 0, rw, 32), "workdir read-write")
-        else:  # kernels before 5.12: remount each mount read-only, keeping its locked flags
+        if cfg.get("legacy_remount") or libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, ro, 32) != 0:
+            # kernels before 5.12: remount each mount read-only, keeping its locked flags
             keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024,
                     "nodiratime": 2048, "relatime": 1 << 21}
             unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
             for line in open("/proc/self/mountinfo").read().splitlines():
                 f = line.split()
                 mp, opts = unesc(f[4]), f[5].split(",")
-                if mp == cfg["workdir"]:
-                    continue
                 flags = MS_REMOUNT | MS_BIND | MS_RDONLY
                 for o in opts:
                     flags |= keep.get(o, 0)
                 if not {"noatime", "relatime"} & set(opts):
                     flags |= 1 << 24  # MS_STRICTATIME
                 libc.mount(None, mp.encode(), None, flags, None)
+        # the work folder: a fresh tmpfs, so what the program writes is bounded in total too
+        opts = "size=%d,mode=0755" % cfg["folder_bytes"]
+        check(libc.mount(b"tmpfs", wd, b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()), "work folder tmpfs")
+        with open(cfg["program"], "wb") as f:
+            f.write(prog)
         if not os.statvfs("/").f_flag & os.ST_RDONLY:
             raise OSError("/ is still writable")
         if os.statvfs(cfg["workdir"]).f_flag & os.ST_RDONLY:
@@ -287,11 +301,14 @@ class Isolation:
     uid: int | None  # run as this uid/gid (root only), else None
     detail: str = ""
 
-    def command(self, cfg_json: str, workdir: str) -> list[str]:
+    def command(self, cfg_json: str, workdir: str, folder_bytes: int) -> list[str]:
         inner = [self.python, "-I", "-S", "-c", WRAPPER, cfg_json]
         if self.backend == "bwrap":
+            prog = os.path.join(workdir, "prog.py")
             return [_bwrap(), "--unshare-all", "--unshare-user", "--die-with-parent", "--ro-bind", "/", "/",
-                    "--dev", "/dev", "--proc", "/proc", "--bind", workdir, workdir, "--chdir", workdir, "--", *inner]
+                    "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc",
+                    "--size", str(folder_bytes), "--tmpfs", workdir, "--ro-bind", prog, prog,
+                    "--chdir", workdir, "--", *inner]
         if self.backend == "unshare":
             return [_unshare(), "--user", "--map-root-user", "--net", "--ipc", "--uts", "--pid", "--fork",
                     "--mount-proc", "--kill-child", "--", *inner]
@@ -511,10 +528,10 @@ def _execute(iso: Isolation, program: str, stdin: str, limits: SandboxLimits) ->
         status_r, status_w = os.pipe()
         cfg = {"workdir": workdir, "program": prog_path, "python": iso.python, "env": env, "status_fd": status_w,
                "readonly": iso.backend == "unshare", "drop_caps": iso.backend == "unshare",
-               "rlimits": _rlimits(limits, iso)}
+               "rlimits": _rlimits(limits, iso), "folder_bytes": (limits.max_file_mb + 1) << 20}
         extra = {"user": iso.uid, "group": iso.uid, "extra_groups": []} if iso.uid is not None else {}
         try:
-            proc = subprocess.Popen(iso.command(json.dumps(cfg), workdir), stdin=subprocess.PIPE,
+            proc = subprocess.Popen(iso.command(json.dumps(cfg), workdir, cfg["folder_bytes"]), stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
                                     start_new_session=True, cwd=workdir, env=env, **extra)
         except OSError as e:
@@ -697,7 +714,7 @@ def classify(run: RunResult, expected: str, limits: SandboxLimits) -> tuple[str,
         last = _last_line(run.stderr_tail)
         if "MemoryError" in run.stderr_tail:
             return "fail", "memory_limit", f"exit {run.exit_code}: {last}"
-        if "File too large" in run.stderr_tail:
+        if "File too large" in run.stderr_tail or "No space left on device" in run.stderr_tail:
             return "fail", "file_size_limit", f"exit {run.exit_code}: {last}"
         return "fail", "runtime_error", f"exit {run.exit_code}" + (f": {last}" if last else "")
     if outputs_match(run.stdout, expected):
