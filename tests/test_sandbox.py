@@ -424,6 +424,16 @@ def test_check_code_sample_verdict_shape(backend):
     assert check_code_sample(None, ADD_TESTS, FAST, None, fmt, error="engine died").reason == "generation_error"
 
 
+def test_which_rows_are_code():
+    from stages.common.checkers import is_code_row
+
+    assert is_code_row({"tests": ADD_TESTS}) and is_code_row({"tests": json.dumps(ADD_TESTS)})
+    for empty in (None, "", " ", "[]", [], {}):
+        assert not is_code_row({"tests": empty})
+    assert not is_code_row({"answer": "7"})
+    assert is_code_row({"answer": "[]"}, "code") and not is_code_row({"tests": ADD_TESTS}, "math")
+
+
 def test_verify_actor_checks_code_and_math_rows_in_order(backend):
     from stages.verify import Params, VerifierActor
 

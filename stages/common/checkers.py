@@ -204,13 +204,15 @@ def check_sample(
 
 def is_code_row(row: dict, checker: str = "auto") -> bool:
     """Whether a sample row is checked as code: ``checker="code"`` always, ``"math"`` never,
-    ``"auto"`` when the row has a non-empty ``tests`` field."""
+    ``"auto"`` when the row has a non-empty ``tests`` field (not null, ``""``, ``[]`` or ``"[]"``)."""
     if checker == "code":
         return True
     if checker == "math":
         return False
     tests = row.get("tests")
-    return tests is not None and not (isinstance(tests, str) and not tests.strip())
+    if isinstance(tests, str):
+        return tests.strip() not in ("", "[]", "{}", "null")
+    return bool(tests)
 
 
 def check_code_sample(completion: str | None, tests, spec=None, finish_reason: str | None = None,
