@@ -17,6 +17,7 @@ import time
 import uuid
 
 import pytest
+from pydantic import ValidationError
 
 from stages.common import sandbox as sb
 from stages.common.sandbox import SandboxLimits, extract_program, outputs_match, parse_tests, run_completion, run_tests
@@ -125,7 +126,7 @@ def test_parse_tests_forms():
 
 
 def test_config_forbids_unknown_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         SandboxLimits(timeout=3)
     assert sb.CodeSpec is SandboxLimits and SandboxLimits().allow_unisolated is False
 
@@ -438,7 +439,7 @@ def test_verify_actor_checks_code_and_math_rows_in_order(backend):
     from stages.verify import Params, VerifierActor
 
     p = Params.model_validate({"checker": "auto", "code": {"timeout_s": 2, "cpu_seconds": 2}})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         Params.model_validate({"code": {"timeout": 2}})
     math_row = {"completion": "<think>x</think> \\boxed{7}", "finish_reason": "stop", "answer": "7", "error": None}
     rows = [

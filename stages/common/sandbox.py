@@ -138,7 +138,7 @@ CodeSpec = SandboxLimits
 
 # --------------------------------------------------------------------------- programs and tests
 
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
 def extract_program(completion: str | None) -> str | None:
@@ -602,7 +602,7 @@ def _pump(proc: subprocess.Popen, status_r: int, data: bytes, limits: SandboxLim
 
 
 def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
-    in_fd, out_fd, err_fd, status_r = fds
+    in_fd, out_fd, err_fd, _ = fds
     sent = 0
     deadline = time.monotonic() + SETUP_TIMEOUT_S
     started = False
@@ -652,7 +652,7 @@ def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
                 if not started and b"ok\n" in status:
                     started = True
                     deadline = time.monotonic() + limits.timeout_s
-                if not finished and re.search(rb"^(exit|signal|error) ", status, re.M):
+                if not finished and re.search(rb"^(exit|signal|error) ", status, re.MULTILINE):
                     # the program is gone; give its last output a moment to arrive (descendants
                     # that outlive it, possible only without a pid namespace, are not waited for)
                     finished = True
