@@ -401,7 +401,7 @@ def detect_isolation(python: str | None = None, allow_unisolated: bool = False) 
                 if found:
                     break
             _isolation_cache[key] = found
-            _isolation_errors[key] = "; ".join(errors) or "neither bwrap nor unshare found"
+            _isolation_errors[key] = "; ".join(errors) if backends else "neither bwrap nor unshare found"
         found = _isolation_cache[key]
         if found is not None or not allow_unisolated:
             return found
