@@ -1,11 +1,21 @@
-"""benchmark `adaptive`: verified traces per million generated tokens, adaptive ÷ fixed sampling.
+"""benchmark `adaptive`: verified traces per million generated tokens, adaptive ÷ fixed sampling,
+at the same coverage (prompts with at least `target_correct` verified traces).
 
 On the demo task with the demo's toy teacher (built, or taken from cache, by
-configs/toy-teacher.yaml under .distill). Fixed draws n=8 samples per prompt;
-adaptive samples rounds of 2 per prompt and stops a prompt at `target_correct`
-verified samples or 8 samples. Both use the same engine settings and seeds; the
-JSON line also reports how many prompts reached `target_correct` under each, so
-the two are compared at the same coverage.
+configs/toy-teacher.yaml under .distill), on 256 distill prompts.
+
+- Adaptive: rounds of 2 samples per prompt, verified as they finish; a prompt stops at
+  `target_correct` verified traces, at `max_samples`, or when it has no verified trace
+  after `give_up_after` samples.
+- Fixed: one run of n = `max_samples` samples per prompt, verified. Its samples are
+  i.i.d. per index, so the first n of them are a fixed-n run for every n <= max_samples.
+  Fixed is charged at the smallest n whose coverage reaches adaptive's coverage (the
+  line reports both coverages and that n).
+
+Counting: `adaptive` counts at most `target_correct` traces per prompt, the traces the
+dataset keeps (dedupe's max_per_prompt is the same k); traces past that on easy prompts
+are surplus. `adaptive-all-traces` counts every verified trace, surplus included.
+Both sides use the same teacher, engine settings and sampling temperature.
 """
 from __future__ import annotations
 
@@ -18,7 +28,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, emit  # noqa: E402
 
-N_PROMPTS, TARGET, MAX_SAMPLES = 256, 2, 8
+N_PROMPTS, TARGET, MAX_SAMPLES, GIVE_UP, ROUND = 256, 2, 16, 6, 2
+
+
+def _run(tmp: str, name: str, src: Path, teacher: str, sampling: dict) -> list[dict]:
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+    from pipeline.storage import Storage
+
+    cfg = Path(tmp) / f"{name}.yaml"
+    cfg.write_text(json.dumps({"name": f"bench-{name}", "storage": {"root": f"{tmp}/{name}"}, "stages": {
+        "prompts": {"params": {"path": str(src)}},
+        "generate": {"inputs": {"prompts": "prompts.prompts"}, "params": {
+            "model": teacher, "sampling": {"temperature": 1.0, "max_tokens": 96, "seed": 0, **sampling},
+            "engine": {"max_model_len": 256, "kv_cache_gb": 1}}},
+        "verify": {"inputs": {"samples": "generate.samples"}},
+    }}))
+    run = Runner(load_config(cfg)).run()
+    if not run.ok:
+        raise SystemExit(run.error)
+    stages = {s["name"]: s for s in run.manifest["stages"]}
+    rs = Storage(f"{tmp}/{name}")
+    return rs.read_dataset(rs.strip(stages["verify"]["output"]["verified"]),
+                           columns=["prompt_id", "sample_index", "verdict", "completion_tokens"]).to_pylist()
+
+
+def _score(rows: list[dict]) -> dict:
+    correct: dict[str, int] = {}
+    for r in rows:
+        correct[r["prompt_id"]] = correct.get(r["prompt_id"], 0) + (r["verdict"] == "correct")
+    return {"tokens": sum(r["completion_tokens"] for r in rows), "traces": sum(correct.values()),
+            "kept_traces": sum(min(c, TARGET) for c in correct.values()),
+            "coverage": sum(c >= TARGET for c in correct.values())}
 
 
 def main() -> None:
@@ -34,48 +75,23 @@ def main() -> None:
     out = {s["name"]: s["output"] for s in teacher_run.manifest["stages"]}
     st = Storage(".distill")
     prompts = st.read_dataset(st.strip(out["toy_task"]["distill"])).slice(0, N_PROMPTS).to_pylist()
-    teacher = out["teacher_sft"]["model"]
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "prompts.jsonl"
         src.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in prompts))
-        for strategy in ("fixed", "adaptive"):
-            sampling = {"n": MAX_SAMPLES, "temperature": 1.0, "max_tokens": 96, "seed": 0} if strategy == "fixed" else \
-                {"strategy": "adaptive", "n": 2, "max_samples": MAX_SAMPLES, "target_correct": TARGET,
-                 "temperature": 1.0, "max_tokens": 96, "seed": 0}
-            cfg = Path(tmp) / f"{strategy}.yaml"
-            cfg.write_text(json.dumps({"name": f"bench-{strategy}", "storage": {"root": f"{tmp}/{strategy}"}, "stages": {
-                "prompts": {"params": {"path": str(src)}},
-                "generate": {"inputs": {"prompts": "prompts.prompts"}, "params": {
-                    "model": teacher, "sampling": sampling,
-                    "engine": {"max_model_len": 256, "kv_cache_gb": 1, "batch_size": 256}}},
-                "verify": {"inputs": {"samples": "generate.samples"}},
-            }}))
-            run = Runner(load_config(cfg)).run()
-            if not run.ok:
-                raise SystemExit(run.error)
-            stages = {s["name"]: s for s in run.manifest["stages"]}
-            rs = Storage(f"{tmp}/{strategy}")
-            verified = rs.read_dataset(rs.strip(stages["verify"]["output"]["verified"]), columns=["prompt_id", "verdict"]).to_pylist()
-            correct: dict[str, int] = {}
-            for r in verified:
-                correct[r["prompt_id"]] = correct.get(r["prompt_id"], 0) + (r["verdict"] == "correct")
-            results[strategy] = {
-                "traces": sum(correct.values()),
-                "useful_traces": sum(min(c, TARGET) for c in correct.values()),
-                "tokens": stages["generate"]["metrics"]["completion_tokens"],
-                "prompts_at_target": sum(c >= TARGET for c in correct.values()),
-            }
-    per_m = {k: v["traces"] / v["tokens"] * 1e6 for k, v in results.items()}
-    emit("adaptive", per_m["adaptive"], per_m["fixed"], "verified traces per 1M tokens",
-         target_correct=TARGET, max_samples=MAX_SAMPLES, prompts=N_PROMPTS,
-         prompts_at_target={k: v["prompts_at_target"] for k, v in results.items()},
-         tokens={k: v["tokens"] for k, v in results.items()})
-    # Traces past target_correct on a prompt are surplus (dedupe keeps at most k per prompt):
-    # counting at most target_correct per prompt compares what each strategy pays per needed trace.
-    useful = {k: v["useful_traces"] / v["tokens"] * 1e6 for k, v in results.items()}
-    emit("adaptive-useful", useful["adaptive"], useful["fixed"], "traces (at most target_correct per prompt) per 1M tokens",
-         target_correct=TARGET)
+        fixed_rows = _run(tmp, "fixed", src, out["teacher_sft"]["model"], {"n": MAX_SAMPLES})
+        adaptive = _score(_run(tmp, "adaptive", src, out["teacher_sft"]["model"], {
+            "strategy": "adaptive", "n": ROUND, "max_samples": MAX_SAMPLES, "target_correct": TARGET,
+            "give_up_after": GIVE_UP}))
+    curve = {n: _score([r for r in fixed_rows if r["sample_index"] < n]) for n in range(1, MAX_SAMPLES + 1)}
+    n_fixed = next((n for n, s in curve.items() if s["coverage"] >= adaptive["coverage"]), MAX_SAMPLES)
+    fixed = curve[n_fixed]
+    common = {"target_correct": TARGET, "max_samples": MAX_SAMPLES, "give_up_after": GIVE_UP, "prompts": N_PROMPTS,
+              "fixed_n": n_fixed, "coverage": {"adaptive": adaptive["coverage"], "fixed": fixed["coverage"]},
+              "tokens": {"adaptive": adaptive["tokens"], "fixed": fixed["tokens"]}}
+    emit("adaptive", adaptive["kept_traces"] / adaptive["tokens"] * 1e6, fixed["kept_traces"] / fixed["tokens"] * 1e6,
+         "kept verified traces (<= target_correct per prompt) per 1M tokens", **common)
+    emit("adaptive-all-traces", adaptive["traces"] / adaptive["tokens"] * 1e6, fixed["traces"] / fixed["tokens"] * 1e6,
+         "verified traces per 1M tokens", fixed_n=n_fixed)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def pipeline_run(model: str, src: Path, root: str) -> dict:
             "generate": {"inputs": {"prompts": "prompts.prompts"}, "params": {
                 "model": model,
                 "sampling": {"n": 1, "temperature": 1.0, "max_tokens": MAX_TOKENS, "ignore_eos": True},
-                "engine": {**ENGINE, "batch_size": N_PROMPTS}}},
+                "engine": ENGINE}},  # default chunking: 32-prompt chunks, 8 in flight
         },
     }))
     result = Runner(load_config(cfg)).run()

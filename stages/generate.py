@@ -12,7 +12,8 @@ exhausted unsolved (the difficulty signal for later stages).
 ``sampling.strategy: adaptive`` samples in rounds of ``n`` per prompt, verifies
 each round with the verify stage's checkers, and stops a prompt once it has
 ``target_correct`` verified samples or has spent ``max_samples`` samples (or
-``max_tokens_per_prompt`` tokens). ``fixed`` draws ``n`` samples per prompt.
+``max_tokens_per_prompt`` tokens); with ``give_up_after``, a prompt with no verified
+sample after that many is given up as unsolved. ``fixed`` draws ``n`` samples per prompt.
 
 Exactly-once resume: every finished chunk is committed at once as a small
 checkpoint dataset. Checkpoints are keyed by the teacher and the sampling
@@ -156,7 +157,8 @@ class Generate(Stage):
 
             def finished(st: dict) -> bool:
                 return (st["correct"] >= s.target_correct or st["samples"] >= s.max_samples
-                        or (s.max_tokens_per_prompt is not None and st["tokens"] >= s.max_tokens_per_prompt))
+                        or (s.max_tokens_per_prompt is not None and st["tokens"] >= s.max_tokens_per_prompt)
+                        or (s.give_up_after is not None and st["correct"] == 0 and st["samples"] >= s.give_up_after))
 
             done = sum(finished(st) for st in stats.values())
             bar.advance(done)

@@ -132,3 +132,21 @@ def test_adaptive_sampling_stops_at_budget_and_records_difficulty(ray_local, tin
     for r in rows:
         texts.setdefault(r["prompt_id"], set()).add(r["completion"])
     assert all(len(t) > 1 for t in texts.values())
+
+
+@pytest.mark.engine
+def test_adaptive_gives_up_on_unsolved_prompts(ray_local, tiny_model, tmp_path):
+    """give_up_after: a prompt with no verified sample after that many samples stops early
+    (here after the round that reaches 3 samples: 4), long before max_samples."""
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} + 5.", "answer": str(i + 5)} for i in range(4)])
+    cfg = generate_config(tmp_path, "giveup", src, tiny_model,
+                          "{strategy: adaptive, n: 2, max_samples: 12, give_up_after: 3, target_correct: 1, "
+                          "max_tokens: 8, seed: 2}",
+                          "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}")
+    result = Runner(load_config(cfg)).run()
+    assert result.ok, result.error
+    gen = {s["name"]: s for s in result.manifest["stages"]}["generate"]
+    st = Storage(str(tmp_path / "root"))
+    stats = st.read_dataset(st.strip(gen["output"]["prompt_stats"])).to_pylist()
+    assert len(stats) == 4 and all(s["samples"] == 4 and s["exhausted_unsolved"] for s in stats)
+    assert gen["metrics"]["samples"] == 16

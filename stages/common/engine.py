@@ -90,6 +90,7 @@ class SamplingSpec(BaseModel):
     target_correct: int = Field(1, ge=1, description="adaptive: stop a prompt at this many verified samples")
     max_samples: int = Field(16, ge=1, description="adaptive: most samples per prompt")
     max_tokens_per_prompt: int | None = Field(None, ge=1, description="adaptive: completion-token budget per prompt")
+    give_up_after: int | None = Field(None, ge=1, description="adaptive: stop a prompt with no verified sample after this many")
     budget: BudgetSpec | None = Field(None, description="budget forcing of the reasoning length (s1)")
 
 
