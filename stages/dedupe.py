@@ -30,7 +30,10 @@ completion) to the traces already kept is smallest (ties: shorter, then input or
 from __future__ import annotations
 
 import hashlib
-from typing import ClassVar, Iterable, Sequence
+import operator
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,12 +75,14 @@ class Params(BaseModel):
 _ASCII_WS = np.zeros(33, bool)
 _ASCII_WS[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 _U8, _U32 = np.uint8, np.uint32
+_DIGEST = operator.methodcaller("digest")
 
 
 def _multibyte_ws(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start positions and byte lengths of the non-ASCII whitespace characters in UTF-8 bytes
     (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000)."""
-    cand = np.flatnonzero((d - _U8(0xC2)) <= _U8(0xE3 - 0xC2))  # lead bytes C2..E3
+    cand = np.flatnonzero(d >= 0xC2)
+    cand = cand[d[cand] <= 0xE3]  # lead bytes C2..E3
     if not len(cand):
         return cand, cand
     last = len(d) - 1
@@ -91,6 +96,51 @@ def _multibyte_ws(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cand[hit], np.where(two[hit], 2, 3)
 
 
+def _string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's UTF-8 bytes and int64 offsets into them (nulls read as empty)."""
+    if arr.null_count:
+        arr = pc.fill_null(arr, "")
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint8), np.zeros(1, np.int64)
+    large = pa.types.is_large_string(arr.type)
+    offsets = np.frombuffer(arr.buffers()[1], np.int64 if large else np.int32)[arr.offset : arr.offset + n + 1]
+    base, end = int(offsets[0]), int(offsets[-1])
+    off = offsets.astype(np.int64) - base
+    if end == base:
+        return np.zeros(0, np.uint8), off
+    return np.frombuffer(arr.buffers()[2], np.uint8, count=end - base, offset=base), off
+
+
+def _ngram_spans(d: np.ndarray, off: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte spans (start, end) of each row's word n-grams, rows in order, and the count per row:
+    what ``shingles`` makes, duplicates included (one span, maybe empty, for a row of fewer than n words)."""
+    rows = len(off) - 1
+    size = len(d)
+    space = d == 32
+    inner = ~space
+    before = np.ones(size, bool)  # the byte before is a space or the row starts here
+    before[1:] = space[:-1]
+    after = np.ones(size, bool)  # the byte after is a space or the row ends here
+    after[:-1] = space[1:]
+    starts, ends = off[:-1], off[1:]
+    before[starts[starts < size]] = True
+    after[ends[ends > 0] - 1] = True
+    wstart = np.flatnonzero(inner & before)
+    wend = np.flatnonzero(inner & after) + 1
+    words = np.diff(np.searchsorted(wstart, off))
+    first_word = np.searchsorted(wstart, starts)
+    per_row = np.maximum(1, words - n + 1)
+    row = np.repeat(np.arange(rows), per_row)
+    i = np.arange(len(row)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    has = words[row] > 0
+    if not len(wstart):
+        return starts[row], starts[row], per_row
+    g = np.minimum(first_word[row] + i, len(wstart) - 1)
+    last = np.minimum(first_word[row] + i + np.minimum(words[row], n) - 1, len(wend) - 1)
+    return np.where(has, wstart[g], starts[row]), np.where(has, wend[last], starts[row]), per_row
+
+
 def _normalize_chunk(arr: pa.Array) -> pa.Array:
     large = pa.types.is_large_string(arr.type)
     if not (large or pa.types.is_string(arr.type)):
@@ -99,13 +149,10 @@ def _normalize_chunk(arr: pa.Array) -> pa.Array:
     if arr.null_count:
         arr = pc.fill_null(arr, "")
     n = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], np.int64 if large else np.int32)[arr.offset : arr.offset + n + 1]
-    base, end = int(offsets[0]), int(offsets[-1])
-    if n == 0 or end == base:
-        return arr
-    off = offsets.astype(np.int64) - base
-    d = np.frombuffer(arr.buffers()[2], np.uint8, count=end - base, offset=base)
+    d, off = _string_buffers(arr)
     size = len(d)
+    if size == 0:
+        return arr
 
     ws = d <= 32  # whitespace bytes; fixed up below for control characters and multi-byte spaces
     ctrl = np.flatnonzero(d < 32)
@@ -149,17 +196,37 @@ def _normalize_chunk(arr: pa.Array) -> pa.Array:
     if len(drop):
         keep = np.ones(size, bool)
         keep[drop] = False
-        out = out[keep]
+        out = pc.filter(pa.array(out), pa.array(keep)).buffers()[1]
         off = off - np.searchsorted(drop, off)
     cls = pa.LargeStringArray if large else pa.StringArray
     return cls.from_buffers(n, pa.py_buffer(off.astype(np.int64 if large else np.int32)), pa.py_buffer(out))
 
 
-def normalize_texts(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
-    """``pipeline.ids.normalize_text(s).lower()`` for every string (null reads as ""), column-wise."""
-    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
-    out = [_normalize_chunk(c) for c in chunks if len(c)]
-    return pa.chunked_array(out, out[0].type) if out else pa.chunked_array([], pa.string())
+def _pieces(values: pa.Array | pa.ChunkedArray, target: int) -> list[pa.Array]:
+    """Zero-copy slices of about ``target`` bytes of string data each (whole rows)."""
+    out = []
+    for arr in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
+        if not len(arr):
+            continue
+        _, off = _string_buffers(arr)
+        cuts = np.unique(np.searchsorted(off, np.arange(target, int(off[-1]), target)))
+        bounds = [0, *[int(c) for c in cuts if 0 < c < len(arr)], len(arr)]
+        out += [arr.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    return out
+
+
+def normalize_texts(values: pa.Array | pa.ChunkedArray, piece_bytes: int = 1 << 20) -> pa.ChunkedArray:
+    """``pipeline.ids.normalize_text(s).lower()`` for every string (null reads as ""), column-wise,
+    in cache-sized pieces on a few threads (Arrow and NumPy release the GIL)."""
+    pieces = _pieces(values, piece_bytes)
+    if not pieces:
+        return pa.chunked_array([], pa.string())
+    if len(pieces) == 1:
+        out = [_normalize_chunk(pieces[0])]
+    else:
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1, len(pieces))) as pool:
+            out = list(pool.map(_normalize_chunk, pieces))
+    return pa.chunked_array(out, out[0].type)
 
 
 def _codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
@@ -183,11 +250,6 @@ def first_occurrences(*columns: pa.Array | pa.ChunkedArray) -> np.ndarray:
         seen = np.maximum.accumulate(codes)
         first[1:] = seen[1:] > seen[:-1]
     return first
-
-
-def exact_duplicates(prompts: pa.Array | pa.ChunkedArray, completions: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Per row, True if an earlier row has the same normalised prompt and completion."""
-    return ~first_occurrences(normalize_texts(prompts), normalize_texts(completions))
 
 
 # -- near duplicates: MinHash LSH, vectorised ---------------------------------
@@ -218,23 +280,31 @@ class MinHasher:
         h = h * _U32(0xC2B2AE35)
         return h ^ (h >> _U32(16))
 
-    def signatures(self, texts: Iterable[str], chunk: int = 1 << 16) -> np.ndarray:
-        """uint32 [len(texts), num_perm]; ``texts`` already normalised (``normalize_texts``)."""
-        sets = [shingles(t, self.ngram) for t in texts]
-        out = np.empty((len(sets), self.num_perm), np.uint32)
-        i = 0
-        while i < len(sets):
-            j, count = i, 0
-            while j < len(sets) and (count == 0 or count + len(sets[j]) <= chunk):
-                count += len(sets[j])
-                j += 1
-            flat = [s for doc in sets[i:j] for s in doc]
-            digests = b"".join([hashlib.sha1(s).digest() for s in flat])
-            h = self._fmix32(np.frombuffer(digests, "<u4").reshape(-1, 5)[:, 0].astype(np.uint32))
-            phv = h[:, None] * self.a[None, :] + self.b[None, :]
-            bounds = np.cumsum([0] + [len(doc) for doc in sets[i : j - 1]])
-            out[i:j] = np.minimum.reduceat(phv, bounds, axis=0)
-            i = j
+    def signatures(self, texts: pa.Array | pa.ChunkedArray, chunk: int = 1 << 13) -> np.ndarray:
+        """uint32 [len(texts), num_perm]: the signature of each text's word n-grams (``shingles``),
+        hashed in batches of about ``chunk`` n-grams. Texts are normalised (``normalize_texts``:
+        one space between words; a leading or trailing space is fine), so an n-gram is a slice."""
+        arrays = texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]
+        out = np.empty((len(texts), self.num_perm), np.uint32)
+        row0 = 0
+        for arr in arrays:
+            d, off = _string_buffers(arr)
+            view = memoryview(d)
+            start, end, per_row = _ngram_spans(d, off, self.ngram)
+            first = np.concatenate([[0], np.cumsum(per_row)])
+            lo = 0
+            while lo < len(arr):
+                # rows [lo, hi) with about ``chunk`` n-grams (at least one row)
+                hi = max(lo + 1, int(np.searchsorted(first, first[lo] + chunk, "right")) - 1)
+                a, b = int(first[lo]), int(first[hi])
+                spans = map(slice, start[a:b].tolist(), end[a:b].tolist())
+                digests = b"".join(map(_DIGEST, map(hashlib.sha1, map(view.__getitem__, spans))))
+                h = self._fmix32(np.frombuffer(digests, "<u4").reshape(-1, 5)[:, 0].astype(np.uint32))
+                phv = np.multiply.outer(self.a, h)  # [num_perm, n-grams]: each row's n-grams contiguous
+                phv += self.b[:, None]
+                out[row0 + lo : row0 + hi] = np.minimum.reduceat(phv, first[lo:hi] - a, axis=1).T
+                lo = hi
+            row0 += len(arr)
         return out
 
 
@@ -265,8 +335,9 @@ class LSHIndex:
         return False
 
 
-def near_duplicates(texts: Sequence[str], spec: NearDupSpec) -> np.ndarray:
-    """Per normalised text, in order: True if it is a near duplicate of an earlier text that was kept."""
+def near_duplicates(texts: pa.Array | pa.ChunkedArray, spec: NearDupSpec) -> np.ndarray:
+    """Per normalised text (``normalize_texts``), in order: True if it is a near duplicate of an
+    earlier text that was kept."""
     if not len(texts):
         return np.zeros(0, bool)
     sigs = MinHasher(spec.num_perm, spec.seed, spec.ngram).signatures(texts)
@@ -342,8 +413,7 @@ class Dedupe(Stage):
         keep = pa.array(first)
         rows, norm_p, norm_c = rows[first], norm_p.filter(keep), norm_c.filter(keep)
         if p.near_dup.enabled and len(rows):
-            texts = pc.binary_join_element_wise(norm_p, norm_c, " ").to_pylist()
-            near = near_duplicates(texts, p.near_dup)
+            near = near_duplicates(pc.binary_join_element_wise(norm_p, norm_c, " "), p.near_dup)
             for i in rows[near].tolist():
                 reasons[i] = "near_duplicate"
             rows, norm_c = rows[~near], norm_c.filter(pa.array(~near))
