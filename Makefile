@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/verify.py
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/adaptive.py
+	$(BIN)/python benchmarks/dedupe.py
 
 clean:
 	rm -rf .distill

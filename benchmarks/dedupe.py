@@ -1,0 +1,198 @@
+"""benchmarks `dedupe-exact`, `dedupe-exact-same-work` and `dedupe-minhash`.
+
+The rows are the same on both sides of each comparison, and both sides run the
+functions the dedupe stage runs (``stages.dedupe``), with no Ray and no runner.
+
+`dedupe-exact`: rows/s of the stage's exact dedupe, ``first_occurrences(
+normalize_texts(prompt), normalize_texts(completion))`` (normalisation: whitespace runs
+collapsed, stripped, lower-cased; then first occurrence of each (prompt, completion)),
+÷ polars ``DataFrame.unique(subset=[prompt, completion], keep="first",
+maintain_order=True)`` on columns normalised beforehand, normalisation not timed: the
+baseline does strictly less work (hashing only).
+`dedupe-exact-same-work`: the same, ÷ polars doing the normalisation too
+(``str.replace_all`` of the same whitespace set, ``strip_chars``, ``to_lowercase``)
+and then ``unique``.
+Rows: 200k synthetic traces (8 per prompt, a few multi-byte characters), about 30%
+duplicates of earlier rows, a third of those differing only in whitespace or case.
+Both sides must keep the same rows (``agree``).
+
+`dedupe-minhash`: docs/s of the stage's near-duplicate pass, ``near_duplicates(
+normalize_texts(docs))`` (vectorised datasketch-compatible MinHash + banded LSH),
+÷ a plain datasketch loop: per doc ``normalize_text(doc).lower().split()``, 5-word
+shingles, ``MinHash.update`` per shingle, ``MinHashLSH.query`` then ``insert`` if
+nothing matched. 5k docs of about 150 words, about 20% light edits (one or two words)
+of earlier docs; threshold 0.8, 128 permutations. ``agree``: both sides flag the same
+docs. ``update_batch_docs_s``: the previous stage path (one ``MinHash`` +
+``update_batch`` per doc, ``MinHashLSH``) for reference.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+
+ROWS, DUP_FRACTION, PER_PROMPT = 200_000, 0.3, 8
+DOCS, NEAR_FRACTION = 5_000, 0.2
+REPEATS = 3  # best of, on every side
+# Python's str.isspace() set, as a Rust regex class for polars
+WS = (r"[\t\n\x0B\x0C\r\x1C-\x1F \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}"
+      r"\x{3000}]+")
+VOCAB = ["apples", "Janet", "basket", "gives", "neighbour", "so", "we", "add", "subtract", "total", "then", "each",
+         "the", "of", "and", "=", "+", "-", "×", "→", "≤", "π", "Let", "x", "y", "Therefore", "answer", "is"]
+
+
+def _words(rng: random.Random, k: int) -> str:
+    return " ".join(rng.choice(VOCAB) if rng.random() < 0.7 else str(rng.randint(0, 999)) for _ in range(k))
+
+
+def exact_rows(seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    unique = int(ROWS * (1 - DUP_FRACTION))
+    prompts, completions = [], []
+    for i in range(unique):
+        if i % PER_PROMPT == 0:
+            prompt = f"Problem {i // PER_PROMPT}: " + _words(rng, 25) + "?"
+        lines = [_words(rng, rng.randint(8, 16)) for _ in range(rng.randint(3, 8))]
+        prompts.append(prompt)
+        completions.append("<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{%d}." % rng.randint(0, 99))
+    for j in range(ROWS - unique):
+        k = rng.randrange(len(prompts))
+        p, c = prompts[k], completions[k]
+        if j % 3 == 1:
+            c = " " + c.replace(" ", "  ", 2).replace("\n", "\n\n", 1) + "\n"
+        elif j % 3 == 2:
+            p, c = p.upper(), c.replace("\n", "\u00a0\n", 1)
+        prompts.append(p)
+        completions.append(c)
+    order = list(range(ROWS))
+    rng.shuffle(order)
+    return [prompts[i] for i in order], [completions[i] for i in order]
+
+
+def best_of(fn, repeats: int = REPEATS):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_exact() -> None:
+    import numpy as np
+    import polars as pl
+    import pyarrow as pa
+
+    from stages.dedupe import first_occurrences, normalize_texts
+
+    prompts, completions = exact_rows()
+    table = pa.table({"prompt": prompts, "completion": completions})
+
+    def ours():
+        return first_occurrences(normalize_texts(table.column("prompt")), normalize_texts(table.column("completion")))
+
+    def norm(col):
+        return pl.col(col).str.replace_all(WS, " ").str.strip_chars(" ").str.to_lowercase()
+
+    df = pl.from_arrow(table).with_row_index("row")
+    normalised = df.with_columns(norm("prompt"), norm("completion"))  # not timed in `dedupe-exact`
+
+    def polars_unique():
+        return normalised.unique(subset=["prompt", "completion"], keep="first", maintain_order=True)
+
+    def polars_same_work():
+        return df.with_columns(norm("prompt"), norm("completion")).unique(
+            subset=["prompt", "completion"], keep="first", maintain_order=True)
+
+    ours()  # warm up
+    t_ours, first = best_of(ours)
+    t_unique, kept_unique = best_of(polars_unique)
+    t_same, kept_same = best_of(polars_same_work)
+    kept = np.flatnonzero(first)
+    agree = bool(np.array_equal(kept, kept_unique["row"].to_numpy())
+                 and np.array_equal(kept, kept_same["row"].to_numpy()))
+    mb = (table.column("prompt").nbytes + table.column("completion").nbytes) / 2**20
+    common = dict(rows=ROWS, duplicates=int(ROWS - len(kept)), mb=round(mb, 1), agree=agree)
+    emit("dedupe-exact", ROWS / t_ours, ROWS / t_unique, "rows/s", **common,
+         baseline_is="polars unique on pre-normalised columns (normalisation not timed)")
+    emit("dedupe-exact-same-work", ROWS / t_ours, ROWS / t_same, "rows/s", **common,
+         baseline_is="polars normalise + unique")
+
+
+def minhash_docs(seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    docs: list[str] = []
+    for _ in range(DOCS):
+        if docs and rng.random() < NEAR_FRACTION:
+            words = rng.choice(docs).split(" ")
+            for _ in range(rng.randint(1, 2)):
+                words[rng.randrange(len(words))] = rng.choice(VOCAB)
+            docs.append(" ".join(words))
+        else:
+            docs.append(_words(rng, rng.randint(100, 200)))
+    return docs
+
+
+def bench_minhash() -> None:
+    import numpy as np
+    import pyarrow as pa
+    from datasketch import MinHash, MinHashLSH
+
+    from pipeline.ids import normalize_text
+    from stages.dedupe import NearDupSpec, near_duplicates, normalize_texts, shingles
+
+    spec = NearDupSpec(enabled=True)
+    docs = minhash_docs()
+    column = pa.array(docs)
+
+    def ours():
+        return near_duplicates(normalize_texts(column), spec)
+
+    def plain_loop():
+        lsh = MinHashLSH(threshold=spec.threshold, num_perm=spec.num_perm)
+        flags = []
+        for i, doc in enumerate(docs):
+            words = normalize_text(doc).lower().split()
+            n = spec.ngram
+            m = MinHash(num_perm=spec.num_perm, seed=spec.seed)
+            for s in {" ".join(words[j : j + n]) for j in range(max(1, len(words) - n + 1))}:
+                m.update(s.encode("utf-8"))
+            hit = bool(lsh.query(m))
+            if not hit:
+                lsh.insert(str(i), m)
+            flags.append(hit)
+        return np.array(flags)
+
+    def update_batch_loop():
+        lsh = MinHashLSH(threshold=spec.threshold, num_perm=spec.num_perm)
+        flags = []
+        for i, doc in enumerate(docs):
+            m = MinHash(num_perm=spec.num_perm, seed=spec.seed)
+            m.update_batch(list(shingles(normalize_text(doc).lower(), spec.ngram)))
+            hit = bool(lsh.query(m))
+            if not hit:
+                lsh.insert(str(i), m)
+            flags.append(hit)
+        return np.array(flags)
+
+    ours()  # warm up
+    t_ours, flags = best_of(ours)
+    t_plain, ref = best_of(plain_loop)
+    t_batch, ref_batch = best_of(update_batch_loop)
+    emit("dedupe-minhash", DOCS / t_ours, DOCS / t_plain, "docs/s", docs=DOCS, near_duplicates=int(flags.sum()),
+         agree=bool(np.array_equal(flags, ref) and np.array_equal(flags, ref_batch)),
+         update_batch_docs_s=round(DOCS / t_batch, 2), threshold=spec.threshold, num_perm=spec.num_perm,
+         ngram=spec.ngram)
+
+
+def main() -> None:
+    bench_exact()
+    bench_minhash()
+
+
+if __name__ == "__main__":
+    main()
