@@ -120,3 +120,66 @@ def test_diverse_picks_greedy_max_min():
     assert pick_diverse(keys, sets, 2) == [0, 2]          # 2 shares nothing with 0
     assert pick_diverse(keys, sets, 3) == [0, 2, 3]       # worst similarity to {0, 2}: 1 -> 0.6, 3 -> 0.5
     assert pick_diverse(keys, [{1}, {2}, {3}, {4}], 3) == [0, 1, 3]  # all tie at 0: shortest first
+
+
+def test_all_rows_dropped_before_dedupe(tmp_path):
+    rows = [{"prompt_id": "p", "prompt": "Q?", "sample_index": i, "completion": c, "verdict": v}
+            for i, (c, v) in enumerate([("a", "rejected"), ("", "correct"), (None, "correct")])]
+    sft, dropped, metrics = _run_stage(tmp_path, rows, near_dup={"enabled": True}, prefer="diverse", max_per_prompt=1)
+    assert sft == [] and [d["reason"] for d in dropped] == ["verdict:rejected", "empty_completion", "empty_completion"]
+
+
+# -- the column-wise cores match what they replace ------------------------------------
+
+def test_normalize_texts_matches_normalize_text():
+    import random
+
+    import pyarrow as pa
+
+    from pipeline.ids import normalize_text
+    from stages.dedupe import normalize_texts
+
+    # every character str.isspace() calls whitespace, control characters that are not, multi-byte text
+    alphabet = (list("aBc Z9é→…É") + [c for c in map(chr, range(0x3001)) if c.isspace()]
+                + ["\r\n", "  ", "\x01", "\x1b", "\u200b", "\ufeff"])
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 15))) for _ in range(5000)] + ["", None]
+    want = [normalize_text(t or "").lower() for t in texts]
+    for piece_bytes in (1 << 20, 64):
+        for typ in (pa.string(), pa.large_string()):
+            arr = pa.array(texts, typ)
+            got = normalize_texts(pa.chunked_array([arr.slice(0, 1234), arr.slice(1234)]), piece_bytes)
+            assert got.to_pylist() == want
+
+
+def test_minhash_signatures_and_lsh_match_datasketch():
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+    from datasketch import MinHash, MinHashLSH
+
+    from stages.dedupe import MinHasher, NearDupSpec, near_duplicates, shingles
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(60)]
+    docs = ["", "one", "two words"]
+    for _ in range(400):
+        if rng.random() < 0.3:
+            words = rng.choice(docs[3:] or ["a b c d e f g h"]).split(" ")
+            words[rng.randrange(len(words))] = rng.choice(vocab)
+            docs.append(" ".join(words))
+        else:
+            docs.append(" ".join(rng.choices(vocab, k=rng.randint(5, 60))))
+    spec = NearDupSpec(enabled=True, threshold=0.7, ngram=3, num_perm=64, seed=3)
+    sigs = MinHasher(spec.num_perm, spec.seed, spec.ngram).signatures(pa.array(docs), chunk=100)
+    lsh, want = MinHashLSH(threshold=spec.threshold, num_perm=spec.num_perm), []
+    for i, (doc, sig) in enumerate(zip(docs, sigs)):
+        m = MinHash(num_perm=spec.num_perm, seed=spec.seed)
+        m.update_batch(list(shingles(doc, spec.ngram)))
+        assert np.array_equal(m.hashvalues, sig)
+        want.append(bool(lsh.query(m)))
+        if not want[-1]:
+            lsh.insert(i, m)
+    assert sum(want) > 20
+    assert near_duplicates(pa.array(docs), spec).tolist() == want
