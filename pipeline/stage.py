@@ -207,17 +207,20 @@ class StageContext:
     def dataset_writer(self, output: str, rows_per_shard: int = 50_000):
         return self.storage.dataset_writer(self.output_path(output), self.lineage(output), rows_per_shard)
 
-    def commit_dataset(self, output: str, writer, schema: pa.Schema | None = None) -> dict:
-        manifest = writer.commit(schema)
+    def commit_dataset(self, output: str, writer, schema: pa.Schema | None = None, stats: dict | None = None) -> dict:
+        manifest = writer.commit(schema, stats=stats)
         self.rows[output] = manifest["rows"]
         path = self.output_path(output)
         self.written[output] = Artifact("dataset", path, self.storage.uri(path), self.fingerprint)
         return manifest
 
-    def write_dataset(self, output: str, tables: Iterable[pa.Table], schema: pa.Schema | None = None) -> dict:
+    def write_dataset(self, output: str, tables: Iterable[pa.Table], schema: pa.Schema | None = None,
+                      stats: dict | None = None) -> dict:
+        """Write and commit an output; ``stats`` (e.g. ``{"removed": {reason: count}}``) goes
+        into its manifest, so inspection reads it without the run records."""
         writer = self.dataset_writer(output)
         writer.write_many(tables)
-        return self.commit_dataset(output, writer, schema)
+        return self.commit_dataset(output, writer, schema, stats)
 
     def put_model(self, output: str, local_dir: str | Path) -> dict:
         path = self.output_path(output)

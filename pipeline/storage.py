@@ -271,7 +271,9 @@ class DatasetWriter:
         self.storage.put_bytes(f"{self.path}/{name}", data)
         self.shards.append(ShardInfo(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest()))
 
-    def commit(self, schema: pa.Schema | None = None) -> dict:
+    def commit(self, schema: pa.Schema | None = None, stats: dict | None = None) -> dict:
+        """Publish the dataset: the manifest, written last with an exclusive create. ``stats``
+        (e.g. rows removed per reason) is stored in the manifest as it is."""
         if self.committed:
             raise StorageError(f"{self.path} already committed by this writer")
         if self.schema is None:
@@ -293,6 +295,8 @@ class DatasetWriter:
             "lineage": self.lineage,
             "created": now_iso(),
         }
+        if stats:
+            manifest["stats"] = stats
         self.storage.write_json(f"{self.path}/{MANIFEST}", manifest, exclusive=True)
         self.committed = True
         return manifest

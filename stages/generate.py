@@ -233,4 +233,4 @@ class Generate(Stage):
             }
         if out and errors / len(out) > p.max_error_rate:
             raise StageError(error_summary(out, p.max_error_rate))
-        ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA)
+        ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA, stats={"errored": reasons})

@@ -106,8 +106,6 @@ class Verify(Stage):
         for name, typ in VERDICT_FIELDS:
             schema = schema.append(pa.field(name, typ))
         out = pa.Table.from_pylist([{**r, **v} for r, v in zip(rows, verdicts)], schema=schema)
-        ctx.write_dataset("verified", [out], schema)
-
         reasons: dict[str, int] = {}
         per_prompt: dict[str, list[int]] = {}
         for r, v in zip(rows, verdicts):
@@ -115,6 +113,7 @@ class Verify(Stage):
             c = per_prompt.setdefault(r["prompt_id"], [0, 0])
             c[0] += v["verdict"] == "correct"
             c[1] += 1
+        ctx.write_dataset("verified", [out], schema, stats={"reasons": reasons})
         n = len(rows)
         ctx.metrics.update({
             "samples": n,

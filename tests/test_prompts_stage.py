@@ -56,6 +56,11 @@ def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
     assert reasons[7].startswith("expected a JSON object")
     assert reasons[8].startswith("invalid UTF-8")
     assert rec["metrics"]["quarantine_reasons"]["missing answer field 'answer'"] == 1
+    # the counts per reason are in both datasets' manifests too
+    for output in ("prompts", "quarantine"):
+        stats = st.dataset_manifest(st.strip(rec["output"][output]))["stats"]
+        assert stats["input_rows"] == 8 and sum(stats["quarantined"].values()) == len(bad)
+        assert stats["quarantined"] == rec["metrics"]["quarantine_reasons"]
 
     again = Runner(_cfg(tmp_path, source)).run()
     assert [s["status"] for s in again.manifest["stages"]] == ["cached"]
