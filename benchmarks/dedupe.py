@@ -58,7 +58,7 @@ def exact_rows(seed: int = 0) -> tuple[list[str], list[str]]:
             prompt = f"Problem {i // PER_PROMPT}: " + _words(rng, 25) + "?"
         lines = [_words(rng, rng.randint(8, 16)) for _ in range(rng.randint(3, 8))]
         prompts.append(prompt)
-        completions.append("<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{%d}." % rng.randint(0, 99))
+        completions.append("<think>\n" + "\n".join(lines) + f"\n</think>\nThe answer is \\boxed{{{rng.randint(0, 99)}}}.")
     for j in range(ROWS - unique):
         k = rng.randrange(len(prompts))
         p, c = prompts[k], completions[k]
@@ -116,7 +116,7 @@ def bench_exact() -> None:
     agree = bool(np.array_equal(kept, kept_unique["row"].to_numpy())
                  and np.array_equal(kept, kept_same["row"].to_numpy()))
     mb = (table.column("prompt").nbytes + table.column("completion").nbytes) / 2**20
-    common = dict(rows=ROWS, duplicates=int(ROWS - len(kept)), mb=round(mb, 1), agree=agree)
+    common = {"rows": ROWS, "duplicates": int(ROWS - len(kept)), "mb": round(mb, 1), "agree": agree}
     emit("dedupe-exact", ROWS / t_ours, ROWS / t_unique, "rows/s", **common,
          baseline_is="polars unique on pre-normalised columns (normalisation not timed)")
     emit("dedupe-exact-same-work", ROWS / t_ours, ROWS / t_same, "rows/s", **common,

@@ -30,10 +30,12 @@ completion) to the traces already kept is smallest (ties: shorter, then input or
 from __future__ import annotations
 
 import hashlib
+import itertools
 import operator
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -211,7 +213,7 @@ def _pieces(values: pa.Array | pa.ChunkedArray, target: int) -> list[pa.Array]:
         _, off = _string_buffers(arr)
         cuts = np.unique(np.searchsorted(off, np.arange(target, int(off[-1]), target)))
         bounds = [0, *[int(c) for c in cuts if 0 < c < len(arr)], len(arr)]
-        out += [arr.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        out += [arr.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
     return out
 
 

@@ -71,8 +71,8 @@ def _run_stage(tmp_path, rows: list[dict], **params):
                        inputs={"samples": Artifact("dataset", src, st.uri(src), "f0")},
                        output_root=st.path("out"), output_types=dict(Dedupe.outputs))
     stage.run(ctx)
-    read = lambda out: st.read_dataset(ctx.written[out].path).to_pylist()  # noqa: E731
-    return read("sft"), read("dropped"), ctx.metrics
+    sft, dropped = (st.read_dataset(ctx.written[out].path).to_pylist() for out in ("sft", "dropped"))
+    return sft, dropped, ctx.metrics
 
 
 BASE = ("<think> Janet has 3 baskets with 4 apples in each basket so she has twelve apples in total "
@@ -125,7 +125,7 @@ def test_diverse_picks_greedy_max_min():
 def test_all_rows_dropped_before_dedupe(tmp_path):
     rows = [{"prompt_id": "p", "prompt": "Q?", "sample_index": i, "completion": c, "verdict": v}
             for i, (c, v) in enumerate([("a", "rejected"), ("", "correct"), (None, "correct")])]
-    sft, dropped, metrics = _run_stage(tmp_path, rows, near_dup={"enabled": True}, prefer="diverse", max_per_prompt=1)
+    sft, dropped, _ = _run_stage(tmp_path, rows, near_dup={"enabled": True}, prefer="diverse", max_per_prompt=1)
     assert sft == [] and [d["reason"] for d in dropped] == ["verdict:rejected", "empty_completion", "empty_completion"]
 
 

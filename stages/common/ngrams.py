@@ -7,7 +7,7 @@ exact copies are caught too.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 DEFAULT_NGRAM = 13
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
