@@ -7,7 +7,8 @@ Output ``sft``: ``prompt_id``, ``source``, ``sample_index``, ``messages``
 (list of {role, content}), ready for the sft stage.
 Output ``dropped``: every input row not kept, with its ``reason``
 (``verdict:<reason>``, ``empty_completion``, ``duplicate``, ``near_duplicate``,
-``over_max_per_prompt``); metric ``dropped_reasons`` counts them.
+``over_max_per_prompt``); metric ``dropped_reasons`` and the ``stats.removed`` of both
+outputs' manifests count them.
 
 Exact duplicates: same prompt and completion after normalisation (whitespace runs
 collapsed to one space, stripped, lower-cased), done column-wise on the Arrow data
@@ -451,10 +452,11 @@ class Dedupe(Stage):
                 ]
                 out.append({"prompt_id": pid, "source": raw["source"][j] if "source" in raw else None,
                             "sample_index": idx[i], "messages": messages})
-        ctx.write_dataset("sft", [pa.Table.from_pylist(out, schema=SFT_SCHEMA)])
-        ctx.write_dataset("dropped", [pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA)])
         counts: dict[str, int] = {}
         for d in dropped:
             counts[d["reason"]] = counts.get(d["reason"], 0) + 1
+        stats = {"input_rows": n, "removed": counts}
+        ctx.write_dataset("sft", [pa.Table.from_pylist(out, schema=SFT_SCHEMA)], stats=stats)
+        ctx.write_dataset("dropped", [pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA)], stats=stats)
         ctx.metrics.update({"input_rows": n, "kept": len(out), "prompts_kept": len(groups),
                             "dropped_reasons": counts})

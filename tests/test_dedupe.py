@@ -72,6 +72,8 @@ def _run_stage(tmp_path, rows: list[dict], **params):
                        output_root=st.path("out"), output_types=dict(Dedupe.outputs))
     stage.run(ctx)
     sft, dropped = (st.read_dataset(ctx.written[out].path).to_pylist() for out in ("sft", "dropped"))
+    stats = st.dataset_manifest(ctx.written["sft"].path)["stats"]
+    assert stats == {"input_rows": len(rows), "removed": ctx.metrics["dropped_reasons"]}
     return sft, dropped, ctx.metrics
 
 
