@@ -81,11 +81,10 @@ _U8, _U32 = np.uint8, np.uint32
 _DIGEST = operator.methodcaller("digest")
 
 
-def _multibyte_ws(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _multibyte_ws(d: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start positions and byte lengths of the non-ASCII whitespace characters in UTF-8 bytes
-    (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000)."""
-    cand = np.flatnonzero(d >= 0xC2)
-    cand = cand[d[cand] <= 0xE3]  # lead bytes C2..E3
+    (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000), given
+    the positions of the lead bytes C2..E3."""
     if not len(cand):
         return cand, cand
     last = len(d) - 1
@@ -158,11 +157,13 @@ def _normalize_chunk(arr: pa.Array) -> pa.Array:
         return arr
 
     ws = d <= 32  # whitespace bytes; fixed up below for control characters and multi-byte spaces
-    ctrl = np.flatnonzero(d < 32)
+    special = np.flatnonzero((d - _U8(32)) >= _U8(0xC2 - 32))  # below 32, or C2 and up (wraps around)
+    value = d[special]
+    ctrl = special[value < 32]
     ctrl_ws = _ASCII_WS[d[ctrl]]
     ws[ctrl[~ctrl_ws]] = False
     to_space = [ctrl[ctrl_ws]]
-    mb, mb_len = _multibyte_ws(d)
+    mb, mb_len = _multibyte_ws(d, special[(value >= 0xC2) & (value <= 0xE3)])
     if len(mb):
         ws[mb] = ws[mb + 1] = True
         ws[(mb + 2)[mb_len == 3]] = True
