@@ -108,10 +108,12 @@ class Decontaminate(Stage):
             field, gram, (source, item_id, text) = hit
             report.append({"prompt_id": r.get("prompt_id"), "sample_index": r.get("sample_index", i), "field": field,
                            "eval_source": source, "eval_id": item_id, "eval_text": text[:2000], "ngram": gram})
-        ctx.write_dataset("clean", [table.take(keep)], table.schema)
-        ctx.write_dataset("contaminated", [pa.Table.from_pylist(report, schema=REPORT_SCHEMA)])
         by_source: dict[str, int] = {}
         for r in report:
             by_source[r["eval_source"]] = by_source.get(r["eval_source"], 0) + 1
+        stats = {"input_rows": len(rows), "removed": {"contaminated": len(report)} if report else {},
+                 "removed_by_eval_set": by_source}
+        ctx.write_dataset("clean", [table.take(keep)], table.schema, stats=stats)
+        ctx.write_dataset("contaminated", [pa.Table.from_pylist(report, schema=REPORT_SCHEMA)], stats=stats)
         ctx.metrics.update({"eval_items": index.items, "ngrams": len(index.grams), "input_rows": len(rows),
                             "removed": len(report), "removed_by_eval_set": by_source})

@@ -58,7 +58,7 @@ def ray_local(s3_endpoint):
     """Started after the S3 variables are set, so Ray workers inherit them."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)  # never join another Ray
     yield
     from stages.common.engine import shutdown_kept
 

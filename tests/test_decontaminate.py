@@ -42,3 +42,5 @@ stages:
     assert hit["eval_text"] == planted and hit["field"] == "prompt"
     assert stage["metrics"]["removed_by_eval_set"] == {"gsm8k/test": 1}
     assert stage["metrics"]["eval_items"] == 1319
+    stats = st.dataset_manifest(st.strip(stage["output"]["clean"]))["stats"]
+    assert stats["removed"] == {"contaminated": 1} and stats["input_rows"] == len(clean) + 1
