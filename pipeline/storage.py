@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import os
 import tempfile
 import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -141,7 +142,7 @@ class Storage:
             return []
 
     # -- datasets ----------------------------------------------------------
-    def dataset_writer(self, path: str, lineage: dict | None = None, rows_per_shard: int = 50_000) -> "DatasetWriter":
+    def dataset_writer(self, path: str, lineage: dict | None = None, rows_per_shard: int = 50_000) -> DatasetWriter:
         return DatasetWriter(self, path, lineage or {}, rows_per_shard)
 
     def dataset_manifest(self, path: str) -> dict:
@@ -236,6 +237,8 @@ class DatasetWriter:
         self.rows_per_shard = rows_per_shard
         self.schema: pa.Schema | None = None
         self.shards: list[ShardInfo] = []
+        self._uploads: list = []  # futures of ShardInfo, in shard order
+        self._pool: ThreadPoolExecutor | None = None
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._token = uuid.uuid4().hex[:8]
@@ -264,12 +267,30 @@ class DatasetWriter:
             self.write(t)
 
     def _flush(self, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        data = buf.getvalue()
-        name = f"part-{len(self.shards):05d}-{self._token}.parquet"
-        self.storage.put_bytes(f"{self.path}/{name}", data)
-        self.shards.append(ShardInfo(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest()))
+        """Encode a shard here and upload it (and checksum it) on a background thread, so the
+        next shard is encoded while this one is written; at most two shards wait in memory."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        name = f"part-{len(self._uploads):05d}-{self._token}.parquet"
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-upload")
+        while sum(not f.done() for f in self._uploads) >= 2:
+            next(f for f in self._uploads if not f.done()).result()
+        self._uploads.append(self._pool.submit(self._upload, name, table.num_rows, data))
+
+    def _upload(self, name: str, rows: int, data: pa.Buffer) -> ShardInfo:
+        view = memoryview(data)
+        self.storage.put_bytes(f"{self.path}/{name}", view if self.storage.is_local else data.to_pybytes())
+        return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest())
+
+    def _finish_uploads(self) -> None:
+        try:
+            self.shards = [f.result() for f in self._uploads]  # the first upload error is raised here
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def commit(self, schema: pa.Schema | None = None, stats: dict | None = None) -> dict:
         """Publish the dataset: the manifest, written last with an exclusive create. ``stats``
@@ -283,8 +304,9 @@ class DatasetWriter:
         if self._pending:
             self._flush(pa.concat_tables(self._pending))
             self._pending, self._pending_rows = [], 0
-        if not self.shards:  # an empty dataset still carries its schema for readers
+        if not self._uploads:  # an empty dataset still carries its schema for readers
             self._flush(self.schema.empty_table())
+        self._finish_uploads()
         manifest = {
             "format": DATASET_FORMAT,
             "rows": sum(s.rows for s in self.shards),

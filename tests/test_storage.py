@@ -63,6 +63,27 @@ def test_failed_writer_publishes_nothing(storage):
         storage.read_dataset(path)
 
 
+def test_failed_shard_upload_fails_the_commit(storage, monkeypatch):
+    """Shards upload on a background thread; an upload error surfaces at commit, which then
+    publishes nothing."""
+    real = storage.put_bytes
+
+    def flaky(path, data, exclusive=False):
+        if "part-00001" in path:
+            raise OSError("injected upload failure")
+        return real(path, data, exclusive)
+
+    monkeypatch.setattr(storage, "put_bytes", flaky)
+    path = storage.path("ds")
+    w = storage.dataset_writer(path, rows_per_shard=2)
+    w.write(_table(6))
+    with pytest.raises(OSError, match="injected upload failure"):
+        w.commit()
+    assert not storage.fs.exists(f"{path}/_manifest.json")
+    with pytest.raises(StorageError, match="no committed dataset"):
+        storage.read_dataset(path)
+
+
 def test_concurrent_commit_has_one_winner(storage):
     path = storage.path("ds")
     a, b = storage.dataset_writer(path), storage.dataset_writer(path)
