@@ -130,3 +130,16 @@ def test_cli_exits_2_with_the_message(tmp_path):
         assert "stages.prompts.params.path" in result.output and "/nonexistent/q.jsonl" in result.output
     result = CliRunner().invoke(app, ["run", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "config file not found" in result.output
+
+
+@pytest.mark.parametrize("name", ["toy-teacher.yaml", "demo.yaml", "cluster.example.yaml"])
+def test_shipped_configs_validate(name):
+    """The configs in configs/ load, wire and validate (the cluster one only changes resources)."""
+    from conftest import REPO
+
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.order()[0] == "toy_task"
+    if name == "cluster.example.yaml":
+        assert cfg.storage.root.startswith("s3://")
+        gen = cfg.nodes["generate"].stage.params
+        assert gen.engine.tensor_parallel_size == 2 and gen.sampling.budget.max_thinking_tokens == 12000
