@@ -35,6 +35,7 @@ def test_pathological_battery(pool):
         row("<think>x</think> \\boxed{7}"),
         row("<think>x</think> \\boxed{8}"),
     ]
+    before = {w.proc.pid for w in pool.workers}
     t0 = time.monotonic()
     out = pool.check_rows(rows, FMT)
     elapsed = time.monotonic() - t0
@@ -49,6 +50,16 @@ def test_pathological_battery(pool):
     assert reasons[6:] == ["ok", "wrong_answer"]
     assert elapsed < 60  # bounded: one timeout at most per distinct answer
     assert len(_children_alive(pool)) == 1  # a killed worker is replaced, never leaked
+    replaced = before - {w.proc.pid for w in pool.workers}
+    assert replaced and not any(_running(pid) for pid in replaced)  # the timed-out worker is gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_hard_timeout_kills_and_replaces_the_worker():
