@@ -11,8 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from .runner import STAGE_RECORD
-from .storage import MANIFEST, Storage
+from .storage import MANIFEST, STAGE_RECORD, Storage
 
 
 def _mtime(info: dict) -> float | None:

@@ -11,13 +11,10 @@ from collections import Counter
 from typing import Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import DATASET_FORMAT, MANIFEST, Storage, StorageError
+from .storage import DATASET_FORMAT, MANIFEST, STAGE_RECORD, Storage, StorageError
 
-STAGE_RECORD = "_stage.json"  # pipeline.runner.STAGE_RECORD, without importing the runner
 MAX_ANCESTORS = 64
 
 
@@ -82,13 +79,12 @@ def _length_column(m: dict) -> tuple[str, str] | None:
     return None
 
 
-def _lengths(table: pa.Table, column: str) -> list[int]:
-    col = table.column(column)
-    if column == "messages":  # chat rows: the last turn (the completion), as ``diff`` measures it
-        return [len(msgs[-1]["content"] or "") if msgs else 0 for msgs in col.to_pylist()]
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        return pc.utf8_length(col).to_pylist()
-    return col.to_pylist()
+def _lengths(values: list, column: str) -> list[int]:
+    """Lengths from a column's values: token counts as they are, text in characters, chat rows
+    by their last turn (the completion)."""
+    if column == "messages":
+        return [len(msgs[-1]["content"] or "") if msgs else 0 for msgs in values]
+    return [len(v) if isinstance(v, str) else v for v in values]
 
 
 def show(storage: Storage, path: str) -> dict:
@@ -107,9 +103,7 @@ def show(storage: Storage, path: str) -> dict:
             info[key] = dict(Counter(cols[col]).most_common())
     if length:
         column, unit = length
-        table = storage.read_dataset(path, columns=[column]) if column == "messages" else None
-        values = _lengths(table, column) if table is not None else _lengths(pa.table({column: cols[column]}), column)
-        info["length_histogram"] = {"column": column, "unit": unit, "bins": histogram(values)}
+        info["length_histogram"] = {"column": column, "unit": unit, "bins": histogram(_lengths(cols[column], column))}
         if column == "completion_tokens":
             info["completion_tokens_histogram"] = info["length_histogram"]["bins"]
     if "prompt_id" in cols:
@@ -218,10 +212,10 @@ def _profile(storage: Storage, path: str) -> dict:
                     + (() if "completion_tokens" in m["schema"] else ("messages",)))
     ids = cols.get("prompt_id", [])
     prof["prompt_ids"] = set(ids)
-    if "completion_tokens" in cols:
-        prof["lengths"] = cols["completion_tokens"]
-    elif "messages" in cols:
-        prof["lengths"] = [len(msgs[-1]["content"]) if msgs else 0 for msgs in cols["messages"]]
+    for column in ("completion_tokens", "messages"):
+        if column in cols:
+            prof["lengths"] = _lengths(cols[column], column)
+            break
     if "verdict" in cols and ids:
         per: dict[str, list[int]] = {}
         for pid, v in zip(ids, cols["verdict"]):

@@ -26,11 +26,10 @@ from typing import Any, Callable
 from .config import PipelineConfig
 from .ids import fingerprint
 from .stage import Artifact, ProgressFactory, StageContext, StageError
-from .storage import AlreadyCommitted, Storage, now_iso, redact_uri
+from .storage import STAGE_RECORD, AlreadyCommitted, Storage, now_iso, redact_uri
 
 log = logging.getLogger("distill")
 
-STAGE_RECORD = "_stage.json"
 RUN_FORMAT = "distill.run/1"
 
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+STAGE_RECORD = "_stage.json"  # a stage attempt's record, written last by the runner
 DATASET_FORMAT = "distill.dataset/1"
 MODEL_FORMAT = "distill.model/1"
 DEFAULT_PART_SIZE = 50 * 2**20  # s3fs's default; S3 wants at least 5 MiB per part but the last
@@ -283,6 +284,11 @@ class DatasetWriter:
         view = memoryview(data)
         self.storage.put_bytes(f"{self.path}/{name}", view if self.storage.is_local else data.to_pybytes())
         return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest())
+
+    def close(self) -> None:
+        """Wait for the shards already handed to the upload thread, publishing nothing (a
+        writer given up before ``commit``); upload errors are raised."""
+        self._finish_uploads()
 
     def _finish_uploads(self) -> None:
         try:

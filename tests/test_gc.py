@@ -39,6 +39,7 @@ def test_gc(ray_local, root, tmp_path):
     failed = st.path("cache", "prompts", run.manifest["stages"][0]["fingerprint"], "deadbeef", "prompts")
     w = st.dataset_writer(failed, rows_per_shard=1)
     w.write(pa.table({"x": [1, 2]}))  # flushes two shards, never commits
+    w.close()  # their uploads are done
     st.put_bytes(f"{prompts_path}/part-00042-stray.parquet", b"junk")
     uploads = []
     if not st.is_local:
@@ -65,5 +66,6 @@ def test_gc(ray_local, root, tmp_path):
     # young files are left alone by default
     w2 = st.dataset_writer(failed + "2", rows_per_shard=1)
     w2.write(pa.table({"x": [1]}))
+    w2.close()
     result = CliRunner().invoke(app, ["datasets", "gc", root, "--json"])
     assert json.loads(result.output)["files"] == []
