@@ -119,3 +119,62 @@ stages:
     params: {{model: {model}, sampling: {sampling}, engine: {engine}}}
 """)
     return cfg
+
+
+def run_stages(cfg) -> tuple[dict, "object"]:
+    """Run a config (a path or a loaded config) that must succeed; returns (stage records by
+    name, the run's Storage)."""
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    runner = Runner(cfg if hasattr(cfg, "nodes") else load_config(cfg))
+    result = runner.run()
+    assert result.ok, result.error
+    return {s["name"]: s for s in result.manifest["stages"]}, runner.storage
+
+
+def output_rows(storage, record: dict, output: str) -> list[dict]:
+    """The rows of one output of a stage record."""
+    return storage.read_dataset(storage.strip(record["output"][output])).to_pylist()
+
+
+def pid_running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie awaiting its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def process_tree(pid: int) -> set[int]:
+    """pid and all its descendants, from /proc."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, [])
+    return out
+
+
+def still_running(pids: set[int], wait: float = 30.0) -> set[int]:
+    """Those of ``pids`` still running after waiting up to ``wait`` seconds for them to go."""
+    import time
+
+    deadline = time.time() + wait
+    while True:
+        left = {p for p in pids if pid_running(p)}
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.5)

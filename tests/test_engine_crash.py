@@ -1,12 +1,11 @@
 """An engine actor that crashes mid-generation is restarted; its in-flight chunks are re-run
 and the output still has every (prompt_id, sample_index) exactly once."""
-import os
 import threading
 import time
 
 import pytest
 import ray
-from conftest import generate_config, write_jsonl
+from conftest import generate_config, process_tree, still_running, write_jsonl
 
 from pipeline.config import load_config
 from pipeline.runner import Runner
@@ -14,40 +13,6 @@ from pipeline.storage import Storage
 from stages.common import engine
 
 N_PROMPTS, N = 40, 2
-
-
-def _tree(pid: int) -> set[int]:
-    """pid and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo += children.get(p, [])
-    return out
-
-
-def _alive(pids: set[int], wait: float = 30.0) -> set[int]:
-    """Those still running (zombies count as gone), after waiting up to ``wait`` seconds."""
-    deadline = time.time() + wait
-    while True:
-        left = set()
-        for p in pids:
-            try:
-                if open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
-                    left.add(p)
-            except OSError:
-                pass
-        if not left or time.time() > deadline:
-            return left
-        time.sleep(0.5)
 
 
 @pytest.mark.engine
@@ -69,7 +34,7 @@ def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
         if pools and len(parts) >= 2:
             killed = pools[0].actors[0]
             old_pid = ray.get(killed.pid.remote())
-            old_tree = _tree(old_pid)  # the actor and its vLLM engine-core process
+            old_tree = process_tree(old_pid)  # the actor and its vLLM engine-core process
             ray.kill(killed, no_restart=False)  # like a crash: Ray restarts the actor
             break
         time.sleep(0.1)
@@ -83,4 +48,4 @@ def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
     assert len(keys) == len(set(keys)) == N_PROMPTS * N
     assert all(r["error"] is None and r["completion_tokens"] == 100 for r in rows)
     assert ray.get(killed.pid.remote(), timeout=120) != old_pid  # a restarted engine served the rest
-    assert len(old_tree) >= 2 and _alive(old_tree) == set()  # nothing of the crashed engine survives
+    assert len(old_tree) >= 2 and still_running(old_tree) == set()  # nothing of the crashed engine survives

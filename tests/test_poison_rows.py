@@ -7,9 +7,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.config import load_config
-from pipeline.runner import Runner
+from conftest import output_rows, run_stages
 
 
 def _j(obj) -> bytes:
@@ -128,13 +126,9 @@ storage: {{root: {root}}}
 stages:
   prompts: {{params: {{path: {src}, prompt_field: question, answer_field: answer}}}}
 """)
-    runner = Runner(load_config(cfg))
-    result = runner.run()
-    assert result.ok, result.error
-    rec = result.manifest["stages"][0]
-    st = runner.storage
-    good = st.read_dataset(st.strip(rec["output"]["prompts"])).to_pylist()
-    bad = st.read_dataset(st.strip(rec["output"]["quarantine"])).to_pylist()
+    stages, st = run_stages(cfg)
+    rec = stages["prompts"]
+    good, bad = output_rows(st, rec, "prompts"), output_rows(st, rec, "quarantine")
 
     # nothing lost: every input row is either a prompt or a quarantined row, exactly once
     rows_in = len(expected)

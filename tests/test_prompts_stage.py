@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import output_rows, run_stages, write_jsonl
 
 from pipeline.config import load_config
 from pipeline.runner import Runner, read_run
@@ -38,13 +38,9 @@ stages:
 
 
 def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
-    runner = Runner(_cfg(tmp_path, source))
-    result = runner.run()
-    assert result.ok, result.error
-    st = runner.storage
-    rec = result.manifest["stages"][0]
-    good = st.read_dataset(st.strip(rec["output"]["prompts"])).to_pylist()
-    bad = st.read_dataset(st.strip(rec["output"]["quarantine"])).to_pylist()
+    stages, st = run_stages(_cfg(tmp_path, source))
+    rec = stages["prompts"]
+    good, bad = output_rows(st, rec, "prompts"), output_rows(st, rec, "quarantine")
     assert len(good) + len(bad) == 8  # no input row is lost
     assert [g["answer"] for g in good] == ["4", "4.5"]
     assert json.loads(good[0]["metadata"]) == {"level": 1}
@@ -64,7 +60,7 @@ def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
 
     again = Runner(_cfg(tmp_path, source)).run()
     assert [s["status"] for s in again.manifest["stages"]] == ["cached"]
-    assert read_run(runner.storage, "latest")["run_id"] == again.run_id
+    assert read_run(st, "latest")["run_id"] == again.run_id
 
     # editing the source file changes the fingerprint
     with open(source, "a") as f:
@@ -97,13 +93,9 @@ storage: {{root: {tmp_path}/root}}
 stages:
   prompts: {{params: {{path: {tmp_path}/src.parquet, prompt_field: problem, answer_field: solution, source: mine}}}}
 """)
-    runner = Runner(load_config(cfg))
-    result = runner.run()
-    assert result.ok, result.error
-    rec = result.manifest["stages"][0]
-    st = runner.storage
-    good = st.read_dataset(st.strip(rec["output"]["prompts"])).to_pylist()
-    bad = st.read_dataset(st.strip(rec["output"]["quarantine"])).to_pylist()
+    stages, st = run_stages(cfg)
+    rec = stages["prompts"]
+    good, bad = output_rows(st, rec, "prompts"), output_rows(st, rec, "quarantine")
     assert [(g["prompt"], g["answer"], g["source"]) for g in good] == [("1+1?", "2", "mine"), ("2+2?", "4", "mine")]
     assert json.loads(good[1]["metadata"]) == {"level": 2}
     assert [(b["row_number"], b["reason"]) for b in bad] == [(3, "empty prompt field 'problem'")]

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, generate_config, write_jsonl
+from conftest import REPO, generate_config, output_rows, run_stages, write_jsonl
 
 from pipeline.config import load_config
 from pipeline.runner import Runner
@@ -115,12 +115,9 @@ def test_adaptive_sampling_stops_at_budget_and_records_difficulty(ray_local, tin
     cfg = generate_config(tmp_path, "adaptive", src, tiny_model,
                           "{strategy: adaptive, n: 2, max_samples: 5, target_correct: 1, max_tokens: 8, seed: 2}",
                           "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}")
-    result = Runner(load_config(cfg)).run()
-    assert result.ok, result.error
-    gen = {s["name"]: s for s in result.manifest["stages"]}["generate"]
-    st = Storage(str(tmp_path / "root"))
-    rows = st.read_dataset(st.strip(gen["output"]["samples"])).to_pylist()
-    stats = st.read_dataset(st.strip(gen["output"]["prompt_stats"])).to_pylist()
+    stages, st = run_stages(cfg)
+    gen = stages["generate"]
+    rows, stats = output_rows(st, gen, "samples"), output_rows(st, gen, "prompt_stats")
     by_prompt: dict = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r["sample_index"])
@@ -143,10 +140,8 @@ def test_adaptive_gives_up_on_unsolved_prompts(ray_local, tiny_model, tmp_path):
                           "{strategy: adaptive, n: 2, max_samples: 12, give_up_after: 3, target_correct: 1, "
                           "max_tokens: 8, seed: 2}",
                           "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}")
-    result = Runner(load_config(cfg)).run()
-    assert result.ok, result.error
-    gen = {s["name"]: s for s in result.manifest["stages"]}["generate"]
-    st = Storage(str(tmp_path / "root"))
-    stats = st.read_dataset(st.strip(gen["output"]["prompt_stats"])).to_pylist()
+    stages, st = run_stages(cfg)
+    gen = stages["generate"]
+    stats = output_rows(st, gen, "prompt_stats")
     assert len(stats) == 4 and all(s["samples"] == 4 and s["exhausted_unsolved"] for s in stats)
     assert gen["metrics"]["samples"] == 16

@@ -3,6 +3,7 @@ import threading
 import time
 
 import pytest
+from conftest import pid_running
 
 from stages.common.checkers import FormatSpec
 from stages.common.verifier import VerifierPool
@@ -51,15 +52,8 @@ def test_pathological_battery(pool):
     assert elapsed < 60  # bounded: one timeout at most per distinct answer
     assert len(_children_alive(pool)) == 1  # a killed worker is replaced, never leaked
     replaced = before - {w.proc.pid for w in pool.workers}
-    assert replaced and not any(_running(pid) for pid in replaced)  # the timed-out worker is gone
+    assert replaced and not any(pid_running(pid) for pid in replaced)  # the timed-out worker is gone
 
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_hard_timeout_kills_and_replaces_the_worker():
