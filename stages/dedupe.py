@@ -11,10 +11,9 @@ Output ``dropped``: every input row not kept, with its ``reason``
 outputs' manifests count them.
 
 Exact duplicates: same prompt and completion after normalisation (whitespace runs
-collapsed to one space, stripped, lower-cased), done column-wise on the Arrow data
-(``normalize_texts``, ``first_occurrences``). Lower-casing is Arrow's Unicode
-``utf8_lower``, which differs from Python's ``str.lower`` on a few dozen rare code
-points (e.g. U+0130); whitespace is exactly Python's ``str.isspace`` set.
+collapsed to one space, stripped, lower-cased per code point; ``stages.common.textnorm``),
+found by a 128-bit key hashed from the normalised bytes of both columns in compiled
+code, without materialising the normalised text (``text_keys``, ``first_occurrences``).
 
 Near duplicates (``near_dup.enabled``): MinHash over word n-grams of
 prompt + completion, with an LSH index at the configured Jaccard threshold; a row
@@ -31,11 +30,8 @@ completion) to the traces already kept is smallest (ties: shorter, then input or
 from __future__ import annotations
 
 import hashlib
-import itertools
 import operator
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -44,7 +40,15 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.stage import Stage, StageContext, StageError
+from stages.common.textnorm import (
+    first_occurrences,
+    normalize_texts,
+    string_buffers,
+    text_keys,
+)
 
+_U32 = np.uint32
+_DIGEST = operator.methodcaller("digest")
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SFT_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("source", pa.string()), ("sample_index", pa.int32()), ("messages", MESSAGES_TYPE)]
@@ -72,46 +76,7 @@ class Params(BaseModel):
     system_prompt: str | None = None
 
 
-# -- exact duplicates: column-wise, no Ray ------------------------------------
-
-# Python's str.isspace() set: ASCII (one byte) and the rest as UTF-8 lead byte + continuation bytes.
-_ASCII_WS = np.zeros(33, bool)
-_ASCII_WS[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
-_U8, _U32 = np.uint8, np.uint32
-_DIGEST = operator.methodcaller("digest")
-
-
-def _multibyte_ws(d: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start positions and byte lengths of the non-ASCII whitespace characters in UTF-8 bytes
-    (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000), given
-    the positions of the lead bytes C2..E3."""
-    if not len(cand):
-        return cand, cand
-    last = len(d) - 1
-    b0, b1, b2 = d[cand], d[np.minimum(cand + 1, last)], d[np.minimum(cand + 2, last)]
-    two = (b0 == 0xC2) & ((b1 == 0x85) | (b1 == 0xA0))
-    three = (b0 == 0xE1) & (b1 == 0x9A) & (b2 == 0x80)
-    three |= (b0 == 0xE2) & (b1 == 0x80) & ((b2 <= 0x8A) | (b2 == 0xA8) | (b2 == 0xA9) | (b2 == 0xAF))
-    three |= (b0 == 0xE2) & (b1 == 0x81) & (b2 == 0x9F)
-    three |= (b0 == 0xE3) & (b1 == 0x80) & (b2 == 0x80)
-    hit = two | three
-    return cand[hit], np.where(two[hit], 2, 3)
-
-
-def _string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A string array's UTF-8 bytes and int64 offsets into them (nulls read as empty)."""
-    if arr.null_count:
-        arr = pc.fill_null(arr, "")
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, np.uint8), np.zeros(1, np.int64)
-    large = pa.types.is_large_string(arr.type)
-    offsets = np.frombuffer(arr.buffers()[1], np.int64 if large else np.int32)[arr.offset : arr.offset + n + 1]
-    base, end = int(offsets[0]), int(offsets[-1])
-    off = offsets.astype(np.int64) - base
-    if end == base:
-        return np.zeros(0, np.uint8), off
-    return np.frombuffer(arr.buffers()[2], np.uint8, count=end - base, offset=base), off
+# -- near duplicates: MinHash LSH, vectorised ---------------------------------
 
 
 def _ngram_spans(d: np.ndarray, off: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,122 +106,6 @@ def _ngram_spans(d: np.ndarray, off: np.ndarray, n: int) -> tuple[np.ndarray, np
     g = np.minimum(first_word[row] + i, len(wstart) - 1)
     last = np.minimum(first_word[row] + i + np.minimum(words[row], n) - 1, len(wend) - 1)
     return np.where(has, wstart[g], starts[row]), np.where(has, wend[last], starts[row]), per_row
-
-
-def _normalize_chunk(arr: pa.Array) -> pa.Array:
-    large = pa.types.is_large_string(arr.type)
-    if not (large or pa.types.is_string(arr.type)):
-        arr = arr.cast(pa.string())
-    arr = pc.utf8_lower(arr)
-    if arr.null_count:
-        arr = pc.fill_null(arr, "")
-    n = len(arr)
-    d, off = _string_buffers(arr)
-    size = len(d)
-    if size == 0:
-        return arr
-
-    ws = d <= 32  # whitespace bytes; fixed up below for control characters and multi-byte spaces
-    special = np.flatnonzero((d - _U8(32)) >= _U8(0xC2 - 32))  # below 32, or C2 and up (wraps around)
-    value = d[special]
-    ctrl = special[value < 32]
-    ctrl_ws = _ASCII_WS[d[ctrl]]
-    ws[ctrl[~ctrl_ws]] = False
-    to_space = [ctrl[ctrl_ws]]
-    mb, mb_len = _multibyte_ws(d, special[(value >= 0xC2) & (value <= 0xE3)])
-    if len(mb):
-        ws[mb] = ws[mb + 1] = True
-        ws[(mb + 2)[mb_len == 3]] = True
-        to_space.append(mb)
-
-    # drop: whitespace after whitespace in the same row (its continuation bytes too), a row's
-    # leading whitespace, and the run that ends a row
-    row_start = np.zeros(size + 1, bool)
-    row_start[off[:-1]] = True
-    runs = np.flatnonzero(ws[1:] & ws[:-1]) + 1
-    runs = runs[~row_start[runs]]
-    nonempty = off[1:] > off[:-1]
-    starts, last = off[:-1][nonempty], off[1:][nonempty] - 1
-    lead = starts[ws[starts]]
-    trail = last[ws[last]]
-    if len(runs) and len(trail):
-        # a trailing byte inside a run: the run begins one byte before its block of
-        # consecutive positions in ``runs``
-        k = np.searchsorted(runs, trail)
-        inside = runs[np.minimum(k, len(runs) - 1)] == trail
-        if inside.any():
-            block = np.ones(len(runs), bool)
-            block[1:] = np.diff(runs) != 1
-            first = np.maximum.accumulate(np.where(block, np.arange(len(runs)), 0))
-            trail = trail.copy()
-            trail[inside] = runs[first[k[inside]]] - 1
-    drop = np.sort(np.concatenate([runs, lead, trail]), kind="stable")
-    if len(drop) > 1:
-        drop = drop[np.concatenate([[True], drop[1:] != drop[:-1]])]
-
-    out = d.copy()
-    for pos in to_space:
-        out[pos] = 32
-    if len(drop):
-        keep = np.ones(size, bool)
-        keep[drop] = False
-        out = pc.filter(pa.array(out), pa.array(keep)).buffers()[1]
-        off = off - np.searchsorted(drop, off)
-    cls = pa.LargeStringArray if large else pa.StringArray
-    return cls.from_buffers(n, pa.py_buffer(off.astype(np.int64 if large else np.int32)), pa.py_buffer(out))
-
-
-def _pieces(values: pa.Array | pa.ChunkedArray, target: int) -> list[pa.Array]:
-    """Zero-copy slices of about ``target`` bytes of string data each (whole rows)."""
-    out = []
-    for arr in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
-        if not len(arr):
-            continue
-        _, off = _string_buffers(arr)
-        cuts = np.unique(np.searchsorted(off, np.arange(target, int(off[-1]), target)))
-        bounds = [0, *[int(c) for c in cuts if 0 < c < len(arr)], len(arr)]
-        out += [arr.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
-    return out
-
-
-def normalize_texts(values: pa.Array | pa.ChunkedArray, piece_bytes: int = 1 << 20) -> pa.ChunkedArray:
-    """``pipeline.ids.normalize_text(s).lower()`` for every string (null reads as ""), column-wise,
-    in cache-sized pieces on a few threads (Arrow and NumPy release the GIL)."""
-    pieces = _pieces(values, piece_bytes)
-    if not pieces:
-        return pa.chunked_array([], pa.string())
-    if len(pieces) == 1:
-        out = [_normalize_chunk(pieces[0])]
-    else:
-        with ThreadPoolExecutor(min(4, os.cpu_count() or 1, len(pieces))) as pool:
-            out = list(pool.map(_normalize_chunk, pieces))
-    return pa.chunked_array(out, out[0].type)
-
-
-def _codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
-    enc = pc.dictionary_encode(values)
-    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
-    if not chunks:
-        return np.zeros(0, np.int64), 0
-    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
-    return codes, len(chunks[0].dictionary)
-
-
-def first_occurrences(*columns: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Per row, True where its tuple of column values appears for the first time (no nulls)."""
-    codes, _ = _codes(columns[0])
-    for col in columns[1:]:
-        more, size = _codes(col)
-        codes, _ = _codes(pa.array(codes * size + more))
-    first = np.ones(len(codes), bool)
-    if len(codes) > 1:
-        # dictionary codes are numbered in order of first appearance
-        seen = np.maximum.accumulate(codes)
-        first[1:] = seen[1:] > seen[:-1]
-    return first
-
-
-# -- near duplicates: MinHash LSH, vectorised ---------------------------------
 
 
 def shingles(text: str, n: int) -> set[bytes]:
@@ -292,7 +141,7 @@ class MinHasher:
         out = np.empty((len(texts), self.num_perm), np.uint32)
         row0 = 0
         for arr in arrays:
-            d, off = _string_buffers(arr)
+            d, off = string_buffers(arr)
             view = memoryview(d)
             start, end, per_row = _ngram_spans(d, off, self.ngram)
             first = np.concatenate([[0], np.cumsum(per_row)])
@@ -409,15 +258,16 @@ class Dedupe(Stage):
 
         rows = np.flatnonzero(alive)
         take = pa.array(rows)
-        norm_p = normalize_texts(table.column("prompt").take(take))
-        norm_c = normalize_texts(completions.take(take))
-        first = first_occurrences(norm_p, norm_c)
+        first = first_occurrences(*text_keys(table.column("prompt").take(take), completions.take(take)))
         for i in rows[~first].tolist():
             reasons[i] = "duplicate"
-        keep = pa.array(first)
-        rows, norm_p, norm_c = rows[first], norm_p.filter(keep), norm_c.filter(keep)
+        rows = rows[first]
+        norm_c = None
         if p.near_dup.enabled and len(rows):
-            near = near_duplicates(pc.binary_join_element_wise(norm_p, norm_c, " "), p.near_dup)
+            take = pa.array(rows)
+            norm_p, norm_c = normalize_texts(table.column("prompt").take(take)), normalize_texts(completions.take(take))
+            joined = pc.binary_join_element_wise(norm_p, norm_c, pa.scalar(" ", norm_c.type))
+            near = near_duplicates(joined, p.near_dup)
             for i in rows[near].tolist():
                 reasons[i] = "near_duplicate"
             rows, norm_c = rows[~near], norm_c.filter(pa.array(~near))
@@ -425,6 +275,8 @@ class Dedupe(Stage):
         take = pa.array(rows)
         raw = {c: table.column(c).take(take).to_pylist() for c in ("prompt", "source") if c in table.column_names}
         raw_c = completions.take(take).cast(pa.string()).to_pylist()
+        if p.prefer == "diverse" and norm_c is None:
+            norm_c = normalize_texts(completions.take(take))
         norm_cs = norm_c.to_pylist() if p.prefer == "diverse" else None
         groups: dict[str, list[int]] = {}  # prompt_id -> positions in ``rows``
         for j, i in enumerate(rows.tolist()):

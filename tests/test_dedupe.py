@@ -133,27 +133,6 @@ def test_all_rows_dropped_before_dedupe(tmp_path):
 
 # -- the column-wise cores match what they replace ------------------------------------
 
-def test_normalize_texts_matches_normalize_text():
-    import random
-
-    import pyarrow as pa
-
-    from pipeline.ids import normalize_text
-    from stages.dedupe import normalize_texts
-
-    # every character str.isspace() calls whitespace, control characters that are not, multi-byte text
-    alphabet = (list("aBc Z9é→…É") + [c for c in map(chr, range(0x3001)) if c.isspace()]
-                + ["\r\n", "  ", "\x01", "\x1b", "\u200b", "\ufeff"])
-    rng = random.Random(0)
-    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 15))) for _ in range(5000)] + ["", None]
-    want = [normalize_text(t or "").lower() for t in texts]
-    for piece_bytes in (1 << 20, 64):
-        for typ in (pa.string(), pa.large_string()):
-            arr = pa.array(texts, typ)
-            got = normalize_texts(pa.chunked_array([arr.slice(0, 1234), arr.slice(1234)]), piece_bytes)
-            assert got.to_pylist() == want
-
-
 def test_minhash_signatures_and_lsh_match_datasketch():
     import random
 
