@@ -15,6 +15,7 @@ Outputs: ``clean`` (same schema as the input) and ``contaminated``
 """
 from __future__ import annotations
 
+import itertools
 import json
 from typing import ClassVar, Iterator
 
@@ -27,6 +28,7 @@ from pipeline import resources
 from pipeline.stage import Stage, StageContext, StageError
 from stages.common.ngrams import DEFAULT_NGRAM, Index, row_text
 
+SNIFF_ROWS = 100  # rows of each eval file that check() reads
 REPORT_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("sample_index", pa.int32()), ("field", pa.string()), ("eval_source", pa.string()),
      ("eval_id", pa.string()), ("eval_text", pa.string()), ("ngram", pa.string())]
@@ -49,17 +51,43 @@ class Params(BaseModel):
 
 
 def _read_file(path: str) -> Iterator[dict]:
+    """The rows of an eval file. A line that is not a JSON object is an error naming the file
+    and line: a skipped eval item would be a hole in the contamination check."""
     if path.endswith(".parquet"):
         with fsspec.open(path, "rb") as f:
             yield from pq.read_table(f).to_pylist()
         return
     with fsspec.open(path, "rt", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StageError(f"eval file {path}, line {lineno}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise StageError(f"eval file {path}, line {lineno}: not a JSON object")
+            yield row
+
+
+def _index_file(index: Index, e: EvalFile) -> int:
+    """Index an eval file's texts; the number of rows without a usable text (missing, not a
+    string, or blank). A file with no usable text at all is an error (a wrong ``field``)."""
+    name = e.name or "/".join(e.path.rstrip("/").split("/")[-2:]).rsplit(".", 1)[0]
+    added = skipped = 0
+    fields: set[str] = set()
+    for i, row in enumerate(_read_file(e.path)):
+        text = row.get(e.field)
+        if isinstance(text, str) and text.strip():
+            index.add(name, str(row.get(e.id_field, i) if e.id_field else i), text)
+            added += 1
+        else:
+            skipped += 1
+            fields.update(row)
+    if not added:
+        raise StageError(f"eval file {e.path} has no text in field {e.field!r} ({skipped} rows; "
+                         f"fields seen: {sorted(fields)[:20]})")
+    return skipped
 
 
 class Decontaminate(Stage):
@@ -71,8 +99,24 @@ class Decontaminate(Stage):
     outputs: ClassVar[dict] = {"clean": "dataset", "contaminated": "dataset"}
 
     def check(self) -> list[tuple[str, str]]:
-        return [(f"eval_files.{i}.path", f"no eval file at {e.path}")
-                for i, e in enumerate(self.params.eval_files) if not resources.exists(e.path)]
+        """Each eval file exists, and its first rows have text in ``field`` (a misspelt field
+        would otherwise surface only when this stage runs, after everything upstream)."""
+        errors = []
+        for i, e in enumerate(self.params.eval_files):
+            if not resources.exists(e.path):
+                errors.append((f"eval_files.{i}.path", f"no eval file at {e.path}"))
+                continue
+            try:
+                head = list(itertools.islice(_read_file(e.path), SNIFF_ROWS))
+            except StageError as exc:
+                errors.append((f"eval_files.{i}.path", str(exc)))
+                continue
+            if head and not any(isinstance(r.get(e.field), str) and r[e.field].strip() for r in head):
+                seen = sorted({k for r in head for k in r})[:20]
+                errors.append((f"eval_files.{i}.field",
+                               f"no text in field {e.field!r} in the first {len(head)} rows of {e.path} "
+                               f"(fields: {seen})"))
+        return errors
 
     def external_fingerprint(self) -> dict:
         return {e.path: resources.file_fingerprint(e.path) for e in self.params.eval_files}
@@ -80,12 +124,7 @@ class Decontaminate(Stage):
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params
         index = Index(p.ngram)
-        for e in p.eval_files:
-            name = e.name or "/".join(e.path.rstrip("/").split("/")[-2:]).rsplit(".", 1)[0]
-            for i, row in enumerate(_read_file(e.path)):
-                text = row.get(e.field)
-                if isinstance(text, str) and text.strip():
-                    index.add(name, str(row.get(e.id_field, i) if e.id_field else i), text)
+        skipped = {e.path: n for e in p.eval_files if (n := _index_file(index, e))}
         if ctx.has_input("eval"):
             for row in ctx.read_input("eval", columns=["prompt_id", "prompt"]).to_pylist():
                 index.add("run:eval", row["prompt_id"], row["prompt"])
@@ -116,4 +155,5 @@ class Decontaminate(Stage):
         ctx.write_dataset("clean", [table.take(keep)], table.schema, stats=stats)
         ctx.write_dataset("contaminated", [pa.Table.from_pylist(report, schema=REPORT_SCHEMA)], stats=stats)
         ctx.metrics.update({"eval_items": index.items, "ngrams": len(index.grams), "input_rows": len(rows),
-                            "removed": len(report), "removed_by_eval_set": by_source})
+                            "removed": len(report), "removed_by_eval_set": by_source,
+                            "eval_rows_without_text": skipped})

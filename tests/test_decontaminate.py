@@ -44,3 +44,48 @@ stages:
     assert stage["metrics"]["eval_items"] == 1319
     stats = st.dataset_manifest(st.strip(stage["output"]["clean"]))["stats"]
     assert stats["removed"] == {"contaminated": 1} and stats["input_rows"] == len(clean) + 1
+
+
+def _config(tmp_path, eval_path, field):
+    src = write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": "What is the capital of the small country that lies between France and Spain?", "answer": "x"},
+        {"prompt": "Compute 2 + 2.", "answer": "4"}])
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: decon
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  decontaminate:
+    inputs: {{samples: prompts.prompts}}
+    params:
+      ngram: 8
+      eval_files: [{{path: {eval_path}, field: {field}}}]
+""")
+    return cfg
+
+
+def test_eval_file_problems_are_config_errors(tmp_path):
+    from pipeline.config import ConfigError
+
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"problem": "Name the capital of Andorra.", "answer": "x"}] * 3)
+    with pytest.raises(ConfigError) as err:
+        load_config(_config(tmp_path, evals, "question"))  # the field is `problem`
+    assert "p.yaml: stages.decontaminate.params.eval_files.0.field: no text in field 'question'" in str(err.value)
+    assert "['answer', 'problem']" in str(err.value)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "a"}\n{"problem": "b"}\n{"problem": "c", \n')
+    with pytest.raises(ConfigError, match=r"eval_files.0.path: eval file .*broken.jsonl, line 3: not JSON"):
+        load_config(_config(tmp_path, broken, "problem"))
+
+
+def test_eval_rows_without_text_are_counted_not_hidden(ray_local, tmp_path):
+    evals = write_jsonl(tmp_path / "eval.jsonl", [
+        {"problem": "What is the capital of the small country that lies between France and Spain?"},
+        {"problem": None}, {"other": "no problem field"}, {"problem": "   "}])
+    result = Runner(load_config(_config(tmp_path, evals, "problem"))).run()
+    assert result.ok, result.error
+    metrics = result.manifest["stages"][-1]["metrics"]
+    assert metrics["eval_items"] == 1 and metrics["removed"] == 1
+    assert metrics["eval_rows_without_text"] == {str(evals): 3}
