@@ -1,9 +1,11 @@
 """decontaminate: drop training rows whose prompts (optionally completions) share a word
 n-gram with an evaluation set, and report which eval item each matched.
 
-Eval sets are files (``eval_files``: JSONL/Parquet with a text field, e.g. the
-benchmarks in ``../shared/data``) and/or an upstream dataset wired as input
-``eval`` (e.g. the run's own held-out prompts). N-grams come from
+Eval sets are named benchmarks (``eval_sets``: ``gsm8k``, ``math500``, ``aime24``,
+``amc23`` or ``all``, registered in ``stages.common.eval_sets`` and read under
+``eval_data_root``, by default ``../shared/data``), files (``eval_files``: JSONL/Parquet
+with a text field) and/or an upstream dataset wired as input ``eval`` (e.g. the run's
+own held-out prompts). N-grams come from
 ``stages.common.ngrams``: texts are lower-cased and split into words and punctuation
 marks (so ``3 + 4`` and ``3 - 4`` differ); a text shorter than ``ngram`` words counts
 as one n-gram, so short exact copies are caught too.
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import ClassVar, Iterator
+from collections.abc import Iterator
+from typing import ClassVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import resources
 from pipeline.stage import Stage, StageContext, StageError
+from stages.common.eval_sets import DEFAULT_DATA_ROOT, EVAL_SETS
 from stages.common.ngrams import DEFAULT_NGRAM, Index, row_text
 
 SNIFF_ROWS = 100  # rows of each eval file that check() reads
@@ -41,13 +45,33 @@ class EvalFile(BaseModel):
     field: str = Field(description="the text field to index, e.g. question / problem")
     id_field: str | None = None
     name: str | None = None
+    strip_prefix: str | None = Field(None, description="boilerplate dropped from the front of each text")
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     eval_files: list[EvalFile] = Field(default_factory=list)
+    eval_sets: list[str] = Field(default_factory=list,
+                                 description=f"named benchmarks ({', '.join(EVAL_SETS)}, or all), under eval_data_root")
+    eval_data_root: str = Field(DEFAULT_DATA_ROOT, description="folder or URI holding the named eval sets")
     ngram: int = Field(DEFAULT_NGRAM, ge=1)
     check_completions: bool = False
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        if names == ["all"]:
+            return list(EVAL_SETS)
+        unknown = [n for n in names if n not in EVAL_SETS]
+        if unknown:
+            raise ValueError(f"unknown eval set(s) {unknown}; known: {sorted(EVAL_SETS)} or [all]")
+        return names
+
+    def files(self) -> list[EvalFile]:
+        """The explicit eval files, then the named sets resolved under ``eval_data_root``."""
+        root = self.eval_data_root.rstrip("/")
+        return self.eval_files + [EvalFile(**{**EVAL_SETS[n], "path": f"{root}/{EVAL_SETS[n]['path']}"}, name=n)
+                                  for n in self.eval_sets]
 
 
 def _read_file(path: str) -> Iterator[dict]:
@@ -78,6 +102,8 @@ def _index_file(index: Index, e: EvalFile) -> int:
     fields: set[str] = set()
     for i, row in enumerate(_read_file(e.path)):
         text = row.get(e.field)
+        if isinstance(text, str) and e.strip_prefix and text.startswith(e.strip_prefix):
+            text = text[len(e.strip_prefix):]
         if isinstance(text, str) and text.strip():
             index.add(name, str(row.get(e.id_field, i) if e.id_field else i), text)
             added += 1
@@ -99,37 +125,40 @@ class Decontaminate(Stage):
     outputs: ClassVar[dict] = {"clean": "dataset", "contaminated": "dataset"}
 
     def check(self) -> list[tuple[str, str]]:
-        """Each eval file exists, and its first rows have text in ``field`` (a misspelt field
+        """Each eval file exists, and its first rows have text in its field (a misspelt field
         would otherwise surface only when this stage runs, after everything upstream)."""
         errors = []
-        for i, e in enumerate(self.params.eval_files):
+        explicit = len(self.params.eval_files)
+        for i, e in enumerate(self.params.files()):
+            # an explicit file's own fields, or the named set (its location is eval_data_root)
+            path_field, text_field = ((f"eval_files.{i}.path", f"eval_files.{i}.field") if i < explicit
+                                      else (("eval_data_root", f"eval_sets ({e.name})")))
             if not resources.exists(e.path):
-                errors.append((f"eval_files.{i}.path", f"no eval file at {e.path}"))
+                errors.append((path_field, f"no eval file at {e.path}"))
                 continue
             try:
                 head = list(itertools.islice(_read_file(e.path), SNIFF_ROWS))
             except StageError as exc:
-                errors.append((f"eval_files.{i}.path", str(exc)))
+                errors.append((path_field, str(exc)))
                 continue
             if head and not any(isinstance(r.get(e.field), str) and r[e.field].strip() for r in head):
                 seen = sorted({k for r in head for k in r})[:20]
-                errors.append((f"eval_files.{i}.field",
-                               f"no text in field {e.field!r} in the first {len(head)} rows of {e.path} "
-                               f"(fields: {seen})"))
+                msg = f"no text in field {e.field!r} in the first {len(head)} rows of {e.path} (fields: {seen})"
+                errors.append((text_field, msg))
         return errors
 
     def external_fingerprint(self) -> dict:
-        return {e.path: resources.file_fingerprint(e.path) for e in self.params.eval_files}
+        return {e.path: resources.file_fingerprint(e.path) for e in self.params.files()}
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params
         index = Index(p.ngram)
-        skipped = {e.path: n for e in p.eval_files if (n := _index_file(index, e))}
+        skipped = {e.path: n for e in p.files() if (n := _index_file(index, e))}
         if ctx.has_input("eval"):
             for row in ctx.read_input("eval", columns=["prompt_id", "prompt"]).to_pylist():
                 index.add("run:eval", row["prompt_id"], row["prompt"])
         if index.items == 0:
-            raise StageError("no eval texts to check against: set eval_files or wire input 'eval'")
+            raise StageError("no eval texts to check against: set eval_sets or eval_files, or wire input 'eval'")
 
         table = ctx.read_input("samples")
         rows = table.to_pylist()

@@ -89,3 +89,45 @@ def test_eval_rows_without_text_are_counted_not_hidden(ray_local, tmp_path):
     metrics = result.manifest["stages"][-1]["metrics"]
     assert metrics["eval_items"] == 1 and metrics["removed"] == 1
     assert metrics["eval_rows_without_text"] == {str(evals): 3}
+
+
+@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="../shared/data not present")
+def test_named_eval_sets_from_the_registry(ray_local, tmp_path):
+    math500 = [json.loads(line) for line in (SHARED_DATA / "math500" / "test.jsonl").open()]
+    aime = json.loads((SHARED_DATA / "aime24" / "test.jsonl").open().readline())
+    prefix = "Return your final response within \\boxed{}."
+    body = math500[3]["problem"][len(prefix):].strip()
+    rows = [{"prompt": body, "answer": "1"},                       # a MATH-500 problem without its boilerplate
+            {"prompt": aime["problem"], "answer": "2"},            # an AIME 2024 problem
+            # the boilerplate and the opening words of a MATH-500 problem: a 13-gram of the raw file,
+            # but not a copy of the problem
+            {"prompt": f"{prefix} {' '.join(body.split()[:3])} the number of apples in a basket of seven.",
+             "answer": "3"},
+            {"prompt": "Compute 3 + 4.", "answer": "7"}]
+    src = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: decon
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  decontaminate:
+    inputs: {{samples: prompts.prompts}}
+    params: {{ngram: 13, eval_sets: [all], eval_data_root: {SHARED_DATA}}}
+""")
+    runner = Runner(load_config(cfg))
+    result = runner.run()
+    assert result.ok, result.error
+    stage = result.manifest["stages"][-1]
+    st = runner.storage
+    clean = [r["prompt"] for r in st.read_dataset(st.strip(stage["output"]["clean"])).to_pylist()]
+    report = st.read_dataset(st.strip(stage["output"]["contaminated"])).to_pylist()
+    assert clean == [rows[2]["prompt"], rows[3]["prompt"]]
+    assert sorted((r["eval_source"], r["eval_id"]) for r in report) == [
+        ("aime24", str(aime["id"])), ("math500", math500[3]["unique_id"])]
+    assert stage["metrics"]["eval_items"] == 1319 + 500 + 30 + 40
+
+    with pytest.raises(Exception, match=r"p.yaml.*eval_sets.*unknown eval set\(s\) \['gsm9k'\]"):
+        load_config(cfg, overrides=["stages.decontaminate.params.eval_sets=[gsm9k]"])
+    with pytest.raises(Exception, match=r"p.yaml: stages.decontaminate.params.eval_data_root: no eval file at"):
+        load_config(cfg, overrides=[f"stages.decontaminate.params.eval_data_root={tmp_path}/nothing"])
