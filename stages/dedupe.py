@@ -40,12 +40,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.stage import Stage, StageContext, StageError
-from stages.common.textnorm import (
-    first_occurrences,
-    normalize_texts,
-    string_buffers,
-    text_keys,
-)
+from stages.common.textnorm import first_occurrences, normalize_texts, string_buffers, text_keys
 
 _U32 = np.uint32
 _DIGEST = operator.methodcaller("digest")

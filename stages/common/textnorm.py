@@ -15,7 +15,7 @@ not valid UTF-8 pass through unchanged.
   ``rows² / 2**129``.
 - ``first_occurrences(k1, k2)``: per row, whether its key is seen for the first time.
 
-Arrow buffers go to the kernels without copies, in pieces of about a MiB of text on a
+Arrow buffers go to the kernels without copies, in pieces of a few MiB of text on a
 few threads (the kernels release the GIL).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ GROWTH = 2  # a normalised text is at most 1.5x its input bytes (U+0130: 2 bytes
 
 _M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0xFF51AFD7ED558CCD)
 _C4 = np.uint64(0xC4CEB9FE1A85EC53)
-_S29, _S31, _S33, _S8 = np.uint64(29), np.uint64(31), np.uint64(33), np.uint64(8)
+_S29, _S31, _S33 = np.uint64(29), np.uint64(31), np.uint64(33)
 _0, _1, _2, _3, _4, _8 = (np.uint64(k) for k in (0, 1, 2, 3, 4, 8))
 _SEED1, _SEED2 = np.uint64(0x243F6A8885A308D3), np.uint64(0x13198A2E03707344)
 
@@ -248,15 +248,12 @@ def _normalize_piece(arr: pa.Array) -> pa.Array:
     out = np.empty(len(d) * GROWTH + 8, np.uint8)
     out_off = np.empty(len(off), np.int64)
     _normalize_kernel(d, off, out, out_off, LOWER, EXTRA, SPACE, ASCII_OUT, ASCII_WS)
-    if out_off[-1] < 2**31:
-        return pa.StringArray.from_buffers(len(arr), pa.py_buffer(out_off.astype(np.int32)), pa.py_buffer(out))
-    return pa.LargeStringArray.from_buffers(len(arr), pa.py_buffer(out_off), pa.py_buffer(out))
+    return pa.LargeStringArray.from_buffers(len(arr), pa.py_buffer(out_off), pa.py_buffer(out[: out_off[-1]]))
 
 
 def normalize_texts(values: pa.Array | pa.ChunkedArray, piece_bytes: int = 1 << 20) -> pa.ChunkedArray:
     """The normalised form of every string (null reads as ""), as a ``large_string`` column."""
-    out = [p.cast(pa.large_string()) for p in _map(_normalize_piece, _pieces(values, piece_bytes))]
-    return pa.chunked_array(out, pa.large_string())
+    return pa.chunked_array(_map(_normalize_piece, _pieces(values, piece_bytes)), pa.large_string())
 
 
 def _fold(col: pa.Array | pa.ChunkedArray, k1: np.ndarray, k2: np.ndarray, piece_bytes: int) -> None:
