@@ -102,6 +102,23 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 
+def prompts_then(tmp_path: Path, rows: list, stage: str, params: str, prompts_params: str = "") -> Path:
+    """``p.yaml``: a two-stage pipeline, the prompts stage over ``rows`` (written as JSONL) and
+    then ``stage`` reading ``prompts.prompts`` as its ``samples``; ``params`` and
+    ``prompts_params`` (extra keys for prompts) are YAML flow mappings / their contents."""
+    src = write_jsonl(tmp_path / "src.jsonl", rows)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: {stage}-test
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}{", " + prompts_params if prompts_params else ""}}}}}
+  {stage}:
+    inputs: {{samples: prompts.prompts}}
+    params: {params}
+""")
+    return cfg
+
 
 def generate_config(tmp_path: Path, name: str, src: Path, model: str, sampling: str, engine: str,
                     extra: str = "") -> Path:

@@ -3,7 +3,7 @@ eval-set problems are clear errors, never holes in the check."""
 import json
 
 import pytest
-from conftest import SHARED_DATA, output_rows, run_stages, write_jsonl
+from conftest import SHARED_DATA, output_rows, prompts_then, run_stages, write_jsonl
 
 from pipeline.config import ConfigError, load_config
 
@@ -14,18 +14,7 @@ TRAIN = [{"prompt": "What is the capital of the small country that lies between 
 
 def _config(tmp_path, rows: list[dict], params: str):
     """prompts -> decontaminate over ``rows``; ``params``: decontaminate's params, a YAML flow mapping."""
-    src = write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"""
-name: decon
-storage: {{root: {tmp_path}/root}}
-stages:
-  prompts: {{params: {{path: {src}}}}}
-  decontaminate:
-    inputs: {{samples: prompts.prompts}}
-    params: {params}
-""")
-    return cfg
+    return prompts_then(tmp_path, rows, "decontaminate", params)
 
 
 def _file_config(tmp_path, eval_path, field: str):

@@ -1,9 +1,7 @@
 """dedupe: near duplicates (MinHash LSH) of a lightly edited trace are dropped with a reason."""
 import pytest
-from conftest import write_jsonl
+from conftest import output_rows, prompts_then, run_stages
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
 
 TRACE = ("<think> First we add the two numbers of apples that Janet has in her basket, which gives twelve, "
          "then we subtract the three she gave to her neighbour on Monday morning, leaving nine apples, "
@@ -11,24 +9,9 @@ TRACE = ("<think> First we add the two numbers of apples that Janet has in her b
 
 
 def _run(tmp_path, rows, params):
-    src = write_jsonl(tmp_path / "src.jsonl", rows)
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"""
-name: dd
-storage: {{root: {tmp_path}/root}}
-stages:
-  prompts: {{params: {{path: {src}, answer_field: trace}}}}
-  dedupe:
-    inputs: {{samples: prompts.prompts}}
-    params: {params}
-""")
-    runner = Runner(load_config(cfg))
-    result = runner.run()
-    assert result.ok, result.error
-    stage = result.manifest["stages"][-1]
-    st = runner.storage
-    return (st.read_dataset(st.strip(stage["output"]["sft"])).to_pylist(),
-            st.read_dataset(st.strip(stage["output"]["dropped"])).to_pylist())
+    cfg = prompts_then(tmp_path, rows, "dedupe", params, prompts_params="answer_field: trace")
+    records, st = run_stages(cfg)
+    return output_rows(st, records["dedupe"], "sft"), output_rows(st, records["dedupe"], "dropped")
 
 
 @pytest.mark.parametrize("near", [True, False])
