@@ -94,6 +94,16 @@ def _read_file(path: str) -> Iterator[dict]:
             yield row
 
 
+def _text(row: dict, e: EvalFile) -> str | None:
+    """The row's text to index (its ``field``, less ``strip_prefix``), or None if it has none."""
+    text = row.get(e.field)
+    if not isinstance(text, str):
+        return None
+    if e.strip_prefix and text.startswith(e.strip_prefix):
+        text = text[len(e.strip_prefix):]
+    return text if text.strip() else None
+
+
 def _index_file(index: Index, e: EvalFile) -> int:
     """Index an eval file's texts; the number of rows without a usable text (missing, not a
     string, or blank). A file with no usable text at all is an error (a wrong ``field``)."""
@@ -101,10 +111,8 @@ def _index_file(index: Index, e: EvalFile) -> int:
     added = skipped = 0
     fields: set[str] = set()
     for i, row in enumerate(_read_file(e.path)):
-        text = row.get(e.field)
-        if isinstance(text, str) and e.strip_prefix and text.startswith(e.strip_prefix):
-            text = text[len(e.strip_prefix):]
-        if isinstance(text, str) and text.strip():
+        text = _text(row, e)
+        if text is not None:
             index.add(name, str(row.get(e.id_field, i) if e.id_field else i), text)
             added += 1
         else:
@@ -130,21 +138,21 @@ class Decontaminate(Stage):
         errors = []
         explicit = len(self.params.eval_files)
         for i, e in enumerate(self.params.files()):
-            # an explicit file's own fields, or the named set (its location is eval_data_root)
-            path_field, text_field = ((f"eval_files.{i}.path", f"eval_files.{i}.field") if i < explicit
-                                      else (("eval_data_root", f"eval_sets ({e.name})")))
+            # an explicit file is named by its own fields; a named set by eval_data_root / eval_sets
+            where = (f"eval_files.{i}.path", f"eval_files.{i}.field") if i < explicit else (
+                "eval_data_root", f"eval_sets ({e.name})")
             if not resources.exists(e.path):
-                errors.append((path_field, f"no eval file at {e.path}"))
+                errors.append((where[0], f"no eval file at {e.path}"))
                 continue
             try:
                 head = list(itertools.islice(_read_file(e.path), SNIFF_ROWS))
             except StageError as exc:
-                errors.append((path_field, str(exc)))
+                errors.append((where[0], str(exc)))
                 continue
-            if head and not any(isinstance(r.get(e.field), str) and r[e.field].strip() for r in head):
+            if head and all(_text(r, e) is None for r in head):
                 seen = sorted({k for r in head for k in r})[:20]
                 msg = f"no text in field {e.field!r} in the first {len(head)} rows of {e.path} (fields: {seen})"
-                errors.append((text_field, msg))
+                errors.append((where[1], msg))
         return errors
 
     def external_fingerprint(self) -> dict:
