@@ -124,3 +124,37 @@ def latest_pointer(st: Storage, pipeline: str, stage: str, output: str) -> str:
 def model_dir(st: Storage, name: str, version: str) -> str:
     """A model published under a name, outside the cache."""
     return st.path(MODELS, name, version)
+
+
+# -- leases and schedules ----------------------------------------------------------------------
+#
+#     leases/<schedule>                                 the run lease of a schedule (JSON; conditional writes only)
+#     schedules/<name>/schedule.json                    a schedule: cron, timezone, config, address
+#     schedules/<name>/history/<time>-<id>.<event>.json one history event (start, end, skip), append-only
+
+LEASES = "leases"
+SCHEDULES = "schedules"
+SCHEDULE_FILE = "schedule.json"
+HISTORY = "history"
+
+
+def lease(st: Storage, name: str) -> str:
+    return st.path(LEASES, name)
+
+
+def schedules_root(st: Storage) -> str:
+    return st.path(SCHEDULES)
+
+
+def schedule_file(st: Storage, name: str) -> str:
+    return st.path(SCHEDULES, name, SCHEDULE_FILE)
+
+
+def schedule_history(st: Storage, name: str) -> str:
+    """The folder of a schedule's history events."""
+    return st.path(SCHEDULES, name, HISTORY)
+
+
+def history_event(st: Storage, name: str, key: str, event: str) -> str:
+    """One history event; ``key`` starts with a sortable UTC time so a listing is in order."""
+    return st.path(SCHEDULES, name, HISTORY, f"{key}.{event}.json")
