@@ -1,0 +1,296 @@
+"""Run leases in storage: at most one run of a schedule at a time, across processes and machines.
+
+A lease is one small JSON object at ``leases/<schedule>`` (see :mod:`pipeline.layout`)::
+
+    {"name": ..., "run_id": <fencing id of the holder's run>, "holder": "host:pid",
+     "slot": <epoch seconds of the cron slot it runs>, "acquired": ..., "expires": <epoch seconds>,
+     "released": false, "generation": <count of writes>}
+
+Every write is conditional, so two contenders can never both believe they hold it:
+
+- **Take a free lease** (no object yet): a conditional create. On S3 ``If-None-Match: *``
+  (s3fs ``pipe_file(mode="create")``); locally ``os.open(O_CREAT | O_EXCL)``.
+- **Take over** an expired or released lease, **renew** a live one, **release** it: a
+  conditional overwrite that succeeds only if the object is still the version read before.
+  On S3 ``If-Match: <ETag>`` (HTTP 412 when it changed; a 409 concurrent-write conflict is
+  retried). Locally the ETag is the SHA-256 of the file's bytes (every write holds a fresh
+  nonce, so no two versions share one), and the compare-and-swap is: take an exclusive
+  ``flock`` on ``<lease>.lock``, re-read and compare the digest, write a temporary file,
+  fsync, ``os.replace`` it over the lease, unlock. ``flock`` is released by the kernel when a
+  holder dies, so a crashed process never leaves the lock held; readers take a shared lock,
+  so they never see a half-written lease. (Local storage is one machine's filesystem, or a
+  network filesystem whose ``flock`` is coherent, as NFSv4's is.)
+
+A holder that lost its lease (it expired and someone took it over) fails its next renewal
+with :class:`LeaseLost`: its ETag no longer matches. The lease is never deleted, so the
+``slot`` it last ran survives and a slot is run at most once: taking the lease for a slot
+at or before the recorded one fails with :class:`SlotTaken`.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import layout
+from .storage import Storage
+
+DEFAULT_TTL = 300.0
+
+
+class LeaseError(RuntimeError):
+    pass
+
+
+class LeaseHeld(LeaseError):
+    """A live lease belongs to someone else."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        left = max(0.0, state.get("expires", 0) - time.time())
+        super().__init__(f"lease {state.get('name')!r} is held by run {state.get('run_id')} "
+                         f"({state.get('holder')}) for {left:.0f}s more")
+
+
+class SlotTaken(LeaseError):
+    """The slot asked for was already run (or a later one was)."""
+
+    def __init__(self, state: dict, slot: float):
+        self.state = state
+        super().__init__(f"lease {state.get('name')!r}: slot {slot:.0f} already taken by run {state.get('run_id')} "
+                         f"(slot {state.get('slot')})")
+
+
+class LeaseLost(LeaseError):
+    """The lease changed since this holder last wrote it: it was taken over."""
+
+
+class _Conflict(Exception):
+    """The conditional write failed: the object is not the version expected."""
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# -- conditional reads and writes -----------------------------------------------------------------
+
+class _Backend:
+    def read(self, path: str) -> tuple[bytes, str] | None: ...
+    def create(self, path: str, data: bytes) -> str: ...
+    def replace(self, path: str, data: bytes, etag: str) -> str: ...
+
+
+class _LocalBackend(_Backend):
+    """``O_EXCL`` create and a ``flock``-guarded compare-and-swap (see the module docstring)."""
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    @contextmanager
+    def _locked(self, path: str, mode: int):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    @staticmethod
+    def _read_file(path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        with self._locked(path, fcntl.LOCK_SH):
+            data = self._read_file(path)
+        return None if data is None else (data, self._etag(data))
+
+    def create(self, path: str, data: bytes) -> str:
+        with self._locked(path, fcntl.LOCK_EX):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError as e:
+                raise _Conflict() from e
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        return self._etag(data)
+
+    def replace(self, path: str, data: bytes, etag: str) -> str:
+        with self._locked(path, fcntl.LOCK_EX):
+            current = self._read_file(path)
+            if current is None or self._etag(current) != etag:
+                raise _Conflict()
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-lease-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return self._etag(data)
+
+
+class _S3Backend(_Backend):
+    """``If-None-Match: *`` and ``If-Match: <ETag>`` on S3 (or any S3 API that honours them)."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(path)
+
+        async def get():  # body and ETag from one GET, so they belong to the same version
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await resp["Body"].read(), resp["ETag"]
+            finally:
+                resp["Body"].close()
+
+        try:
+            return sync(self.fs.loop, get)
+        except FileNotFoundError:
+            return None
+
+    def _put(self, path: str, data: bytes, **kwargs) -> str:
+        for attempt in range(20):
+            try:
+                out = self.fs.pipe_file(path, data, **kwargs)
+                return out["ETag"]
+            except FileExistsError as e:
+                raise _Conflict() from e
+            except OSError as e:
+                text = f"{e!r} {e.__cause__!r}"
+                if "PreconditionFailed" in text or "412" in text:
+                    raise _Conflict() from e
+                if e.errno == errno.EBUSY or "ConditionalRequestConflict" in text or "409" in text:
+                    time.sleep(0.05 * (attempt + 1))  # a concurrent write to the key: retry
+                    continue
+                raise
+        raise LeaseError(f"{path}: S3 kept answering 409 (concurrent writes)")
+
+    def create(self, path: str, data: bytes) -> str:
+        return self._put(path, data, mode="create")
+
+    def replace(self, path: str, data: bytes, etag: str) -> str:
+        return self._put(path, data, IfMatch=etag)
+
+
+def _backend(storage: Storage) -> _Backend:
+    if storage.is_local:
+        return _LocalBackend()
+    if storage.is_s3:
+        return _S3Backend(storage.fs)
+    raise LeaseError(f"leases need local or s3:// storage, not {storage.root_uri}")
+
+
+# -- the lease ------------------------------------------------------------------------------------
+
+@dataclass
+class Lease:
+    """A lease this process holds; ``renew`` and ``release`` are conditional on ``etag``."""
+
+    storage: Storage
+    name: str
+    state: dict
+    etag: str
+    ttl: float
+
+    @property
+    def path(self) -> str:
+        return layout.lease(self.storage, self.name)
+
+    @property
+    def run_id(self) -> str:
+        return self.state["run_id"]
+
+    def _write(self, state: dict) -> None:
+        state = {**state, "generation": self.state.get("generation", 0) + 1, "nonce": uuid.uuid4().hex}
+        try:
+            self.etag = _backend(self.storage).replace(self.path, _encode(state), self.etag)
+        except _Conflict as e:
+            current = read_lease(self.storage, self.name)
+            who = f"run {current[0].get('run_id')}" if current else "nobody (it is gone)"
+            raise LeaseLost(f"lease {self.name!r} of run {self.run_id} was lost: now held by {who}") from e
+        self.state = state
+
+    def renew(self, ttl: float | None = None) -> None:
+        """Extend the expiry; raises :class:`LeaseLost` if someone took the lease over."""
+        self.ttl = ttl or self.ttl
+        self._write({**self.state, "expires": time.time() + self.ttl, "renewed": time.time()})
+
+    def release(self, **extra) -> None:
+        """Mark the lease free (it stays, holding the slot it ran). ``extra`` is recorded in it."""
+        self._write({**self.state, **extra, "released": True, "expires": time.time()})
+
+
+def _encode(state: dict) -> bytes:
+    return json.dumps(state, sort_keys=True).encode()
+
+
+def read_lease(storage: Storage, name: str) -> tuple[dict, str] | None:
+    """The lease's state and ETag, or None when there is none."""
+    got = _backend(storage).read(layout.lease(storage, name))
+    if got is None:
+        return None
+    data, etag = got
+    return json.loads(data.decode()), etag
+
+
+def is_live(state: dict, now: float | None = None) -> bool:
+    return not state.get("released") and state.get("expires", 0) > (time.time() if now is None else now)
+
+
+def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, slot: float | None = None,
+            **extra) -> Lease:
+    """Take the lease of ``name`` for run ``run_id`` (the fencing id): create it when there is
+    none, take it over when it expired or was released. Raises :class:`LeaseHeld` while another
+    holder's lease is live, :class:`SlotTaken` when ``slot`` is not after the slot the lease
+    last ran. Exactly one of several concurrent contenders succeeds."""
+    backend = _backend(storage)
+    path = layout.lease(storage, name)
+    now = time.time()
+    state = {"name": name, "run_id": run_id, "holder": _holder(), "slot": now if slot is None else slot,
+             "acquired": now, "expires": now + ttl, "released": False, **extra}
+    current = read_lease(storage, name)
+    if current is None:
+        state.update(generation=1, nonce=uuid.uuid4().hex)
+        try:
+            return Lease(storage, name, state, backend.create(path, _encode(state)), ttl)
+        except _Conflict:
+            current = read_lease(storage, name)  # someone created it first
+            if current is None:
+                raise LeaseError(f"lease {name!r}: create conflicted but nothing is there")
+    old, etag = current
+    if is_live(old, now):
+        raise LeaseHeld(old)
+    if slot is not None and old.get("slot") is not None and slot <= old["slot"]:
+        raise SlotTaken(old, slot)
+    state.update(generation=old.get("generation", 0) + 1, nonce=uuid.uuid4().hex, previous_run_id=old.get("run_id"))
+    try:
+        return Lease(storage, name, state, backend.replace(path, _encode(state), etag), ttl)
+    except _Conflict:
+        latest = read_lease(storage, name)
+        if latest is not None and is_live(latest[0]):
+            raise LeaseHeld(latest[0]) from None
+        raise LeaseHeld(latest[0] if latest else old) from None

@@ -1,0 +1,129 @@
+"""Run leases: conditional create and conditional overwrite, locally and on (moto) S3, raced by
+separate processes."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from pipeline import layout
+from pipeline.lease import LeaseHeld, LeaseLost, SlotTaken, acquire, read_lease
+from pipeline.storage import Storage
+
+# Each contender says it is ready, waits for "go" on stdin, then tries to take the lease once.
+RACER = """
+import json, sys
+from pipeline.lease import LeaseError, acquire
+from pipeline.storage import Storage
+root, name, run_id, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+st = Storage(root)
+st.exists(st.root)  # the S3 client is set up before the start
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    lease = acquire(st, name, run_id, ttl=ttl)
+    print(json.dumps({"run_id": run_id, "won": True, "etag": lease.etag}))
+except LeaseError as e:
+    print(json.dumps({"run_id": run_id, "won": False, "error": type(e).__name__}))
+"""
+
+CONTENDERS = 4
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    request.getfixturevalue("s3_bucket")
+    return f"s3://distill-test/lease-{tmp_path.name}"
+
+
+def _race(root: str, name: str, ttl: float = 60.0) -> list[dict]:
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, root, name, f"run-{i}", str(ttl)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}) for i in range(CONTENDERS)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:  # all at once
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_race_for_a_free_lease_has_one_winner(root):
+    results = _race(root, "nightly")
+    winners = [r for r in results if r["won"]]
+    assert len(winners) == 1, results
+    assert {r["error"] for r in results if not r["won"]} == {"LeaseHeld"}
+    state, etag = read_lease(Storage(root), "nightly")
+    assert state["run_id"] == winners[0]["run_id"] and etag == winners[0]["etag"]
+
+
+def test_expired_lease_is_taken_over_by_exactly_one(root):
+    st = Storage(root)
+    old = acquire(st, "nightly", "run-old", ttl=0.5)
+    time.sleep(1.0)
+    results = _race(root, "nightly")
+    winners = [r for r in results if r["won"]]
+    assert len(winners) == 1, results
+    state, _ = read_lease(st, "nightly")
+    assert state["run_id"] == winners[0]["run_id"] and state["previous_run_id"] == "run-old"
+    with pytest.raises(LeaseLost, match=winners[0]["run_id"]):
+        old.renew()
+
+
+def test_holder_that_lost_its_lease_cannot_renew_or_release(root):
+    st = Storage(root)
+    a = acquire(st, "s", "run-a", ttl=0.5)
+    a.renew(ttl=0.5)  # a live holder renews
+    with pytest.raises(LeaseHeld, match="run-a"):
+        acquire(st, "s", "run-b", ttl=30)
+    time.sleep(0.8)
+    b = acquire(st, "s", "run-b", ttl=30)
+    with pytest.raises(LeaseLost):
+        a.renew()
+    with pytest.raises(LeaseLost):
+        a.release()
+    assert read_lease(st, "s")[0]["run_id"] == "run-b"
+    b.renew()
+    b.release(status="done")
+    state, _ = read_lease(st, "s")
+    assert state["released"] and state["status"] == "done" and state["run_id"] == "run-b"
+    # a released lease is free at once
+    acquire(st, "s", "run-c", ttl=30).release()
+
+
+def test_a_slot_runs_once(root):
+    st = Storage(root)
+    acquire(st, "s", "run-1", ttl=30, slot=100.0).release()
+    with pytest.raises(SlotTaken):
+        acquire(st, "s", "run-2", ttl=30, slot=100.0)
+    with pytest.raises(SlotTaken):
+        acquire(st, "s", "run-2", ttl=30, slot=50.0)
+    assert acquire(st, "s", "run-3", ttl=30, slot=101.0).state["slot"] == 101.0
+
+
+def test_local_overwrite_compares_the_etag(tmp_path):
+    """The local compare-and-swap refuses a write based on a version that is no longer there,
+    even when the lease looks free to the writer."""
+    from pipeline.lease import _Conflict, _LocalBackend
+
+    st = Storage(str(tmp_path / "root"))
+    acquire(st, "s", "run-1", ttl=30).release()
+    _, etag = read_lease(st, "s")
+    backend = _LocalBackend()
+    path = layout.lease(st, "s")
+    backend.replace(path, b'{"run_id": "x"}', etag)
+    with pytest.raises(_Conflict):
+        backend.replace(path, b'{"run_id": "y"}', etag)  # stale etag
+    with pytest.raises(_Conflict):
+        backend.create(path, b"{}")
+    assert json.loads(open(path, "rb").read())["run_id"] == "x"
