@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
-from .stage import Stage
+from .stage import Passthrough, Stage, column_problems, schema_columns
 
 
 class ConfigError(Exception):
@@ -232,7 +232,37 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
             problems.append(f"{file}: stages: dependency cycle: {' -> '.join(cycle)}")
     if problems:
         raise ConfigError(problems)
-    return PipelineConfig(spec.name, file, spec.storage, spec.ray, nodes, raw)
+    cfg = PipelineConfig(spec.name, file, spec.storage, spec.ray, nodes, raw)
+    problems = wiring_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def wiring_problems(cfg: PipelineConfig) -> list[str]:
+    """Every wired dataset against the columns its reader declares it needs (``Stage.needs``),
+    with each output's columns from its writer's declaration (``Stage.produces``), in
+    dependency order. An output whose writer declares nothing is not checked."""
+    known: dict[tuple[str, str], dict | None] = {}
+    problems = []
+    for name in cfg.order():
+        node = cfg.nodes[name]
+        needs = node.stage.needs()
+        for inp, (up, out) in node.inputs.items():
+            have = known.get((up, out))
+            if have is None or not needs.get(inp):
+                continue
+            for msg in column_problems(needs[inp], have):
+                problems.append(f"{node.origin}: stages.{name}.inputs.{inp}: {up}.{out}: {msg} "
+                                f"(stage {name!r}, kind {node.cls.kind!r})")
+        for out, declared in node.stage.produces().items():
+            if isinstance(declared, Passthrough):
+                src = node.inputs.get(declared.input)
+                base = known.get(src) if src else None
+                known[(name, out)] = None if base is None else {**base, **schema_columns(declared.added)}
+            elif declared is not None:
+                known[(name, out)] = schema_columns(declared)
+    return problems
 
 
 def _satisfied_by_params(node: StageNode, inp: str) -> bool:

@@ -1,7 +1,10 @@
 """Garbage collection of a storage root: files no committed record references.
 
+Where things live comes from ``pipeline.layout`` (the same functions the runner writes
+through), so a changed layout cannot make gc delete live data.
 Kept: everything a stage record (``_stage.json``) lists, the shards each committed
-dataset manifest lists, committed checkpoint datasets (for resume), run manifests.
+dataset manifest lists, committed checkpoint datasets (for resume), run manifests and
+``latest`` pointers (gc looks only under ``cache/``).
 Garbage: attempt folders of failed or killed attempts, shards no manifest lists,
 and (on S3) multipart uploads that were never completed. Only what is older than
 ``older_than`` seconds is touched, so work in flight is safe.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from . import layout
 from .storage import MANIFEST, STAGE_RECORD, Storage
 
 
@@ -27,10 +31,10 @@ def _mtime(info: dict) -> float | None:
 def _referenced(st: Storage) -> set[str]:
     """Folders holding committed artifacts (dataset or file tree)."""
     keep: set[str] = set()
-    for rec_path in st.fs.glob(st.path("cache", "*", "*", STAGE_RECORD)):
+    for rec_path in st.fs.glob(layout.stage_record_glob(st)):
         rec = st.read_json(rec_path)
         keep.update(o["path"] for o in rec["outputs"].values())
-    for m in st.fs.glob(st.path("cache", "*", "*", "checkpoints", "*", MANIFEST)):
+    for m in st.fs.glob(layout.checkpoint_manifest_glob(st)):
         keep.add(m.rsplit("/", 1)[0])
     return {k.rstrip("/") for k in keep}
 
@@ -48,7 +52,7 @@ def collect(st: Storage, older_than: float) -> dict:
         if "shards" in m:
             listed[folder] = {s["path"] for s in m["shards"]} | {MANIFEST}
     files = []
-    for path, info in st.fs.find(st.path("cache"), detail=True).items():
+    for path, info in st.fs.find(layout.cache_root(st), detail=True).items():
         if info.get("type") == "directory" or path.endswith(STAGE_RECORD):
             continue
         owner = next((k for k in keep if path.startswith(k + "/")), None)

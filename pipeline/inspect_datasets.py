@@ -13,9 +13,55 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from .storage import DATASET_FORMAT, MANIFEST, STAGE_RECORD, Storage, StorageError
+from . import layout
+from .storage import DATASET_FORMAT, MANIFEST, Storage, StorageError
 
 MAX_ANCESTORS = 64
+
+
+# -- rows a stage did not pass on: stats.dropped = {kind: {reason: count}} ----------------------
+
+# Before the one protocol, stages counted under their own names: manifest stats and record metrics.
+_OLD_STATS = {"quarantined": "quarantined", "removed": "removed", "errored": "errored"}
+_OLD_METRICS = {"quarantine_reasons": "quarantined", "dropped_reasons": "removed", "error_reasons": "errored"}
+
+
+def _counts(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) for x in v.values())
+
+
+def read_dropped(stats: dict | None = None, record: dict | None = None) -> dict[str, dict[str, int]] | None:
+    """The ``{kind: {reason: count}}`` of rows a stage did not pass on: the stage record's
+    ``dropped``, else the manifest's ``stats.dropped``, else (manifests and records written
+    before that key) translated from the old names. None when nothing says."""
+    for source in (record, stats):
+        if source and isinstance(source.get("dropped"), dict):
+            return source["dropped"]
+    out: dict[str, dict[str, int]] = {}
+
+    def add(kind: str, reasons: dict) -> None:
+        for reason, n in reasons.items():
+            if n:
+                out.setdefault(kind, {})[reason] = out.get(kind, {}).get(reason, 0) + n
+
+    metrics = (record or {}).get("metrics") or {}
+    if metrics:
+        for key, kind in _OLD_METRICS.items():
+            if _counts(metrics.get(key)):
+                add(kind, metrics[key])
+        if _counts(metrics.get("removed_by_eval_set")):  # decontaminate
+            add("removed", {f"contaminated:{k}": n for k, n in metrics["removed_by_eval_set"].items()})
+        if _counts(metrics.get("reasons")):  # verify: every verdict's reason, "ok" the accepted ones
+            add("rejected", {k: n for k, n in metrics["reasons"].items() if k != "ok"})
+    elif stats:
+        for key, kind in _OLD_STATS.items():
+            if _counts(stats.get(key)):
+                add(kind, stats[key])
+        if _counts(stats.get("reasons")):
+            add("rejected", {k: n for k, n in stats["reasons"].items() if k != "ok"})
+    if out or (record and metrics) or (stats and any(k in stats for k in (*_OLD_STATS, "reasons"))):
+        return out
+    return None
 
 
 def find_datasets(storage: Storage, path: str) -> list[dict]:
@@ -108,6 +154,9 @@ def show(storage: Storage, path: str) -> dict:
             info["completion_tokens_histogram"] = info["length_histogram"]["bins"]
     if "prompt_id" in cols:
         info["prompts"] = len(set(cols["prompt_id"]))
+    dropped = read_dropped(m.get("stats"))
+    if dropped is not None:
+        info["dropped"] = dropped  # by the stage that wrote it
     info["funnel"] = funnel(storage, path, m)
     return info
 
@@ -116,12 +165,11 @@ def show(storage: Storage, path: str) -> dict:
 
 def _stage_record(storage: Storage, path: str, lineage: dict) -> dict | None:
     """The record of the stage attempt that wrote the dataset at ``path``
-    (``cache/<kind>/<fingerprint>/<attempt>/<output>``), if it names this very dataset."""
-    parts = path.rstrip("/").rsplit("/", 2)
-    if len(parts) < 3 or not lineage.get("fingerprint"):
+    (``layout.output_path``), if it names this very dataset."""
+    if path.rstrip("/").count("/") < 2 or not lineage.get("fingerprint"):
         return None
     try:
-        rec = storage.read_json(f"{parts[0]}/{STAGE_RECORD}")
+        rec = storage.read_json(layout.record_for_output(path))
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     out = (rec.get("outputs") or {}).get(lineage.get("output") or "") or {}
@@ -148,11 +196,10 @@ def _step(storage: Storage, path: str, m: dict) -> dict:
     if rec is not None:
         step["outputs"] = dict(rec.get("rows") or {})  # every dataset the stage wrote, with its rows
         metrics = rec.get("metrics") or {}
-        # breakdowns such as quarantine_reasons, reasons (verify; "ok" is the accepted rows),
-        # dropped_reasons, error_reasons, removed_by_eval_set
-        step["reasons"] = {k: v for k, v in metrics.items()
-                           if isinstance(v, dict) and v and all(isinstance(x, int) for x in v.values())}
         step["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    dropped = read_dropped(m.get("stats"), rec)
+    if dropped is not None:
+        step["dropped"] = dropped
     return step
 
 

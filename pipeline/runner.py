@@ -1,12 +1,13 @@
 """Runs a pipeline DAG: fingerprints, cache lookups, execution on Ray, run manifests.
 
-A stage's fingerprint hashes its kind, code version, output-defining params,
-external resources and its inputs' fingerprints. Its outputs live under
-``cache/<kind>/<fingerprint>/<attempt>/``; the stage record
-``cache/<kind>/<fingerprint>/_stage.json`` is written last (exclusive create)
-and is what makes the stage count as done. A stage whose record exists is
+A stage's fingerprint hashes its kind, code version (see ``Stage.code_hash``),
+output-defining params, external resources and its inputs' fingerprints. Paths come
+from ``pipeline.layout``: outputs live under ``cache/<kind>/<fingerprint>/<attempt>/``;
+the stage record ``cache/<kind>/<fingerprint>/_stage.json`` is written last (exclusive
+create) and is what makes the stage count as done. A stage whose record exists is
 reported as ``cached`` and does no work; a failed attempt leaves no record, so a
-re-run starts that stage afresh in a new attempt folder.
+re-run starts that stage afresh in a new attempt folder. Row-level checkpoints live
+under ``cache/<kind>/<checkpoint key>/checkpoints/``, keyed by ``Stage.checkpoint_identity()``.
 
 Stage bodies run in the driver and put their heavy work on Ray (engine actors,
 verification tasks, training tasks). Ray is started only when some stage has to
@@ -23,10 +24,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from . import layout
 from .config import PipelineConfig
 from .ids import fingerprint
 from .stage import Artifact, ProgressFactory, StageContext, StageError
-from .storage import STAGE_RECORD, AlreadyCommitted, Storage, now_iso, redact_uri
+from .storage import AlreadyCommitted, Storage, now_iso, redact_uri
 
 log = logging.getLogger("distill")
 
@@ -41,8 +43,75 @@ class PlanEntry:
     inputs: dict[str, str]  # input -> "stage.output"
     cached: bool
     record_path: str
-    record: dict | None = None
+    record: "StageRecord | None" = None
     checkpoint_key: str = ""
+
+
+@dataclass
+class StageRecord:
+    """A stage's commit record (``_stage.json``): what it wrote, written last."""
+
+    name: str
+    kind: str
+    fingerprint: str
+    run_id: str
+    attempt: str
+    outputs: dict[str, dict]  # output -> {type, path, uri}
+    rows: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # {kind: {reason: count}}
+    seconds: float = 0.0
+    created: str = ""
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StageRecord":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    def artifacts(self) -> dict[str, Artifact]:
+        return {out: Artifact(a["type"], a["path"], a["uri"], self.fingerprint) for out, a in self.outputs.items()}
+
+    def output_uris(self) -> dict[str, str]:
+        return {out: a["uri"] for out, a in self.outputs.items()}
+
+
+@dataclass
+class StageRun:
+    """One stage's entry in a run manifest."""
+
+    name: str
+    kind: str
+    fingerprint: str
+    inputs: dict[str, str]
+    status: str = "pending"  # done, cached, failed, skipped
+    seconds: float = 0.0
+    output: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    produced_by_run: str | None = None
+    error: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, entry: PlanEntry) -> "StageRun":
+        return cls(entry.name, entry.kind, entry.fingerprint, entry.inputs)
+
+    def settle(self, status: str, record: StageRecord | None = None, **kw: Any) -> "StageRun":
+        self.status = status
+        if record is not None:
+            self.output, self.rows, self.metrics, self.dropped = (record.output_uris(), record.rows, record.metrics,
+                                                                  record.dropped)
+        for k, v in kw.items():
+            setattr(self, k, v)
+        return self
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()
+                if v is not None or k not in ("produced_by_run", "error", "reason")}
 
 
 @dataclass
@@ -52,6 +121,16 @@ class RunResult:
     manifest: dict
     ok: bool
     error: str | None = None
+    stage_errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _RunState:
+    run_id: str
+    started: float
+    manifest: dict
+    artifacts: dict[tuple[str, str], Artifact] = field(default_factory=dict)
+    failed: str | None = None
     stage_errors: dict[str, str] = field(default_factory=dict)
 
 
@@ -87,27 +166,42 @@ class Runner:
                 "external": node.stage.external_fingerprint(),
                 "inputs": {inp: [fps[up], out] for inp, (up, out) in sorted(node.inputs.items())},
             }
-            fp = fingerprint(identity)
-            ignored = node.cls.checkpoint_ignores_inputs
-            ckpt = fp if not ignored else "k" + fingerprint(
-                {**identity, "inputs": {k: v for k, v in identity["inputs"].items() if k not in ignored}})[1:]
-            fps[name] = fp
-            record_path = self.storage.path("cache", node.cls.kind, fp, STAGE_RECORD)
+            fp = fps[name] = fingerprint(identity)
+            record_path = layout.stage_record(self.storage, node.cls.kind, fp)
             record = self._read_record(record_path)
-            entries.append(PlanEntry(name, node.cls.kind, fp, inputs, record is not None, record_path, record, ckpt))
+            entries.append(PlanEntry(name, node.cls.kind, fp, inputs, record is not None, record_path, record,
+                                     self._checkpoint_key(node, identity)))
         return entries
 
-    def _read_record(self, path: str) -> dict | None:
+    @staticmethod
+    def _checkpoint_key(node, identity: dict) -> str:
+        """The key of a stage's row-level checkpoints: its ``checkpoint_identity()`` and the
+        inputs not in ``checkpoint_ignores_inputs`` (else the stage fingerprint without them)."""
+        ignored = node.cls.checkpoint_ignores_inputs
+        kept = {k: v for k, v in identity["inputs"].items() if k not in ignored}
+        own = node.stage.checkpoint_identity()
+        if own is not None:
+            return "k" + fingerprint({"kind": node.cls.kind, "identity": own, "inputs": kept})[1:]
+        if not ignored:
+            return fingerprint(identity)  # the stage fingerprint
+        return "k" + fingerprint({**identity, "inputs": kept})[1:]
+
+    def _read_record(self, path: str) -> StageRecord | None:
         try:
-            return self.storage.read_json(path)
+            return StageRecord.from_json(self.storage.read_json(path))
         except FileNotFoundError:
             return None
 
     # -- running -----------------------------------------------------------
     def run(self) -> RunResult:
         run_id = new_run_id(self.cfg.name)
-        started = time.time()
-        manifest: dict[str, Any] = {
+        state = _RunState(run_id, time.time(), self._new_manifest(run_id))
+        for entry in self.plan():
+            state.manifest["stages"].append(self._step(entry, state).to_json())
+        return self._finish(state)
+
+    def _new_manifest(self, run_id: str) -> dict:
+        return {
             "format": RUN_FORMAT,
             "run_id": run_id,
             "pipeline": self.cfg.name,
@@ -117,96 +211,89 @@ class Runner:
             "status": "running",
             "stages": [],
         }
-        plan = self.plan()
-        artifacts: dict[tuple[str, str], Artifact] = {}
-        failed: str | None = None
-        stage_errors: dict[str, str] = {}
-        for entry in plan:
-            node = self.cfg.nodes[entry.name]
-            rec: dict[str, Any] = {"name": entry.name, "kind": entry.kind, "fingerprint": entry.fingerprint, "inputs": entry.inputs}
-            if failed is not None:
-                rec.update(status="skipped", seconds=0.0, output={}, rows={}, metrics={}, reason=f"upstream failure in {failed}")
-                manifest["stages"].append(rec)
-                continue
-            if entry.record is None:
-                # Another run may have committed it since planning.
-                entry.record = self._read_record(entry.record_path)
-            if entry.record is not None:
-                stage_rec = entry.record
-                rec.update(status="cached", seconds=0.0, output={k: v["uri"] for k, v in stage_rec["outputs"].items()},
-                           rows=stage_rec.get("rows", {}), metrics=stage_rec.get("metrics", {}),
-                           produced_by_run=stage_rec.get("run_id"))
-                for out, a in stage_rec["outputs"].items():
-                    artifacts[(entry.name, out)] = Artifact(a["type"], a["path"], a["uri"], entry.fingerprint)
-                manifest["stages"].append(rec)
-                self.on_stage(entry.name, "cached", rec)
-                continue
-            self.on_stage(entry.name, "start", rec)
-            self._ensure_ray()
-            attempt = uuid.uuid4().hex[:8]
-            ctx = StageContext(
-                name=entry.name,
-                kind=entry.kind,
-                fingerprint=entry.fingerprint,
-                run_id=run_id,
-                storage=self.storage,
-                inputs={inp: artifacts[(up, out)] for inp, (up, out) in node.inputs.items()},
-                output_root=self.storage.path("cache", entry.kind, entry.fingerprint, attempt),
-                checkpoint_root=self.storage.path("cache", entry.kind, entry.checkpoint_key, "checkpoints"),
-                output_types=dict(node.cls.outputs),
-                progress_factory=self.progress_factory,
-            )
-            t0 = time.time()
-            try:
-                node.stage.run(ctx)
-                missing = set(node.cls.outputs) - set(ctx.written)
-                if missing:
-                    raise StageError(f"stage {entry.name!r} finished without writing outputs: {', '.join(sorted(missing))}")
-                seconds = round(time.time() - t0, 3)
-                stage_rec = {
-                    "name": entry.name,
-                    "kind": entry.kind,
-                    "fingerprint": entry.fingerprint,
-                    "run_id": run_id,
-                    "attempt": attempt,
-                    "outputs": {k: {"type": a.type, "path": a.path, "uri": a.uri} for k, a in ctx.written.items()},
-                    "rows": ctx.rows,
-                    "metrics": ctx.metrics,
-                    "seconds": seconds,
-                    "created": now_iso(),
-                }
-                try:
-                    self.storage.write_json(entry.record_path, stage_rec, exclusive=True)
-                except AlreadyCommitted:
-                    # A concurrent run finished the same stage first: use its outputs, so
-                    # every downstream reader sees one consistent version.
-                    stage_rec = self.storage.read_json(entry.record_path)
-                for out, a in stage_rec["outputs"].items():
-                    artifacts[(entry.name, out)] = Artifact(a["type"], a["path"], a["uri"], entry.fingerprint)
-                rec.update(status="done", seconds=seconds, output={k: v["uri"] for k, v in stage_rec["outputs"].items()},
-                           rows=stage_rec["rows"], metrics=stage_rec["metrics"])
-                self.on_stage(entry.name, "done", rec)
-            except Exception as e:  # the run manifest records any stage failure
-                seconds = round(time.time() - t0, 3)
-                msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
-                log.debug("stage %s failed:\n%s", entry.name, traceback.format_exc())
-                rec.update(status="failed", seconds=seconds, output={}, rows=ctx.rows, metrics=ctx.metrics, error=msg)
-                failed = entry.name
-                stage_errors[entry.name] = msg
-                self.on_stage(entry.name, "failed", rec)
-            manifest["stages"].append(rec)
 
-        if failed is None:
+    def _step(self, entry: PlanEntry, state: _RunState) -> StageRun:
+        """One stage: skipped after a failure, cached if committed (maybe by another run since
+        planning), else run."""
+        run = StageRun.of(entry)
+        if state.failed is not None:
+            return run.settle("skipped", reason=f"upstream failure in {state.failed}")
+        record = entry.record or self._read_record(entry.record_path)
+        if record is not None:
+            state.artifacts.update({(entry.name, o): a for o, a in record.artifacts().items()})
+            run.settle("cached", record, produced_by_run=record.run_id)
+            self.on_stage(entry.name, "cached", run.to_json())
+            return run
+        return self._execute(entry, run, state)
+
+    def _context(self, entry: PlanEntry, run_id: str, attempt: str, artifacts: dict) -> StageContext:
+        node = self.cfg.nodes[entry.name]
+        return StageContext(
+            name=entry.name,
+            kind=entry.kind,
+            fingerprint=entry.fingerprint,
+            run_id=run_id,
+            storage=self.storage,
+            inputs={inp: artifacts[(up, out)] for inp, (up, out) in node.inputs.items()},
+            output_root=layout.attempt_dir(self.storage, entry.kind, entry.fingerprint, attempt),
+            checkpoint_root=layout.checkpoint_root(self.storage, entry.kind, entry.checkpoint_key),
+            output_types=dict(node.cls.outputs),
+            progress_factory=self.progress_factory,
+            output_columns=dict(node.stage.produces()),
+        )
+
+    def _execute(self, entry: PlanEntry, run: StageRun, state: _RunState) -> StageRun:
+        self.on_stage(entry.name, "start", run.to_json())
+        self._ensure_ray()
+        attempt = uuid.uuid4().hex[:8]
+        ctx = self._context(entry, state.run_id, attempt, state.artifacts)
+        t0 = time.time()
+        try:
+            self.cfg.nodes[entry.name].stage.run(ctx)
+            record = self._commit(entry, ctx, attempt, round(time.time() - t0, 3))
+        except Exception as e:  # the run manifest records any stage failure
+            msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
+            log.debug("stage %s failed:\n%s", entry.name, traceback.format_exc())
+            run.settle("failed", seconds=round(time.time() - t0, 3), rows=ctx.rows, metrics=ctx.metrics,
+                       dropped=ctx.dropped, error=msg)
+            state.failed, state.stage_errors[entry.name] = entry.name, msg
+            self.on_stage(entry.name, "failed", run.to_json())
+            return run
+        state.artifacts.update({(entry.name, o): a for o, a in record.artifacts().items()})
+        run.settle("done", record, seconds=record.seconds)
+        self.on_stage(entry.name, "done", run.to_json())
+        return run
+
+    def _commit(self, entry: PlanEntry, ctx: StageContext, attempt: str, seconds: float) -> StageRecord:
+        """Write the stage record (exclusive create). If a concurrent run committed the same
+        stage first, its record wins, so every downstream reader sees one version."""
+        missing = set(ctx.output_types) - set(ctx.written)
+        if missing:
+            raise StageError(f"stage {entry.name!r} finished without writing outputs: {', '.join(sorted(missing))}")
+        record = StageRecord(
+            name=entry.name, kind=entry.kind, fingerprint=entry.fingerprint, run_id=ctx.run_id, attempt=attempt,
+            outputs={k: {"type": a.type, "path": a.path, "uri": a.uri} for k, a in ctx.written.items()},
+            rows=ctx.rows, metrics=ctx.metrics, dropped=ctx.dropped, seconds=seconds, created=now_iso(),
+        )
+        try:
+            self.storage.write_json(entry.record_path, record.to_json(), exclusive=True)
+        except AlreadyCommitted:
+            record = StageRecord.from_json(self.storage.read_json(entry.record_path))
+        return record
+
+    def _finish(self, state: _RunState) -> RunResult:
+        manifest = state.manifest
+        if state.failed is None:
             self._update_latest(manifest)
-        manifest["status"] = "failed" if failed else "done"
+        manifest["status"] = "failed" if state.failed else "done"
         manifest["finished"] = now_iso()
-        manifest["seconds"] = round(time.time() - started, 3)
-        run_dir = self.storage.path("runs", run_id)
-        self.storage.write_json(f"{run_dir}/manifest.json", manifest, exclusive=True)
-        self.storage.put_bytes(self.storage.path("runs", "_latest"), run_id.encode())
-        uri = self.storage.uri(f"{run_dir}/manifest.json")
-        error = f"stage {failed!r} failed: {stage_errors[failed]}" if failed else None
-        return RunResult(run_id, uri, manifest, failed is None, error, stage_errors)
+        manifest["seconds"] = round(time.time() - state.started, 3)
+        path = layout.run_manifest(self.storage, state.run_id)
+        self.storage.write_json(path, manifest, exclusive=True)
+        self.storage.put_bytes(layout.latest_run(self.storage), state.run_id.encode())
+        error = f"stage {state.failed!r} failed: {state.stage_errors[state.failed]}" if state.failed else None
+        return RunResult(state.run_id, self.storage.uri(path), manifest, state.failed is None, error,
+                         state.stage_errors)
 
     def _update_latest(self, manifest: dict) -> None:
         """``latest/<pipeline>/<stage>.<output>``: a pointer to the newest committed version of
@@ -214,8 +301,8 @@ class Runner:
         for s in manifest["stages"]:
             for out, uri in s["output"].items():
                 pointer = {"uri": uri, "fingerprint": s["fingerprint"], "run_id": manifest["run_id"],
-                           "produced_by_run": s.get("produced_by_run", manifest["run_id"])}
-                self.storage.write_json(self.storage.path("latest", self.cfg.name, f"{s['name']}.{out}"), pointer)
+                           "produced_by_run": s.get("produced_by_run") or manifest["run_id"]}
+                self.storage.write_json(layout.latest_pointer(self.storage, self.cfg.name, s["name"], out), pointer)
 
     def _ensure_ray(self) -> None:
         import ray
@@ -239,12 +326,11 @@ class Runner:
 
 def list_runs(storage: Storage) -> list[dict]:
     runs = []
-    for p in storage.ls(storage.path("runs")):
-        mpath = f"{p}/manifest.json"
-        if p.rsplit("/", 1)[-1].startswith("_"):
+    for p in storage.ls(layout.runs_root(storage)):
+        if not layout.is_run_dir(p):
             continue
         try:
-            runs.append(storage.read_json(mpath))
+            runs.append(storage.read_json(f"{p}/{layout.RUN_MANIFEST}"))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             continue
     runs.sort(key=lambda m: m.get("started", ""))
@@ -252,13 +338,14 @@ def list_runs(storage: Storage) -> list[dict]:
 
 
 def read_run(storage: Storage, run: str) -> dict:
+    runs_uri = storage.uri(layout.runs_root(storage))
     if run == "latest":
         try:
-            with storage.fs.open(storage.path("runs", "_latest"), "rb") as f:
+            with storage.fs.open(layout.latest_run(storage), "rb") as f:
                 run = f.read().decode().strip()
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"no runs under {storage.uri(storage.path('runs'))}") from e
+            raise FileNotFoundError(f"no runs under {runs_uri}") from e
     try:
-        return storage.read_json(storage.path("runs", run, "manifest.json"))
+        return storage.read_json(layout.run_manifest(storage, run))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"no run {run!r} under {storage.uri(storage.path('runs'))}") from e
+        raise FileNotFoundError(f"no run {run!r} under {runs_uri}") from e

@@ -1,15 +1,31 @@
 """The interface between the pipeline and its stages.
 
 A stage declares:
-- ``kind`` and ``version`` (bump ``version`` when outputs change meaning);
+- ``kind`` and ``version`` (bump ``version`` when outputs change meaning). With
+  ``code_hash = True`` (the default, for cheap stages) the fingerprint also hashes the
+  stage module's source and the project modules it uses; an expensive stage sets it to
+  False and is keyed by ``version`` alone, bumped by hand;
 - ``Params``: a pydantic model (``extra="forbid"``) validated from the config;
 - ``inputs`` / ``outputs``: artifact name -> type (``dataset`` or ``model``);
   inputs listed in ``optional_inputs`` may be left unwired;
+- ``input_columns`` / ``output_columns`` (or the methods ``needs()`` / ``produces()`` when
+  they depend on params): the columns a dataset input must have, with a type family
+  (``string``, ``int``, ``float``, ``number``, ``bool``, ``list``, ``messages``, ``any``;
+  ``"a|b"`` means at least one of the columns), and each dataset output's schema (a
+  ``pa.Schema``, or ``Passthrough(input, added)`` for "the input's columns plus these").
+  ``load_config`` checks every wiring against them before Ray starts; ``ctx`` checks each
+  committed output against its declared schema. A stage that declares nothing is not checked;
+- ``checkpoint_identity()``: for stages with row-level checkpoints, what determines a
+  row's output (e.g. model hash, sampling settings, a format version), so checkpoints
+  survive edits that change nothing a row depends on;
 - ``external_fingerprint()``: hashes of anything outside the DAG it reads
   (source files, model folders), so the cache notices when they change;
 - ``check()``: problems found before Ray starts (missing files), as
   ``(field, message)`` pairs;
-- ``run(ctx)``: the work, reading inputs and writing outputs through ``ctx``.
+- ``run(ctx)``: the work, reading inputs and writing outputs through ``ctx``. Every row a
+  stage does not pass on is counted with ``ctx.drop(kind, reason, n)``; the counts land in
+  each committed dataset's manifest as ``stats.dropped = {kind: {reason: count}}`` and in
+  the stage record as ``dropped``.
 
 Params fields marked ``Field(..., json_schema_extra={"fingerprint": False})``
 (replica counts, resources, batch sizes) do not change a stage's fingerprint.
@@ -64,13 +80,80 @@ class StageError(RuntimeError):
     """A stage failed for a reason worth showing the user as-is."""
 
 
+# -- column contracts --------------------------------------------------------------------------
+
+TYPE_FAMILIES = ("string", "int", "float", "number", "bool", "list", "messages", "any")
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """An output schema: the columns of dataset input ``input``, plus ``added``."""
+
+    input: str
+    added: pa.Schema = field(default_factory=lambda: pa.schema([]))
+
+
+OutputColumns = "pa.Schema | Passthrough"
+
+
+def type_matches(want: str, got: pa.DataType) -> bool:
+    """Whether an Arrow type is of a declared type family (or its exact Arrow type name)."""
+    if want == "any":
+        return True
+    if want == "string":
+        return pa.types.is_string(got) or pa.types.is_large_string(got)
+    if want == "int":
+        return pa.types.is_integer(got)
+    if want == "float":
+        return pa.types.is_floating(got)
+    if want == "number":
+        return pa.types.is_integer(got) or pa.types.is_floating(got)
+    if want == "bool":
+        return pa.types.is_boolean(got)
+    if want == "list":
+        return pa.types.is_list(got) or pa.types.is_large_list(got)
+    if want == "messages":
+        if not (pa.types.is_list(got) or pa.types.is_large_list(got)) or not pa.types.is_struct(got.value_type):
+            return False
+        names = {got.value_type.field(i).name: got.value_type.field(i).type for i in range(got.value_type.num_fields)}
+        return all(k in names and type_matches("string", names[k]) for k in ("role", "content"))
+    return str(got) == want
+
+
+def column_problems(needs: dict[str, str], have: dict[str, pa.DataType]) -> list[str]:
+    """What ``have`` (column -> type) lacks of ``needs`` (column or ``a|b`` -> type family)."""
+    out = []
+    for col, want in needs.items():
+        options = col.split("|")
+        present = [c for c in options if c in have]
+        if not present:
+            alts = " or ".join(repr(c) for c in options)
+            out.append(f"no column {alts} (needs {want}; has: {', '.join(have) or 'none'})")
+            continue
+        if not any(type_matches(want, have[c]) for c in present):
+            out.append(f"column {present[0]!r} is {have[present[0]]}, needs {want}")
+    return out
+
+
+def schema_columns(schema: pa.Schema) -> dict[str, pa.DataType]:
+    return {f.name: f.type for f in schema}
+
+
+# -- stages ------------------------------------------------------------------------------------
+
 class Stage:
     kind: ClassVar[str] = ""
     version: ClassVar[str] = "1"
+    # True: the fingerprint hashes the module sources too (cheap stages); False: ``version`` only,
+    # bumped by hand (expensive stages, where a comment edit must not redo the work).
+    code_hash: ClassVar[bool] = True
     Params: ClassVar[type[BaseModel]]
     inputs: ClassVar[dict[str, str]] = {}
     optional_inputs: ClassVar[frozenset[str]] = frozenset()
     outputs: ClassVar[dict[str, str]] = {}
+    # dataset input -> {column (or "a|b"): type family}; dataset output -> schema or Passthrough
+    input_columns: ClassVar[dict[str, dict[str, str]]] = {}
+    output_columns: ClassVar[dict[str, Any]] = {}
     # Inputs whose content does not key the stage's checkpoints: a stage that works per row
     # (e.g. generation per prompt) can then reuse what it committed for other inputs, so
     # adding rows to a source only pays for the new rows.
@@ -82,11 +165,11 @@ class Stage:
 
     @classmethod
     def code_version(cls) -> str:
-        """``version`` plus a hash of the stage module's source and of the sibling modules it
-        uses (same top-level package, transitively): editing a stage or a helper it
-        imports invalidates its cache."""
+        """``version``, plus (with ``code_hash``) a hash of the stage module's source and of the
+        sibling modules it uses (same top-level package, transitively): editing a stage or a
+        helper it imports invalidates its cache."""
         module = inspect.getmodule(cls)
-        if module is None:
+        if module is None or not cls.code_hash:
             return cls.version
         sources = [_source(m) for m in sorted(_local_modules(module), key=lambda m: m.__name__)]
         return f"{cls.version}:{sha256_hex(chr(0).join(sources))[:12]}"
@@ -96,6 +179,20 @@ class Stage:
 
     def external_fingerprint(self) -> dict:
         return {}
+
+    def checkpoint_identity(self) -> dict | None:
+        """What determines the output of the stage's row-level checkpoints, or None: keyed then
+        by the stage fingerprint without ``checkpoint_ignores_inputs``. The inputs not in
+        ``checkpoint_ignores_inputs`` key the checkpoints either way."""
+        return None
+
+    def needs(self) -> dict[str, dict[str, str]]:
+        """Columns each dataset input must have (default: ``input_columns``)."""
+        return self.input_columns
+
+    def produces(self) -> dict[str, Any]:
+        """Each dataset output's schema or ``Passthrough`` (default: ``output_columns``)."""
+        return self.output_columns
 
     def check(self) -> list[tuple[str, str]]:
         return []
@@ -120,6 +217,25 @@ def fingerprint_params(params: BaseModel) -> dict:
     return out
 
 
+# quarantined: unusable input rows kept aside with their reason; removed: rows a filter left
+# out; rejected: rows passed on marked as failing a check; errored: rows whose work failed.
+DROP_KINDS = ("quarantined", "removed", "rejected", "errored")
+
+
+def _conform(table: pa.Table, schema: pa.Schema, stage: str, output: str) -> pa.Table:
+    """A table in the declared column order and types; a missing column is an error."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise StageError(f"stage {stage!r} output {output!r}: declared column(s) {missing} missing from the rows")
+    extra = [c for c in table.column_names if c not in schema.names]
+    if extra:
+        raise StageError(f"stage {stage!r} output {output!r}: column(s) {extra} are not declared")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise StageError(f"stage {stage!r} output {output!r}: rows do not fit the declared schema: {e}") from e
+
+
 @dataclass
 class Artifact:
     """A committed output of some stage: where it lives and what kind it is."""
@@ -135,6 +251,9 @@ class Progress:
 
     def advance(self, n: int = 1) -> None:  # pragma: no cover - trivial default
         pass
+
+    def update(self, completed: int, total: int | None = None, info: str = "") -> None:  # pragma: no cover
+        """Set the position (and the total, and a short status such as loss or ETA)."""
 
     def close(self) -> None:  # pragma: no cover
         pass
@@ -157,7 +276,10 @@ class StageContext:
     # a crashed or killed run, so the next attempt can resume instead of redoing them.
     checkpoint_root: str = ""
     progress_factory: ProgressFactory | None = None
+    # declared output schemas (``Stage.produces()``): commits are checked against them
+    output_columns: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     written: dict[str, Artifact] = field(default_factory=dict)
 
@@ -208,6 +330,13 @@ class StageContext:
         return self.storage.dataset_writer(self.output_path(output), self.lineage(output), rows_per_shard)
 
     def commit_dataset(self, output: str, writer, schema: pa.Schema | None = None, stats: dict | None = None) -> dict:
+        """Publish an output. Its manifest's ``stats`` holds ``stats`` plus ``dropped``: the rows
+        this stage did not pass on so far (``drop``), ``{kind: {reason: count}}``."""
+        declared = self.output_columns.get(output)
+        if isinstance(declared, pa.Schema) and schema is None:
+            schema = declared
+        self._check_schema(output, writer.schema or schema)
+        stats = {**(stats or {}), "dropped": {k: dict(v) for k, v in self.dropped.items()}}
         manifest = writer.commit(schema, stats=stats)
         self.rows[output] = manifest["rows"]
         path = self.output_path(output)
@@ -216,11 +345,46 @@ class StageContext:
 
     def write_dataset(self, output: str, tables: Iterable[pa.Table], schema: pa.Schema | None = None,
                       stats: dict | None = None) -> dict:
-        """Write and commit an output; ``stats`` (e.g. ``{"removed": {reason: count}}``) goes
-        into its manifest, so inspection reads it without the run records."""
+        """Write and commit an output through its declared schema (``schema`` defaults to it);
+        ``stats`` (e.g. ``{"input_rows": n}``) and the drop counts go into its manifest, so
+        inspection reads them without the run records."""
+        declared = self.output_columns.get(output)
+        if schema is None and isinstance(declared, pa.Schema):
+            schema = declared
         writer = self.dataset_writer(output)
-        writer.write_many(tables)
+        for t in tables:
+            writer.write(t if schema is None or t.schema == schema else _conform(t, schema, self.name, output))
         return self.commit_dataset(output, writer, schema, stats)
+
+    def _check_schema(self, output: str, schema: pa.Schema | None) -> None:
+        """A committed output has every declared column with its declared type."""
+        declared = self.output_columns.get(output)
+        if declared is None or schema is None:
+            return
+        want = declared if isinstance(declared, pa.Schema) else declared.added
+        have = schema_columns(schema)
+        for f in want:
+            if f.name not in have:
+                raise StageError(f"stage {self.name!r} output {output!r}: declared column {f.name!r} is missing")
+            if have[f.name] != f.type:
+                raise StageError(f"stage {self.name!r} output {output!r}: column {f.name!r} is {have[f.name]}, "
+                                 f"declared {f.type}")
+
+    # -- rows not passed on --------------------------------------------------
+    def drop(self, kind: str, reason: str, n: int = 1) -> None:
+        """Count ``n`` rows this stage did not pass on (or passed on marked bad), with why:
+        ``kind`` is one of ``DROP_KINDS``, ``reason`` a short code."""
+        if kind not in DROP_KINDS:
+            raise ValueError(f"unknown drop kind {kind!r} (one of {', '.join(DROP_KINDS)})")
+        if n:
+            by_reason = self.dropped.setdefault(kind, {})
+            by_reason[reason] = by_reason.get(reason, 0) + int(n)
+
+    def drop_counts(self, kind: str, reasons: "dict[str, int] | Iterable[str]") -> None:
+        """``drop`` for many rows: a ``{reason: count}`` mapping or one reason per row."""
+        items = reasons.items() if isinstance(reasons, dict) else ((r, 1) for r in reasons)
+        for reason, n in items:
+            self.drop(kind, reason, n)
 
     def put_model(self, output: str, local_dir: str | Path) -> dict:
         path = self.output_path(output)

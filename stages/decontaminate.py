@@ -13,7 +13,8 @@ as one n-gram, so short exact copies are caught too.
 Input ``samples``: rows with ``messages`` (user turns are the prompt, assistant
 turns the completion) or ``prompt`` / ``completion`` columns.
 Outputs: ``clean`` (same schema as the input) and ``contaminated``
-(prompt_id, sample_index, field, eval_source, eval_id, eval_text, ngram).
+(prompt_id, sample_index, field, eval_source, eval_id, eval_text, ngram). Each removed
+row is counted as ``removed`` with reason ``contaminated:<eval set>``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import resources
-from pipeline.stage import Stage, StageContext, StageError
+from pipeline.stage import Passthrough, Stage, StageContext, StageError
 from stages.common.eval_sets import DEFAULT_DATA_ROOT, EVAL_SETS
 from stages.common.ngrams import DEFAULT_NGRAM, Index, row_text
 
@@ -131,6 +132,9 @@ class Decontaminate(Stage):
     inputs: ClassVar[dict] = {"samples": "dataset", "eval": "dataset"}
     optional_inputs: ClassVar[frozenset] = frozenset({"eval"})
     outputs: ClassVar[dict] = {"clean": "dataset", "contaminated": "dataset"}
+    input_columns: ClassVar[dict] = {"samples": {"messages|prompt": "any"},
+                                     "eval": {"prompt_id": "string", "prompt": "string"}}
+    output_columns: ClassVar[dict] = {"clean": Passthrough("samples"), "contaminated": REPORT_SCHEMA}
 
     def check(self) -> list[tuple[str, str]]:
         """Each eval file exists, and its first rows have text in its field (a misspelt field
@@ -184,13 +188,9 @@ class Decontaminate(Stage):
             field, gram, (source, item_id, text) = hit
             report.append({"prompt_id": r.get("prompt_id"), "sample_index": r.get("sample_index", i), "field": field,
                            "eval_source": source, "eval_id": item_id, "eval_text": text[:2000], "ngram": gram})
-        by_source: dict[str, int] = {}
-        for r in report:
-            by_source[r["eval_source"]] = by_source.get(r["eval_source"], 0) + 1
-        stats = {"input_rows": len(rows), "removed": {"contaminated": len(report)} if report else {},
-                 "removed_by_eval_set": by_source}
+        ctx.drop_counts("removed", [f"contaminated:{r['eval_source']}" for r in report])  # by eval set
+        stats = {"input_rows": len(rows)}
         ctx.write_dataset("clean", [table.take(keep)], table.schema, stats=stats)
         ctx.write_dataset("contaminated", [pa.Table.from_pylist(report, schema=REPORT_SCHEMA)], stats=stats)
         ctx.metrics.update({"eval_items": index.items, "ngrams": len(index.grams), "input_rows": len(rows),
-                            "removed": len(report), "removed_by_eval_set": by_source,
-                            "eval_rows_without_text": skipped})
+                            "removed": len(report), "eval_rows_without_text": skipped})

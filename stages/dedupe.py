@@ -7,8 +7,8 @@ Output ``sft``: ``prompt_id``, ``source``, ``sample_index``, ``messages``
 (list of {role, content}), ready for the sft stage.
 Output ``dropped``: every input row not kept, with its ``reason``
 (``verdict:<reason>``, ``empty_completion``, ``duplicate``, ``near_duplicate``,
-``over_max_per_prompt``); metric ``dropped_reasons`` and the ``stats.removed`` of both
-outputs' manifests count them.
+``over_max_per_prompt``), counted as ``removed`` in the stage's ``dropped`` counts
+(stage record, and ``stats.dropped`` in both outputs' manifests).
 
 Exact duplicates: same prompt and completion after normalisation (whitespace runs
 collapsed to one space, stripped, lower-cased per code point; ``stages.common.textnorm``),
@@ -223,6 +223,14 @@ class Dedupe(Stage):
     Params = Params
     inputs: ClassVar[dict] = {"samples": "dataset"}
     outputs: ClassVar[dict] = {"sft": "dataset", "dropped": "dataset"}
+    output_columns: ClassVar[dict] = {"sft": SFT_SCHEMA, "dropped": DROPPED_SCHEMA}
+
+    def needs(self) -> dict[str, dict[str, str]]:
+        p: Params = self.params
+        cols = {"prompt_id": "string", "prompt": "string", p.completion_field: "string"}
+        if p.require_verdict:
+            cols["verdict"] = "string"
+        return {"samples": cols}
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params
@@ -300,11 +308,8 @@ class Dedupe(Stage):
                 ]
                 out.append({"prompt_id": pid, "source": raw["source"][j] if "source" in raw else None,
                             "sample_index": idx[i], "messages": messages})
-        counts: dict[str, int] = {}
-        for d in dropped:
-            counts[d["reason"]] = counts.get(d["reason"], 0) + 1
-        stats = {"input_rows": n, "removed": counts}
+        ctx.drop_counts("removed", [d["reason"] for d in dropped])
+        stats = {"input_rows": n}
         ctx.write_dataset("sft", [pa.Table.from_pylist(out, schema=SFT_SCHEMA)], stats=stats)
         ctx.write_dataset("dropped", [pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA)], stats=stats)
-        ctx.metrics.update({"input_rows": n, "kept": len(out), "prompts_kept": len(groups),
-                            "dropped_reasons": counts})
+        ctx.metrics.update({"input_rows": n, "kept": len(out), "prompts_kept": len(groups)})

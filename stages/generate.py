@@ -16,9 +16,13 @@ each round with the verify stage's checkers, and stops a prompt once it has
 sample after that many is given up as unsolved. ``fixed`` draws ``n`` samples per prompt.
 
 Exactly-once resume: every finished chunk is committed at once as a small
-checkpoint dataset. Checkpoints are keyed by the teacher and the sampling
-settings but not by the prompt set, so a sample's identity is (prompt_id,
-teacher, sampling, sample_index). A re-run after a crash or ``kill -9`` skips
+checkpoint dataset. Checkpoints are keyed by what determines a sample
+(``checkpoint_identity``): the teacher's files (weights and tokenizer), the chat
+template and system prompt, the sampling settings that change a sample, the
+output-changing engine settings and ``GENERATION_FORMAT`` (bumped by hand), not
+by module sources, error budgets, resources or the prompt set, so a sample's
+identity is (prompt_id, teacher, sampling, sample_index). The stage fingerprint
+likewise uses the explicit ``version`` (``code_hash = False``). A re-run after a crash or ``kill -9`` skips
 every prompt already committed and generates only the rest, and adding prompts
 to the source generates only the new prompts' samples. The output keeps one row
 per (prompt_id, sample_index), for the prompts of this input only.
@@ -34,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import resources
 from pipeline.stage import Stage, StageContext, StageError
 from stages.common.checkers import FormatSpec
-from stages.common.engine import EngineSpec, SamplingSpec, open_engines
+from stages.common.engine import GENERATION_FORMAT, NO_FP, STOPPING_ONLY, EngineSpec, SamplingSpec, open_engines
 from stages.common.verifier import VerifierPool
 
 SAMPLES_SCHEMA = pa.schema(
@@ -71,18 +75,24 @@ class Params(BaseModel):
     system_prompt: str | None = None
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
-    max_error_rate: float = Field(0.5, ge=0, le=1, description="fail the stage when more samples than this errored")
+    max_error_rate: float = Field(0.5, ge=0, le=1, json_schema_extra=NO_FP,
+                                  description="fail the stage when more samples than this errored")
     format: FormatSpec = Field(default_factory=FormatSpec, description="adaptive: what counts as verified")
     verify_timeout_s: float = Field(5.0, gt=0, description="adaptive: hard limit per answer check")
 
 
 class Generate(Stage):
     kind: ClassVar[str] = "generate"
-    version: ClassVar[str] = "1"
+    # explicit: bump when the stage's outputs change meaning (module sources are not hashed)
+    version: ClassVar[str] = "2"
+    code_hash: ClassVar[bool] = False
     Params = Params
     inputs: ClassVar[dict] = {"prompts": "dataset", "model": "model"}
     optional_inputs: ClassVar[frozenset] = frozenset({"model"})
     outputs: ClassVar[dict] = {"samples": "dataset", "prompt_stats": "dataset"}
+    input_columns: ClassVar[dict] = {"prompts": {"prompt_id": "string", "prompt": "string", "answer": "string",
+                                                 "source": "string"}}
+    output_columns: ClassVar[dict] = {"samples": SAMPLES_SCHEMA, "prompt_stats": STATS_SCHEMA}
     checkpoint_ignores_inputs: ClassVar[frozenset] = frozenset({"prompts"})
 
     def check(self) -> list[tuple[str, str]]:
@@ -90,6 +100,16 @@ class Generate(Stage):
 
     def external_fingerprint(self) -> dict:
         return resources.model_params_fingerprint(self.params, ("model",))
+
+    def checkpoint_identity(self) -> dict:
+        """What a sample depends on: the teacher's files (a wired teacher keys through its
+        input), chat template, system prompt, the sampling settings that change a sample,
+        the engine settings that change outputs, and ``GENERATION_FORMAT``."""
+        p: Params = self.params
+        sampling = p.sampling.model_dump(mode="json", exclude=set(STOPPING_ONLY))
+        return {"format": GENERATION_FORMAT, "teacher": self.external_fingerprint(),
+                "chat_template": p.chat_template, "system_prompt": p.system_prompt, "sampling": sampling,
+                "engine": p.engine.model_dump(mode="json", include={"max_model_len", "dtype"})}
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params
@@ -201,6 +221,7 @@ class Generate(Stage):
                 errors += 1
                 code = r["error"].split(":")[0]
                 reasons[code] = reasons.get(code, 0) + 1
+        ctx.drop_counts("errored", reasons)  # passed on, with their error
         if p.sampling.strategy == "fixed" and len(out) != len(prompts) * p.sampling.n:
             raise StageError(f"expected {len(prompts) * p.sampling.n} samples, assembled {len(out)}")
         stat_rows = []
@@ -216,7 +237,7 @@ class Generate(Stage):
         ctx.write_dataset("prompt_stats", [pa.Table.from_pylist(stat_rows, schema=STATS_SCHEMA)])
         ctx.metrics.update({"prompts": len(prompts), "samples": len(out), "completion_tokens": tokens,
                             "generated_tokens_this_attempt": generated, "resumed_prompts": resumed,
-                            "errored_samples": errors, "error_reasons": reasons})
+                            "errored_samples": errors})
         if stats:
             ctx.metrics.update({
                 "strategy": "adaptive",
@@ -233,4 +254,4 @@ class Generate(Stage):
             }
         if out and errors / len(out) > p.max_error_rate:
             raise StageError(error_summary(out, p.max_error_rate))
-        ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA, stats={"errored": reasons})
+        ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA)

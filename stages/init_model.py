@@ -74,6 +74,9 @@ class InitModel(Stage):
     inputs: ClassVar[dict] = {"corpus": "dataset"}
     outputs: ClassVar[dict] = {"model": "model"}
 
+    def needs(self) -> dict[str, dict[str, str]]:
+        return {"corpus": {"|".join(self.params.text_fields): "any"}}
+
     def run(self, ctx: StageContext) -> None:
         import torch
         from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

@@ -157,6 +157,7 @@ class Prompts(Stage):
     version: ClassVar[str] = "1"
     Params = Params
     outputs: ClassVar[dict] = {"prompts": "dataset", "quarantine": "dataset"}
+    output_columns: ClassVar[dict] = {"prompts": PROMPTS_SCHEMA, "quarantine": QUARANTINE_SCHEMA}
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -202,15 +203,13 @@ class Prompts(Stage):
                 meta = {k: v for k, v in row.items() if k not in (p.prompt_field, p.answer_field)}
                 good.append({"prompt_id": pid, "prompt": prompt, "answer": _clean(_as_text(row[p.answer_field])),
                              "source": source, "metadata": _clean(json.dumps(meta, default=str, ensure_ascii=False))})
-        reasons: dict[str, int] = {}
-        for b in bad:
-            key = b["reason"].split(":")[0].split(" (")[0]
-            reasons[key] = reasons.get(key, 0) + 1
-        stats = {"input_rows": len(good) + len(bad), "quarantined": reasons}
+        ctx.drop_counts("quarantined", [b["reason"].split(":")[0].split(" (")[0] for b in bad])
+        stats = {"input_rows": len(good) + len(bad)}
         ctx.write_dataset("prompts", [pa.Table.from_pylist(good, schema=PROMPTS_SCHEMA)], stats=stats)
         ctx.write_dataset("quarantine", [pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)], stats=stats)
         ctx.metrics.update({"files": len(files), "input_rows": len(good) + len(bad), "blank_lines": blank,
-                            "quarantine_reasons": reasons})
+                            # kept for readers of older records; the counts live in ``dropped``
+                            "quarantine_reasons": dict(ctx.dropped.get("quarantined", {}))})
 
     @staticmethod
     def _problem(row: dict, p: Params) -> str | None:

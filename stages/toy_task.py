@@ -77,6 +77,7 @@ class ToyTask(Stage):
     Params = Params
     inputs: ClassVar[dict] = {}
     outputs: ClassVar[dict] = {"train": "dataset", "distill": "dataset", "eval": "dataset"}
+    output_columns: ClassVar[dict] = {"train": PROMPT_SCHEMA, "distill": PROMPT_SCHEMA, "eval": PROMPT_SCHEMA}
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params

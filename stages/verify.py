@@ -22,7 +22,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Passthrough, Stage, StageContext
 from stages.common.checkers import CHECKER_VERSION, FormatSpec, check_code_rows, is_code_row
 from stages.common.sandbox import CodeSpec
 from stages.common.verifier import VerifierPool
@@ -78,6 +78,8 @@ class Verify(Stage):
     Params = Params
     inputs: ClassVar[dict] = {"samples": "dataset"}
     outputs: ClassVar[dict] = {"verified": "dataset"}
+    input_columns: ClassVar[dict] = {"samples": {"prompt_id": "string", "completion": "string"}}
+    output_columns: ClassVar[dict] = {"verified": Passthrough("samples", pa.schema(VERDICT_FIELDS))}
 
     def run(self, ctx: StageContext) -> None:
         import ray
@@ -113,7 +115,10 @@ class Verify(Stage):
             c = per_prompt.setdefault(r["prompt_id"], [0, 0])
             c[0] += v["verdict"] == "correct"
             c[1] += 1
-        ctx.write_dataset("verified", [out], schema, stats={"reasons": reasons})
+        for v in verdicts:  # passed on, marked
+            if v["verdict"] != "correct":
+                ctx.drop("errored" if v["verdict"] == "error" else "rejected", v["reason"])
+        ctx.write_dataset("verified", [out], schema)
         n = len(rows)
         ctx.metrics.update({
             "samples": n,

@@ -113,7 +113,8 @@ stages:
 
 def test_set_overrides_and_include(tmp_path, prompts_file):
     _write(tmp_path, f"name: base\nstages:\n  prompts: {{params: {{path: {prompts_file}}}}}\n", "base.yaml")
-    p = _write(tmp_path, "name: child\ninclude: [base.yaml]\nstages:\n  dedupe: {inputs: {samples: prompts.prompts}}\n")
+    p = _write(tmp_path, "name: child\ninclude: [base.yaml]\nstages:\n  dedupe: {inputs: {samples: prompts.prompts}, "
+                         "params: {completion_field: answer, require_verdict: null}}\n")
     cfg = load_config(p, ["stages.prompts.params.limit=5", "storage.root=s3://b/x"])
     assert cfg.nodes["prompts"].stage.params.limit == 5
     assert cfg.storage.root == "s3://b/x"

@@ -40,10 +40,10 @@ def test_planted_benchmark_question_is_removed(ray_local, tmp_path):
     (hit,) = report
     assert hit["eval_source"] == "gsm8k/test" and hit["eval_id"] == "41"
     assert hit["eval_text"] == planted and hit["field"] == "prompt"
-    assert stage["metrics"]["removed_by_eval_set"] == {"gsm8k/test": 1}
+    assert stage["dropped"] == {"removed": {"contaminated:gsm8k/test": 1}}
     assert stage["metrics"]["eval_items"] == 1319
     stats = st.dataset_manifest(st.strip(stage["output"]["clean"]))["stats"]
-    assert stats["removed"] == {"contaminated": 1} and stats["input_rows"] == len(clean) + 1
+    assert stats == {"input_rows": len(clean) + 1, "dropped": {"removed": {"contaminated:gsm8k/test": 1}}}
 
 
 def test_eval_file_problems_are_config_errors(tmp_path):

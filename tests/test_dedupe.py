@@ -56,8 +56,9 @@ def _run_stage(tmp_path, rows: list[dict], **params):
     stage.run(ctx)
     sft, dropped = (st.read_dataset(ctx.written[out].path).to_pylist() for out in ("sft", "dropped"))
     stats = st.dataset_manifest(ctx.written["sft"].path)["stats"]
-    assert stats == {"input_rows": len(rows), "removed": ctx.metrics["dropped_reasons"]}
-    return sft, dropped, ctx.metrics
+    assert stats == {"input_rows": len(rows), "dropped": ctx.dropped}
+    assert sum(ctx.dropped.get("removed", {}).values()) == len(dropped) and set(ctx.dropped) <= {"removed"}
+    return sft, dropped, {**ctx.metrics, "dropped": ctx.dropped}
 
 
 BASE = ("<think> Janet has 3 baskets with 4 apples in each basket so she has twelve apples in total "
@@ -93,7 +94,7 @@ def test_prefer_selects_which_traces_survive_the_cap(tmp_path, prefer, kept, ove
             assert r["messages"][-1] == {"role": "assistant", "content": completions[r["sample_index"]]}
     assert {(d["sample_index"], d["reason"]) for d in dropped} == {
         (3, "duplicate"), (4, "verdict:wrong_answer"), *((i, "over_max_per_prompt") for i in over)}
-    assert metrics["dropped_reasons"] == {"duplicate": 1, "verdict:wrong_answer": 1, "over_max_per_prompt": 1}
+    assert metrics["dropped"] == {"removed": {"duplicate": 1, "verdict:wrong_answer": 1, "over_max_per_prompt": 1}}
     assert metrics["kept"] == 3 and metrics["input_rows"] == 6
 
 

@@ -141,12 +141,13 @@ stages:
         assert s["rows"] == real[(s["stage"], s["output"])]
         assert s["outputs"] == {o: n for (stage, o), n in real.items() if stage == s["stage"]}
     prompts, dedupe, decon = steps
-    assert prompts["reasons"]["quarantine_reasons"] == {"missing answer field 'trace'": 1, "empty prompt field 'prompt'": 1,
-                                                        "duplicate prompt": 1}
+    assert prompts["dropped"] == {"quarantined": {"missing answer field 'trace'": 1, "empty prompt field 'prompt'": 1,
+                                                  "duplicate prompt": 1}}
     assert prompts["metrics"]["input_rows"] == len(rows) == prompts["rows"] + prompts["outputs"]["quarantine"]
-    assert dedupe["reasons"]["dropped_reasons"] == {"near_duplicate": 1}
+    assert dedupe["dropped"] == {"removed": {"near_duplicate": 1}}
     assert dedupe["metrics"]["input_rows"] == prompts["rows"] == dedupe["rows"] + dedupe["outputs"]["dropped"]
-    assert decon["reasons"]["removed_by_eval_set"] == {"held-out": 1}
+    assert decon["dropped"] == {"removed": {"contaminated:held-out": 1}}
+    assert info["dropped"] == decon["dropped"]  # the shown dataset's own manifest
     assert decon["metrics"]["input_rows"] == dedupe["rows"] == decon["rows"] + decon["outputs"]["contaminated"]
     assert dedupe["parents"] == {"samples": prompts["uri"]} and decon["parents"] == {"samples": dedupe["uri"]}
     assert prompts["parents"] == {}
@@ -160,7 +161,7 @@ stages:
     assert shown["length_histogram"]["column"] == "prompt" and len(shown["funnel"]) == 1
 
     text = CliRunner().invoke(app, ["datasets", "show", out[("decontaminate", "clean")]]).output
-    assert "funnel" in text and "near_duplicate=1" in text and "contaminated=1" in text
+    assert "funnel" in text and "near_duplicate=1" in text and "contaminated:held-out=1" in text
     assert "length of messages (chars)" in text
 
 
@@ -196,7 +197,54 @@ def test_funnel_follows_lineage_of_datasets_written_directly(root):
     assert missing["uri"] == gone
     by_name = {s.get("name"): s for s in steps}
     assert by_name["generate.samples"]["parents"] == {"prompts": prompts}  # the model is not a row step
-    assert all("reasons" not in s for s in steps)  # no stage records: rows only
+    assert all("dropped" not in s for s in steps)  # no stage records, no stats: rows only
     info = _json(["datasets", "show", sft, "--json"])
     assert info["length_histogram"] == {"column": "completion", "unit": "chars",
                                         "bins": [{"from": b, "to": b, "count": 1} for b in range(4)]}
+
+
+def test_show_reads_manifests_and_records_written_before_the_dropped_key(tmp_path):
+    """Datasets and stage records in the old shapes (per-stage names: stats.quarantined,
+    stats.removed, stats.reasons; metrics quarantine_reasons, dropped_reasons,
+    removed_by_eval_set) are shown in the one shape {kind: {reason: count}}."""
+    from pipeline.storage import STAGE_RECORD
+
+    st = Storage(str(tmp_path / "root"))
+
+    def old_stage(kind, output, n, parents, stats, metrics):
+        fp = kind * 3
+        path = st.path("cache", kind, fp, "a1", output)
+        w = st.dataset_writer(path, {"run_id": "old", "stage": kind, "output": output, "fingerprint": fp,
+                                     "parents": {k: {"uri": u, "fingerprint": "x"} for k, u in parents.items()}})
+        w.write(pa.table({"prompt_id": [f"p{i}" for i in range(n)]}))
+        w.commit(stats=stats)  # written as the old stages did: no "dropped"
+        st.write_json(st.path("cache", kind, fp, STAGE_RECORD), {
+            "name": kind, "kind": kind, "fingerprint": fp, "run_id": "old", "attempt": "a1",
+            "outputs": {output: {"type": "dataset", "path": path, "uri": st.uri(path)}},
+            "rows": {output: n}, "metrics": metrics, "seconds": 1.0, "created": "2026-01-01T00:00:00+00:00"})
+        return st.uri(path)
+
+    prompts = old_stage("prompts", "prompts", 5, {}, {"input_rows": 7, "quarantined": {"empty prompt": 2}},
+                        {"input_rows": 7, "quarantine_reasons": {"empty prompt": 2}})
+    sft = old_stage("dedupe", "sft", 3, {"samples": prompts}, {"input_rows": 5, "removed": {"duplicate": 2}},
+                    {"input_rows": 5, "kept": 3, "dropped_reasons": {"duplicate": 2}})
+    clean = old_stage("decontaminate", "clean", 2, {"samples": sft},
+                      {"input_rows": 3, "removed": {"contaminated": 1}, "removed_by_eval_set": {"gsm8k/test": 1}},
+                      {"removed": 1, "removed_by_eval_set": {"gsm8k/test": 1}})
+
+    info = _json(["datasets", "show", clean, "--json"])
+    assert info["dropped"] == {"removed": {"contaminated": 1}}  # the manifest's own old stats
+    assert [s["dropped"] for s in info["funnel"]] == [
+        {"quarantined": {"empty prompt": 2}}, {"removed": {"duplicate": 2}},
+        {"removed": {"contaminated:gsm8k/test": 1}}]
+    (step,) = _json(["datasets", "show", prompts, "--json"])["funnel"]
+    assert step["dropped"] == {"quarantined": {"empty prompt": 2}}
+    text = CliRunner().invoke(app, ["datasets", "show", clean]).output
+    assert "duplicate=2" in text and "contaminated:gsm8k/test=1" in text
+
+    # no stage record, verify's old stats (every verdict's reason, "ok" the accepted rows): from the manifest
+    path = st.path("d", "verified")
+    w = st.dataset_writer(path, {"stage": "verify", "output": "verified"})
+    w.write(pa.table({"prompt_id": ["a", "b", "c"]}))
+    w.commit(stats={"reasons": {"ok": 1, "wrong_answer": 2}})
+    assert _json(["datasets", "show", st.uri(path), "--json"])["dropped"] == {"rejected": {"wrong_answer": 2}}

@@ -51,12 +51,12 @@ def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
     assert reasons[5].startswith("duplicate prompt")
     assert reasons[7].startswith("expected a JSON object")
     assert reasons[8].startswith("invalid UTF-8")
-    assert rec["metrics"]["quarantine_reasons"]["missing answer field 'answer'"] == 1
-    # the counts per reason are in both datasets' manifests too
+    assert rec["dropped"]["quarantined"]["missing answer field 'answer'"] == 1
+    assert list(rec["dropped"]) == ["quarantined"] and sum(rec["dropped"]["quarantined"].values()) == len(bad)
+    # the counts per reason are in both datasets' manifests too, under the one key
     for output in ("prompts", "quarantine"):
         stats = st.dataset_manifest(st.strip(rec["output"][output]))["stats"]
-        assert stats["input_rows"] == 8 and sum(stats["quarantined"].values()) == len(bad)
-        assert stats["quarantined"] == rec["metrics"]["quarantine_reasons"]
+        assert stats == {"input_rows": 8, "dropped": rec["dropped"]}
 
     again = Runner(_cfg(tmp_path, source)).run()
     assert [s["status"] for s in again.manifest["stages"]] == ["cached"]

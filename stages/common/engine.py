@@ -26,6 +26,26 @@ from pydantic import BaseModel, ConfigDict, Field
 
 NO_FP = {"fingerprint": False}
 
+# The version of what a generation request returns for given (model, prompt, sampling):
+# bump it by hand when a change here alters rows (seeding, prompt building, budget forcing,
+# the columns of ``sample_row``). It keys generation checkpoints; module sources do not.
+GENERATION_FORMAT = "1"
+
+# Sampling settings that only decide when adaptive sampling stops asking for more samples:
+# no single sample depends on them, so they do not key checkpoints.
+STOPPING_ONLY = frozenset({"target_correct", "max_tokens_per_prompt", "give_up_after"})
+
+
+def sample_row(prompt_id: str, sample_index: int, *, completion: str = "", prompt_tokens: int = 0,
+               completion_tokens: int = 0, finish_reason: str = "error", error: str | None = None,
+               thinking_tokens: int | None = None, waits: int | None = None,
+               forced_answer: bool | None = None) -> dict:
+    """One generated sample: the only place its row is built, so every path fills every column."""
+    return {"prompt_id": prompt_id, "sample_index": sample_index, "completion": completion,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "finish_reason": finish_reason, "error": error, "thinking_tokens": thinking_tokens,
+            "waits": waits, "forced_answer": forced_answer}
+
 
 class EngineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -239,9 +259,9 @@ class EngineActor:
             if error:
                 report(_error_rows(pid, n, offset, len(ids), error))
                 return
-            report([{"prompt_id": pid, "sample_index": offset + i, "completion": o.text, "prompt_tokens": len(ids),
-                     "completion_tokens": len(o.token_ids), "finish_reason": o.finish_reason or "unknown",
-                     "error": None} for i, o in enumerate(res.outputs)])
+            report([sample_row(pid, offset + i, completion=o.text, prompt_tokens=len(ids),
+                               completion_tokens=len(o.token_ids), finish_reason=o.finish_reason or "unknown")
+                    for i, o in enumerate(res.outputs)])
 
         self._submit(ids, params, done)
 
@@ -270,10 +290,10 @@ class _ForcedSample:
             self._finish("error", f"invalid_request: {type(e).__name__}: {str(e)[:500]}")
 
     def _finish(self, finish_reason: str, error: str | None = None) -> None:
-        self.report([{"prompt_id": self.pid, "sample_index": self.index, "completion": self.text if not error else "",
-                      "prompt_tokens": len(self.prompt_ids), "completion_tokens": self.generated,
-                      "finish_reason": "error" if error else finish_reason, "error": error,
-                      "thinking_tokens": self.thinking, "waits": self.waits, "forced_answer": self.forced}])
+        self.report([sample_row(self.pid, self.index, completion=self.text if not error else "",
+                                prompt_tokens=len(self.prompt_ids), completion_tokens=self.generated,
+                                finish_reason="error" if error else finish_reason, error=error,
+                                thinking_tokens=self.thinking, waits=self.waits, forced_answer=self.forced)])
 
     def _next(self) -> None:
         from vllm import SamplingParams
@@ -328,8 +348,7 @@ class _ForcedSample:
 
 
 def _error_rows(prompt_id: str, n: int, offset: int, prompt_tokens: int, reason: str) -> list[dict]:
-    return [{"prompt_id": prompt_id, "sample_index": offset + i, "completion": "", "prompt_tokens": prompt_tokens,
-             "completion_tokens": 0, "finish_reason": "error", "error": reason} for i in range(n)]
+    return [sample_row(prompt_id, offset + i, prompt_tokens=prompt_tokens, error=reason) for i in range(n)]
 
 
 _KEPT: dict[str, "EnginePool"] = {}
