@@ -265,10 +265,10 @@ def datasets_show(uri: str = typer.Argument(..., help="a dataset folder (holding
 def _print_funnel(steps: list[dict]) -> None:
     """One row per dataset from the oldest ancestor down to the shown one: its rows, the other
     outputs of the stage that wrote it, and that stage's counts per reason."""
-    if len(steps) < 2 and not any(s.get("reasons") for s in steps):
+    if len(steps) < 2 and not any(s.get("dropped") for s in steps):
         return
     table = Table(title="funnel")
-    for col in ("dataset", "rows", "stage outputs", "reasons"):
+    for col in ("dataset", "rows", "stage outputs", "dropped"):
         table.add_column(col, overflow="fold")
     for s in steps:
         if s.get("missing"):
@@ -276,7 +276,7 @@ def _print_funnel(steps: list[dict]) -> None:
             continue
         others = ", ".join(f"{k}={v}" for k, v in (s.get("outputs") or {}).items() if k != s.get("output"))
         reasons = "; ".join(f"{k}: " + ", ".join(f"{r}={n}" for r, n in v.items())
-                            for k, v in (s.get("reasons") or {}).items())
+                            for k, v in (s.get("dropped") or {}).items())
         table.add_row(s["name"], str(s["rows"]), others or "-", reasons or "-")
     out.print(table)
 
