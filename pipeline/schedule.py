@@ -1,0 +1,415 @@
+"""Schedules: pipeline runs on a cron, at most one at a time, with their history in storage.
+
+Everything lives under the storage root (local or ``s3://``), so a team shares it and any
+number of schedulers (or Kubernetes CronJob pods) can watch one root (paths from
+:mod:`pipeline.layout`)::
+
+    schedules/<name>/schedule.json                     cron, timezone, config, address, grace, lease TTL
+    schedules/<name>/history/<time>-<run>.start.json   a run began: slot, coalesced slots, trigger
+    schedules/<name>/history/<time>-<run>.end.json     it ended: status, exit code, datasets, what was new
+    schedules/<name>/history/<time>-<id>.skip.json     a slot not run, and why (lease held, slot taken, misfire)
+    leases/<name>                                      the run lease (pipeline.lease)
+
+History events are append-only: each is its own object, written with an exclusive create.
+
+**Slots.** Cron expressions are parsed by croniter: five fields, or six where the sixth is
+seconds (croniter's order), evaluated in the schedule's time zone. A scheduler looks for the
+slots due since the last slot run (kept in the lease, so every scheduler sees it); several
+due slots coalesce into one run of the latest, provided it is not older than the misfire
+grace window (else it is recorded as a ``misfire`` skip).
+
+**Exclusivity.** A run first takes the lease for its slot (:func:`pipeline.lease.acquire`):
+a live lease (another run in progress) or a slot already run makes it record a ``skip``
+instead. While the job runs the lease is renewed every third of its TTL; a renewal that
+fails (the lease was lost) stops the job. The lease is released when the job ends.
+
+**The job.** Locally ``python -m pipeline.cli run CONFIG --run-id ID`` in a subprocess (its own
+process group, so a crash never takes the scheduler down); with an ``address``,
+``distill submit CONFIG --address URL --run-id ID --wait`` (a Ray job). The run id is the
+lease's fencing id and the pipeline run's id, so the end event reads the run manifest to
+record which datasets it published and whether anything was new.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from . import layout
+from .lease import LeaseError, LeaseHeld, LeaseLost, SlotTaken, acquire, is_live, read_lease
+from .storage import AlreadyCommitted, Storage
+
+log = logging.getLogger("distill.schedule")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MAX_COUNTED_SLOTS = 10_000
+
+
+class ScheduleError(ValueError):
+    """A bad schedule definition or a missing schedule; the message names the field."""
+
+
+@dataclass
+class Schedule:
+    name: str
+    cron: str
+    config: str
+    address: str | None = None
+    tz: str = "UTC"
+    misfire_grace_s: float = 3600.0
+    lease_ttl_s: float = 300.0
+    created: float = field(default_factory=time.time)
+
+    def validate(self) -> "Schedule":
+        if not NAME_RE.match(self.name):
+            raise ScheduleError(f"schedule name {self.name!r}: use letters, digits, '_', '.', '-' (at most 100)")
+        if not croniter.is_valid(self.cron):
+            raise ScheduleError(f"schedule {self.name!r}: cron {self.cron!r} is not a valid cron expression "
+                                "(5 fields, or 6 with seconds last)")
+        try:
+            ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ScheduleError(f"schedule {self.name!r}: tz {self.tz!r} is not a known time zone") from e
+        if self.misfire_grace_s <= 0 or self.lease_ttl_s <= 0:
+            raise ScheduleError(f"schedule {self.name!r}: misfire_grace_s and lease_ttl_s must be positive")
+        return self
+
+    # -- slots -------------------------------------------------------------
+    def _iter(self, start: float) -> croniter:
+        return croniter(self.cron, datetime.fromtimestamp(start, ZoneInfo(self.tz)))
+
+    def next_fire(self, now: float) -> float:
+        """The first slot strictly after ``now``."""
+        return self._iter(now).get_next(float)
+
+    def due(self, after: float, now: float) -> tuple[float | None, float | None, int]:
+        """The slots in ``(after, now]``: (first, latest, count); count stops at MAX_COUNTED_SLOTS."""
+        it = self._iter(after)
+        first = latest = None
+        count = 0
+        while count < MAX_COUNTED_SLOTS:
+            t = it.get_next(float)
+            if t > now:
+                break
+            first = t if first is None else first
+            latest, count = t, count + 1
+        if count >= MAX_COUNTED_SLOTS:  # too many to walk: take the latest directly
+            latest = self._iter(now + 1e-3).get_prev(float)
+        return first, latest, count
+
+
+def iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+# -- the schedule store ---------------------------------------------------------------------------
+
+def _fresh_ls(st: Storage, path: str) -> list[str]:
+    """A listing that sees what other processes wrote (s3fs caches listings)."""
+    try:
+        st.fs.invalidate_cache(path)
+    except Exception:  # pragma: no cover - filesystems without a listing cache
+        pass
+    return st.ls(path)
+
+
+def add_schedule(st: Storage, sched: Schedule, replace: bool = False) -> Schedule:
+    sched.validate()
+    path = layout.schedule_file(st, sched.name)
+    try:
+        st.write_json(path, asdict(sched), exclusive=not replace)
+    except AlreadyCommitted as e:
+        raise ScheduleError(f"schedule {sched.name!r} already exists (use --replace)") from e
+    return sched
+
+
+def get_schedule(st: Storage, name: str) -> Schedule:
+    try:
+        data = st.read_json(layout.schedule_file(st, name))
+    except FileNotFoundError as e:
+        raise ScheduleError(f"no schedule {name!r} under {st.uri(layout.schedules_root(st))}") from e
+    known = Schedule.__dataclass_fields__
+    return Schedule(**{k: v for k, v in data.items() if k in known})
+
+
+def list_schedules(st: Storage) -> list[Schedule]:
+    out = []
+    for p in _fresh_ls(st, layout.schedules_root(st)):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            out.append(get_schedule(st, name))
+        except ScheduleError:
+            continue  # removed: only its history remains
+    return sorted(out, key=lambda s: s.name)
+
+
+def remove_schedule(st: Storage, name: str) -> None:
+    """Delete the schedule; its history and lease stay (``history NAME`` still reads them)."""
+    path = layout.schedule_file(st, name)
+    if not st.exists(path):
+        raise ScheduleError(f"no schedule {name!r} under {st.uri(layout.schedules_root(st))}")
+    st.fs.rm(path)
+
+
+# -- history --------------------------------------------------------------------------------------
+
+def _stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def record(st: Storage, name: str, event: str, ident: str, body: dict, at: float | None = None) -> dict:
+    """Append one history event (exclusive create: events are never rewritten)."""
+    at = time.time() if at is None else at
+    doc = {"event": event, "schedule": name, "at": iso(at), **body}
+    st.write_json(layout.history_event(st, name, f"{_stamp(at)}-{ident}", event), doc, exclusive=True)
+    return doc
+
+
+def read_history(st: Storage, name: str) -> list[dict]:
+    """Every event, oldest first."""
+    events = []
+    for p in _fresh_ls(st, layout.schedule_history(st, name)):
+        if p.endswith(".json"):
+            try:
+                events.append(st.read_json(p))
+            except FileNotFoundError:
+                continue
+    events.sort(key=lambda e: (e.get("at") or "", e.get("event") != "start"))
+    return events
+
+
+def runs_of(events: list[dict]) -> list[dict]:
+    """One row per run: its start event merged with its end event (``status: running`` if none)."""
+    runs: dict[str, dict] = {}
+    for e in events:
+        if e["event"] == "start":
+            runs[e["run_id"]] = {**e, "status": "running", "finished": None}
+        elif e["event"] == "end":
+            runs.setdefault(e["run_id"], {"run_id": e["run_id"]}).update(
+                {k: v for k, v in e.items() if k not in ("event", "at")})
+    return sorted(runs.values(), key=lambda r: r.get("started") or "")
+
+
+# -- running one slot ----------------------------------------------------------------------------
+
+def new_run_id(name: str) -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{name}-{uuid.uuid4().hex[:6]}"
+
+
+def job_command(sched: Schedule, run_id: str) -> list[str]:
+    if sched.address:
+        return [sys.executable, "-m", "pipeline.cli", "submit", sched.config, "--address", sched.address,
+                "--run-id", run_id, "--wait"]
+    return [sys.executable, "-m", "pipeline.cli", "run", sched.config, "--run-id", run_id]
+
+
+def summarize_run(st: Storage, run_id: str) -> dict:
+    """What a pipeline run did, from its manifest: datasets published, stages run or cached,
+    and whether anything was new."""
+    try:
+        m = st.read_json(layout.run_manifest(st, run_id))
+    except FileNotFoundError:
+        return {"manifest": None}
+    stages = m.get("stages", [])
+    ran = [s["name"] for s in stages if s.get("status") == "done"]
+    cached = [s["name"] for s in stages if s.get("status") == "cached"]
+    datasets = {f"{s['name']}.{o}": uri for s in stages for o, uri in (s.get("output") or {}).items()}
+    engines = sum(1 for s in stages if s.get("status") == "done" and "engine_startup_seconds" in (s.get("metrics") or {}))
+    if stages and not ran and m.get("status") == "done":
+        what = "nothing new: every stage was cached, no engine or Ray started"
+    else:
+        what = f"ran {', '.join(ran) or 'nothing'}; cached {', '.join(cached) or 'nothing'}"
+    return {"manifest": st.uri(layout.run_manifest(st, run_id)), "pipeline_status": m.get("status"),
+            "ran": ran, "cached": cached, "engines_started": engines, "datasets": datasets,
+            "rows": {s["name"]: s.get("rows") for s in stages if s.get("status") == "done"}, "summary": what}
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Stop(threading.Event):
+    """Set to interrupt running jobs (a scheduler shutting down)."""
+
+
+def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, first_slot: float | None = None,
+             coalesced: int = 1, stop: threading.Event | None = None,
+             execute: Callable[[Schedule, str, threading.Event], tuple[int, str]] | None = None) -> dict:
+    """Take the lease for ``slot`` and run the job, recording start and end (or a skip).
+    ``slot=None`` runs now (run-now), after any slot. Returns the end or skip event."""
+    run_id = new_run_id(sched.name)
+    try:
+        lease = acquire(st, sched.name, run_id, ttl=sched.lease_ttl_s, slot=slot, trigger=trigger)
+    except (LeaseHeld, SlotTaken) as e:
+        reason = "lease_held" if isinstance(e, LeaseHeld) else "slot_taken"
+        return record(st, sched.name, "skip", uuid.uuid4().hex[:8],
+                      {"slot": iso(slot), "reason": reason, "detail": str(e), "holder_run_id": e.state.get("run_id"),
+                       "trigger": trigger})
+    started = time.time()
+    record(st, sched.name, "start", run_id,
+           {"run_id": run_id, "slot": iso(lease.state["slot"]), "first_slot": iso(first_slot if first_slot else slot),
+            "coalesced": coalesced, "trigger": trigger, "started": iso(started), "holder": lease.state["holder"],
+            "mode": "ray-job" if sched.address else "local", "config": sched.config}, at=started)
+    stop = stop or threading.Event()
+    job_stop = threading.Event()
+    lost: list[str] = []
+
+    def renew() -> None:
+        while not job_stop.wait(sched.lease_ttl_s / 3):
+            try:
+                lease.renew()
+            except LeaseLost as e:
+                lost.append(str(e))
+                job_stop.set()
+            except Exception as e:  # a storage hiccup: try again next period; expiry is a third away
+                log.warning("renewing lease of %s: %s", sched.name, e)
+
+    def watch_stop() -> None:
+        while not job_stop.is_set():
+            if stop.wait(0.2):
+                job_stop.set()
+
+    threads = [threading.Thread(target=renew, daemon=True), threading.Thread(target=watch_stop, daemon=True)]
+    for t in threads:
+        t.start()
+    status, code, tail = "failed", None, ""
+    try:
+        code, tail = (execute or execute_subprocess)(sched, run_id, job_stop)
+        status = "done" if code == 0 else "failed"
+    except Exception as e:  # the job could not even start
+        tail = f"{type(e).__name__}: {e}"
+    finally:
+        interrupted = job_stop.is_set()
+        job_stop.set()
+        for t in threads:
+            t.join()
+    if lost:
+        status, tail = "lease_lost", lost[0]
+    elif interrupted and status != "done":
+        status = "interrupted"
+    finished = time.time()
+    body = {"run_id": run_id, "status": status, "exit_code": code, "started": iso(started), "finished": iso(finished),
+            "seconds": round(finished - started, 3), **summarize_run(st, run_id)}
+    if status != "done":
+        body["error_tail"] = tail[-2000:]
+    end = record(st, sched.name, "end", run_id, body, at=finished)
+    if not lost:
+        try:
+            lease.release(status=status)
+        except LeaseError as e:
+            log.warning("releasing lease of %s: %s", sched.name, e)
+    return end
+
+
+def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event) -> tuple[int, str]:
+    """Run the job in its own process group; stop it (the whole group) when ``stop`` is set.
+    Returns (exit code, the tail of its output)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(job_command(sched, run_id), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        while proc.poll() is None:
+            if stop.wait(0.2):
+                _kill_group(proc)
+                break
+        code = proc.wait()
+        out.seek(0)
+        tail = out.read()[-4000:].decode("utf-8", "replace")
+    return code, tail
+
+
+# -- the scheduler --------------------------------------------------------------------------------
+
+class Scheduler:
+    """Runs every schedule under a root: one thread per running job, a tick per ``tick`` seconds
+    (or sooner, at the next slot)."""
+
+    def __init__(self, st: Storage, tick: float = 10.0, execute=None):
+        self.st, self.tick_s, self.execute = st, tick, execute
+        self.stop = Stop()
+        self.threads: dict[str, threading.Thread] = {}
+        self.noted: set[tuple[str, float]] = set()  # (schedule, slot) already recorded as skipped here
+
+    def _start(self, sched: Schedule, slot: float, first: float | None, count: int) -> None:
+        def body():
+            try:
+                event = run_slot(self.st, sched, slot, "scheduler", first, count, self.stop, self.execute)
+                if event["event"] == "skip":
+                    self.noted.add((sched.name, slot))
+            except Exception:  # never let one schedule's storage error kill the scheduler
+                log.exception("schedule %s", sched.name)
+
+        t = threading.Thread(target=body, name=f"schedule-{sched.name}", daemon=True)
+        self.threads[sched.name] = t
+        t.start()
+
+    def tick(self, now: float | None = None) -> float:
+        """Start what is due; returns the next time anything is due."""
+        now = time.time() if now is None else now
+        wake = now + self.tick_s
+        for sched in list_schedules(self.st):
+            t = self.threads.get(sched.name)
+            if t is not None and t.is_alive():
+                continue  # our own run: the slots it misses coalesce into one run after it
+            try:
+                current = read_lease(self.st, sched.name)
+                state = current[0] if current else None
+                after = max(sched.created, (state or {}).get("slot") or 0.0)
+                first, latest, count = sched.due(after, now)
+                wake = min(wake, sched.next_fire(now))
+                if latest is None or (sched.name, latest) in self.noted:
+                    continue
+                if now - latest > sched.misfire_grace_s:
+                    record(self.st, sched.name, "skip", uuid.uuid4().hex[:8],
+                           {"slot": iso(latest), "reason": "misfire", "missed": count, "trigger": "scheduler",
+                            "detail": f"{count} slot(s) due, the latest {now - latest:.0f}s ago, past the "
+                                      f"misfire grace of {sched.misfire_grace_s:.0f}s"})
+                    self.noted.add((sched.name, latest))
+                    continue
+                if state is not None and is_live(state, now):
+                    record(self.st, sched.name, "skip", uuid.uuid4().hex[:8],
+                           {"slot": iso(latest), "reason": "lease_held", "holder_run_id": state.get("run_id"),
+                            "trigger": "scheduler", "detail": f"run {state.get('run_id')} is in progress"})
+                    self.noted.add((sched.name, latest))
+                    continue
+                self._start(sched, latest, first, count)
+            except Exception:
+                log.exception("schedule %s", sched.name)
+        return wake
+
+    def wait_running(self) -> None:
+        for t in list(self.threads.values()):
+            t.join()
+
+    def serve(self, once: bool = False) -> None:
+        if once:
+            self.tick()
+            self.wait_running()
+            return
+        while not self.stop.is_set():
+            wake = self.tick()
+            self.stop.wait(max(0.05, min(self.tick_s, wake - time.time())))
+        self.wait_running()
