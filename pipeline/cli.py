@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional
 
@@ -74,8 +75,12 @@ def plan(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional
 @app.command()
 def run(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional[list[str]] = SetOpt,
         address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: start a local Ray)"),
-        verbose: bool = typer.Option(False, "-v", "--verbose")):
+        verbose: bool = typer.Option(False, "-v", "--verbose"),
+        run_id: Optional[str] = typer.Option(None, "--run-id", help="id of this run (default: time-pipeline-random)")):
     """Run the pipeline; stages whose outputs are committed come from cache."""
+    if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}", run_id):
+        console.print(f"[bold red]error[/] --run-id {run_id!r}: use letters, digits, '_', '.', '-'", highlight=False)
+        raise typer.Exit(2)
     from .runner import Runner
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
@@ -94,8 +99,10 @@ def run(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional[
             progress.console.print(f"[red]failed[/] {name}: {info.get('error')}", highlight=False)
 
     with progress:
-        result = Runner(cfg, address=address, progress_factory=lambda d, t: _Bar(progress, d, t), on_stage=on_stage).run()
+        result = Runner(cfg, address=address, progress_factory=lambda d, t: _Bar(progress, d, t), on_stage=on_stage).run(run_id=run_id)
     _print_manifest(result.manifest)
+    if result.ok and not any(s["status"] == "done" for s in result.manifest["stages"]):
+        out.print("nothing new: every stage was cached (no Ray, no engine started)")
     out.print(f"run manifest: {result.manifest_uri}")
     if not result.ok:
         console.print(f"[bold red]run failed[/] {result.error}", highlight=False)
@@ -358,6 +365,11 @@ def _call_or_exit(fn, *args):
     except (StorageError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(1)
+
+
+from .schedule_cli import register as _register_schedules  # noqa: E402  (distill schedule ..., distill scheduler)
+
+_register_schedules(app)
 
 
 def main() -> None:  # pragma: no cover - entry point

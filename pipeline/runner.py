@@ -193,8 +193,8 @@ class Runner:
             return None
 
     # -- running -----------------------------------------------------------
-    def run(self) -> RunResult:
-        run_id = new_run_id(self.cfg.name)
+    def run(self, run_id: str | None = None) -> RunResult:
+        run_id = run_id or new_run_id(self.cfg.name)
         state = _RunState(run_id, time.time(), self._new_manifest(run_id))
         for entry in self.plan():
             state.manifest["stages"].append(self._step(entry, state).to_json())
@@ -240,7 +240,20 @@ class Runner:
             output_types=dict(node.cls.outputs),
             progress_factory=self.progress_factory,
             output_columns=dict(node.stage.produces()),
+            previous=self._previous(entry.name, node.cls.outputs),
         )
+
+    def _previous(self, stage: str, outputs) -> dict[str, dict]:
+        """Each output's version before this run (its ``latest/`` pointer): the new version's
+        lineage links it, so a nightly run's dataset says what it replaced."""
+        prev = {}
+        for out in outputs:
+            try:
+                p = self.storage.read_json(layout.latest_pointer(self.storage, self.cfg.name, stage, out))
+            except FileNotFoundError:
+                continue
+            prev[out] = {k: p[k] for k in ("uri", "fingerprint", "produced_by_run") if k in p}
+        return prev
 
     def _execute(self, entry: PlanEntry, run: StageRun, state: _RunState) -> StageRun:
         self.on_stage(entry.name, "start", run.to_json())

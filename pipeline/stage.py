@@ -282,6 +282,8 @@ class StageContext:
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     written: dict[str, Artifact] = field(default_factory=dict)
+    # output -> the version it replaces (the pipeline's latest/ pointer before this run), linked from lineage
+    previous: dict[str, dict] = field(default_factory=dict)
 
     # -- lineage -----------------------------------------------------------
     def lineage(self, output: str) -> dict:
@@ -292,6 +294,7 @@ class StageContext:
             "output": output,
             "fingerprint": self.fingerprint,
             "parents": {k: {"uri": a.uri, "fingerprint": a.fingerprint} for k, a in self.inputs.items()},
+            **({"previous": self.previous[output]} if output in self.previous else {}),
         }
 
     def output_path(self, output: str) -> str:
