@@ -36,13 +36,15 @@ process tree, bounded by ``tests x timeout_s`` plus start-up, so no extra deadli
 from __future__ import annotations
 
 import re
+import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 
-CHECKER_VERSION = "1"
+CHECKER_VERSION = "2"
 
 
 class FormatSpec(BaseModel):
@@ -61,6 +63,7 @@ class Verdict:
     reason: str
     detail: str
     extracted: str | None
+    parts: tuple | None = None  # (gold parts, answer parts) of a deferred math comparison
 
     @property
     def correct(self) -> bool:
@@ -68,32 +71,80 @@ class Verdict:
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACES = re.compile(r"[{}]")
+MAX_VALUES = 32  # distinct boxed values compared one by one at most; beyond, a hedge without parsing
+
+
+def boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, content)`` of every outermost ``\\boxed{...}`` / ``\\fbox{...}`` with balanced
+    braces, in order (one linear pass over the braces, so a long or malformed text stays cheap)."""
+    if "\\boxed" not in text and "\\fbox" not in text:
+        return []
+    close: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACES.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            close[stack.pop()] = m.start()
+    out, pos = [], 0
+    for m in _BOXED.finditer(text):
+        if m.start() < pos:  # inside a box already taken
+            continue
+        end = close.get(m.end() - 1)
+        if end is None:  # unterminated: the boxes inside it may still close
+            continue
+        out.append((m.start(), end + 1, text[m.end():end].strip()))
+        pos = end + 1
+    return out
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (braces balanced), or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text):
-            c = text[i]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
-            i += 1
-    return None
+    spans = boxed_spans(text)
+    return spans[-1][2] if spans else None
+
+
+def answer_parts(text: str) -> tuple[str, ...]:
+    """The distinct non-empty ``\\boxed{}`` contents of an answer part, in order (a value boxed
+    twice, as written or up to spacing and ``\\dfrac``/``\\left`` spelling, counts once)."""
+    seen: dict[str, str] = {}
+    for _, _, content in boxed_spans(text):
+        if content and _normalize(content) not in seen:
+            seen[_normalize(content)] = content
+    return tuple(seen.values())
+
+
+_SEPARATOR = re.compile(r"\b(and|or)\b|,|;")
+
+
+def gold_parts(gold: str | None) -> tuple[str, ...]:
+    """The parts of a gold answer: GSM8K ``#### n`` -> its number; a text with ``\\boxed{}`` -> the
+    last box and the boxes just before it (as math-verify groups them: at most 10 characters
+    apart, or 70 with ``and``/``or``/``,``/``;`` between), so ``\\boxed{2}, \\boxed{3}`` is a list;
+    else the text itself (surrounding ``$`` removed)."""
+    gold = (gold or "").strip()
+    if "####" in gold:
+        num = gold.rsplit("####", 1)[1].strip().replace(",", "")
+        return (num,) if num else ()
+    spans = boxed_spans(gold)
+    if spans:
+        group = [spans[-1]]
+        for span in reversed(spans[:-1]):
+            between = gold[span[1]:group[-1][0]]
+            if len(between) < 10 or (span[2] != group[-1][2] and len(between) < 70 and _SEPARATOR.search(between)):
+                group.append(span)
+            else:
+                break
+        return tuple(dict.fromkeys(c for _, _, c in reversed(group) if c))
+    text = gold.strip("$").strip()
+    return (text,) if text else ()
 
 
 def gold_answer(gold: str) -> str:
-    """The final answer inside a gold field: GSM8K ``#### n``, a boxed solution, or the text itself."""
-    gold = gold.strip()
-    if "####" in gold:
-        return gold.rsplit("####", 1)[1].strip().replace(",", "")
-    boxed = last_boxed(gold)
-    return boxed if boxed is not None else gold
+    """The final answer inside a gold field: GSM8K ``#### n``, a boxed solution (several boxes
+    joined by ``, ``), or the text itself."""
+    return ", ".join(gold_parts(gold))
 
 
 def _normalize(ans: str) -> str:
@@ -108,37 +159,142 @@ def _normalize(ans: str) -> str:
     return s
 
 
-# math-verify's timeouts use signal.alarm, which only works on the main thread. The
-# verifier service's workers turn them off: they are killed at a hard deadline instead.
+# math-verify's own timeouts (signal.alarm per parse/verify call) are off: they catch their own
+# exception, so they cannot bound a check made of several calls. On the main thread one alarm
+# bounds the whole check (``CHECK_TIMEOUT_S``) and raises ``CheckTimeout``, which math-verify
+# does not catch; the verifier service's workers turn it off (SIGNAL_TIMEOUTS = False): they are
+# killed at a hard deadline instead. Off the main thread, without the service, there is none.
 SIGNAL_TIMEOUTS = True
+CHECK_TIMEOUT_S = 5.0
 
 
-def _timeout() -> int | None:
-    return 5 if SIGNAL_TIMEOUTS and threading.current_thread() is threading.main_thread() else None
+class CheckTimeout(BaseException):
+    """An answer check overran its deadline (a BaseException, so math-verify does not swallow it)."""
+
+
+@contextmanager
+def _deadline(seconds: float | None):
+    if not seconds or not SIGNAL_TIMEOUTS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CheckTimeout(f"answer check exceeded {seconds:g}s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@lru_cache(maxsize=1)
+def _mv():
+    import math_verify
+    import math_verify.grader
+    import math_verify.parser
+    from latex2sympy2_extended.sets import FiniteSet
+
+    # timeouts are ours (see above): silence the "timeout disabled" warning they would print
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    cfg = [math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig()]
+    return math_verify.parse, math_verify.verify, cfg, FiniteSet
 
 
 @lru_cache(maxsize=65536)
-def _parse(ans: str):
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+def _parse(ans: str) -> tuple:
+    """math-verify's parse of one answer as written inside ``\\boxed{}``: (sympy value?, string)."""
+    parse, _, cfg, _ = _mv()
+    return tuple(parse("\\boxed{" + ans + "}", extraction_config=cfg, parsing_timeout=None))
 
-    return parse(
-        "\\boxed{" + ans + "}",
-        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-        parsing_timeout=_timeout(),
-    )
+
+def _expr(parsed: tuple):
+    return next((x for x in parsed if not isinstance(x, str)), None)
+
+
+def _combined(parts: tuple[str, ...]) -> list:
+    """Parsed candidates for an answer of one or several parts; several are one set of their
+    elements (a part that is itself a set adds its elements), as math-verify does for
+    ``$a$, $b$ and $c$``."""
+    if len(parts) == 1:
+        return list(_parse(parts[0]))
+    _, _, _, FiniteSet = _mv()
+    parsed = [_parse(p) for p in parts]
+    exprs = [_expr(p) for p in parsed]
+    out: list = []
+    if all(e is not None for e in exprs):
+        out.append(FiniteSet(*_flatten(exprs)))
+    out.append(",".join(next((x for x in p if isinstance(x, str)), part) for p, part in zip(parsed, parts)))
+    return out
+
+
+def _flatten(exprs) -> list:
+    from sympy import FiniteSet as SympyFiniteSet
+
+    out = []
+    for e in exprs:
+        out.extend(e.args if isinstance(e, SympyFiniteSet) else [e])
+    return out
+
+
+def _values(parts: tuple[str, ...]) -> list:
+    """The distinct values an answer states: each part's elements (a set's members), as parsed,
+    or the part's text where it does not parse."""
+    out = []
+    for part in parts:
+        e = _expr(_parse(part))
+        out.extend(_flatten([e]) if e is not None else [part])
+    return list(dict.fromkeys(out))
+
+
+def _equal(gold: list, pred: list) -> bool:
+    _, verify, _, _ = _mv()
+    return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and _normalize(a) == _normalize(b)
+    return a == b or _equal([a], [b]) or _equal([b], [a])
 
 
 @lru_cache(maxsize=65536)
+def _compare(gold: tuple[str, ...], pred: tuple[str, ...]) -> str:
+    if len(gold) == 1 and len(pred) == 1 and _normalize(gold[0]) == _normalize(pred[0]):
+        return "ok"
+    g = _combined(gold)
+    if _equal(g, _combined(pred)):
+        return "ok"
+    n_gold = len(_values(gold))
+    values = _values(pred)
+    if len(values) <= n_gold:
+        return "wrong_answer"
+    if len(values) > MAX_VALUES:
+        return "hedged_answer"
+    distinct: list = []  # one value per group of equal ones (5 and x = 5 are one value)
+    for v in values:
+        if not any(_same_value(d, v) for d in distinct):
+            distinct.append(v)
+    if len(distinct) < len(values) and not any(isinstance(d, str) for d in distinct):
+        _, _, _, FiniteSet = _mv()
+        if _equal(g, [FiniteSet(*distinct) if len(distinct) > 1 else distinct[0]]):
+            return "ok"
+    return "hedged_answer" if len(distinct) > n_gold else "wrong_answer"
+
+
+def compare_answers(gold: tuple[str, ...], pred: tuple[str, ...], timeout_s: float | None = CHECK_TIMEOUT_S) -> str:
+    """``ok``, ``wrong_answer`` or ``hedged_answer`` for an answer of parts ``pred`` (distinct
+    boxed contents) against gold parts. On the main thread (with ``SIGNAL_TIMEOUTS``) the whole
+    check is bounded by ``timeout_s`` and raises ``CheckTimeout`` past it."""
+    with _deadline(timeout_s):
+        return _compare(tuple(gold), tuple(pred))
+
+
 def answers_equal(gold: str, pred: str) -> bool:
     """Math equality of two final answers (strings as written inside ``\\boxed{}``)."""
-    from math_verify import verify
-
-    if _normalize(gold) == _normalize(pred):
-        return True
-    g, p = _parse(gold), _parse(pred)
-    if not g or not p:
-        return False
-    return bool(verify(g, p, timeout_seconds=_timeout()))
+    return compare_answers((gold,), (pred,)) == "ok"
 
 
 def answer_key(ans: str | None) -> str | None:
@@ -164,6 +320,25 @@ def format_gate(completion: str, finish_reason: str | None, fmt: FormatSpec) -> 
     return None, answer_part
 
 
+def _shown(parts: tuple[str, ...]) -> str:
+    return ", ".join(parts)
+
+
+def math_verdict(reason: str, gold: tuple[str, ...], pred: tuple[str, ...], timeout_s: float = CHECK_TIMEOUT_S) -> Verdict:
+    """The verdict for a finished comparison (``ok``, ``wrong_answer``, ``hedged_answer``, or
+    ``timeout``)."""
+    shown = _shown(pred)
+    if reason == "ok":
+        return Verdict("correct", "ok", "", shown)
+    if reason == "timeout":
+        return Verdict("error", "timeout", f"answer check exceeded {timeout_s:g}s", shown)
+    if reason == "hedged_answer":
+        return Verdict("rejected", "hedged_answer",
+                       f"more distinct boxed values than the gold answer has: expected {_shown(gold)[:200]}, "
+                       f"got {shown[:200]}", shown)
+    return Verdict("rejected", "wrong_answer", f"expected {_shown(gold)[:200]}, got {shown[:200]}", shown)
+
+
 def check_sample(
     completion: str | None,
     finish_reason: str | None,
@@ -174,29 +349,29 @@ def check_sample(
 ) -> Verdict:
     """The verdict for one sample. With ``compare=False`` the math comparison is left to the
     caller (the verifier service): a sample that gets that far comes back with reason
-    ``compare`` and its extracted answer."""
+    ``compare``, its extracted answer and its answer parts in ``parts``."""
     if error:
         return Verdict("error", "generation_error", error, None)
     completion = completion or ""
     try:
         problem, answer_part = format_gate(completion, finish_reason, fmt)
         if problem:
-            return Verdict("rejected", *problem, last_boxed(answer_part))
-        extracted = last_boxed(answer_part)
-        if extracted is None:
-            return Verdict("rejected", "no_boxed_answer", "no \\boxed{} in the answer", None)
-        if gold is None or not gold_answer(gold):
-            return Verdict("error", "bad_gold", "no gold answer to compare with", extracted)
-        g = gold_answer(gold)
+            return Verdict("rejected", *problem, _shown(answer_parts(answer_part)) or None)
+        pred = answer_parts(answer_part)
+        if not pred:
+            return Verdict("rejected", "no_boxed_answer", "no \\boxed{} with an answer in the answer part", None)
+        g = gold_parts(gold)
+        if not g:
+            return Verdict("error", "bad_gold", "no gold answer to compare with", _shown(pred))
         if not compare:
-            return Verdict("pending", "compare", "", extracted)
-        if answers_equal(g, extracted):
-            return Verdict("correct", "ok", "", extracted)
-        return Verdict("rejected", "wrong_answer", f"expected {g[:200]}, got {extracted[:200]}", extracted)
+            return Verdict("pending", "compare", "", _shown(pred), parts=(g, pred))
+        try:
+            reason = compare_answers(g, pred)
+        except CheckTimeout:
+            reason = "timeout"
+        return math_verdict(reason, g, pred)
     except Exception as e:  # a checker fault is recorded, never raised into the stage
         return Verdict("error", "checker_error", f"{type(e).__name__}: {str(e)[:300]}", None)
-
-
 
 
 # -- code ------------------------------------------------------------------------------

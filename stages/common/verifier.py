@@ -4,9 +4,12 @@ math-verify's own timeouts use ``signal.alarm``, which only works on a process's
 main thread, so inside Ray actors or threads a pathological answer (say
 ``9^{9^{9^{9}}}``) could hang a stage. Here every equality check runs in a worker
 process; one that overruns its deadline is killed (SIGKILL) and replaced, and the
-check gets verdict ``error`` / reason ``timeout``. The cheap parts (format checks,
-``\\boxed{}`` extraction) stay in the calling process; only the sympy work is sent
-out. Results are cached by (checker version, gold answer, extracted answer).
+check gets verdict ``error`` / reason ``timeout``. A check is a whole answer: every
+part of a multi-part gold answer and every boxed value of the sample (``checkers.
+compare_answers``), so several boxes cannot stretch one check past the deadline. The
+cheap parts (format checks, ``\\boxed{}`` extraction) stay in the calling process;
+only the sympy work is sent out. Results are cached by (checker version, gold parts,
+answer parts).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Iterable
 
-from .checkers import CHECKER_VERSION, FormatSpec, Verdict, check_sample, gold_answer
+from .checkers import CHECKER_VERSION, FormatSpec, check_sample, math_verdict
 
 
 def _worker(conn: Connection) -> None:  # pragma: no cover - runs in a child process
@@ -26,6 +29,8 @@ def _worker(conn: Connection) -> None:  # pragma: no cover - runs in a child pro
 
     checkers.SIGNAL_TIMEOUTS = False  # the parent's deadline is the only limit
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning: we enforce one
+    checkers.compare_answers(("1",), ("2",), None)  # imports (sympy, the LaTeX parser) before the first deadline
+    conn.send(READY)
     while True:
         try:
             job = conn.recv()
@@ -35,9 +40,13 @@ def _worker(conn: Connection) -> None:  # pragma: no cover - runs in a child pro
             return
         key, gold, pred = job
         try:
-            conn.send((key, bool(checkers.answers_equal(gold, pred)), None))
+            conn.send((key, checkers.compare_answers(gold, pred, None), None))
         except Exception as e:  # a checker fault is an answer too
-            conn.send((key, False, f"{type(e).__name__}: {str(e)[:300]}"))
+            conn.send((key, None, f"{type(e).__name__}: {str(e)[:300]}"))
+
+
+READY = "ready"
+STARTUP_TIMEOUT_S = 120.0  # a fresh worker's imports, not counted against a check's deadline
 
 
 class _Worker:
@@ -48,6 +57,7 @@ class _Worker:
         child.close()
         self.job: tuple | None = None
         self.deadline = 0.0
+        self.ready = False
 
     def kill(self) -> None:
         try:
@@ -58,13 +68,13 @@ class _Worker:
 
 
 class VerifierPool:
-    """``workers`` processes checking ``(gold, extracted)`` equality with a per-check deadline."""
+    """``workers`` processes comparing answers with gold answers, with a per-check deadline."""
 
     def __init__(self, workers: int = 1, timeout: float = 5.0):
         self.ctx = mp.get_context("spawn")
         self.timeout = timeout
         self.workers = [_Worker(self.ctx) for _ in range(max(1, workers))]
-        self.cache: dict[tuple, tuple[bool, str | None]] = {}
+        self.cache: dict[tuple, tuple[str | None, str | None]] = {}
         self.stats = {"checks": 0, "cache_hits": 0, "timeouts": 0, "errors": 0}
 
     def close(self) -> None:
@@ -86,10 +96,20 @@ class VerifierPool:
         self.close()
 
     def equal_many(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[bool, str | None]]:
-        """``{(gold, pred): (equal, error)}``; ``error`` is ``"timeout"`` or the checker's exception."""
-        results: dict[tuple[str, str], tuple[bool, str | None]] = {}
+        """``{(gold, pred): (equal, error)}`` for single answers (strings as written inside
+        ``\\boxed{}``); ``error`` is ``"timeout"`` or the checker's exception."""
+        pairs = list(dict.fromkeys(pairs))
+        res = self.compare_many(((g,), (p,)) for g, p in pairs)
+        return {(g, p): (res[((g,), (p,))][0] == "ok", res[((g,), (p,))][1]) for g, p in pairs}
+
+    def compare_many(self, jobs: Iterable[tuple[tuple[str, ...], tuple[str, ...]]]
+                     ) -> dict[tuple, tuple[str | None, str | None]]:
+        """``{(gold parts, answer parts): (reason, error)}``: reason ``ok``, ``wrong_answer`` or
+        ``hedged_answer`` (``checkers.compare_answers``), or None with ``error`` ``"timeout"``
+        or the checker's exception."""
+        results: dict[tuple, tuple[str | None, str | None]] = {}
         todo = []
-        for gold, pred in dict.fromkeys(pairs):
+        for gold, pred in dict.fromkeys(jobs):
             key = (CHECKER_VERSION, gold, pred)
             if key in self.cache:
                 self.stats["cache_hits"] += 1
@@ -102,7 +122,8 @@ class VerifierPool:
             for w in self.workers:
                 if w.job is None and todo:
                     gold, pred = todo.pop()
-                    w.job, w.deadline = (gold, pred), time.monotonic() + self.timeout
+                    w.job = (gold, pred)
+                    w.deadline = time.monotonic() + (self.timeout if w.ready else STARTUP_TIMEOUT_S)
                     w.conn.send(((gold, pred), gold, pred))
                     busy[w.conn] = w
             now = time.monotonic()
@@ -111,9 +132,14 @@ class VerifierPool:
             for conn in ready:
                 w = busy.pop(conn)
                 try:
-                    key, ok, err = conn.recv()
+                    msg = conn.recv()
+                    if msg == READY:  # started: the check's own deadline begins now
+                        w.ready, w.deadline = True, time.monotonic() + self.timeout
+                        busy[conn] = w
+                        continue
+                    key, ok, err = msg
                 except (EOFError, OSError):  # the worker died under the check (e.g. out of memory)
-                    key, ok, err = w.job, False, "worker died"
+                    key, ok, err = w.job, None, "worker died"
                     self._replace(w)
                 self._record(w.job, ok, err, results)
                 w.job = None
@@ -121,46 +147,45 @@ class VerifierPool:
             for conn, w in list(busy.items()):
                 if w.job is not None and now >= w.deadline:
                     busy.pop(conn)
-                    job = w.job
+                    job, started = w.job, w.ready
                     self._replace(w)
-                    self.stats["timeouts"] += 1
-                    self._record(job, False, "timeout", results)
+                    if started:
+                        self.stats["timeouts"] += 1
+                        self._record(job, None, "timeout", results)
+                    else:  # an infrastructure fault, not the answer's
+                        self._record(job, None, f"worker did not start within {STARTUP_TIMEOUT_S:g}s", results)
         return results
 
     def _record(self, job, ok, err, results) -> None:
         self.stats["checks"] += 1
         if err and err != "timeout":
             self.stats["errors"] += 1
-        self.cache[(CHECKER_VERSION, *job)] = (ok, err)
+        if err is None or err == "timeout":  # infrastructure faults are not the answer's: tried again next time
+            self.cache[(CHECKER_VERSION, *job)] = (ok, err)
         results[job] = (ok, err)
 
     def _replace(self, w: _Worker) -> None:
         w.kill()
         fresh = _Worker(self.ctx)
-        w.conn, w.proc, w.job = fresh.conn, fresh.proc, None
+        w.conn, w.proc, w.job, w.ready = fresh.conn, fresh.proc, None, False
 
     def check_rows(self, rows: list[dict], fmt: FormatSpec) -> list[dict]:
         """Verdict columns (verdict, reason, detail, extracted) for sample rows."""
-        pending: list[tuple[int, str, str]] = []
-        verdicts: list[Verdict | None] = []
-        for i, r in enumerate(rows):
+        verdicts = []
+        for r in rows:
             # format and extraction only: the math comparison is deferred to the workers
-            v = check_sample(r.get("completion"), r.get("finish_reason"), r.get("answer"), fmt, r.get("error"),
-                             compare=False)
-            if v.reason == "compare":
-                pending.append((i, gold_answer(r["answer"]), v.extracted))
-            verdicts.append(v)
-        eq = self.equal_many((g, p) for _, g, p in pending)
-        for i, g, p in pending:
-            ok, err = eq[(g, p)]
-            if err == "timeout":
-                verdicts[i] = Verdict("error", "timeout", f"answer check exceeded {self.timeout:g}s", p)
-            elif err:
-                verdicts[i] = Verdict("error", "checker_error", err, p)
-            elif ok:
-                verdicts[i] = Verdict("correct", "ok", "", p)
+            verdicts.append(check_sample(r.get("completion"), r.get("finish_reason"), r.get("answer"), fmt,
+                                         r.get("error"), compare=False))
+        res = self.compare_many(v.parts for v in verdicts if v.reason == "compare")
+        for i, v in enumerate(verdicts):
+            if v.reason != "compare":
+                continue
+            gold, pred = v.parts
+            reason, err = res[(gold, pred)]
+            if err and err != "timeout":
+                verdicts[i] = type(v)("error", "checker_error", err, v.extracted)
             else:
-                verdicts[i] = Verdict("rejected", "wrong_answer", f"expected {g[:200]}, got {p[:200]}", p)
+                verdicts[i] = math_verdict(reason or err, gold, pred, self.timeout)
         return [{"verdict": v.verdict, "reason": v.reason, "detail": v.detail, "extracted": v.extracted} for v in verdicts]
 
 
