@@ -69,3 +69,67 @@ def test_gc(ray_local, root, tmp_path):
     w2.close()
     result = CliRunner().invoke(app, ["datasets", "gc", root, "--json"])
     assert json.loads(result.output)["files"] == []
+
+
+def test_gc_deletes_only_garbage_beside_live_checkpoints_and_attempts(ray_local, tmp_path):
+    """A root with committed datasets, live generation checkpoints, an attempt in progress
+    and true garbage: gc (paths from pipeline.layout, as the runner writes them) deletes the
+    garbage and nothing else."""
+    import os
+    import time
+
+    from pipeline import layout
+
+    root = str(tmp_path / "root")
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"q{i}", "answer": "1"} for i in range(5)])
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: gc\nstorage: {{root: {root}}}\nstages:\n  prompts: {{params: {{path: {src}}}}}\n")
+    run = Runner(load_config(cfg)).run()
+    assert run.ok
+    st = Storage(root)
+    prompts = run.manifest["stages"][0]
+    committed = [st.strip(u) for u in prompts["output"].values()]
+
+    def dataset(path, rows, commit=True):
+        w = st.dataset_writer(path, rows_per_shard=1)
+        w.write(pa.table({"x": list(range(rows))}))
+        if commit:
+            w.commit()
+        else:
+            w.close()  # shards uploaded, never committed (a killed or still running writer)
+
+    ckpt = layout.checkpoint_root(st, "generate", "k0123456789abcdef012")
+    for i in range(2):  # live checkpoints of an earlier (failed or finished) attempt
+        dataset(f"{ckpt}/part-{i}", 2)
+    # garbage: a failed attempt's shards, a killed checkpoint writer's shard, a stray shard
+    # beside a committed dataset, a temporary file of a killed small write
+    failed = layout.output_path(st, "prompts", prompts["fingerprint"], "deadbeef", "prompts")
+    dataset(failed, 2, commit=False)
+    dataset(f"{ckpt}/part-killed", 1, commit=False)
+    st.put_bytes(f"{committed[0]}/part-00042-stray.parquet", b"junk")
+    st.put_bytes(layout.stage_dir(st, "verify", "f" * 20) + "/.tmp-abc", b"{}")
+    garbage = {p for p in st.fs.find(st.path("cache")) if "deadbeef" in p or "part-killed" in p
+               or p.endswith(("-stray.parquet", ".tmp-abc"))}
+    assert len(garbage) == 5
+
+    old = time.time() - 3 * 24 * 3600
+    for p in st.fs.find(root):
+        os.utime(p, (old, old))  # everything so far is days old
+    # work in flight now: an attempt writing its output, and its next checkpoint chunk
+    running = layout.output_path(st, "generate", "a" * 20, "cafef00d", "samples")
+    dataset(running, 2, commit=False)
+    dataset(f"{ckpt}/part-running", 1, commit=False)
+
+    everything = set(st.fs.find(root))
+    result = CliRunner().invoke(app, ["datasets", "gc", root, "--older-than-hours", "24", "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.output)
+    deleted = {st.strip(f["path"]) for f in done["files"]}
+    assert deleted == garbage
+    assert set(st.fs.find(root)) == everything - garbage
+    # what is live still reads: committed outputs, checkpoints, the run; the stage stays cached
+    assert [st.read_dataset(p).num_rows for p in committed] == [5, 0]
+    assert [st.read_dataset(f"{ckpt}/part-{i}").num_rows for i in range(2)] == [2, 2]
+    assert st.fs.find(layout.attempt_dir(st, "generate", "a" * 20, "cafef00d"))  # in progress, untouched
+    assert st.read_json(layout.run_manifest(st, run.run_id))["status"] == "done"
+    assert [s["status"] for s in Runner(load_config(cfg)).run().manifest["stages"]] == ["cached"]
