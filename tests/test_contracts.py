@@ -55,13 +55,22 @@ def _cfg(tmp_path: Path, stages: str) -> Path:
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """Fails the test if anything starts or joins Ray."""
+    """Fails the test if anything starts or joins Ray (or the runner gets as far as asking for it)."""
     import ray
 
+    from pipeline.runner import Runner
+
     calls = []
-    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append((a, k)) or pytest.fail("Ray was started"))
+
+    def refuse(*a, **k):
+        calls.append(a)
+        pytest.fail("Ray was started")
+
+    was_up = ray.is_initialized()  # another test of the session may have started one
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(Runner, "_ensure_ray", refuse)
     yield calls
-    assert calls == [] and not ray.is_initialized()
+    assert calls == [] and ray.is_initialized() == was_up
 
 
 def test_plan_and_run_name_stage_input_and_missing_column_before_ray(tmp_path, no_ray):

@@ -54,6 +54,7 @@ def test_readme_filter_wiring_error_is_caught_by_plan(example, monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(Runner, "_ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
     example.write_text(example.read_text().replace("column: answer", "column: completion"))
     result = CliRunner().invoke(app, ["plan", str(example)])
     assert result.exit_code == 2
