@@ -93,9 +93,6 @@ class Passthrough:
     added: pa.Schema = field(default_factory=lambda: pa.schema([]))
 
 
-OutputColumns = "pa.Schema | Passthrough"
-
-
 def type_matches(want: str, got: pa.DataType) -> bool:
     """Whether an Arrow type is of a declared type family (or its exact Arrow type name)."""
     if want == "any":
@@ -338,7 +335,11 @@ class StageContext:
         declared = self.output_columns.get(output)
         if isinstance(declared, pa.Schema) and schema is None:
             schema = declared
-        self._check_schema(output, writer.schema or schema)
+        try:
+            self._check_schema(output, writer.schema or schema)
+        except StageError:
+            writer.close()  # publishes nothing
+            raise
         stats = {**(stats or {}), "dropped": {k: dict(v) for k, v in self.dropped.items()}}
         manifest = writer.commit(schema, stats=stats)
         self.rows[output] = manifest["rows"]

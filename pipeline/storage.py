@@ -1,11 +1,7 @@
 """Storage on fsspec: a local folder or ``s3://bucket/prefix`` (through s3fs).
 
-Layout under the root::
-
-    cache/<kind>/<fingerprint>/<output>/   one artifact (dataset or model)
-    cache/<kind>/<fingerprint>/_stage.json  the stage's commit record, written last
-    runs/<run_id>/manifest.json              run manifests
-    runs/_latest                             id of the newest run
+This module reads and writes objects; where they go under the root (cache, attempts,
+checkpoints, runs, ``latest`` pointers, models) is ``pipeline.layout``'s business.
 
 Artifacts are committed by a manifest written last with an exclusive create
 (``If-None-Match: *`` on S3, ``link()`` locally). Readers trust only what a
