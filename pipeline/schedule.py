@@ -49,7 +49,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from . import layout
-from .lease import LeaseError, LeaseHeld, LeaseLost, SlotTaken, acquire, is_live, read_lease
+from .lease import LeaseError, LeaseHeld, LeaseLost, SlotTaken, _holder, acquire, is_live, read_lease
 from .storage import AlreadyCommitted, Storage
 
 log = logging.getLogger("distill.schedule")
@@ -173,7 +173,7 @@ def _stamp(t: float) -> str:
 def record(st: Storage, name: str, event: str, ident: str, body: dict, at: float | None = None) -> dict:
     """Append one history event (exclusive create: events are never rewritten)."""
     at = time.time() if at is None else at
-    doc = {"event": event, "schedule": name, "at": iso(at), **body}
+    doc = {"event": event, "schedule": name, "at": iso(at), "by": _holder(), **body}
     st.write_json(layout.history_event(st, name, f"{_stamp(at)}-{ident}", event), doc, exclusive=True)
     return doc
 
