@@ -391,10 +391,12 @@ def is_code_row(row: dict, checker: str = "auto") -> bool:
 
 
 def check_code_sample(completion: str | None, tests, spec=None, finish_reason: str | None = None,
-                      fmt: FormatSpec | None = None, error: str | None = None) -> Verdict:
+                      fmt: FormatSpec | None = None, error: str | None = None, kind: str | None = None) -> Verdict:
     """The verdict for one code sample: format checks (with ``fmt``), then the last fenced
-    code block of the answer part run on ``tests`` (a list or its JSON) in the sandbox
-    under ``spec`` (a ``sandbox.CodeSpec``; defaults if None)."""
+    code block of the answer part run on ``tests`` (stdin/stdout or function-call tests, or
+    their JSON; ``kind`` is the row's ``test_kind`` if it has one, see
+    ``sandbox.parse_test_suite``) in the sandbox under ``spec`` (a ``sandbox.CodeSpec``;
+    defaults if None)."""
     from . import sandbox
 
     if error:
@@ -409,7 +411,7 @@ def check_code_sample(completion: str | None, tests, spec=None, finish_reason: s
         program = sandbox.extract_program(answer_part)
         if program is None:
             return Verdict("rejected", "no_code_block", "no fenced code block in the answer", None)
-        r = sandbox.run_tests(program, tests, spec or sandbox.CodeSpec())
+        r = sandbox.run_tests(program, tests, spec or sandbox.CodeSpec(), kind)
         verdict = {"pass": "correct", "fail": "rejected", "timeout": "rejected"}.get(r["verdict"], "error")
         return Verdict(verdict, r["reason"], r["detail"], program)
     except Exception as e:  # a checker fault is recorded, never raised into the stage
@@ -420,7 +422,9 @@ def check_code_rows(rows: list[dict], fmt: FormatSpec, spec=None, checker: str =
                     cache: dict | None = None) -> list[dict]:
     """Verdict columns (verdict, reason, detail, extracted) for code sample rows, ``workers``
     sandbox runs at a time. Tests come from a row's ``tests`` field, or, with
-    ``checker="code"``, from its ``answer`` when it has none. ``cache`` (a dict kept by the
+    ``checker="code"``, from its ``answer`` when it has none; a row's ``test_kind``
+    (``stdio`` or ``function_call``) says which kind they are (inferred from their shape when
+    absent or null). ``cache`` (a dict kept by the
     caller) maps (program, tests, limits) to a verdict so repeated programs run once."""
     import hashlib
     import json
@@ -435,17 +439,18 @@ def check_code_rows(rows: list[dict], fmt: FormatSpec, spec=None, checker: str =
         tests = r.get("tests")
         if tests is None and checker == "code":
             tests = r.get("answer")
+        kind = r.get("test_kind")
         program = None
         if not r.get("error"):
             problem, part = format_gate(r.get("completion") or "", r.get("finish_reason"), fmt)
             program = None if problem else sandbox.extract_program(part)
         key = None
         if program is not None and cache is not None:
-            blob = json.dumps([program, tests, spec_key], sort_keys=True, default=str)
+            blob = json.dumps([program, tests, kind, spec_key], sort_keys=True, default=str)
             key = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
             if key in cache:
                 return cache[key]
-        v = check_code_sample(r.get("completion"), tests, spec, r.get("finish_reason"), fmt, r.get("error"))
+        v = check_code_sample(r.get("completion"), tests, spec, r.get("finish_reason"), fmt, r.get("error"), kind)
         if key is not None and v.verdict != "error":
             cache[key] = v
         return v

@@ -198,6 +198,156 @@ def outputs_match(got: str, expected: str) -> bool:
     return _lines(got) == _lines(expected)
 
 
+
+# --------------------------------------------------------------------------- function-call tests
+
+STDIO, FUNCTION_CALL = "stdio", "function_call"
+_KIND_ALIASES = {"stdio": STDIO, "stdin": STDIO, "io": STDIO, "function_call": FUNCTION_CALL, "call": FUNCTION_CALL,
+                 "functional": FUNCTION_CALL, "function": FUNCTION_CALL, "assert": FUNCTION_CALL,
+                 "asserts": FUNCTION_CALL}
+
+
+def test_kind(kind: str | None) -> str | None:
+    """The canonical name of a test kind (``stdio`` or ``function_call``; aliases such as
+    ``call``, ``functional``, ``stdin`` accepted), None for None. Raises ValueError."""
+    if kind is None:
+        return None
+    k = _KIND_ALIASES.get(str(kind).strip().lower())
+    if k is None:
+        raise ValueError(f"unknown test kind {kind!r} (expected one of: stdio, function_call)")
+    return k
+
+
+@dataclass
+class CallTests:
+    """Function-call tests: Python ``code`` run after the program in its namespace; then, when
+    ``entry_point`` is set and the code defines ``check``, ``check(<entry_point>)`` (HumanEval)."""
+
+    code: str
+    entry_point: str | None = None
+    setup: str = ""
+
+
+def _call_tests(t) -> CallTests | None:
+    """``t`` as function-call tests, or None when it is not in a function-call shape."""
+    if isinstance(t, list) and t and all(isinstance(x, str) for x in t):  # MBPP-style list of asserts
+        return CallTests("\n".join(t))
+    if not isinstance(t, dict):
+        return None
+    kind = t.get("kind", t.get("type", t.get("testtype")))
+    if kind is not None and test_kind(kind) != FUNCTION_CALL:
+        return None
+    entry = t.get("entry_point")
+    if entry is not None and (not isinstance(entry, str) or not entry.isidentifier()):
+        raise ValueError(f"entry_point must be a function name, got {entry!r}")
+    setup = t.get("test_setup_code") or t.get("setup") or ""
+    imports = t.get("test_imports") or []
+    if isinstance(imports, str):
+        imports = [imports]
+    if not isinstance(setup, str) or not all(isinstance(x, str) for x in imports):
+        raise ValueError("test_setup_code/setup and test_imports must be strings")
+    setup = "\n".join([*imports, setup]).strip()
+    if "test_list" in t:  # MBPP
+        asserts = t["test_list"]
+        if not isinstance(asserts, list) or not asserts or not all(isinstance(x, str) for x in asserts):
+            raise ValueError("test_list must be a non-empty list of strings")
+        return CallTests("\n".join(asserts), entry, setup)
+    code = t.get("test", t.get("code", t.get("asserts")))
+    if isinstance(code, list) and all(isinstance(x, str) for x in code):
+        code = "\n".join(code)
+    if code is None and kind is None:
+        return None
+    if not isinstance(code, str) or not code.strip():
+        raise ValueError("function-call tests need their Python code in `test` (or `code`, `test_list`)")
+    return CallTests(code, entry, setup)
+
+
+def parse_test_suite(tests, kind: str | None = None) -> tuple[str, list[dict] | CallTests]:
+    """``(kind, tests)``: ``("stdio", [{"input", "output"}, ...])`` or ``("function_call",
+    CallTests)``. Function-call tests are a HumanEval row's ``{"test": "def check(candidate):
+    ...", "entry_point": "f"}``, an MBPP row's ``{"test_list": ["assert f(1) == 2", ...],
+    "test_setup_code": ...}``, ``{"kind": "function_call", "code": ...}``, a list of assert
+    strings, or, with ``kind="function_call"``, plain Python code; any of them as JSON too.
+    ``kind`` (a row's ``test_kind``) must agree with the shape when given. Raises ValueError."""
+    kind = test_kind(kind)
+    if isinstance(tests, (str, bytes)):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError as e:
+            if kind != FUNCTION_CALL:
+                raise ValueError(f"tests are not JSON: {e}") from None
+            tests = {"code": tests if isinstance(tests, str) else tests.decode("utf-8", "replace")}
+        if isinstance(tests, str) and kind == FUNCTION_CALL:
+            tests = {"code": tests}
+    call = _call_tests(tests)
+    if call is not None:
+        if kind == STDIO:
+            raise ValueError("test_kind is stdio but the tests are function-call tests")
+        return FUNCTION_CALL, call
+    if kind == FUNCTION_CALL:
+        raise ValueError("test_kind is function_call but the tests are not Python test code "
+                         "(HumanEval `test` + `entry_point`, MBPP `test_list`, or a list of asserts)")
+    return STDIO, parse_tests(tests)
+
+
+# Runs in the sandbox as the program (``python -I prog.py``): reads the run's token from stdin
+# (the only copy; stdin is then empty), runs the program, then the tests, in one namespace
+# (``__name__`` is not ``"__main__"``, so a program's own ``if __name__ == "__main__":`` demo
+# does not run), and reports on stdout in a last line ``<token> PASS|FAIL|ERROR <json detail>``.
+# A program that exits, or kills its process, before the tests finish never prints the token.
+CALL_HARNESS = r"""
+import json as _json, os as _os, sys as _sys, traceback as _tb
+def _run(_token, _program, _setup, _tests, _entry):
+    def report(status, detail=""):
+        try:
+            _sys.stdout.flush()
+        except BaseException:
+            pass
+        _os.write(1, ("\n%%s %%s %%s\n" %% (_token, status, _json.dumps(str(detail)[:1500]))).encode())
+        _os._exit(0)
+    def where(e, name, src):
+        frames = [f for f in _tb.extract_tb(e.__traceback__) if f.filename == name]
+        if not frames:
+            return ""
+        f = frames[-1]
+        lines = src.splitlines()[f.lineno - 1:(getattr(f, "end_lineno", None) or f.lineno)]
+        return " ".join(l.strip() for l in lines)[:500]
+    def failed(e):
+        msg = "%%s: %%s" %% (type(e).__name__, e) if str(e) else type(e).__name__
+        return msg[:500]
+    ns = {"__name__": "solution", "__builtins__": __builtins__}
+    try:
+        exec(compile(_program, "<solution>", "exec"), ns)
+    except BaseException as e:
+        line = where(e, "<solution>", _program)
+        report("ERROR", "the program raised " + failed(e) + (" at: " + line if line else ""))
+    if _entry and _entry not in ns:
+        report("ERROR", "the program defines no %%s" %% _entry)
+    tests = (_setup + "\n" if _setup else "") + _tests
+    try:
+        exec(compile(tests, "<tests>", "exec"), ns)
+        if _entry and callable(ns.get("check")):
+            ns["check"](ns[_entry])
+    except AssertionError as e:
+        frames = _tb.extract_tb(e.__traceback__)
+        if frames and frames[-1].filename == "<tests>":  # the test's own assertion
+            report("FAIL", "failed: " + where(e, "<tests>", tests) + (" (%%s)" %% e if str(e) else ""))
+        report("ERROR", failed(e) + " in the program, while running: " + where(e, "<tests>", tests))
+    except BaseException as e:
+        line = where(e, "<tests>", tests)
+        report("ERROR", failed(e) + (", while running: " + line if line else ""))
+    report("PASS")
+_t = _sys.stdin.readline().strip()
+_sys.stdin = open(_os.devnull)
+_run(_t, %(program)r, %(setup)r, %(tests)r, %(entry)r)
+"""
+
+
+def call_harness(program: str, tests: CallTests) -> str:
+    """The script run in the sandbox for ``program`` with function-call ``tests``."""
+    return CALL_HARNESS % {"program": program, "setup": tests.setup, "tests": tests.code, "entry": tests.entry_point}
+
+
 # --------------------------------------------------------------------------- the in-sandbox wrapper
 
 # Runs as ``python -I -S -c WRAPPER CFG`` inside the namespaces (pid 1 there). Reports on
@@ -722,38 +872,79 @@ def classify(run: RunResult, expected: str, limits: SandboxLimits) -> tuple[str,
     return "fail", "wrong_output", f"expected {_short(expected)}, got {_short(run.stdout)}"
 
 
-def run_tests(program: str, tests: list[dict], limits: SandboxLimits | None = None) -> dict:
-    """Run ``program`` on each ``{"input", "output"}`` test in order, stopping at the first
-    that does not pass. Returns ``{"verdict", "reason", "detail", "tests", "passed",
+def classify_call(run: RunResult, token: str, limits: SandboxLimits) -> tuple[str, str, str]:
+    """(verdict, reason, detail) for one run of the function-call harness (``CALL_HARNESS``)."""
+    status, detail = None, ""
+    marker = token + " "
+    for line in reversed(run.stdout.splitlines()):
+        if line.startswith(marker):
+            status, _, rest = line[len(marker):].partition(" ")
+            try:
+                detail = str(json.loads(rest))
+            except ValueError:
+                detail = rest
+            break
+    if run.setup_error or run.output_overflow or run.timed_out or run.signal is not None:
+        return classify(run, "", limits)
+    if status == "PASS" and run.exit_code == 0:
+        return "pass", "ok", ""
+    if status == "FAIL":
+        return "fail", "wrong_output", detail
+    if status == "ERROR":
+        if "MemoryError" in detail:
+            return "fail", "memory_limit", detail
+        if "File too large" in detail or "No space left on device" in detail:
+            return "fail", "file_size_limit", detail
+        return "fail", "runtime_error", detail
+    if run.exit_code != 0:
+        return classify(run, "", limits)
+    return "fail", "runtime_error", "the program ended the process before the tests finished"
+
+
+def run_tests(program: str, tests, limits: SandboxLimits | None = None, kind: str | None = None) -> dict:
+    """Run ``program`` against ``tests`` (see ``parse_test_suite``; ``kind`` is a row's
+    ``test_kind``, checked against their shape). stdin/stdout tests: one run per ``{"input",
+    "output"}`` test in order, stopping at the first that does not pass. Function-call tests:
+    one run of the program followed by the test code in the same process, under the same
+    limits. Returns ``{"verdict", "reason", "detail", "kind", "tests", "passed",
     "failed_test", "seconds"}``; see the module docstring for verdicts and reasons."""
+    import secrets
+
     limits = limits or SandboxLimits()
     t0 = time.monotonic()
+    n_tests, suite_kind = 0, None
 
     def result(verdict, reason, detail, passed=0, failed=None):
-        return {"verdict": verdict, "reason": reason, "detail": detail, "tests": len(tests), "passed": passed,
-                "failed_test": failed, "seconds": round(time.monotonic() - t0, 3)}
+        return {"verdict": verdict, "reason": reason, "detail": detail, "kind": suite_kind, "tests": n_tests,
+                "passed": passed, "failed_test": failed, "seconds": round(time.monotonic() - t0, 3)}
 
     try:
-        tests = parse_tests(tests)
+        suite_kind, suite = parse_test_suite(tests, kind)
     except ValueError as e:
-        return {**result("error", "bad_tests", str(e)), "tests": 0}
+        return result("error", "bad_tests", str(e))
+    n_tests = len(suite) if suite_kind == STDIO else 1
     iso = detect_isolation(limits.python, limits.allow_unisolated)
     if iso is None:
         why = isolation_error(limits.python)
         return result("error", "no_isolation", "no network isolation available" + (f" ({why})" if why else ""))
-    for i, t in enumerate(tests):
+    if suite_kind == FUNCTION_CALL:
+        token = secrets.token_hex(16)
+        run = _execute(iso, call_harness(program, suite), token + "\n", limits)
+        verdict, reason, detail = classify_call(run, token, limits)
+        return result(verdict, reason, detail, int(verdict == "pass"), None if verdict == "pass" else 0)
+    for i, t in enumerate(suite):
         run = _execute(iso, program, t["input"], limits)
         verdict, reason, detail = classify(run, t["output"], limits)
         if verdict != "pass":
-            prefix = f"test {i + 1}/{len(tests)}: " if len(tests) > 1 else ""
+            prefix = f"test {i + 1}/{len(suite)}: " if len(suite) > 1 else ""
             return result(verdict, reason, prefix + detail if detail else prefix.rstrip(": "), i, i)
-    return result("pass", "ok", "", len(tests))
+    return result("pass", "ok", "", len(suite))
 
 
-def run_completion(completion: str | None, tests, limits: SandboxLimits | None = None) -> dict:
+def run_completion(completion: str | None, tests, limits: SandboxLimits | None = None, kind: str | None = None) -> dict:
     """``run_tests`` on the last fenced code block of ``completion`` (``fail``/``no_code_block`` without one)."""
     program = extract_program(completion)
     if program is None:
         return {"verdict": "fail", "reason": "no_code_block", "detail": "no fenced code block in the completion",
-                "tests": 0, "passed": 0, "failed_test": None, "seconds": 0.0}
-    return run_tests(program, tests, limits)
+                "kind": None, "tests": 0, "passed": 0, "failed_test": None, "seconds": 0.0}
+    return run_tests(program, tests, limits, kind)
