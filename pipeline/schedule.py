@@ -341,6 +341,17 @@ def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event) -> t
     return code, tail
 
 
+def execute_in_process(sched: Schedule, run_id: str, stop: threading.Event) -> tuple[int, str]:
+    """Run the pipeline in this process, on the Ray (and kept engines) it already has: for a
+    caller that owns a Ray session, such as a notebook or a test. ``stop`` is not honoured
+    mid-stage."""
+    from .config import load_config
+    from .runner import Runner
+
+    result = Runner(load_config(sched.config)).run(run_id=run_id)
+    return (0 if result.ok else 1), result.error or ""
+
+
 # -- the scheduler --------------------------------------------------------------------------------
 
 class Scheduler:
