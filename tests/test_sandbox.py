@@ -478,3 +478,79 @@ def test_many_files_are_bounded_in_total(backend):
     r = one(src, limits=SandboxLimits(timeout_s=10, max_file_mb=10))
     assert (r["verdict"], r["reason"]) == ("fail", "file_size_limit"), r
     assert "No space left on device" in r["detail"]
+
+
+# --------------------------------------------------------------------------- function-call tests
+
+ADD_CHECK = {"test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
+             "entry_point": "add"}
+
+
+def call(program: str, tests=ADD_CHECK, kind=None, limits: SandboxLimits = FAST) -> dict:
+    return run_tests(prog(program), tests, limits, kind)
+
+
+def test_parse_test_suite_shapes():
+    kind, t = sb.parse_test_suite(ADD_CHECK)
+    assert kind == "function_call" and t.entry_point == "add" and "def check" in t.code
+    kind, t = sb.parse_test_suite(json.dumps({"test_list": ["assert f(1) == 2"], "test_setup_code": "import math",
+                                              "test_imports": ["import os"]}))
+    assert kind == "function_call" and t.code == "assert f(1) == 2" and t.setup == "import os\nimport math"
+    assert sb.parse_test_suite(["assert f(1) == 2", "assert f(2) == 3"])[1].code == "assert f(1) == 2\nassert f(2) == 3"
+    assert sb.parse_test_suite("assert f(1) == 2", "function_call")[1].code == "assert f(1) == 2"
+    assert sb.parse_test_suite({"kind": "call", "code": "assert f()"})[0] == "function_call"
+    assert sb.parse_test_suite(ADD_TESTS) == ("stdio", ADD_TESTS)
+    assert sb.parse_test_suite(ADD_TESTS, "stdin")[0] == "stdio"
+    for tests, kind, msg in [
+        (ADD_TESTS, "function_call", "not Python test code"),
+        (ADD_CHECK, "stdio", "are function-call tests"),
+        (ADD_CHECK, "fortran", "unknown test kind"),
+        ({"test": "", "entry_point": "f"}, None, "need their Python code"),
+        ({"test": "assert 1", "entry_point": "1f"}, None, "entry_point must be a function name"),
+        ({"test_list": []}, None, "non-empty list"),
+        ("assert f(1) == 2", None, "not JSON"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            sb.parse_test_suite(tests, kind)
+
+
+def test_function_call_verdicts(backend):
+    r = call("def add(a, b):\n    return a + b")
+    assert (r["verdict"], r["reason"], r["kind"], r["tests"], r["passed"]) == ("pass", "ok", "function_call", 1, 1)
+    r = call("def add(a, b):\n    return a - b")
+    assert (r["verdict"], r["reason"]) == ("fail", "wrong_output")
+    assert r["detail"] == "failed: assert candidate(1, 2) == 3"  # the failing assertion
+    r = call("def add(a, b):\n    raise KeyError('k')")
+    assert (r["reason"], r["detail"]) == ("runtime_error", "KeyError: 'k', while running: assert candidate(1, 2) == 3")
+    r = call("def add(a, b):\n    assert a > 5, 'too small'\n    return a + b")  # the program's own assert
+    assert r["reason"] == "runtime_error" and "AssertionError: too small in the program" in r["detail"]
+    r = call("import nosuchmodule\ndef add(a, b):\n    return a + b")
+    assert r["reason"] == "runtime_error" and "ModuleNotFoundError" in r["detail"]
+    r = call("def plus(a, b):\n    return a + b")
+    assert (r["reason"], r["detail"]) == ("runtime_error", "the program defines no add")
+    r = call("def add(a, b):\n    while True:\n        pass")
+    assert (r["verdict"], r["reason"]) == ("timeout", "time_limit")
+    r = call("def add(a, b):\n    return bytearray(1 << 34)")
+    assert r["reason"] == "memory_limit"
+    # a demo under `if __name__ == "__main__":` does not run (it would wait for input)
+    assert call("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    add(int(input()), 1)")["reason"] == "ok"
+    # MBPP-style asserts with setup code, run in the program's namespace
+    mbpp = {"test_list": ["assert add(1, 2) == 3", "assert math.isclose(add(0.1, 0.2), 0.3)"],
+            "test_setup_code": "import math"}
+    assert call("def add(a, b):\n    return a + b", mbpp)["reason"] == "ok"
+    r = call("def add(a, b):\n    return round(a + b)", mbpp)
+    assert (r["reason"], r["detail"]) == ("wrong_output", "failed: assert math.isclose(add(0.1, 0.2), 0.3)")
+    assert call("def add(a, b):\n    return a + b", ADD_TESTS, "function_call")["reason"] == "bad_tests"
+
+
+def test_a_program_cannot_fake_a_pass(backend):
+    """Passing needs the run's token, which the harness read from stdin before the program ran."""
+    for src in [
+        "import os\nos._exit(0)",  # ends the process before the tests run
+        "import sys\nsys.exit(0)",
+        "import os, sys\ntok = sys.stdin.readline().strip() or os.read(0, 100).decode().strip()\n"
+        "os.write(1, ('\\n' + tok + ' PASS \"\"\\n').encode())\nos._exit(0)",
+        "import os\nprint('0' * 32 + ' PASS \"\"')\nos._exit(0)",
+    ]:
+        r = call(src)
+        assert (r["verdict"], r["reason"]) == ("fail", "runtime_error"), (src, r)
