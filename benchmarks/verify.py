@@ -123,6 +123,7 @@ MULTI_PART = [
     ("hedge_far_apart", "143",
      r"A first guess is $\boxed{20}$, but checking the constraint again we find the final answer $\boxed{143}$."),
     ("restated", "5", r"The answer is $\boxed{5}$, that is, $\boxed{x = 5}$."),
+    ("restated", "5", r"The answer is \boxed{5}. So \boxed{x = 5}"),
 ]
 
 

@@ -3,7 +3,8 @@
 Input ``samples`` (prompt_id, sample_index, answer, completion, finish_reason,
 error, ...). Output ``verified``: the same rows plus ``verdict`` (correct,
 rejected, error), ``reason`` (a code, see ``stages.common.checkers``),
-``detail`` and ``extracted`` (the last boxed answer). Counts per reason and
+``detail`` and ``extracted`` (the boxed answer: the distinct boxes of the answer part,
+joined by ``, ``; for code, the program). Counts per reason and
 per-prompt pass rates go into the stage metrics.
 Checks run in Ray actors, each holding a verifier service (``stages.common.verifier``):
 math comparisons happen in worker processes killed at a hard per-check timeout, so a
@@ -13,7 +14,10 @@ Code rows (``checker: auto`` and a ``tests`` column, or ``checker: code``, which
 tests from ``answer`` when there is no ``tests`` column, e.g. prompts read with
 ``answer_field: tests``) run their last fenced code block against the tests in the
 sandbox (``stages.common.sandbox``, limits in ``code``), ``workers`` runs at a time per
-actor; see ``stages.common.checkers.check_code_sample`` for the reasons.
+actor: stdin/stdout tests, or function-call tests (HumanEval ``check(candidate)``, MBPP
+asserts) run after the program in the same sandbox run. A ``test_kind`` column
+(``stdio`` or ``function_call``) says which; without it the tests' shape does. See
+``stages.common.checkers.check_code_sample`` for the reasons.
 """
 from __future__ import annotations
 

@@ -10,28 +10,73 @@ ok                  format holds and the answer equals the gold answer
 generation_error    the engine produced no completion (see detail)
 truncated           generation hit ``max_tokens`` / the context limit
 missing_think       reasoning block required but absent or unterminated
-no_boxed_answer     no ``\\boxed{}`` in the answer part
-wrong_answer        the last ``\\boxed{}`` differs from the gold answer
-bad_gold            the gold answer could not be parsed (an ``error``)
-timeout             the answer check overran its hard deadline (an ``error``;
-                    set by the verifier service, ``stages.common.verifier``)
+no_boxed_answer     no non-empty ``\\boxed{}`` in the answer part
+wrong_answer        the boxed answer differs from the gold answer
+hedged_answer       the boxes hold more distinct values than the gold answer
+                    has (``\\boxed{7}`` or ``\\boxed{8}`` for 7), and they do
+                    not equal it
+bad_gold            there is no gold answer to compare with (an ``error``)
+timeout             the answer check overran its deadline (an ``error``):
+                    the verifier service's hard one (``stages.common.verifier``),
+                    or, on the main thread, ``CHECK_TIMEOUT_S`` for the whole check
 checker_error       the checker raised (an ``error``)
 ==================  ========================================================
 
-Math equality goes through math-verify, after a cheap exact-string fast path.
-GSM8K gold answers (``... #### 1,234``) are reduced to their final number.
+**Math answers** are extracted and compared the way math-verify's own ``parse`` /
+``verify`` pipeline does: each boxed value is parsed by ``math_verify.parse`` and compared
+by ``math_verify.verify`` (after a cheap exact-string fast path). The answer is every
+distinct ``\\boxed{}`` of the answer part (after the reasoning block), taken together as
+one set when there are several (``\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}``,
+``\\boxed{1}, \\boxed{2}, \\boxed{3}``), as math-verify does for ``$a$, $b$ and $c$``. A gold
+answer may be a boxed list (``\\boxed{2}, \\boxed{3}, \\boxed{5}``: the last box and those
+just before it, grouped as math-verify groups them), a ``,``/``;``-separated list, equations
+with named variables (``k = 45, n = 2``, ``x_1 = 2, x_2 = 7``: the bare values answer them
+too), a set or an interval (compared as sets), a value with units or in ``\\text{}``
+(``0.06 \\text{ yuan}``, ``\\$18``, ``12 \\text{ cm}^2``), or a GSM8K solution
+(``... #### 1,234``: its final number). ``benchmarks/verify.py`` (``verify-agreement``)
+measures the agreement with raw math-verify on MATH-500 and GSM8K pairs.
 
-Code samples (a row with a ``tests`` field: a list of ``{"input", "output"}`` stdin/stdout
-pairs or its JSON) go through ``check_code_sample``: the same format checks
-(``truncated``, ``missing_think``), then the last fenced code block of the answer part
-runs against the tests in the sandbox (``stages.common.sandbox``; its module docstring
-has the limits and isolation). ``extracted`` is the program. Reasons: ``ok``;
-rejected: ``no_code_block``, ``wrong_output``, ``runtime_error``, ``memory_limit``,
-``file_size_limit``, ``output_limit``, ``time_limit``, ``cpu_limit`` (a program that
-overruns is a wrong answer, unlike ``timeout`` above); errors: ``no_isolation`` (no
-sandbox here and ``allow_unisolated`` not set), ``sandbox_error``, ``bad_tests``.
-``check_code_rows`` does it for many rows on a few threads (each run is its own
-process tree, bounded by ``tests x timeout_s`` plus start-up, so no extra deadline).
+Where this module knowingly differs from math-verify (``verify(parse(gold),
+parse(completion))``):
+
+* The answer must be boxed, after the reasoning. math-verify falls back to the last LaTeX
+  or number anywhere (``</think> The answer is 7`` is 7 to it; here ``no_boxed_answer``),
+  and a box inside the reasoning block does not count here.
+* Every distinct box of the answer part counts, however far apart. math-verify takes the
+  last box and only the boxes just before it (within 10 characters, or 70 with ``and``,
+  ``or``, ``,`` or ``;`` between), so ``A first guess is $\\boxed{20}$, but checking the
+  constraint again we find the final answer $\\boxed{143}$`` is 143 to it, a hedge
+  (``hedged_answer``) here: a completion must not pass by boxing several candidates.
+* One value restated counts once: ``\\boxed{5}. So \\boxed{x = 5}`` is correct for gold 5
+  here (boxes whose values ``verify`` as equal are one value); math-verify groups the two
+  boxes, compares the set ``{5, x = 5}`` with 5 and says no.
+* Rejections for hedging have their own reason (``hedged_answer``, also for ``\\boxed{7
+  \\text{ or } 8}`` and ``\\boxed{7, 8}`` against 7); math-verify says only "not equal".
+  More than ``MAX_VALUES`` distinct values against a smaller gold are a hedge without being
+  compared one by one.
+* An overrun is an ``error`` (``timeout``), never a wrong answer: math-verify returns
+  "not equal" when its own per-call timeout fires. Here one deadline bounds the whole check
+  (every part of the gold and of the answer), in the verifier service's worker processes
+  (killed at the deadline) or, on the main thread, by one ``SIGALRM`` (``CHECK_TIMEOUT_S``).
+
+**Code samples** (a row with a ``tests`` field) go through ``check_code_sample``: the
+same format checks (``truncated``, ``missing_think``), then the last fenced code block of
+the answer part runs against the tests in the sandbox (``stages.common.sandbox``; its
+module docstring has the limits and isolation). Tests are stdin/stdout pairs (a list of
+``{"input", "output"}`` or its JSON) or function-call tests: Python test code run after the
+program, in the same sandbox run with the same limits, as HumanEval and MBPP do (a
+HumanEval ``{"test": "def check(candidate): ...", "entry_point": "f"}``, an MBPP
+``{"test_list": ["assert f(1) == 2", ...]}``, or a list of asserts). A row says which kind
+it has in ``test_kind`` (``stdio`` or ``function_call``; inferred from the tests' shape
+when absent; a kind that does not fit the tests is ``bad_tests``). ``extracted`` is the
+program. Reasons: ``ok``; rejected: ``no_code_block``, ``wrong_output`` (for a failed
+assert the detail is the failing assertion, ``failed: assert candidate(1, 2) == 3``),
+``runtime_error``, ``memory_limit``, ``file_size_limit``, ``output_limit``,
+``time_limit``, ``cpu_limit`` (a program that overruns is a wrong answer, unlike
+``timeout`` above); errors: ``no_isolation`` (no sandbox here and ``allow_unisolated`` not
+set), ``sandbox_error``, ``bad_tests``. ``check_code_rows`` does it for many rows on a few
+threads (each run is its own process tree, bounded by ``tests x timeout_s`` plus start-up,
+so no extra deadline).
 """
 from __future__ import annotations
 

@@ -1,8 +1,27 @@
-"""A sandbox for running untrusted code against stdin/stdout tests (code datasets).
+"""A sandbox for running untrusted code against tests (code datasets): stdin/stdout tests
+and function-call tests (HumanEval, MBPP).
 
-``run_tests(program, tests, limits)`` runs a Python program once per test, each
-run in a fresh process tree, and stops at the first test that does not pass.
-``extract_program(completion)`` takes the last fenced code block of a completion.
+``run_tests(program, tests, limits, kind)`` runs a Python program against ``tests``:
+
+* **stdin/stdout** (``kind`` ``stdio``; a list of ``{"input", "output"}`` or APPS-style
+  ``{"inputs": [...], "outputs": [...]}``): once per test, each run in a fresh process
+  tree, stopping at the first test that does not pass.
+* **function-call** (``kind`` ``function_call``; HumanEval ``{"test": "def
+  check(candidate): ...", "entry_point": "f"}``, MBPP ``{"test_list": ["assert f(1) ==
+  2", ...], "test_setup_code": ...}``, ``{"kind": "function_call", "code": ...}``, a list
+  of assert strings, or plain test code with ``kind="function_call"``): one run, with the
+  same limits, of a harness (``CALL_HARNESS``) that executes the program and then the test
+  code in one namespace (``__name__`` is ``"solution"``, so a program's ``if __name__ ==
+  "__main__":`` demo does not run), then ``check(f)`` for HumanEval. A failed assert of
+  the tests is ``wrong_output`` with the assertion in the detail (``failed: assert
+  candidate(1, 2) == 3``); an exception, an assert inside the program, or a missing
+  entry point is ``runtime_error``. The harness reads a random token from stdin before the
+  program runs (stdin is then empty) and reports on a last stdout line signed with it, so
+  a program that exits, or kills its process, before the tests finish fails.
+
+``kind`` (a row's ``test_kind``) is inferred from the tests' shape when None and must fit
+it when given (else ``bad_tests``). ``extract_program(completion)`` takes the last fenced
+code block of a completion.
 ``check_code_sample`` in ``stages.common.checkers`` wraps both into the verdict
 shape the verify stage uses.
 
@@ -70,18 +89,26 @@ up to ``max_processes x memory_mb`` of memory and ``max_processes`` CPUs until i
 wall-clock limit (no cgroups here: they need delegation that a Ray worker rarely
 has). The program can read whatever ``nobody`` (or the checker's user) can read on the
 host filesystem; it cannot write outside its work folder or reach any network.
+Function-call tests run in the program's own process, as HumanEval's and MBPP's harnesses
+do, so they trust the test code's comparisons: a program written to game them (returning
+an object whose ``__eq__`` always holds, or digging the run's token out of the harness's
+memory) can pass; it still cannot leave its sandbox.
 
-Verdicts (``run_tests`` returns ``{"verdict", "reason", "detail", "tests",
-"passed", "failed_test", "seconds"}``):
+Verdicts (``run_tests`` returns ``{"verdict", "reason", "detail", "kind", "tests",
+"passed", "failed_test", "seconds"}``; a function-call suite counts as one test):
 
 ==========  ================  ==================================================
 verdict     reason            meaning
 ==========  ================  ==================================================
-pass        ok                every test's output matched
+pass        ok                every test's output matched (function-call: every
+                              assert held)
 fail        wrong_output      output differs (after trimming trailing
                               whitespace per line and trailing empty lines; a
-                              prefix of the expected lines is wrong)
-fail        runtime_error     nonzero exit or killed by a signal
+                              prefix of the expected lines is wrong); a
+                              function-call test's assert failed
+fail        runtime_error     nonzero exit or killed by a signal; function-call:
+                              the program raised, lacks the entry point, or
+                              ended before the tests finished
 fail        memory_limit      ``MemoryError`` (``RLIMIT_AS``)
 fail        file_size_limit   a file beyond ``max_file_mb`` (EFBIG / SIGXFSZ), or
                               the work folder full (ENOSPC)
@@ -91,7 +118,8 @@ timeout     time_limit        wall clock beyond ``timeout_s``
 timeout     cpu_limit         CPU time beyond ``cpu_seconds`` (SIGXCPU)
 error       no_isolation      no sandbox available and unisolated runs not allowed
 error       sandbox_error     the sandbox could not start (details in ``detail``)
-error       bad_tests         tests missing or malformed
+error       bad_tests         tests missing or malformed, or not of the row's
+                              ``test_kind``
 ==========  ================  ==================================================
 
 ``error`` is an infrastructure or data fault, never a wrong answer.
