@@ -323,6 +323,24 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
     return end
 
 
+def run_due(st: Storage, sched: Schedule, trigger: str = "cronjob", stop: threading.Event | None = None,
+            execute=None, now: float | None = None) -> dict:
+    """Run the latest cron slot at or before now, unless a run already took it (then a
+    ``slot_taken`` skip) or it is older than the misfire grace (a ``misfire`` skip). What an
+    external trigger that may fire twice or late, such as a Kubernetes CronJob, should call."""
+    now = time.time() if now is None else now
+    slot = sched._iter(now + 1e-3).get_prev(float)
+    if now - slot > sched.misfire_grace_s:
+        return record(st, sched.name, "skip", uuid.uuid4().hex[:8],
+                      {"slot": iso(slot), "reason": "misfire", "missed": 1, "trigger": trigger,
+                       "detail": f"the latest slot was {now - slot:.0f}s ago, past the misfire grace of "
+                                 f"{sched.misfire_grace_s:.0f}s"})
+    current = read_lease(st, sched.name)
+    after = (current[0].get("slot") if current else None) or min(sched.created, slot - 1e-3)
+    first, _, count = sched.due(after, slot)
+    return run_slot(st, sched, slot, trigger, first, max(1, count), stop, execute)
+
+
 def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event) -> tuple[int, str]:
     """Run the job in its own process group; stop it (the whole group) when ``stop`` is set.
     Returns (exit code, the tail of its output)."""

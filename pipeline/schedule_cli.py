@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .schedule import (Schedule, ScheduleError, Scheduler, add_schedule, get_schedule, iso, list_schedules,
-                       read_history, remove_schedule, run_slot, runs_of)
+                       read_history, remove_schedule, run_due, run_slot, runs_of)
 from .storage import Storage
 
 console = Console(stderr=True)
@@ -123,12 +123,8 @@ def run_now(name: str = typer.Argument(...), root: Optional[str] = RootOpt,
         s = get_schedule(st, name)
     except ScheduleError as e:
         _fail(e, 1)
-    slot = None
-    if due:
-        now = time.time()
-        slot = s._iter(now + 1e-3).get_prev(float)
     stop = _stop_on_signals()
-    event = run_slot(st, s, slot, "cronjob" if due else "run-now", stop=stop)
+    event = run_due(st, s, stop=stop) if due else run_slot(st, s, None, "run-now", stop=stop)
     if json_:
         sys.stdout.write(json.dumps(event, indent=2) + "\n")
     elif event["event"] == "skip":

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 
 from pipeline.lease import acquire, read_lease
-from pipeline.schedule import Schedule, Scheduler, add_schedule, read_history, run_slot, runs_of
+from pipeline.schedule import Schedule, Scheduler, add_schedule, read_history, run_due, run_slot, runs_of
 from pipeline.storage import Storage
 
 
@@ -165,6 +165,25 @@ def test_run_now_skips_while_a_run_holds_the_lease(tmp_path):
     event = run_slot(st, sched, None, "run-now", execute=fake_execute_factory(0, []))
     assert event["event"] == "end" and event["status"] == "done"
     assert read_lease(st, "s")[0]["released"]
+
+
+def test_run_due_runs_each_slot_once_and_not_late(tmp_path):
+    """What the CronJob calls: a second start of the same slot (a CronJob firing twice) is a
+    recorded skip; a start long after the slot is a misfire."""
+    st = Storage(str(tmp_path / "root"))
+    t0 = 1_800_000_000.0
+    sched = add_schedule(st, Schedule("s", "*/5 * * * *", "cfg.yaml", created=t0 - 3600, misfire_grace_s=120))
+    calls: list = []
+    first = run_due(st, sched, execute=fake_execute_factory(0, calls), now=t0 + 30)
+    assert first["event"] == "end" and first["status"] == "done" and len(calls) == 1
+    again = run_due(st, sched, execute=fake_execute_factory(0, calls), now=t0 + 40)
+    assert again["event"] == "skip" and again["reason"] == "slot_taken" and len(calls) == 1
+    late = run_due(st, sched, execute=fake_execute_factory(0, calls), now=t0 + 290)
+    assert late["event"] == "skip" and late["reason"] == "misfire" and len(calls) == 1
+    nxt = run_due(st, sched, execute=fake_execute_factory(0, calls), now=t0 + 301)
+    assert nxt["event"] == "end" and len(calls) == 2
+    (start,) = [e for e in read_history(st, "s") if e["event"] == "start" and e["run_id"] == nxt["run_id"]]
+    assert _t(start["slot"]) == t0 + 300 and start["coalesced"] == 1
 
 
 def test_lost_lease_stops_the_job(tmp_path):
