@@ -44,3 +44,24 @@ def build_model(out: Path, layers: int = 2, hidden: int = 256, max_pos: int = 10
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def interleaved(sides: dict, runs: int = 3) -> dict[str, dict]:
+    """Run each side's zero-argument callable ``runs`` times, interleaved (a, b, a, b, ...), so a
+    slow spell of the machine hits every side alike. Per side: median, min, max and every run."""
+    import statistics
+
+    values: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(runs):
+        for name, fn in sides.items():
+            values[name].append(float(fn()))
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": [round(x, 2) for x in v]}
+            for name, v in values.items()}
+
+
+def emit_medians(benchmark: str, ours: dict, baseline: dict, unit: str, **extra) -> None:
+    """One JSON line: the ratio of medians, with each side's min, max and runs (from ``interleaved``)."""
+    emit(benchmark, ours["median"], baseline["median"], unit,
+         ratio_min=round(ours["min"] / baseline["max"], 4) if baseline["max"] else None,
+         ratio_max=round(ours["max"] / baseline["min"], 4) if baseline["min"] else None,
+         ours_runs=ours["runs"], baseline_runs=baseline["runs"], **extra)

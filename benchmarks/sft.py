@@ -1,11 +1,19 @@
-"""benchmark `sft`: sft-stage training tok/s ÷ a plain PyTorch loop, same model and batches.
+"""benchmark `sft`: training tok/s of the sft stage ÷ a plain PyTorch loop, same model and batches.
 
 The batches are the ones TRL's own data loader makes for the stage (same seed),
-so both sides process identical tensors; tokens are non-padding tokens. The
-plain loop is forward with labels, backward, AdamW step. The stage runs through
-the DAG runner on Ray. `sft-trl-stock` measures a stock `SFTTrainer` (every
-`SFTConfig` default but `use_cpu`: batch 8, gradient checkpointing, bf16
-autocast): where the slowdown seen with default settings comes from.
+so every side processes identical tensors; tokens are non-padding tokens. The
+plain loop is forward with labels, backward, AdamW step, on 2 threads.
+
+- `sft`: the stage's TRL trainer (as the stage configures it, 1 process) ÷ the plain loop.
+- `sft-ray-train`: the whole stage through Ray Train with 1 worker ÷ the plain loop; the
+  stage's own tokens/s (first to last optimizer step, as its stage record reports it).
+  `ray_train_wall_s` gives the wall time of the stage, start-up of the worker group included.
+- `sft-scaling`: the stage with 2 workers (1 CPU each) ÷ 1 worker (2 CPUs), equal global batch.
+  No target on a 2-core machine: two DDP workers share the same two cores.
+- `sft-padding-free`, `sft-group-by-length`: the stage's trainer with that `batching` ÷ the
+  plain loop on padded batches: which batching is fastest here (the stage's default is `padded`).
+
+Each side runs `RUNS` times, interleaved; lines carry the ratio of medians with min/max.
 """
 from __future__ import annotations
 
@@ -16,9 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import build_model, emit, toy_rows  # noqa: E402
+from _common import build_model, emit_medians, interleaved, toy_rows  # noqa: E402
 
-STEPS, BATCH, LR = 60, 32, 1e-3
+STEPS, BATCH, LR, RUNS = 30, 32, 1e-3, 3
 
 
 def messages(rows):
@@ -26,11 +34,17 @@ def messages(rows):
             for r in rows]
 
 
-def trl_batches(model: str, rows: list[dict]):
-    from stages.sft import Params, build_trainer
+def params(model: str, **kw):
+    from stages.sft import Params
 
-    p = Params(model=model, max_steps=STEPS, batch_size=BATCH, learning_rate=LR, max_length=256)
-    trainer = build_trainer(model, rows, p, tempfile.mkdtemp())
+    return Params(model=model, max_steps=STEPS, batch_size=BATCH, learning_rate=LR, max_length=256,
+                  checkpoint_every=10_000, **kw)
+
+
+def trl_batches(model: str, rows: list[dict]):
+    from stages.sft import build_trainer
+
+    trainer = build_trainer(model, rows, params(model), tempfile.mkdtemp())
     batches = []
     for b in trainer.get_train_dataloader():
         batches.append({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")})
@@ -58,69 +72,73 @@ def plain_loop(model_dir: str, batches) -> float:
     return tokens / (time.time() - t0)
 
 
-def trl_stock(model: str, rows: list[dict]) -> float:
-    """A stock ``SFTTrainer``: every SFTConfig default (batch 8, gradient checkpointing, bf16)."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+def stage_trainer(model: str, rows: list[dict], batching: str = "padded") -> float:
+    """The stage's own TRL trainer in this process: tokens over the time of ``train()``."""
+    from stages.sft import build_trainer, count_tokens
 
-    from stages.sft import to_prompt_completion
-
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=STEPS // 2, report_to="none", save_strategy="no", use_cpu=True,
-                     disable_tqdm=True)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=args,
-                         train_dataset=Dataset.from_list([to_prompt_completion(r["messages"]) for r in rows]),
-                         processing_class=AutoTokenizer.from_pretrained(model))
-    tokens = {"n": 0}
-    orig = trainer.training_step
-
-    def step(m, inputs, *a, **kw):
-        tokens["n"] += int(inputs["attention_mask"].sum())
-        return orig(m, inputs, *a, **kw)
-
-    trainer.training_step = step
+    trainer = build_trainer(model, rows, params(model, batching=batching), tempfile.mkdtemp())
+    tokens = count_tokens(trainer)
     t0 = time.time()
     trainer.train()
     return tokens["n"] / (time.time() - t0)
 
 
+def ray_train(model: str, chat_path: str, st, workers: int, walls: list) -> float:
+    """The sft stage through Ray Train (a fresh checkpoint folder, so nothing resumes)."""
+    import uuid
+
+    from pipeline.stage import Artifact, StageContext
+    from stages.sft import SFT
+
+    run = uuid.uuid4().hex[:8]
+    stage = SFT("sft", params(model, num_workers=workers, num_cpus=2 / workers))
+    ctx = StageContext(name="sft", kind="sft", fingerprint=f"bench{run}", run_id="bench", storage=st,
+                       inputs={"data": Artifact("dataset", chat_path, st.uri(chat_path), "bench")},
+                       output_root=st.path("out", run), checkpoint_root=st.path("ckpt", run),
+                       output_types={"model": "model"})
+    t0 = time.time()
+    stage.run(ctx)
+    walls.append(round(time.time() - t0, 1))
+    return ctx.metrics["tokens_per_second"]
+
+
 def main() -> None:
+    import pyarrow as pa
+    import ray
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 2)
+    from pipeline.storage import Storage
+
+    torch.set_num_threads(2)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_model(tmp / "model")
         rows = messages(toy_rows(STEPS * BATCH, seed=3))
         batches = trl_batches(model, rows)
-        baseline = plain_loop(model, batches)
-        ours = run_stage(model, rows, tmp)
-        emit("sft", ours["tokens_per_second"], baseline, "tok/s", steps=ours["steps"], batch_size=BATCH)
-        emit("sft-trl-stock", trl_stock(model, rows), baseline, "tok/s",
-             note="SFTTrainer with every SFTConfig default: batch 8, gradient checkpointing, bf16")
-
-
-def run_stage(model: str, rows: list[dict], tmp: Path) -> dict:
-    """The sft stage on Ray, given a committed chat dataset as its input."""
-    import pyarrow as pa
-    import ray
-
-    from pipeline.stage import Artifact, StageContext
-    from pipeline.storage import Storage
-    from stages.sft import SFT, Params
-
-    st = Storage(str(tmp / "root"))
-    path = st.path("chat")
-    w = st.dataset_writer(path)
-    w.write(pa.Table.from_pylist(rows))
-    w.commit()
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    stage = SFT("sft", Params(model=model, max_steps=STEPS, batch_size=BATCH, learning_rate=LR, max_length=256))
-    ctx = StageContext(name="sft", kind="sft", fingerprint="bench", run_id="bench", storage=st,
-                       inputs={"data": Artifact("dataset", path, st.uri(path), "bench")},
-                       output_root=st.path("out"), output_types={"model": "model"})
-    stage.run(ctx)
-    return ctx.metrics
+        st = Storage(str(tmp / "root"))
+        chat = st.path("chat")
+        w = st.dataset_writer(chat)
+        w.write(pa.Table.from_pylist(rows))
+        w.commit()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        walls: dict[str, list] = {"1": [], "2": []}
+        r = interleaved({
+            "plain": lambda: plain_loop(model, batches),
+            "trainer": lambda: stage_trainer(model, rows),
+            "ray1": lambda: ray_train(model, chat, st, 1, walls["1"]),
+            "ray2": lambda: ray_train(model, chat, st, 2, walls["2"]),
+            "padding_free": lambda: stage_trainer(model, rows, "padding_free"),
+            "group_by_length": lambda: stage_trainer(model, rows, "group_by_length"),
+        }, runs=RUNS)
+        ray.shutdown()
+        common = {"steps": STEPS, "batch_size": BATCH}
+        emit_medians("sft", r["trainer"], r["plain"], "tok/s", **common)
+        emit_medians("sft-ray-train", r["ray1"], r["plain"], "tok/s", ray_train_wall_s=walls["1"], **common)
+        emit_medians("sft-scaling", r["ray2"], r["ray1"], "tok/s", ray_train_wall_s=walls["2"],
+                     note="2 workers x 1 CPU vs 1 worker x 2 CPUs on a 2-core machine", **common)
+        emit_medians("sft-padding-free", r["padding_free"], r["plain"], "tok/s", **common)
+        emit_medians("sft-group-by-length", r["group_by_length"], r["plain"], "tok/s", **common)
 
 
 if __name__ == "__main__":

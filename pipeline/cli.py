@@ -45,6 +45,12 @@ class _Bar(StageProgress):
     def advance(self, n: int = 1) -> None:
         self.progress.advance(self.task, n)
 
+    def update(self, completed: int, total: int | None = None, info: str = "") -> None:
+        t = self.progress.tasks[self.task]
+        base = t.fields.setdefault("base", t.description)
+        self.progress.update(self.task, completed=completed, total=total if total else t.total,
+                             description=f"{base}  {info}" if info else base)
+
     def close(self) -> None:
         t = self.progress.tasks[self.task]
         if t.total is None:
@@ -370,6 +376,10 @@ def _call_or_exit(fn, *args):
 from .schedule_cli import register as _register_schedules  # noqa: E402  (distill schedule ..., distill scheduler)
 
 _register_schedules(app)
+
+from .jobs_cli import register as _register_jobs  # noqa: E402  (distill submit, distill jobs ...)
+
+_register_jobs(app)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -1,27 +1,52 @@
-"""sft: fine-tune a student with TRL's ``SFTTrainer`` on chat rows; loss on assistant tokens only.
+"""sft: fine-tune a student with TRL's ``SFTTrainer`` on chat rows, on Ray Train; loss on assistant tokens only.
 
 Inputs: ``data`` (a dataset with a ``messages`` column) and the starting model,
 as ``params.model`` (a local folder or URI) or an input ``model``.
-Output ``model``: the Hugging Face checkpoint (weights + tokenizer) in storage.
+Output ``model``: the Hugging Face checkpoint (weights + tokenizer) in storage,
+committed (manifest last) only once training has finished. Its lineage lists
+the exact dataset manifests it trained on (URI, fingerprint, manifest sha256).
 
 Each row becomes TRL's conversational prompt/completion form (all turns but the
 last as the prompt, the final assistant turn as the completion), so TRL masks
 the loss to the completion whatever the tokenizer's chat template is.
 
-Training runs as one Ray task holding ``num_cpus`` (``num_gpus`` on a GPU
-cluster). TRL's ``SFTConfig`` defaults are tuned for large models on GPUs
-(batch 8, gradient checkpointing, bf16 autocast); on a small model on a CPU they
-roughly halve throughput without saving memory that matters there, so gradient
-checkpointing and bf16 are config fields that default off here and the batch
-size is set by the config; ``benchmarks/sft.py`` measures both settings against
-a plain PyTorch loop.
+Distribution. A ``ray.train.torch.TorchTrainer`` runs ``num_workers`` workers
+(each ``num_cpus`` / ``num_gpus`` / ``resources``); Ray Train sets up the process
+group (gloo on CPU, NCCL on GPU) and TRL's trainer runs DDP on it. ``batch_size``
+is the *global* batch per optimizer step, split over workers and ``grad_accum``,
+so the same config trains the same model on 1 worker or 8 (``num_workers`` is not
+part of the fingerprint).
+
+Checkpoints. Every ``checkpoint_every`` optimizer steps (and at the end) each
+worker reports its part of the Hugging Face checkpoint (weights, optimizer,
+scheduler, RNG states, trainer state) through ``ray.train.report``; Ray Train
+writes them under the stage's checkpoint folder in the project's storage (local
+or S3, through fsspec), in a run named after the stage fingerprint. A worker
+group restarted after a failure (``max_failures``), or a rerun of the stage after
+the driver was killed, finds the last reported checkpoint through
+``ray.train.get_checkpoint()`` and passes it to ``trainer.train(resume_from_checkpoint=...)``:
+training continues at the checkpoint's step + 1, with the same data order.
+
+Batching (``batching``): ``padded`` (each batch padded to its longest row),
+``group_by_length`` (length-grouped batches: less padding, a different batch
+order), ``padding_free`` (rows concatenated with position ids; correct with
+sdpa/eager attention through a block-diagonal mask, fast with FlashAttention).
+``benchmarks/sft.py`` measures them; on a CPU ``padded`` is the default (see README).
+
+Progress: workers push step, loss and tokens to a small actor the driver polls,
+so the terminal shows step/total, loss, tokens/s, ETA and the checkpoint training
+resumed from. The stage record holds the loss curve, tokens/s and, on GPU, MFU.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+import threading
 import time
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +54,19 @@ from pipeline import resources
 from pipeline.stage import Stage, StageContext, StageError
 
 NO_FP = {"fingerprint": False}
+
+# Dense peak FLOP/s used for MFU, by GPU name fragment (bf16 tensor cores / fp32).
+PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
+              "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10G": (125e12, 31.2e12)}
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    merge: bool = Field(True, description="merge the adapters into the saved weights (a plain checkpoint vLLM loads)")
 
 
 class Params(BaseModel):
@@ -40,15 +78,27 @@ class Params(BaseModel):
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="global batch per optimizer step (all workers, all accumulation steps)")
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=8)
     seed: int = 0
     gradient_checkpointing: bool = False
     bf16: bool = False
-    num_cpus: float = Field(2, gt=0, json_schema_extra=NO_FP)
-    num_gpus: float = Field(0, ge=0, json_schema_extra=NO_FP)
-    logging_steps: int = Field(25, ge=1, json_schema_extra=NO_FP)
+    batching: Literal["padded", "group_by_length", "padding_free"] = "padded"
+    lora: LoraSpec | None = None
+    # where and how it runs: not part of the fingerprint
+    num_workers: int = Field(1, ge=1, json_schema_extra=NO_FP)
+    num_cpus: float = Field(2, gt=0, json_schema_extra=NO_FP, description="per worker")
+    num_gpus: float = Field(0, ge=0, json_schema_extra=NO_FP, description="per worker")
+    resources: dict[str, float] = Field(default_factory=dict, json_schema_extra=NO_FP,
+                                        description="custom Ray resources per worker")
+    max_failures: int = Field(2, ge=-1, json_schema_extra=NO_FP, description="worker-group restarts; -1: forever")
+    checkpoint_every: int = Field(100, ge=1, json_schema_extra=NO_FP, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=NO_FP)
+    logging_steps: int = Field(10, ge=1, json_schema_extra=NO_FP)
+
+    def per_device_batch(self) -> int:
+        return self.batch_size // (self.num_workers * self.grad_accum)
 
 
 def to_prompt_completion(messages: list[dict]) -> dict | None:
@@ -59,7 +109,7 @@ def to_prompt_completion(messages: list[dict]) -> dict | None:
     return {"prompt": msgs[:-1], "completion": msgs[-1:]}
 
 
-def sft_config(p: Params, output_dir: str):
+def sft_config(p: Params, output_dir: str, save: bool = False):
     import torch
     from trl import SFTConfig
 
@@ -71,31 +121,39 @@ def sft_config(p: Params, output_dir: str):
         lr_scheduler_type=p.lr_scheduler,
         warmup_steps=p.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         weight_decay=p.weight_decay,
-        per_device_train_batch_size=p.batch_size,
+        per_device_train_batch_size=p.per_device_batch(),
         gradient_accumulation_steps=p.grad_accum,
         max_length=p.max_length,
         seed=p.seed,
         data_seed=p.seed,
         gradient_checkpointing=p.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
         bf16=p.bf16,
         fp16=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=p.num_gpus == 0 or not torch.cuda.is_available(),
         logging_steps=p.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if save else "no",
+        save_steps=p.checkpoint_every,
+        save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         completion_only_loss=True,
+        padding_free=p.batching == "padding_free",
+        train_sampling_strategy="group_by_length" if p.batching == "group_by_length" else "random",
+        ddp_find_unused_parameters=False,
     )
 
 
-def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str):
+def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, save: bool = False):
     """The SFTTrainer for ``rows`` (dicts with ``messages``); rows that are not chat turns ending
     with the assistant raise."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
     from trl import SFTTrainer
 
+    hf_logging.disable_progress_bar()
     examples = []
     for i, r in enumerate(rows):
         ex = to_prompt_completion(r["messages"])
@@ -106,79 +164,366 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str):
         raise StageError("no training rows")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    return SFTTrainer(model=model, args=sft_config(p, output_dir), train_dataset=Dataset.from_list(examples),
-                      processing_class=tok)
+    peft_config = None
+    if p.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+                                 target_modules=p.lora.target_modules, task_type="CAUSAL_LM")
+    return SFTTrainer(model=model, args=sft_config(p, output_dir, save), train_dataset=Dataset.from_list(examples),
+                      processing_class=tok, peft_config=peft_config)
 
 
-def train_task(storage, data_path: str, model_uri: str, out_path: str, lineage: dict, params: dict) -> dict:
-    """Runs on a Ray worker: train, then write the checkpoint to storage (manifest last)."""
-    import tempfile
-
-    import torch
-
-    p = Params.model_validate(params)
-    torch.manual_seed(p.seed)
-    if p.num_gpus == 0:
-        torch.set_num_threads(max(1, int(p.num_cpus)))
-    model_dir = resources.localize_model(model_uri)
-    rows = storage.read_dataset(data_path, columns=["messages"]).to_pylist()
-    work = tempfile.mkdtemp(prefix="distill-sft-")
-    trainer = build_trainer(model_dir, rows, p, work)
-
+def count_tokens(trainer) -> dict:
+    """Wrap ``trainer.training_step`` to count the non-padding tokens it trains on."""
     tokens = {"n": 0}
     orig = trainer.training_step
 
     def counting_step(model, inputs, *a, **kw):
         mask = inputs.get("attention_mask")
-        tokens["n"] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        ids = inputs["input_ids"]
+        if mask is not None and mask.shape == ids.shape:
+            tokens["n"] += int(mask.sum())
+        else:  # padding-free batches carry no mask: every token is real
+            tokens["n"] += int(ids.numel())
         return orig(model, inputs, *a, **kw)
 
     trainer.training_step = counting_step
-    t0 = time.time()
-    result = trainer.train()
-    seconds = time.time() - t0
-    final = os.path.join(work, "final")
-    trainer.save_model(final)
-    trainer.processing_class.save_pretrained(final)
-    storage.put_tree(final, out_path, lineage)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {
-        "train_seconds": round(seconds, 2),
-        "train_tokens": tokens["n"],
-        "tokens_per_second": round(tokens["n"] / seconds, 1) if seconds else 0.0,
-        "steps": trainer.state.global_step,
-        "train_loss": round(result.training_loss, 4),
-        "final_loss": round(losses[-1], 4) if losses else None,
-        "rows": len(rows),
-    }
+    return tokens
+
+
+def non_embedding_parameters(model) -> int:
+    emb = {id(p) for m in model.modules() if m.__class__.__name__ == "Embedding" for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+# -- driver <-> workers ---------------------------------------------------------------
+
+class TrainState:
+    """What the workers tell the driver (held by a small Ray actor): starts, steps, losses,
+    checkpoints, token counts. Worker attempts are numbered from 0 as the group (re)starts."""
+
+    def __init__(self):
+        self.starts: list[dict] = []
+        self.steps: list[tuple[int, int]] = []  # (attempt, optimizer step) as rank 0 finished it
+        self.losses: list[tuple[int, float]] = []
+        self.checkpoints: list[int] = []
+        self.tokens: dict[tuple[int, int], int] = {}
+        self.total_steps: int | None = None
+        self.final: dict | None = None
+        self.step_times: dict[int, float] = {}  # attempt -> when rank 0 last finished a step
+
+    def train_seconds(self) -> float:
+        """Time spent in training steps (each worker group from its first to its last step)."""
+        begin = {s["attempt"]: s["time"] for s in self.starts if s["rank"] == 0}
+        return sum(t - begin[a] for a, t in self.step_times.items() if a in begin)
+
+    def start(self, rank: int, pid: int, resumed_from: int | None, total_steps: int) -> int:
+        attempt = sum(1 for s in self.starts if s["rank"] == rank)  # each group (re)start starts every rank once
+        self.starts.append({"attempt": attempt, "rank": rank, "pid": pid, "resumed_from_step": resumed_from,
+                            "time": time.time()})
+        self.total_steps = total_steps
+        return attempt
+
+    def step(self, attempt: int, rank: int, step: int, tokens: int) -> None:
+        self.tokens[(attempt, rank)] = tokens
+        if rank == 0:
+            self.steps.append((attempt, step))
+            self.step_times[attempt] = time.time()
+
+    def log(self, step: int, loss: float) -> None:
+        self.losses.append((step, loss))
+
+    def checkpoint(self, step: int) -> None:
+        self.checkpoints.append(step)
+
+    def finish(self, metrics: dict) -> None:
+        self.final = metrics
+
+    def snapshot(self) -> dict:
+        return {"starts": list(self.starts), "steps": list(self.steps), "losses": list(self.losses),
+                "checkpoints": list(self.checkpoints), "tokens": sum(self.tokens.values()),
+                "train_seconds": self.train_seconds(),
+                "total_steps": self.total_steps, "final": self.final,
+                "last_step": self.steps[-1][1] if self.steps else 0}
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
+def registered_checkpoint_step(storage, run_dir: str) -> int | None:
+    """The step of the last checkpoint Ray Train registered for the run in ``run_dir`` (what a
+    restarted worker group or a rerun resumes from), read from its snapshot in storage."""
+    try:
+        snap = storage.read_json(f"{run_dir}/{SNAPSHOT}")
+    except FileNotFoundError:
+        return None
+    latest = snap.get("latest_checkpoint_result")
+    return int(latest["metrics"]["step"]) if latest else None
+
+
+def state_actor_name(fingerprint: str) -> str:
+    """The name of the actor holding a training run's :class:`TrainState` (tests read it)."""
+    return f"distill-sft-{fingerprint}"
+
+
+def _report_callback(state, rank: int, resumed_from: int | None, tokens: dict):
+    """A transformers callback: progress to the driver; each saved checkpoint reported to Ray Train."""
+    import ray
+    import ray.train
+    from transformers import TrainerCallback
+
+    class ReportToRayTrain(TrainerCallback):
+        attempt = 0
+
+        def on_train_begin(self, args, st, control, **kw):
+            self.attempt = ray.get(state.start.remote(rank, os.getpid(), resumed_from, st.max_steps))
+
+        def on_step_end(self, args, st, control, **kw):
+            state.step.remote(self.attempt, rank, st.global_step, tokens["n"])
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            if rank == 0 and logs and "loss" in logs:
+                state.log.remote(st.global_step, float(logs["loss"]))
+
+        def on_save(self, args, st, control, **kw):
+            src = os.path.join(args.output_dir, f"checkpoint-{st.global_step}")
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, "checkpoint"))
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                # a barrier: every worker reports once per save
+                ray.train.report({"step": st.global_step}, checkpoint=ckpt,
+                                 checkpoint_dir_name=f"checkpoint_{st.global_step:08d}")
+            if rank == 0:
+                state.checkpoint.remote(st.global_step)
+
+    return ReportToRayTrain()
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray
+    import ray.train
+    import torch
+
+    p = Params.model_validate(config["params"])
+    storage = config["storage"]
+    state = config["state"]
+    rank = ray.train.get_context().get_world_rank()
+    if p.num_gpus == 0:
+        torch.set_num_threads(max(1, int(p.num_cpus)))
+    torch.manual_seed(p.seed)
+    model_dir = resources.localize_model(config["model_uri"])
+    rows = storage.read_dataset(config["data_path"], columns=["messages"]).to_pylist()
+    work = tempfile.mkdtemp(prefix="distill-sft-")
+    try:
+        trainer = build_trainer(model_dir, rows, p, work, save=True)
+        tokens = count_tokens(trainer)
+        resume, resumed_from = None, None
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            local = ckpt.to_directory(os.path.join(work, "resume"))
+            resume = os.path.join(local, "checkpoint")
+            with open(os.path.join(resume, "trainer_state.json")) as f:
+                resumed_from = int(json.load(f)["global_step"])
+        trainer.add_callback(_report_callback(state, rank, resumed_from, tokens))
+        t0 = time.time()
+        result = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.time() - t0
+        if rank != 0:
+            return
+        final = os.path.join(work, "final")
+        model = trainer.model
+        if p.lora is not None and p.lora.merge:
+            model = model.merge_and_unload()
+        model.save_pretrained(final)
+        trainer.processing_class.save_pretrained(final)
+        out_path = config["out_path"]
+        if not storage.exists(f"{out_path}/_manifest.json"):  # a restarted group may find it committed
+            storage.put_tree(final, out_path, config["lineage"])
+        ray.get(state.finish.remote({
+            "steps": trainer.state.global_step,
+            "train_loss": round(result.training_loss, 4),
+            "last_attempt_seconds": round(seconds, 2),
+            "non_embedding_parameters": non_embedding_parameters(model),
+        }))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ray_storage(storage, path: str):
+    """(storage_path, storage_filesystem) for Ray Train's ``RunConfig``: a local folder as is,
+    anything else through the project's fsspec filesystem."""
+    if storage.is_local:
+        return os.path.abspath(path), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return storage.strip(path), PyFileSystem(FSSpecHandler(storage.fs))
+
+
+def lineage_with_data(ctx: StageContext) -> dict:
+    lineage = ctx.lineage("model")
+    data = ctx.inputs["data"]
+    raw = ctx.storage.fs.cat_file(f"{data.path}/_manifest.json")
+    lineage["trained_on"] = [{"uri": data.uri, "fingerprint": data.fingerprint,
+                              "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+                              "rows": json.loads(raw).get("rows")}]
+    return lineage
+
+
+def _mfu(p: Params, params_n: int, tok_s: float) -> dict:
+    import torch
+
+    if p.num_gpus == 0 or not torch.cuda.is_available():
+        return {}
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peak is None:
+        return {"gpu": name}
+    per_gpu = peak[0] if p.bf16 else peak[1]
+    flops = 6 * params_n * tok_s  # forward + backward, non-embedding parameters
+    return {"gpu": name, "mfu": round(flops / (per_gpu * p.num_workers), 4)}
 
 
 class SFT(Stage):
     kind: ClassVar[str] = "sft"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # keyed by this version, bumped by hand, not by a hash of the code
+    code_hash: ClassVar[bool] = False
     Params = Params
     inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
+    input_columns: ClassVar[dict] = {"data": {"messages": "messages"}}
     optional_inputs: ClassVar[frozenset] = frozenset({"model"})
     outputs: ClassVar[dict] = {"model": "model"}
 
     def check(self) -> list[tuple[str, str]]:
-        return resources.model_params_problems(self.params, ("model",))
+        p: Params = self.params
+        out = resources.model_params_problems(p, ("model",))
+        if p.batch_size % (p.num_workers * p.grad_accum):
+            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
+                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
+        return out
 
     def external_fingerprint(self) -> dict:
         return resources.model_params_fingerprint(self.params, ("model",))
 
     def run(self, ctx: StageContext) -> None:
         import ray
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
 
         p: Params = self.params
-        model_uri = ctx.model_uri("model", p.model)
-        data = ctx.inputs["data"]
-        out_path = ctx.output_path("model")
-        bar = ctx.progress("training", None)
-        task = ray.remote(num_cpus=p.num_cpus, num_gpus=p.num_gpus)(train_task)
-        metrics = ray.get(task.remote(ctx.storage, data.path, model_uri, out_path, ctx.lineage("model"),
-                                      p.model_dump(mode="json")))
-        bar.close()
+        storage_path, storage_fs = ray_storage(ctx.storage, ctx.checkpoint_root)
+        name = f"train-{ctx.fingerprint}"
+        step = registered_checkpoint_step(ctx.storage, f"{ctx.checkpoint_root}/{name}")
+        if step is not None:
+            ctx.log(f"resuming from the checkpoint at step {step} ({ctx.storage.uri(ctx.checkpoint_root)}/{name})")
+        try:  # left over by an earlier attempt in this Ray session
+            ray.kill(ray.get_actor(state_actor_name(ctx.fingerprint)))
+        except ValueError:
+            pass
+        state = ray.remote(num_cpus=0)(TrainState).options(name=state_actor_name(ctx.fingerprint)).remote()
+        per_worker = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"params": p.model_dump(mode="json"), "storage": ctx.storage, "state": state,
+                               "model_uri": ctx.model_uri("model", p.model), "data_path": ctx.inputs["data"].path,
+                               "out_path": ctx.output_path("model"), "lineage": lineage_with_data(ctx)},
+            scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.num_gpus > 0,
+                                         resources_per_worker=per_worker),
+            run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=p.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)),
+        )
+        outcome: dict = {}
+
+        def fit():
+            try:
+                outcome["result"] = trainer.fit()
+            except BaseException as e:  # reported on the driver thread below
+                outcome["error"] = e
+
+        t0 = time.time()
+        thread = threading.Thread(target=fit, name="sft-fit", daemon=True)
+        thread.start()
+        try:
+            snap = self._follow(ctx, state, thread, t0)
+        finally:
+            ray.kill(state)
+        seconds = time.time() - t0
+        if "error" in outcome:
+            err = outcome["error"]
+            raise StageError(f"training failed after {len(snap['starts'])} worker start(s): "
+                             f"{type(err).__name__}: {err}") from err
+        if snap["final"] is None:
+            raise StageError("training ended without rank 0 saving the model")
         ctx.adopt("model", "model")
-        ctx.metrics.update(metrics)
-        ctx.log(json.dumps(metrics))
+        final = snap["final"]
+        tok_s = snap["tokens"] / snap["train_seconds"] if snap["train_seconds"] else 0.0
+        starts = []
+        for st in (s for s in snap["starts"] if s["rank"] == 0):
+            ran = [step for a, step in snap["steps"] if a == st["attempt"]]
+            starts.append({"resumed_from_step": st["resumed_from_step"],
+                           "first_step": ran[0] if ran else None, "last_step": ran[-1] if ran else None})
+        ctx.metrics.update({
+            "rows": ctx.storage.dataset_manifest(ctx.inputs["data"].path)["rows"],
+            "steps": final["steps"],
+            "planned_steps": snap["total_steps"],
+            "steps_run": len(snap["steps"]),
+            "train_loss": final["train_loss"],
+            "final_loss": snap["losses"][-1][1] if snap["losses"] else None,
+            "loss_curve": [[s, round(v, 4)] for s, v in snap["losses"]],
+            "seconds": round(seconds, 2),
+            "train_seconds": round(snap["train_seconds"], 2),
+            "train_tokens": snap["tokens"],
+            "tokens_per_second": round(tok_s, 1),
+            "num_workers": p.num_workers,
+            "worker_starts": starts,  # per worker-group start: the checkpoint step it resumed from, first/last step
+            "checkpoints": snap["checkpoints"],
+            "checkpoint_dir": ctx.storage.uri(f"{ctx.checkpoint_root}/{name}"),
+            "non_embedding_parameters": final["non_embedding_parameters"],
+            **_mfu(p, final["non_embedding_parameters"], tok_s),
+        })
+        ctx.log(json.dumps({k: v for k, v in ctx.metrics.items() if k not in ("loss_curve", "worker_starts")}))
+
+    @staticmethod
+    def _follow(ctx: StageContext, state, thread: threading.Thread, t0: float) -> dict:
+        """Poll the workers' state and draw it until training ends; the last snapshot."""
+        import ray
+
+        bar = ctx.progress("training", None)
+        said_resume: set[int] = set()
+        snap: dict = {}
+        while True:
+            alive = thread.is_alive()
+            try:
+                snap = ray.get(state.snapshot.remote(), timeout=30)
+            except Exception:  # the driver keeps waiting on fit(); progress is best effort
+                snap = snap or {"starts": [], "steps": [], "losses": [], "checkpoints": [], "tokens": 0,
+                                "train_seconds": 0.0, "total_steps": None, "final": None, "last_step": 0}
+            for s in snap["starts"]:
+                if s["rank"] == 0 and s["attempt"] not in said_resume:
+                    said_resume.add(s["attempt"])
+                    where = (f"resumed from checkpoint at step {s['resumed_from_step']}"
+                             if s["resumed_from_step"] is not None else "from step 0")
+                    ctx.log(f"worker group start {s['attempt'] + 1}: {where}")
+            total, step = snap["total_steps"], snap["last_step"]
+            elapsed = time.time() - t0
+            info = []
+            if snap["losses"]:
+                info.append(f"loss {snap['losses'][-1][1]:.3f}")
+            if snap["tokens"] and snap["train_seconds"]:
+                info.append(f"{snap['tokens'] / snap['train_seconds']:,.0f} tok/s")
+            first = next((s["resumed_from_step"] or 0 for s in reversed(snap["starts"]) if s["rank"] == 0), 0)
+            if total and step > first:
+                rate = (step - first) / max(elapsed, 1e-9)
+                info.append(f"ETA {max(0.0, (total - step) / rate):.0f}s")
+            if first:
+                info.append(f"resumed @ {first}")
+            bar.update(step, total, "  ".join(info))
+            if not alive:
+                break
+            thread.join(timeout=1.0)
+        bar.close()
+        return snap

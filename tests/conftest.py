@@ -54,6 +54,12 @@ def s3_bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
+def moto_s3_bucket(s3_bucket):
+    """The test bucket on the moto S3 server (a test double of S3: real S3 cannot be reached here)."""
+    return s3_bucket
+
+
+@pytest.fixture(scope="session")
 def ray_local(s3_endpoint):
     """Started after the S3 variables are set, so Ray workers inherit them."""
     import ray

@@ -1,0 +1,153 @@
+"""The sft stage on Ray Train: the same loss curve on 1 or 2 workers; a SIGKILLed worker and a
+killed driver both resume from the last reported checkpoint; checkpoints and the model in S3."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import REPO, run_stages
+
+from pipeline.config import load_config
+from pipeline.runner import Runner
+from pipeline.storage import Storage
+
+LOSS_RTOL = 1e-3  # 1 vs 2 workers: same data order and global batch; only float summation order differs
+
+
+def _config(tmp_path, root: str, name: str, model: str, **sft) -> "os.PathLike":
+    params = {"model": model, "max_steps": 12, "batch_size": 32, "learning_rate": 1.0e-3, "max_length": 128,
+              "seed": 0, "logging_steps": 1, "checkpoint_every": 4, "num_workers": 1, "num_cpus": 1, **sft}
+    flow = ", ".join(f"{k}: {v}" for k, v in params.items())
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"""
+name: {name}
+storage: {{root: {root}}}
+ray: {{num_cpus: 2}}
+stages:
+  toy_task: {{params: {{seed: 0, train_size: 512, distill_size: 1, eval_size: 1}}}}
+  chat:
+    uses: dedupe
+    inputs: {{samples: toy_task.train}}
+    params: {{completion_field: solution, require_verdict: null}}
+  sft:
+    inputs: {{data: chat.sft}}
+    params: {{{flow}}}
+""")
+    return cfg
+
+
+SNAPSHOTS = "cache/sft/*/checkpoints/train-*"
+
+
+def _registered(st) -> int | None:
+    """The last checkpoint step Ray Train has registered (and would resume from), if any."""
+    from stages.sft import SNAPSHOT, registered_checkpoint_step
+
+    runs = [p.rsplit("/", 1)[0] for p in st.fs.glob(st.path(SNAPSHOTS, SNAPSHOT))]
+    return registered_checkpoint_step(st, runs[0]) if runs else None
+
+
+def _sft(records: dict) -> dict:
+    return records["sft"]["metrics"]
+
+
+def test_same_loss_curve_on_one_and_two_workers(ray_local, tiny_model, tmp_path):
+    one = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r1", "w1", tiny_model))[0])
+    two = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r2", "w2", tiny_model, num_workers=2))[0])
+    assert one["num_workers"] == 1 and two["num_workers"] == 2
+    assert one["steps"] == two["steps"] == 12
+    assert [s for s, _ in one["loss_curve"]] == [s for s, _ in two["loss_curve"]] == list(range(1, 13))
+    assert one["loss_curve"][-1][1] < one["loss_curve"][0][1]  # it learns
+    for (_, a), (_, b) in zip(one["loss_curve"], two["loss_curve"]):
+        assert b == pytest.approx(a, rel=LOSS_RTOL)
+    assert two["train_tokens"] == one["train_tokens"]  # both workers' tokens are counted, once
+    # the same seed and worker count gives the same run
+    again = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r3", "w3", tiny_model))[0])
+    assert again["loss_curve"] == one["loss_curve"]
+
+
+def _run_in_thread(cfg):
+    runner = Runner(load_config(cfg))
+    fp = {e.name: e.fingerprint for e in runner.plan()}["sft"]
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=runner.run()), daemon=True)
+    thread.start()
+    return runner, fp, thread, out
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, tiny_model, tmp_path, where, request):
+    import ray
+
+    from stages.sft import state_actor_name
+
+    root = f"{tmp_path}/root"
+    if where == "s3":
+        bucket = request.getfixturevalue("moto_s3_bucket")
+        root = f"s3://{bucket}/sft-kill-{tmp_path.name}"
+    cfg = _config(tmp_path, root, f"kill-{where}", tiny_model, max_steps=150, checkpoint_every=25,
+                  num_workers=2, max_failures=2)
+    runner, fp, thread, out = _run_in_thread(cfg)
+    killed = None
+    deadline = time.time() + 600
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        try:
+            snap = ray.get(ray.get_actor(state_actor_name(fp)).snapshot.remote())
+        except ValueError:  # not created yet
+            time.sleep(0.2)
+            continue
+        if snap["checkpoints"] and _registered(runner.storage) is not None:
+            rank1 = [s["pid"] for s in snap["starts"] if s["rank"] == 1 and s["attempt"] == 0]
+            os.kill(rank1[0], signal.SIGKILL)
+            killed = _registered(runner.storage)
+        time.sleep(0.05)
+    thread.join(600)
+    assert killed is not None, "training finished before a worker could be killed"
+    result = out["result"]
+    assert result.ok, result.error
+    m = {s["name"]: s for s in result.manifest["stages"]}["sft"]["metrics"]
+    assert len(m["worker_starts"]) == 2
+    first, second = m["worker_starts"]
+    assert first["resumed_from_step"] is None and first["first_step"] == 1
+    resumed = second["resumed_from_step"]
+    assert resumed is not None and resumed >= killed and resumed % 25 == 0
+    assert second["first_step"] == resumed + 1  # not step 1
+    assert second["last_step"] == m["steps"] == m["planned_steps"] == 150  # the planned number of optimizer steps
+    st = runner.storage
+    model = st.strip(m["checkpoint_dir"])
+    assert any(re.search(r"checkpoint_\d+$", p) for p in st.ls(model))
+    out_uri = {s["name"]: s for s in result.manifest["stages"]}["sft"]["output"]["model"]
+    assert out_uri.startswith("s3://" if where == "s3" else "/")
+    files = {f["path"] for f in st.tree_manifest(st.strip(out_uri))["files"]}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+
+
+def test_driver_kill_then_rerun_resumes(ray_local, tiny_model, tmp_path):
+    root = tmp_path / "root"
+    cfg = _config(tmp_path, str(root), "driver", tiny_model, max_steps=400, checkpoint_every=25)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    st = Storage(str(root))
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not _registered(st):
+            time.sleep(0.1)
+        assert proc.poll() is None, "the first run finished before its driver could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(30)
+    step = _registered(st)
+    assert step and step % 25 == 0 and step < 400
+
+    records, _ = run_stages(cfg)
+    m = records["sft"]["metrics"]
+    assert records["sft"]["status"] == "done"
+    [start] = m["worker_starts"]
+    assert start["resumed_from_step"] == step  # the last checkpoint the killed run registered
+    assert start["first_step"] == step + 1
+    assert m["steps"] == start["last_step"] == 400
