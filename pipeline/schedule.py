@@ -24,7 +24,8 @@ instead. While the job runs the lease is renewed every third of its TTL; a renew
 fails (the lease was lost) stops the job. The lease is released when the job ends.
 
 **The job.** Locally ``python -m pipeline.cli run CONFIG --run-id ID`` in a subprocess (its own
-process group, so a crash never takes the scheduler down); with an ``address``,
+process group, so a crash never takes the scheduler down), in the schedule's working directory
+(where it was added: a config's relative paths are relative to it); with an ``address``,
 ``distill submit CONFIG --address URL --run-id ID --wait`` (a Ray job). The run id is the
 lease's fencing id and the pipeline run's id, so the end event reads the run manifest to
 record which datasets it published and whether anything was new.
@@ -72,6 +73,7 @@ class Schedule:
     misfire_grace_s: float = 3600.0
     lease_ttl_s: float = 300.0
     created: float = field(default_factory=time.time)
+    workdir: str | None = None  # where the job runs: a config's relative paths are relative to it
 
     def validate(self) -> "Schedule":
         if not NAME_RE.match(self.name):
@@ -346,9 +348,11 @@ def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event) -> t
     Returns (exit code, the tail of its output)."""
     import tempfile
 
+    if sched.workdir and not os.path.isdir(sched.workdir):
+        return 2, f"schedule {sched.name!r}: its working directory {sched.workdir} does not exist on this machine"
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(job_command(sched, run_id), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=sched.workdir or None)
         while proc.poll() is None:
             if stop.wait(0.2):
                 _kill_group(proc)
