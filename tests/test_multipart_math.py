@@ -131,7 +131,7 @@ def test_a_multi_part_check_is_bounded_by_the_services_hard_deadline():
 
 
 def test_many_boxes_are_a_hedge_without_parsing_each():
-    boxes = " ".join(f"\\boxed{{{i}}}" for i in range(500))
+    boxes = " ".join(f"\\boxed{{{i}^{{{i}^{{{i}^{{{i}}}}}}}}}" for i in range(5, 505))  # 500 power towers
     t0 = time.monotonic()
     assert verdict("7", boxes) == ("rejected", "hedged_answer")
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 4

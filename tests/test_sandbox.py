@@ -554,3 +554,28 @@ def test_a_program_cannot_fake_a_pass(backend):
     ]:
         r = call(src)
         assert (r["verdict"], r["reason"]) == ("fail", "runtime_error"), (src, r)
+
+
+def test_call_based_cases(backend):
+    """APPS ``fn_name`` cases and LiveCodeBench functional cases, a plain function or a Solution method."""
+    apps = {"fn_name": "add", "inputs": [[1, 2], [3, 4]], "outputs": [[3], [7]]}
+    assert call("def add(a, b):\n    return a + b", apps)["reason"] == "ok"
+    r = call("def add(a, b):\n    return a + b if a < 3 else 0", apps)
+    assert (r["reason"], r["detail"]) == ("wrong_output", "failed: assert _distill_eq(_distill_fn('add')(*[3, 4]), [7])")
+    lcb = {"fn_name": "twoSum", "tests": [{"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]", "testtype": "functional"},
+                                          {"input": "[3, 3]\n6", "output": "[0, 1]", "testtype": "functional"}]}
+    solution = """
+        class Solution:
+            def twoSum(self, nums, target):
+                seen = {}
+                for i, x in enumerate(nums):
+                    if target - x in seen:
+                        return (seen[target - x], i)  # a tuple matches a JSON list
+                    seen[x] = i
+    """
+    assert call(solution, json.dumps(lcb))["reason"] == "ok"
+    assert call(solution.replace("(seen[target - x], i)", "(i, seen[target - x])"), lcb)["reason"] == "wrong_output"
+    with pytest.raises(ValueError, match="not JSON"):
+        sb.parse_test_suite({"fn_name": "f", "tests": [{"input": "[1,", "output": "1"}]})
+    with pytest.raises(ValueError, match="same length"):
+        sb.parse_test_suite({"fn_name": "f", "inputs": [[1]], "outputs": []})

@@ -309,6 +309,8 @@ def _same_value(a, b) -> bool:
 def _compare(gold: tuple[str, ...], pred: tuple[str, ...]) -> str:
     if len(gold) == 1 and len(pred) == 1 and _normalize(gold[0]) == _normalize(pred[0]):
         return "ok"
+    if len(pred) > MAX_VALUES and len(pred) > len(_values(gold)):  # a hedge, without parsing every box
+        return "hedged_answer"
     g = _combined(gold)
     if _equal(g, _combined(pred)):
         return "ok"

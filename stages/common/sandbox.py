@@ -256,12 +256,61 @@ class CallTests:
     setup: str = ""
 
 
+# call-based cases (APPS ``fn_name``, LiveCodeBench functional): each case is one assert line
+_CALL_CASE_HELPERS = """
+def _distill_plain(v):
+    if isinstance(v, (list, tuple)):
+        return [_distill_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _distill_plain(x) for k, x in v.items()}
+    return v
+def _distill_eq(got, expected):
+    got, expected = _distill_plain(got), _distill_plain(expected)
+    return got == expected or (isinstance(expected, list) and len(expected) == 1 and got == expected[0])
+def _distill_fn(name):
+    cls = globals().get("Solution")
+    if isinstance(cls, type) and hasattr(cls, name):
+        return getattr(cls(), name)
+    return globals()[name]
+"""
+
+
+def _call_cases(t: dict) -> CallTests:
+    """Call-based cases: ``{"fn_name", "inputs": [[args...], ...], "outputs": [...]}`` (APPS;
+    an output wrapped in a one-element list matches too), or ``{"fn_name", "tests":
+    [{"input": "<one JSON value per line>", "output": "<JSON>"}, ...]}`` (LiveCodeBench
+    functional). The function is ``Solution().<fn_name>`` when the program has that class."""
+    name = t["fn_name"]
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"fn_name must be a function name, got {name!r}")
+    if "tests" in t:
+        cases = t["tests"]
+        if not isinstance(cases, list) or not all(isinstance(c, dict) and "input" in c and "output" in c for c in cases):
+            raise ValueError("tests must be a list of {input, output}")
+        try:
+            args = [[json.loads(line) for line in str(c["input"]).splitlines() if line.strip()] for c in cases]
+            outs = [json.loads(c["output"]) if isinstance(c["output"], str) else c["output"] for c in cases]
+        except ValueError as e:
+            raise ValueError(f"functional test input/output is not JSON: {e}") from None
+    else:
+        args, outs = t.get("inputs"), t.get("outputs")
+        if not isinstance(args, list) or not isinstance(outs, list) or len(args) != len(outs):
+            raise ValueError("inputs and outputs must be lists of the same length")
+        args = [a if isinstance(a, list) else [a] for a in args]
+    if not args:
+        raise ValueError("no tests")
+    lines = [f"assert _distill_eq(_distill_fn({name!r})(*{a!r}), {o!r})" for a, o in zip(args, outs)]
+    return CallTests("\n".join(lines), None, _CALL_CASE_HELPERS.strip())
+
+
 def _call_tests(t) -> CallTests | None:
     """``t`` as function-call tests, or None when it is not in a function-call shape."""
     if isinstance(t, list) and t and all(isinstance(x, str) for x in t):  # MBPP-style list of asserts
         return CallTests("\n".join(t))
     if not isinstance(t, dict):
         return None
+    if "fn_name" in t:
+        return _call_cases(t)
     kind = t.get("kind", t.get("type", t.get("testtype")))
     if kind is not None and test_kind(kind) != FUNCTION_CALL:
         return None
@@ -295,7 +344,9 @@ def parse_test_suite(tests, kind: str | None = None) -> tuple[str, list[dict] | 
     CallTests)``. Function-call tests are a HumanEval row's ``{"test": "def check(candidate):
     ...", "entry_point": "f"}``, an MBPP row's ``{"test_list": ["assert f(1) == 2", ...],
     "test_setup_code": ...}``, ``{"kind": "function_call", "code": ...}``, a list of assert
-    strings, or, with ``kind="function_call"``, plain Python code; any of them as JSON too.
+    strings, call-based cases with ``fn_name`` (APPS, LiveCodeBench functional; see
+    ``_call_cases``), or, with ``kind="function_call"``, plain Python code; any of them as
+    JSON too.
     ``kind`` (a row's ``test_kind``) must agree with the shape when given. Raises ValueError."""
     kind = test_kind(kind)
     if isinstance(tests, (str, bytes)):
