@@ -234,3 +234,33 @@ def test_cli_checks_and_ls(tmp_path):
     assert [e["event"] for e in hist] == ["start", "end"]
     p = _cli("schedule", "run-now", "nope", "--root", root, check=False)
     assert p.returncode == 1 and "no schedule 'nope'" in p.stderr
+
+
+def test_stopping_a_scheduler_interrupts_its_run_and_records_it(tmp_path):
+    """SIGTERM (a pod being stopped): the job's whole process group goes, the history gets its
+    end event (interrupted) and the lease is released for the next scheduler."""
+    from conftest import process_tree, still_running
+
+    root = str(tmp_path / "root")
+    cfg = _slow_config(tmp_path, root, seconds=120)
+    _cli("schedule", "add", "long", "--cron", "* * * * * *", "--config", str(cfg))
+    st = Storage(root)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "scheduler", "--root", root, "--tick", "0.5"],
+                            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(e["event"] == "start" for e in read_history(st, "long")):
+            time.sleep(0.5)
+        time.sleep(2)
+        job = process_tree(proc.pid) - {proc.pid}
+        assert job, "the job is not running"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(90)
+    assert code == 0
+    assert still_running(job) == set()
+    (run,) = runs_of(read_history(st, "long"))
+    assert run["status"] == "interrupted" and run["finished"]
+    state = read_lease(st, "long")[0]
+    assert state["released"] and state["status"] == "interrupted"
