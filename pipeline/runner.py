@@ -332,7 +332,12 @@ class Runner:
             if self.cfg.ray.num_cpus:
                 kwargs["num_cpus"] = self.cfg.ray.num_cpus
         log.info("starting Ray (%s)", self.address or "local")
-        ray.init(**kwargs)
+        if self.address:
+            ray.init(**kwargs)
+        else:  # a Ray started here listens on 127.0.0.1 only
+            from .local_ray import init_local_ray
+
+            init_local_ray(**kwargs)
 
 
 # -- reading run manifests -------------------------------------------------
