@@ -57,6 +57,9 @@ def test_three_nightly_runs(ray_local, tiny_model, tmp_path, monkeypatch):
     assert second["summary"].startswith("nothing new")
     assert len(_checkpoint_rows(st)) == 6 * N  # zero samples generated
     assert second["datasets"] == first["datasets"]
+    res = CliRunner().invoke(app, ["run", str(cfg)])  # by hand, `distill run` says so too
+    assert res.exit_code == 0 and "nothing new" in res.stdout, res.output
+    assert len(engine_starts) == 1
 
     before = {(r["prompt_id"], r["sample_index"]) for r in _checkpoint_rows(st)}
     write_jsonl(src, rows + added)
