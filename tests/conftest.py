@@ -201,3 +201,14 @@ def still_running(pids: set[int], wait: float = 30.0) -> set[int]:
         if not left or time.time() > deadline:
             return left
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def ray_jobs_head(s3_endpoint):
+    """A private Ray head (`ray start --head`, token auth, 127.0.0.1) shared by the Jobs tests;
+    its environment holds tests/ray_head.py's fake secrets and points S3 at moto. Stopped at the end."""
+    from ray_head import start_jobs_head
+
+    head = start_jobs_head(s3_endpoint)
+    yield head
+    head.stop()

@@ -90,6 +90,21 @@ def start_head(extra_env: dict | None = None, num_cpus: int = 3) -> RayHead:
     return head
 
 
+# Recognisable fake credentials: the cluster's own (as nodes get them from an instance role or a
+# mounted secret) and the submitter's; tests/test_secrets.py searches everything for them.
+FAKE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEDISTILLLEAK7",
+    "AWS_SECRET_ACCESS_KEY": "fakeDistillLeakCheck/Secret+0123456789abcdEF",
+    "HF_TOKEN": "hf_FakeDistillLeakCheckToken0123456789",
+}
+
+
+def start_jobs_head(s3_endpoint: str) -> RayHead:
+    """The head the Jobs tests share: S3 on moto, the fake secrets in its environment."""
+    return start_head({**FAKE_SECRETS, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"})
+
+
 def _wait_ready(head: RayHead, timeout: float = 60.0) -> None:
     import requests
 

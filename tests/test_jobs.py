@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ray_head import cli, cli_process, client_env, start_head
+from ray_head import cli, cli_process, client_env
 
 TOY = """
 name: jobs
@@ -26,10 +26,8 @@ stages:
 
 
 @pytest.fixture(scope="module")
-def head():
-    h = start_head()
-    yield h
-    h.stop()
+def head(ray_jobs_head):
+    return ray_jobs_head
 
 
 @pytest.fixture(scope="module")

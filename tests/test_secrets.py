@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ray_head import cli, client_env, start_head
+from ray_head import FAKE_SECRETS as FAKE
+from ray_head import cli, client_env
 
-FAKE = {
-    "AWS_ACCESS_KEY_ID": "AKIAFAKEDISTILLLEAK7",
-    "AWS_SECRET_ACCESS_KEY": "fakeDistillLeakCheck/Secret+0123456789abcdEF",
-    "HF_TOKEN": "hf_FakeDistillLeakCheckToken0123456789",
-}
 BUCKET = "distill-leakcheck"
 
 CONFIG = """
@@ -63,14 +59,10 @@ def bucket_objects(s3, bucket: str) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_endpoint):
-    """A head whose environment holds the fake keys (as a cluster's nodes would, from an
-    instance role or a mounted secret) and points S3 at moto."""
-    env = {**FAKE, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    head = start_head(env)
-    yield head
-    head.stop()
+def cluster(ray_jobs_head):
+    """The shared head: the fake keys are in its environment (as a cluster's nodes would have
+    them, from an instance role or a mounted secret) and its S3 is moto."""
+    return ray_jobs_head
 
 
 def test_no_secret_reaches_storage_logs_job_info_or_cli(cluster, s3_endpoint, tmp_path):
