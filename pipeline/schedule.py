@@ -32,7 +32,6 @@ record which datasets it published and whether anything was new.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
