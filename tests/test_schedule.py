@@ -63,7 +63,7 @@ def root(request, tmp_path):
 def test_two_schedulers_never_overlap(root, tmp_path):
     cfg = _slow_config(tmp_path, root)
     _cli("schedule", "add", "nightly", "--cron", f"* * * * * */{INTERVAL}", "--config", str(cfg),
-         "--lease-ttl", "6", "--misfire-grace", "120")
+         "--lease-ttl", "10", "--misfire-grace", "120")
     time.sleep(2.5 * INTERVAL)  # slots pass with no scheduler up: the first run coalesces them
     st = Storage(root)
     logs = [open(tmp_path / f"scheduler-{i}.log", "w") for i in range(2)]
