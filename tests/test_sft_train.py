@@ -47,6 +47,7 @@ def _registered(st) -> int | None:
     """The last checkpoint step Ray Train has registered (and would resume from), if any."""
     from stages.sft import SNAPSHOT, registered_checkpoint_step
 
+    st.fs.invalidate_cache()  # s3fs caches listings
     runs = [p.rsplit("/", 1)[0] for p in st.fs.glob(st.path(SNAPSHOTS, SNAPSHOT))]
     return registered_checkpoint_step(st, runs[0]) if runs else None
 
@@ -100,6 +101,8 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, tiny_model, tmp_
         except ValueError:  # not created yet
             time.sleep(0.2)
             continue
+        except ray.exceptions.RayActorError:  # training is over
+            break
         if snap["checkpoints"] and _registered(runner.storage) is not None:
             rank1 = [s["pid"] for s in snap["starts"] if s["rank"] == 1 and s["attempt"] == 0]
             os.kill(rank1[0], signal.SIGKILL)
