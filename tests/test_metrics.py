@@ -61,3 +61,86 @@ def test_reasoning_metrics_summary():
     assert s["maj@4"] == pytest.approx(0.25)  # a ties 2-2 -> 0.5, b has no votes -> 0
     assert s["mean_tokens"] == pytest.approx(15)
     assert s["truncated_rate"] == pytest.approx(1 / 8)
+
+
+def _metrics(per_prompt: dict[str, list[bool]], ks=(1,)) -> ReasoningMetrics:
+    m = ReasoningMetrics(ks=ks)
+    for pid, flags in per_prompt.items():
+        for i, ok in enumerate(flags):
+            m.add(pid, i, ok, "1" if ok else "0", 10, False)
+    return m
+
+
+def test_clustered_standard_error_matches_closed_form():
+    # per-prompt means 1.0, 0.5, 0.0, 0.25: SE = sd(ddof=1) / sqrt(4)
+    m = _metrics({"a": [True] * 4, "b": [True, True, False, False], "c": [False] * 4, "d": [True, False, False, False]})
+    s = m.summary()
+    means = [1.0, 0.5, 0.0, 0.25]
+    mu = sum(means) / 4
+    se = (sum((x - mu) ** 2 for x in means) / 3 / 4) ** 0.5
+    assert s["pass@1"] == pytest.approx(mu)
+    assert s["pass@1_se"] == pytest.approx(se)
+    assert s["pass@1_ci95"] == pytest.approx([mu - 1.96 * se, mu + 1.96 * se])
+    # pass@k curve: per-prompt unbiased pass@2 values, same clustering
+    p2 = [pass_at_k(4, c, 2) for c in (4, 2, 0, 1)]
+    mu2 = sum(p2) / 4
+    se2 = (sum((x - mu2) ** 2 for x in p2) / 3 / 4) ** 0.5
+    curve = {k: (mean, se_) for k, mean, se_ in s["curves"]["pass@k"]}
+    assert curve[2] == pytest.approx((mu2, se2))
+    assert sorted(curve) == [1, 2, 3, 4]
+
+
+def test_clustering_by_prompt_widens_the_interval():
+    # 10 prompts, each all-right or all-wrong over 8 samples: the 80 samples carry the
+    # information of 10 coin flips, not 80
+    flags = {f"p{i}": [i < 5] * 8 for i in range(10)}
+    s = _metrics(flags).summary()
+    naive = (0.5 * 0.5 / 80) ** 0.5  # samples treated as independent
+    assert s["pass@1"] == pytest.approx(0.5)
+    assert s["pass@1_se"] == pytest.approx((0.25 * 10 / 9 / 10) ** 0.5)
+    assert s["pass@1_se"] > 2.5 * naive
+    # every prompt half right: no spread between prompts, clustered SE is 0
+    even = _metrics({f"p{i}": [True, False] * 4 for i in range(10)}).summary()
+    assert even["pass@1"] == pytest.approx(0.5) and even["pass@1_se"] == 0.0
+
+
+def test_paired_difference_excludes_zero_where_unpaired_does_not():
+    import random
+
+    from stages.common.metrics import mean_se, paired_difference
+
+    rng = random.Random(0)
+    # prompts of very different difficulty; model a is 0.05 better on each one
+    difficulty = {f"p{i}": rng.random() * 0.8 for i in range(60)}
+    b = {p: d for p, d in difficulty.items()}
+    a = {p: d + 0.05 + rng.uniform(-0.02, 0.02) for p, d in difficulty.items()}
+    paired = paired_difference(a, b)
+    assert paired["prompts"] == 60
+    assert paired["ci95"][0] > 0  # the paired interval excludes 0
+    (ma, sa), (mb, sb) = mean_se(list(a.values())), mean_se(list(b.values()))
+    unpaired_se = (sa ** 2 + sb ** 2) ** 0.5
+    assert ma - mb - 1.96 * unpaired_se < 0  # two separate intervals would not
+    assert paired["diff"] == pytest.approx(ma - mb)
+    diffs = [a[p] - b[p] for p in a]
+    mu = sum(diffs) / 60
+    assert paired["se"] == pytest.approx((sum((d - mu) ** 2 for d in diffs) / 59 / 60) ** 0.5)
+    # only shared prompts count
+    assert paired_difference({"x": 1.0, "y": 0.0}, {"y": 1.0})["prompts"] == 1
+
+
+def test_errors_are_not_wrong_answers():
+    m = ReasoningMetrics(ks=(1, 2))
+    m.add("a", 0, True, "7", 10, False)
+    m.add("a", 1, False, None, 0, False, errored=True)  # a checker timeout
+    m.add("a", 2, False, "5", 12, False)
+    for i in range(2):
+        m.add("b", i, False, None, 0, False, errored=True)  # every sample errored
+    s = m.summary()
+    assert s["errored"] == 3 and s["prompts_all_errored"] == 1
+    assert s["prompts"] == 1 and s["samples"] == 2
+    assert s["pass@1"] == pytest.approx(0.5)  # 1 of the 2 scored samples, not 1 of 3 (or of 5)
+    assert s["pass@2"] == pytest.approx(1.0)
+    assert s["mean_tokens"] == pytest.approx(11)
+    assert s["mean_tokens_correct"] == 10 and s["mean_tokens_wrong"] == 12
+    assert s["tokens_per_correct"] == pytest.approx(22)
+    assert s["accuracy_per_1k_tokens"] == pytest.approx(1000 / 22)

@@ -9,9 +9,24 @@
   between several answers gives the expected score of a uniformly random
   tie-break: the fraction of tied answers that are correct.
 - ``mean_tokens`` and ``truncated_rate`` over all samples.
+
+Uncertainty (Miller 2024, "Adding Error Bars to Evals"): every score is first
+averaged within a prompt, then over prompts, and its standard error is the
+clustered one, the standard deviation of the per-prompt scores over the number of
+prompts (ddof 1). Samples of one prompt are not independent, so this is wider than
+the naive ``sqrt(p(1-p)/samples)`` whenever prompts differ in difficulty. 95%
+intervals are mean ± 1.96 SE, clipped to [0, 1]. Paired differences between two
+models on the same prompts use the per-prompt differences the same way
+(:func:`paired_difference`), which cancels the prompts' shared difficulty.
+
+Infrastructure errors (verdict ``error``: a checker timeout, a crashed checker,
+an engine error) are not wrong answers: they are left out of every score and
+counted as ``errored``; a prompt whose samples all errored is left out and counted
+as ``prompts_all_errored``.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -48,6 +63,9 @@ def maj_at_k(samples: list[tuple[str | None, bool]], k: int) -> float:
     return sum(a in correct_keys for a in tied) / len(tied)
 
 
+Z95 = 1.96
+
+
 @dataclass
 class _Sample:
     index: int
@@ -55,6 +73,31 @@ class _Sample:
     answer: str | None
     tokens: int
     truncated: bool
+    errored: bool = False
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (ddof 1; 0.0 for fewer than two values)."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def ci95(mean: float, se: float) -> list[float]:
+    return [max(0.0, mean - Z95 * se), min(1.0, mean + Z95 * se)]
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict:
+    """Mean per-prompt difference ``a - b`` over the prompts both score, with its paired SE."""
+    shared = sorted(set(a) & set(b))
+    diffs = [a[p] - b[p] for p in shared]
+    mean, se = mean_se(diffs)
+    return {"diff": mean, "se": se, "ci95": [mean - Z95 * se, mean + Z95 * se], "prompts": len(shared)}
 
 
 @dataclass
@@ -64,29 +107,65 @@ class ReasoningMetrics:
     ks: tuple[int, ...] = (1,)
     _by_prompt: dict[str, list[_Sample]] = field(default_factory=lambda: defaultdict(list))
 
-    def add(self, prompt_id: str, sample_index: int, correct: bool, answer: str | None, tokens: int, truncated: bool) -> None:
-        self._by_prompt[prompt_id].append(_Sample(sample_index, bool(correct), answer, int(tokens), bool(truncated)))
+    def add(self, prompt_id: str, sample_index: int, correct: bool, answer: str | None, tokens: int, truncated: bool,
+            errored: bool = False) -> None:
+        self._by_prompt[prompt_id].append(
+            _Sample(sample_index, bool(correct) and not errored, answer, int(tokens), bool(truncated), bool(errored)))
+
+    def _scored(self) -> dict[str, list[_Sample]]:
+        """Per prompt, its samples that were scored (not errored), in sample order."""
+        out = {}
+        for pid, samples in self._by_prompt.items():
+            kept = sorted((x for x in samples if not x.errored), key=lambda x: x.index)
+            if kept:
+                out[pid] = kept
+        return out
+
+    def per_prompt(self, metric: str = "pass@1") -> dict[str, float]:
+        """Each scored prompt's value of ``pass@k`` or ``maj@k`` (what paired comparisons use)."""
+        kind, k = metric.split("@")
+        k = int(k)
+        out = {}
+        for pid, s in self._scored().items():
+            if k > len(s):
+                continue
+            if kind == "pass":
+                out[pid] = pass_at_k(len(s), sum(x.correct for x in s), k)
+            elif kind == "maj":
+                out[pid] = maj_at_k([(x.answer, x.correct) for x in s], k)
+            else:
+                raise ValueError(f"unknown metric {metric!r} (pass@k or maj@k)")
+        return out
 
     def summary(self) -> dict:
-        prompts = list(self._by_prompt.values())
-        if not prompts:
-            return {"prompts": 0, "samples": 0}
-        for s in prompts:
-            s.sort(key=lambda x: x.index)
-        n_min = min(len(s) for s in prompts)
-        all_samples = [x for s in prompts for x in s]
-        out: dict = {
-            "prompts": len(prompts),
-            "samples": len(all_samples),
-            "pass@1": sum(x.correct for x in all_samples) / len(all_samples),
-        }
-        for k in self.ks:
-            if k > n_min or k == 1:
-                continue
-            out[f"pass@{k}"] = sum(pass_at_k(len(s), sum(x.correct for x in s), k) for s in prompts) / len(prompts)
-        for k in self.ks:
-            if k <= n_min:
-                out[f"maj@{k}"] = sum(maj_at_k([(x.answer, x.correct) for x in s], k) for s in prompts) / len(prompts)
-        out["mean_tokens"] = sum(x.tokens for x in all_samples) / len(all_samples)
-        out["truncated_rate"] = sum(x.truncated for x in all_samples) / len(all_samples)
+        scored = self._scored()
+        all_samples = [x for s in self._by_prompt.values() for x in s]
+        errored = sum(x.errored for x in all_samples)
+        out: dict = {"prompts": len(scored), "samples": len(all_samples) - errored, "errored": errored,
+                     "prompts_all_errored": len(self._by_prompt) - len(scored)}
+        if not scored:
+            return out
+        samples = [x for s in scored.values() for x in s]
+        n_min = min(len(s) for s in scored.values())
+        curves: dict[str, list] = {"pass@k": [], "maj@k": []}
+        for kind in ("pass", "maj"):
+            for k in range(1, n_min + 1):
+                mean, se = mean_se(list(self.per_prompt(f"{kind}@{k}").values()))
+                curves[f"{kind}@k"].append([k, mean, se])
+                if k == 1 and kind == "maj":
+                    continue
+                if k in self.ks or k == n_min:
+                    out[f"{kind}@{k}"] = mean
+                    out[f"{kind}@{k}_se"] = se
+                    out[f"{kind}@{k}_ci95"] = ci95(mean, se)
+        correct = [x for x in samples if x.correct]
+        wrong = [x for x in samples if not x.correct]
+        tokens = sum(x.tokens for x in samples)
+        out["mean_tokens"] = tokens / len(samples)
+        out["mean_tokens_correct"] = sum(x.tokens for x in correct) / len(correct) if correct else None
+        out["mean_tokens_wrong"] = sum(x.tokens for x in wrong) / len(wrong) if wrong else None
+        out["tokens_per_correct"] = tokens / len(correct) if correct else None
+        out["accuracy_per_1k_tokens"] = 1000 * len(correct) / tokens if tokens else 0.0
+        out["truncated_rate"] = sum(x.truncated for x in samples) / len(samples)
+        out["curves"] = curves
         return out
