@@ -27,6 +27,7 @@ from typing import Any, Callable
 from . import layout
 from .config import PipelineConfig
 from .ids import fingerprint
+from .provenance import run_provenance
 from .stage import Artifact, ProgressFactory, StageContext, StageError
 from .storage import AlreadyCommitted, Storage, now_iso, redact_uri
 
@@ -207,6 +208,7 @@ class Runner:
             "pipeline": self.cfg.name,
             "config_file": self.cfg.path,
             "storage_root": redact_uri(self.cfg.storage.root),
+            **run_provenance(self.cfg),  # config_hash, git_commit
             "started": now_iso(),
             "status": "running",
             "stages": [],
