@@ -26,8 +26,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1; the standard AWS variables point at it."""
+def moto_s3_endpoint():
+    """A moto S3 server (a test double of S3) on 127.0.0.1; the standard AWS variables point at it."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -46,21 +46,16 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
-def s3_bucket(s3_endpoint):
+def moto_s3_bucket(moto_s3_endpoint):
+    """The test bucket on the moto S3 server (a test double of S3: real S3 cannot be reached here)."""
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="distill-test")
+    boto3.client("s3", endpoint_url=moto_s3_endpoint).create_bucket(Bucket="distill-test")
     return "distill-test"
 
 
 @pytest.fixture(scope="session")
-def moto_s3_bucket(s3_bucket):
-    """The test bucket on the moto S3 server (a test double of S3: real S3 cannot be reached here)."""
-    return s3_bucket
-
-
-@pytest.fixture(scope="session")
-def ray_local(s3_endpoint):
+def ray_local(moto_s3_endpoint):
     """Started after the S3 variables are set, so Ray workers inherit them."""
     import ray
 
@@ -204,11 +199,11 @@ def still_running(pids: set[int], wait: float = 30.0) -> set[int]:
 
 
 @pytest.fixture(scope="session")
-def ray_jobs_head(s3_endpoint):
+def ray_jobs_head(moto_s3_endpoint):
     """A private Ray head (`ray start --head`, token auth, 127.0.0.1) shared by the Jobs tests;
     its environment holds tests/ray_head.py's fake secrets and points S3 at moto. Stopped at the end."""
     from ray_head import start_jobs_head
 
-    head = start_jobs_head(s3_endpoint)
+    head = start_jobs_head(moto_s3_endpoint)
     yield head
     head.stop()

@@ -99,9 +99,9 @@ FAKE_SECRETS = {
 }
 
 
-def start_jobs_head(s3_endpoint: str) -> RayHead:
+def start_jobs_head(moto_s3_endpoint: str) -> RayHead:
     """The head the Jobs tests share: S3 on moto, the fake secrets in its environment."""
-    return start_head({**FAKE_SECRETS, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+    return start_head({**FAKE_SECRETS, "AWS_ENDPOINT_URL": moto_s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_EC2_METADATA_DISABLED": "true"})
 
 

@@ -23,7 +23,7 @@ def committed(request, tmp_path):
     if request.param == "local":
         st = Storage(str(tmp_path / "root"))
     else:
-        st = Storage(f"s3://{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex[:8]}")
+        st = Storage(f"s3://{request.getfixturevalue('moto_s3_bucket')}/{uuid.uuid4().hex[:8]}")
     path = st.path("cache", "verify", "fp", "att", "verified")
     w = st.dataset_writer(path, {"stage": "verify", "output": "verified"}, rows_per_shard=6)
     for start in range(0, ROWS, 5):

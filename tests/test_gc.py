@@ -17,7 +17,7 @@ from pipeline.storage import Storage
 def root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "root")
-    return f"s3://{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex[:8]}"
+    return f"s3://{request.getfixturevalue('moto_s3_bucket')}/{uuid.uuid4().hex[:8]}"
 
 
 def _gc(root, *flags):

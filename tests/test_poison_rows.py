@@ -98,7 +98,7 @@ def where(request, tmp_path):
     """(folder for the source files, storage root)."""
     if request.param == "local":
         return str(tmp_path / "src"), str(tmp_path / "root")
-    base = f"s3://{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex[:8]}"
+    base = f"s3://{request.getfixturevalue('moto_s3_bucket')}/{uuid.uuid4().hex[:8]}"
     return f"{base}/src", f"{base}/root"
 
 

@@ -56,7 +56,7 @@ stages:
 def root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "root")
-    request.getfixturevalue("s3_bucket")
+    request.getfixturevalue("moto_s3_bucket")
     return f"s3://distill-test/sched-{tmp_path.name}"
 
 

@@ -65,19 +65,19 @@ def cluster(ray_jobs_head):
     return ray_jobs_head
 
 
-def test_no_secret_reaches_storage_logs_job_info_or_cli(cluster, s3_endpoint, tmp_path):
+def test_no_secret_reaches_storage_logs_job_info_or_cli(cluster, moto_s3_endpoint, tmp_path):
     import boto3
     from ray.job_submission import JobSubmissionClient
 
     head = cluster
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=FAKE["AWS_ACCESS_KEY_ID"],
+    s3 = boto3.client("s3", endpoint_url=moto_s3_endpoint, aws_access_key_id=FAKE["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=FAKE["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
     s3.create_bucket(Bucket=BUCKET)
     proj, home = tmp_path / "project", tmp_path / "home"
     proj.mkdir()
     home.mkdir()
     (proj / "p.yaml").write_text(CONFIG.format(bucket=BUCKET))
-    env = client_env(head, home, **FAKE, AWS_ENDPOINT_URL=s3_endpoint, AWS_DEFAULT_REGION="us-east-1",
+    env = client_env(head, home, **FAKE, AWS_ENDPOINT_URL=moto_s3_endpoint, AWS_DEFAULT_REGION="us-east-1",
                      AWS_EC2_METADATA_DISABLED="true")
     secrets = {**FAKE, "RAY_AUTH_TOKEN": head.token}
 

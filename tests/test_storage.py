@@ -1,4 +1,5 @@
 """Datasets in storage: sharded Parquet + a manifest written last, locally and on S3 (moto)."""
+import json
 import os
 import uuid
 
@@ -13,7 +14,7 @@ from pipeline.storage import AlreadyCommitted, Storage, StorageError, redact_uri
 def storage(request, tmp_path):
     if request.param == "local":
         return Storage(str(tmp_path / "root"))
-    bucket = request.getfixturevalue("s3_bucket")
+    bucket = request.getfixturevalue("moto_s3_bucket")
     return Storage(f"s3://{bucket}/{uuid.uuid4().hex[:8]}")
 
 
@@ -53,14 +54,34 @@ def test_readers_trust_only_the_manifest(storage):
     assert len(storage.dataset_files(path)) == 1
 
 
+class WriterCrashed(Exception):
+    """The crash of the test's own writer (no other error can match it)."""
+
+
 def test_failed_writer_publishes_nothing(storage):
+    """Shards already flushed and uploaded by a writer that then fails are in storage, but
+    nothing is published: no manifest, no reader and no listing sees them."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
     path = storage.path("ds")
     w = storage.dataset_writer(path, rows_per_shard=2)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(WriterCrashed):
         w.write(_table(5))  # two shards flushed
-        raise RuntimeError("writer crashed before commit")
+        raise WriterCrashed("writer crashed before commit")
+    w.close()  # the two shards handed to the upload thread are stored
+    storage.fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in storage.fs.ls(path, detail=False))
+    assert [n[:10] for n in names] == ["part-00000", "part-00001"] and all(n.endswith(".parquet") for n in names)
+    assert not storage.exists(f"{path}/_manifest.json")
     with pytest.raises(StorageError, match="no committed dataset"):
         storage.read_dataset(path)
+    with pytest.raises(StorageError, match="no committed dataset"):
+        storage.dataset_files(path)
+    listed = CliRunner().invoke(app, ["datasets", "ls", storage.root_uri, "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.output) == []
 
 
 def test_failed_shard_upload_fails_the_commit(storage, monkeypatch):
@@ -68,12 +89,12 @@ def test_failed_shard_upload_fails_the_commit(storage, monkeypatch):
     publishes nothing."""
     real = storage.put_bytes
 
-    def flaky(path, data, exclusive=False):
+    def failing_put_bytes(path, data, exclusive=False):  # a test double: the second shard's upload fails
         if "part-00001" in path:
             raise OSError("injected upload failure")
         return real(path, data, exclusive)
 
-    monkeypatch.setattr(storage, "put_bytes", flaky)
+    monkeypatch.setattr(storage, "put_bytes", failing_put_bytes)
     path = storage.path("ds")
     w = storage.dataset_writer(path, rows_per_shard=2)
     w.write(_table(6))
@@ -84,15 +105,46 @@ def test_failed_shard_upload_fails_the_commit(storage, monkeypatch):
         storage.read_dataset(path)
 
 
-def test_concurrent_commit_has_one_winner(storage):
-    path = storage.path("ds")
-    a, b = storage.dataset_writer(path), storage.dataset_writer(path)
-    a.write(_table(2))
-    b.write(_table(3))
-    a.commit()
-    with pytest.raises(AlreadyCommitted):
-        b.commit()
-    assert storage.read_dataset(path).num_rows == 2
+def test_concurrent_commit_has_one_winner(storage, monkeypatch):
+    """Two writers of one path commit at the same moment, from two threads, both inside the
+    manifest's conditional create together: exactly one wins and readers see only its rows."""
+    import threading
+
+    real_write_json = storage.write_json
+    barrier = threading.Barrier(2, timeout=30)
+
+    def write_json_after_barrier(path, obj, exclusive=False):  # a test double: both manifests go out together
+        if path.endswith("/_manifest.json"):
+            barrier.wait()
+        return real_write_json(path, obj, exclusive)
+
+    monkeypatch.setattr(storage, "write_json", write_json_after_barrier)
+    for round_ in range(3):
+        path = storage.path(f"ds{round_}")
+        writers = {2: storage.dataset_writer(path), 3: storage.dataset_writer(path)}
+        for rows, w in writers.items():
+            w.write(_table(rows))
+        outcome: dict = {}
+
+        def commit(rows):
+            try:
+                writers[rows].commit()
+                outcome[rows] = "won"
+            except AlreadyCommitted:
+                outcome[rows] = "lost"
+            except Exception as e:  # anything else is a failure of the test
+                outcome[rows] = repr(e)
+
+        threads = [threading.Thread(target=commit, args=(rows,)) for rows in writers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(outcome.values()) == ["lost", "won"], outcome
+        winner = next(rows for rows, o in outcome.items() if o == "won")
+        storage.fs.invalidate_cache()
+        assert storage.read_dataset(path).num_rows == winner
+        assert storage.dataset_manifest(path)["rows"] == winner
 
 
 def test_empty_dataset_keeps_schema(storage):
@@ -132,24 +184,24 @@ from pipeline.storage import Storage
 root, path, marker = sys.argv[1:4]
 st = Storage(root)
 
-# Stand-ins for a slow disk or network: the parent SIGKILLs us while we wait in them.
+# Test doubles (fake_hanging_*) for a slow disk or network: the parent SIGKILLs us while we wait in them.
 if st.is_local:
     real_fsync = os.fsync
-    def fsync(fd):  # the shard's bytes are in the temp file; the rename has not happened
+    def fake_hanging_fsync(fd):  # the shard's bytes are in the temp file; the rename has not happened
         real_fsync(fd)
         open(marker, "w").close()
         time.sleep(600)
-    os.fsync = fsync
+    os.fsync = fake_hanging_fsync
 else:
     import asyncio
     import s3fs
     real_call = s3fs.S3FileSystem._call_s3
-    async def call_s3(self, method, *args, **kwargs):
+    async def fake_hanging_call_s3(self, method, *args, **kwargs):
         if method == "upload_part" and kwargs.get("PartNumber", 1) > 1:
             open(marker, "w").close()
             await asyncio.sleep(600)  # part 1 goes up (parts run concurrently), part 2 never does
         return await real_call(self, method, *args, **kwargs)
-    s3fs.S3FileSystem._call_s3 = call_s3
+    s3fs.S3FileSystem._call_s3 = fake_hanging_call_s3
 
 w = st.dataset_writer(path, rows_per_shard=1000)
 w.write(pa.table({"blob": [os.urandom(2**20) for _ in range(11)]}))  # one incompressible 11 MiB shard
@@ -241,14 +293,21 @@ def test_killed_writer_leaves_nothing_visible(storage, tmp_path):
     assert storage.read_dataset(other).num_rows == 3  # the committed neighbour is untouched
 
 
-def test_multipart_shard_commits_and_reads(storage, monkeypatch):
-    """A shard large enough to go up in parts (S3) commits and reads back byte for byte."""
+def test_multipart_shard_commits_and_reads(moto_s3_bucket, monkeypatch):
+    """A shard of 2 x part size or more goes up to S3 (moto) as a multipart upload, in parts of
+    DISTILL_S3_PART_SIZE, and commits and reads back byte for byte. (S3 only: a local folder
+    has no multipart uploads.)"""
+    import boto3
+
     monkeypatch.setenv("DISTILL_S3_PART_SIZE", str(5 * 2**20))
-    st = Storage(storage.root_uri)
+    st = Storage(f"s3://{moto_s3_bucket}/{uuid.uuid4().hex[:8]}")
     blobs = [os.urandom(2**20) for _ in range(11)]
     path = st.path("big")
     w = st.dataset_writer(path)
     w.write(pa.table({"blob": blobs}))
     m = w.commit()
     assert m["rows"] == 11 and m["shards"][0]["bytes"] > 2 * st.part_size
+    key = f"{path.split('/', 1)[1]}/{m['shards'][0]['path']}"
+    head = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).head_object(Bucket=moto_s3_bucket, Key=key)
+    assert head["ETag"].strip('"').endswith("-3")  # a multipart object's ETag: md5-of-part-md5s "-" parts (5+5+1 MiB)
     assert st.read_dataset(path).column("blob").to_pylist() == blobs
