@@ -128,9 +128,45 @@ def _print_manifest(m: dict) -> None:
         _print_comparison(s["name"], s.get("metrics") or {})
 
 
+def _num(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _print_evaluation(stage: str, metrics: dict) -> None:
+    """Metrics of a stage that scored model roles (``roles``, ``sampling``, ``comparisons``,
+    ``promotion``): one row per role, the sampling settings in the title."""
+    s = metrics.get("sampling", {})
+    n = s.get("n")
+    title = (f"{stage}: temperature {s.get('temperature')}, top_p {s.get('top_p')}, {n} samples/prompt, "
+             f"max_tokens {s.get('max_tokens')}, seed {s.get('seed')}")
+    table = Table(title=title)
+    for col in ("role", "prompts", "pass@1 ± SE", f"pass@{n}", f"maj@{n}", "mean tokens", "tokens/correct", "errored"):
+        table.add_column(col, justify="left" if col == "role" else "right")
+    for role, m in metrics["roles"].items():
+        table.add_row(role, str(m.get("prompts", 0)),
+                      f"{_num(m.get('pass@1'))} ± {_num(m.get('pass@1_se'))}" if "pass@1" in m else "-",
+                      _num(m.get(f"pass@{n}")), _num(m.get(f"maj@{n}")), _num(m.get("mean_tokens"), ".1f"),
+                      _num(m.get("tokens_per_correct"), ".1f"), str(m.get("errored", 0)))
+    out.print(table)
+    for c in metrics.get("comparisons", []):
+        out.print(f"  {c['a']} - {c['b']}: pass@1 {c['diff']:+.3f} ± {c['se']:.3f} (paired SE, {c['prompts']} prompts; "
+                  f"95% CI {c['ci95'][0]:+.3f} .. {c['ci95'][1]:+.3f})", highlight=False)
+    for role, points in metrics.get("budget_sweep", {}).items():
+        curve = ", ".join(f"{pt['max_thinking_tokens']}: {_num(pt['pass@1'])} @ {_num(pt['mean_tokens'], '.0f')} tok"
+                          for pt in points)
+        out.print(f"  budget sweep {role}: {curve}", highlight=False)
+    pr = metrics.get("promotion")
+    if pr:
+        verdict = "[green]promoted[/]" if pr["promoted"] else "[yellow]not promoted[/]"
+        out.print(f"  {verdict} to best/{pr['pointer']}: {pr['reason']}")
+
+
 def _print_comparison(stage: str, metrics: dict) -> None:
     """Metrics shaped {group: {metric: number}} (e.g. teacher/student) print as one table,
     a row per metric and a column per group."""
+    if isinstance(metrics.get("roles"), dict):
+        _print_evaluation(stage, metrics)
+        return
     groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values())}
     if len(groups) < 2:
         return

@@ -126,6 +126,22 @@ def model_dir(st: Storage, name: str, version: str) -> str:
     return st.path(MODELS, name, version)
 
 
+# -- promotion -----------------------------------------------------------------------------------
+#
+#     best/<name>.json          the promoted ("best") student of a pipeline (JSON; conditional writes only)
+#     best/<name>.history/<time>-<run>.json   every promotion decision, append-only
+
+BEST = "best"
+
+
+def best_pointer(st: Storage, name: str) -> str:
+    return st.path(BEST, f"{name}.json")
+
+
+def promotion_event(st: Storage, name: str, key: str) -> str:
+    return st.path(BEST, f"{name}.history", f"{key}.json")
+
+
 # -- leases and schedules ----------------------------------------------------------------------
 #
 #     leases/<schedule>                                 the run lease of a schedule (JSON; conditional writes only)

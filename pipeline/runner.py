@@ -235,6 +235,7 @@ class Runner:
             kind=entry.kind,
             fingerprint=entry.fingerprint,
             run_id=run_id,
+            pipeline=self.cfg.name,
             storage=self.storage,
             inputs={inp: artifacts[(up, out)] for inp, (up, out) in node.inputs.items()},
             output_root=layout.attempt_dir(self.storage, entry.kind, entry.fingerprint, attempt),

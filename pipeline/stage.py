@@ -272,6 +272,7 @@ class StageContext:
     # Shared by every attempt at this fingerprint: partial results committed here survive
     # a crashed or killed run, so the next attempt can resume instead of redoing them.
     checkpoint_root: str = ""
+    pipeline: str = ""  # the name of the pipeline the run belongs to
     progress_factory: ProgressFactory | None = None
     # declared output schemas (``Stage.produces()``): commits are checked against them
     output_columns: dict[str, Any] = field(default_factory=dict)

@@ -74,6 +74,7 @@ class _Sample:
     tokens: int
     truncated: bool
     errored: bool = False
+    reason: str | None = None
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -108,9 +109,13 @@ class ReasoningMetrics:
     _by_prompt: dict[str, list[_Sample]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, prompt_id: str, sample_index: int, correct: bool, answer: str | None, tokens: int, truncated: bool,
-            errored: bool = False) -> None:
-        self._by_prompt[prompt_id].append(
-            _Sample(sample_index, bool(correct) and not errored, answer, int(tokens), bool(truncated), bool(errored)))
+            errored: bool = False, reason: str | None = None) -> None:
+        self._by_prompt[prompt_id].append(_Sample(sample_index, bool(correct) and not errored, answer, int(tokens),
+                                                  bool(truncated), bool(errored), reason))
+
+    def errored_reasons(self) -> dict[str, int]:
+        """Errored samples per reason (``timeout``, ``checker_error``, ``generation_error`` ...)."""
+        return dict(Counter(x.reason or "error" for s in self._by_prompt.values() for x in s if x.errored))
 
     def _scored(self) -> dict[str, list[_Sample]]:
         """Per prompt, its samples that were scored (not errored), in sample order."""
@@ -142,6 +147,7 @@ class ReasoningMetrics:
         all_samples = [x for s in self._by_prompt.values() for x in s]
         errored = sum(x.errored for x in all_samples)
         out: dict = {"prompts": len(scored), "samples": len(all_samples) - errored, "errored": errored,
+                     "errored_reasons": self.errored_reasons(),
                      "prompts_all_errored": len(self._by_prompt) - len(scored)}
         if not scored:
             return out

@@ -1,0 +1,67 @@
+"""The promotion gate (used by the evaluate stage): one ``best`` student per pipeline, replaced only by a clearly better one.
+
+``best/<name>.json`` (see :mod:`pipeline.layout`) holds the promoted student: its model URI,
+its score and its per-prompt scores on the held-out set. A candidate replaces it only if its
+mean per-prompt difference from ``best`` (paired over the prompts both were scored on)
+exceeds ``z`` (default 2) paired standard errors; the first candidate of a pipeline is
+promoted. The pointer is written only by conditional writes (``If-None-Match: *`` /
+``If-Match: <ETag>`` on S3, ``O_EXCL`` / a ``flock``-guarded compare-and-swap locally, the
+same mechanism as the run leases), so when two runs promote at once exactly one write
+lands; the other re-reads the new ``best`` and decides again against it. Every decision is
+also appended to ``best/<name>.history/``.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from pipeline import layout
+from pipeline.lease import _backend, _Conflict
+from pipeline.storage import Storage, now_iso
+from stages.common.metrics import paired_difference
+
+
+def decide(best: dict | None, candidate: dict, z: float = 2.0) -> dict:
+    """Whether ``candidate`` beats ``best``; both carry ``per_prompt`` {prompt_id: score}."""
+    if best is None:
+        return {"promoted": True, "margin": None, "se": None, "threshold": None, "prompts": None,
+                "reason": "first student of this pipeline"}
+    paired = paired_difference(candidate["per_prompt"], best["per_prompt"])
+    out = {"margin": paired["diff"], "se": paired["se"], "threshold": z * paired["se"], "prompts": paired["prompts"],
+           "best_before": best.get("model")}
+    if paired["prompts"] == 0:
+        return {**out, "promoted": False, "reason": "no held-out prompt in common with the current best"}
+    if paired["diff"] > z * paired["se"]:
+        return {**out, "promoted": True,
+                "reason": f"beats best by {paired['diff']:+.4f} > {z:g} x paired SE {paired['se']:.4f}"}
+    return {**out, "promoted": False,
+            "reason": f"margin {paired['diff']:+.4f} is not above {z:g} x paired SE {paired['se']:.4f}"}
+
+
+def read_best(storage: Storage, name: str) -> dict | None:
+    got = _backend(storage).read(layout.best_pointer(storage, name))
+    return json.loads(got[0]) if got else None
+
+
+def promote(storage: Storage, name: str, candidate: dict, z: float = 2.0, tries: int = 20) -> dict:
+    """Decide and, if promoted, replace ``best`` conditionally; returns the decision (with the
+    ``best`` it was judged against) and records it in the history."""
+    backend = _backend(storage)
+    path = layout.best_pointer(storage, name)
+    for _ in range(tries):
+        got = backend.read(path)
+        best = json.loads(got[0]) if got else None
+        decision = decide(best, candidate, z)
+        if decision["promoted"]:
+            body = json.dumps({**candidate, "promoted_at": now_iso(), "previous": best and best.get("model")},
+                              indent=2).encode()
+            try:
+                backend.create(path, body) if got is None else backend.replace(path, body, got[1])
+            except _Conflict:
+                continue  # another run changed best in between: judge against the new one
+        decision["best"] = candidate["model"] if decision["promoted"] else best and best.get("model")
+        key = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{candidate.get('run_id', 'run')}"
+        storage.write_json(layout.promotion_event(storage, name, key),
+                           {**decision, "candidate": candidate["model"], "score": candidate.get("score")})
+        return decision
+    raise RuntimeError(f"{storage.uri(path)}: could not write the best pointer after {tries} tries")

@@ -1,0 +1,82 @@
+"""The promotion gate: a clearly better student replaces ``best``, a tied one does not (and
+says why), and two concurrent promotions leave exactly one ``best``."""
+import multiprocessing as mp
+import random
+
+import pytest
+
+from pipeline import layout
+from pipeline.storage import Storage
+from stages.common.promotion import decide, promote, read_best
+
+
+def _candidate(model: str, scores: dict[str, float]) -> dict:
+    return {"model": model, "run_id": model, "metric": "pass@1", "score": sum(scores.values()) / len(scores),
+            "per_prompt": scores}
+
+
+def _scores(seed: int, shift: float = 0.0) -> dict[str, float]:
+    rng = random.Random(seed)
+    return {f"p{i}": min(1.0, rng.random() * 0.6 + shift) for i in range(100)}
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return Storage(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("moto_s3_bucket")
+    return Storage(f"s3://{bucket}/promotion-{tmp_path.name}")
+
+
+def test_first_student_is_promoted_then_only_a_clearly_better_one(storage):
+    base = _scores(0)
+    first = promote(storage, "demo", _candidate("m1", base))
+    assert first["promoted"] and first["reason"] == "first student of this pipeline"
+    assert read_best(storage, "demo")["model"] == "m1"
+
+    # a tie: the same per-prompt scores, up to noise far below 2 paired SEs
+    rng = random.Random(1)
+    tied = {p: min(1.0, max(0.0, v + rng.choice([-0.05, 0.05]))) for p, v in base.items()}
+    d = promote(storage, "demo", _candidate("m2", tied))
+    assert not d["promoted"] and d["best"] == "m1"
+    assert d["margin"] == pytest.approx(sum(tied[p] - base[p] for p in base) / 100)
+    assert "not above 2 x paired SE" in d["reason"] and abs(d["margin"]) <= d["threshold"]
+    assert read_best(storage, "demo")["model"] == "m1"
+
+    # clearly better on every prompt
+    better = {p: min(1.0, v + 0.1) for p, v in base.items()}
+    d = promote(storage, "demo", _candidate("m3", better))
+    assert d["promoted"] and d["margin"] > d["threshold"] > 0 and d["best_before"] == "m1"
+    best = read_best(storage, "demo")
+    assert best["model"] == "m3" and best["previous"] == "m1"
+    history = storage.fs.ls(layout.promotion_event(storage, "demo", "x").rsplit("/", 1)[0])
+    assert len(history) == 3  # every decision recorded
+
+
+def test_decide_worse_student_is_not_promoted():
+    base = _scores(0, 0.2)
+    d = decide(_candidate("best", base), _candidate("new", {p: v - 0.2 for p, v in base.items()}))
+    assert not d["promoted"] and d["margin"] == pytest.approx(-0.2)
+
+
+def _race(root: str, model: str, scores: dict, barrier, out) -> None:
+    barrier.wait()
+    out.put((model, promote(Storage(root), "race", _candidate(model, scores))["promoted"]))
+
+
+def test_concurrent_promotions_leave_exactly_one_best(storage):
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    scores = _scores(5)  # four equal candidates: the first write wins, the others tie with it
+    procs = [ctx.Process(target=_race, args=(storage.root_uri, f"m{i}", scores, barrier, out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    winners = [m for m, promoted in results.items() if promoted]
+    assert len(winners) == 1
+    assert read_best(storage, "race")["model"] == winners[0]
+    storage.fs.invalidate_cache()
+    pointers = [p for p in storage.fs.ls(storage.path(layout.BEST)) if p.endswith(".json")]
+    assert [p.rsplit("/", 1)[1] for p in pointers] == ["race.json"]
