@@ -27,7 +27,14 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(getattr(e, "code", 1))
 
 
+def _detached(job: str) -> None:
+    console.print(f"\nstopped watching {job}; the job goes on (`distill jobs stop {job}` ends it)", highlight=False,
+                  soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _client(address: Optional[str], config: Optional[str]) -> JobsClient:
+    _quiet_ray()
     try:
         target = resolve_address(address, config)
         console.print(f"using {target.describe()}", highlight=False, soft_wrap=True)
@@ -35,6 +42,13 @@ def _client(address: Optional[str], config: Optional[str]) -> JobsClient:
     except JobsError as e:
         _fail(e)
         raise  # unreachable
+
+
+def _quiet_ray() -> None:
+    """Ray's SDK logs each upload step at INFO; keep its warnings only."""
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def _json(obj) -> None:
@@ -57,6 +71,7 @@ def submit_cmd(
     json_: bool = JsonOpt,
 ):
     """Submit a pipeline as a Ray job: `distill run` on the cluster, writing to the config's storage root."""
+    _quiet_ray()
     try:
         target = resolve_address(address, None if address else config)
         console.print(f"using {target.describe()}", highlight=False, soft_wrap=True)
@@ -82,6 +97,8 @@ def submit_cmd(
         except JobsError as e:
             _fail(e)
             return
+        except KeyboardInterrupt:
+            _detached(sub.submission_id)
         result["status"] = status
         if not json_:
             out.print(f"job {sub.submission_id} {status}", highlight=False, soft_wrap=True)
@@ -148,7 +165,10 @@ def jobs_logs(job: str = typer.Argument(..., help="submission id"), address: Opt
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
 
-            status = client.follow(job, write)
+            try:
+                status = client.follow(job, write)
+            except KeyboardInterrupt:
+                _detached(job)
             console.print(f"job {job} {status}", highlight=False, soft_wrap=True)
             return
         if follow:
