@@ -1,7 +1,7 @@
 """evaluate refuses to score a held-out set that shares word n-grams with the training prompts,
-before any engine starts (the student here is a folder with only a config.json: starting
-vLLM on it would fail with a different error)."""
-import json
+before any engine starts (the student is the real tiny model: a check that ran after the
+engines started would take the tens of seconds of a vLLM start-up, and its stage record says
+how long the stage ran)."""
 
 import pyarrow as pa
 import pytest
@@ -30,12 +30,9 @@ EVAL = [
 SHARED = "a baker fills 14 trays with 12 rolls each and then sells 97"  # the first shared 13-gram
 
 
-def _run(tmp_path, train_input: str, extra: str = ""):
+def _run(tmp_path, student: str, train_input: str, extra: str = ""):
     train = write_jsonl(tmp_path / "train.jsonl", TRAIN)
     held_out = write_jsonl(tmp_path / "eval.jsonl", EVAL)
-    student = tmp_path / "student"
-    student.mkdir()
-    (student / "config.json").write_text(json.dumps({"model_type": "llama"}))
     cfg = tmp_path / "p.yaml"
     cfg.write_text(f"""
 name: evalcheck
@@ -57,8 +54,8 @@ stages:
 
 
 @pytest.mark.parametrize("train_input", ["prompts.prompts", "sft_rows.sft"])  # prompt column / chat messages
-def test_evaluate_refuses_ngram_overlap_before_engines(ray_local, tmp_path, train_input):
-    result = _run(tmp_path, train_input)
+def test_evaluate_refuses_ngram_overlap_before_engines(ray_local, tiny_model, tmp_path, train_input):
+    result = _run(tmp_path, tiny_model, train_input)
     assert not result.ok
     msg = result.stage_errors["evaluate"]
     assert "held-out prompts overlap the training data" in msg
@@ -68,9 +65,9 @@ def test_evaluate_refuses_ngram_overlap_before_engines(ray_local, tmp_path, trai
     assert rec["name"] == "evaluate" and rec["status"] == "failed" and rec["seconds"] < 10
 
 
-def test_evaluate_refuses_with_configured_ngram(ray_local, tmp_path):
+def test_evaluate_refuses_with_configured_ngram(ray_local, tiny_model, tmp_path):
     # the reworded prompt shares a run of 18 words with the training prompt
-    result = _run(tmp_path, "prompts.prompts", extra=", overlap_ngram: 18")
+    result = _run(tmp_path, tiny_model, "prompts.prompts", extra=", overlap_ngram: 18")
     assert "1 of 3 eval prompt(s) share a 18-gram" in result.stage_errors["evaluate"]
 
 

@@ -179,10 +179,10 @@ def test_funnel_follows_lineage_of_datasets_written_directly(root):
         w.commit()
         return st.uri(path)
 
-    model = st.path("models", "teacher")
-    st.write_json(f"{model}/_manifest.json", {"format": "distill.model/1", "files": []})
+    fake_model = st.path("models", "fake-teacher")  # a test double: a model manifest with no files
+    st.write_json(f"{fake_model}/_manifest.json", {"format": "distill.model/1", "files": []})
     prompts = write("d/prompts", 5, {}, "prompts", "prompts")
-    samples = write("d/samples", 9, {"prompts": prompts, "model": st.uri(model)}, "generate", "samples")
+    samples = write("d/samples", 9, {"prompts": prompts, "model": st.uri(fake_model)}, "generate", "samples")
     verified = write("d/verified", 9, {"samples": samples}, "verify", "verified")
     gone = st.uri(st.path("d", "deleted"))
     sft = write("d/sft", 4, {"samples": verified, "prompts": prompts, "extra": gone}, "dedupe", "sft")
