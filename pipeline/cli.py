@@ -248,10 +248,34 @@ def _human(n: int) -> str:
     return f"{n:.1f} TB"
 
 
+def _age(created: str | None) -> str:
+    """How long ago an ISO timestamp was: 45s, 12m, 3h, 5d."""
+    from datetime import datetime, timezone
+
+    try:
+        then = datetime.fromisoformat(created)
+    except (TypeError, ValueError):
+        return "-"
+    s = max(0, (datetime.now(timezone.utc) - (then if then.tzinfo else then.replace(tzinfo=timezone.utc))).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit}"
+    return f"{int(s)}s"
+
+
+def _short_run(run_id: str | None) -> str:
+    """A run id without its leading timestamp (the age column says when): demo-1a2b3c."""
+    if not run_id:
+        return "-"
+    m = re.fullmatch(r"\d{8}-\d{6}-(.+)", run_id)
+    return m.group(1) if m else run_id
+
+
 @datasets_app.command("ls")
 def datasets_ls(uri: str = typer.Argument(".distill", help="storage root or any folder under it"),
-                json_: bool = typer.Option(False, "--json")):
-    """Every committed dataset under URI: name, version, rows, bytes, created, run."""
+                long: bool = typer.Option(False, "--long", "-l", help="also each dataset's path (and full version and run)"),
+                json_: bool = typer.Option(False, "--json", help="everything, including paths and timestamps")):
+    """Every committed dataset under URI, one line each: name, version, rows, size, age, run."""
     from .inspect_datasets import find_datasets
 
     st, path = _dataset_or_exit(uri)
@@ -259,13 +283,21 @@ def datasets_ls(uri: str = typer.Argument(".distill", help="storage root or any 
     if json_:
         sys.stdout.write(json.dumps(found, indent=2) + "\n")
         return
-    table = Table()
-    for col in ("name", "version", "rows", "bytes", "created", "run", "path"):
-        table.add_column(col, overflow="fold")
     base = st.uri(path).rstrip("/")
+    rows = []
     for d in found:
-        table.add_row(d["name"], d["version"] or "-", str(d["rows"]), _human(d["bytes"]), d["created"] or "-",
-                      d["run"] or "-", uri.rstrip("/") + d["uri"][len(base):])
+        rows.append([d["name"], (d["version"] or "-") if long else (d["version"] or "-")[:8], f"{d['rows']:,}",
+                     _human(d["bytes"]), _age(d["created"]), (d["run"] or "-") if long else _short_run(d["run"])]
+                    + ([uri.rstrip("/") + d["uri"][len(base):]] if long else []))
+    table = Table(box=None, pad_edge=False, collapse_padding=True, header_style="bold")
+    for i, col in enumerate(("name", "version", "rows", "size", "age", "run") + (("path",) if long else ())):
+        if col == "path":  # only the paths wrap
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right" if col in ("rows", "size", "age") else "left", no_wrap=True,
+                             overflow="ellipsis", min_width=max([len(col)] + [len(r[i]) for r in rows]) if long else None)
+    for r in rows:
+        table.add_row(*r)
     out.print(table)
 
 
@@ -416,6 +448,10 @@ _register_schedules(app)
 from .jobs_cli import register as _register_jobs  # noqa: E402  (distill submit, distill jobs ...)
 
 _register_jobs(app)
+
+from .report_cli import register as _register_report  # noqa: E402  (distill report)
+
+_register_report(app)
 
 
 def main() -> None:  # pragma: no cover - entry point
