@@ -23,8 +23,10 @@ def _fp(i: int) -> str:
     return f"{i:02d}fakefingerprint{i:04d}"[:20]
 
 
-def fake_demo_run(root: str | Path, prompts: int = 48, n: int = 8, seed: int = 0) -> tuple[Storage, str]:
-    """Commit the fake run under ``root``; returns (storage, run id)."""
+def fake_demo_run(root: str | Path, prompts: int = 48, n: int = 8, seed: int = 0,
+                  local_tmp: Path | None = None) -> tuple[Storage, str]:
+    """Commit the fake run under ``root`` (a folder or ``s3://``; model files are staged in
+    ``local_tmp``, default ``<root>/_fake_models``); returns (storage, run id)."""
     rng = random.Random(seed)
     st = Storage(str(root))
     stages: list[dict] = []
@@ -54,7 +56,7 @@ def fake_demo_run(root: str | Path, prompts: int = 48, n: int = 8, seed: int = 0
             s["produced_by_run"] = produced
         stages.append(s)
 
-    tmp = Path(st.root) / "_fake_models"
+    tmp = Path(local_tmp) if local_tmp else Path(st.root) / "_fake_models"
     # toy_task (cached, from the teacher's run)
     pschema = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("answer", pa.string())])
     prow = [{"prompt_id": f"p{i:04d}", "prompt": f"Compute {i} + {i * 3} - 2.", "answer": str(4 * i - 2)}
