@@ -66,13 +66,27 @@ def test_toy_gold_solutions_verify():
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
-@pytest.mark.parametrize("name,field", [("gsm8k/test.jsonl", "answer"), ("math500/test.jsonl", "solution")])
-def test_shared_gold_answers_verify_against_themselves(name, field):
-    """The gold solution's boxed answer (or #### n) verifies as correct against the gold answer field."""
-    rows = [json.loads(line) for line in open(SHARED_DATA / name)][:150]
+def test_shared_gsm8k_gold_answers_verify_in_another_form():
+    """GSM8K's ``#### n`` golds against a completion that writes n in another form (a fraction,
+    so the answers are compared as math, not as equal strings); n + 1 in that form is wrong."""
+    from fractions import Fraction
+
+    rows = [json.loads(line) for line in open(SHARED_DATA / "gsm8k/test.jsonl")][:150]
+    ok = wrong = 0
+    for r in rows:
+        n = Fraction(gold_answer(r["answer"]).replace(",", ""))
+        as_fraction = "<think>work</think> \\boxed{\\frac{%s}{%s}}"
+        ok += check_sample(as_fraction % (n * 3, 3), "stop", r["answer"], FMT).reason == "ok"
+        wrong += check_sample(as_fraction % ((n + 1) * 3, 3), "stop", r["answer"], FMT).reason == "wrong_answer"
+    assert ok / len(rows) >= 0.99 and wrong == len(rows)
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
+def test_shared_math500_gold_answers_verify_against_themselves():
+    """MATH-500's boxed gold solutions: the boxed answer taken out of the solution verifies."""
+    rows = [json.loads(line) for line in open(SHARED_DATA / "math500/test.jsonl")][:150]
     ok = 0
     for r in rows:
-        gold = r["answer"]
-        completion = "<think>work</think> \\boxed{" + gold_answer(r[field]) + "}"
-        ok += check_sample(completion, "stop", gold, FMT).reason == "ok"
+        completion = "<think>work</think> \\boxed{" + gold_answer(r["solution"]) + "}"
+        ok += check_sample(completion, "stop", r["answer"], FMT).reason == "ok"
     assert ok / len(rows) >= 0.99

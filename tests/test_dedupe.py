@@ -74,11 +74,15 @@ CANDIDATES = [
 ]
 
 
+# the longest first in the input, so first, shortest and diverse keep three different pairs
+INPUT_ORDER = [2, 1, 0, 3, 4]
+
+
 @pytest.mark.parametrize("prefer, kept, over", [("shortest", [0, 1], [2]), ("diverse", [0, 2], [1]),
-                                                 ("first", [0, 1], [2])])
+                                                 ("first", [1, 2], [0])])
 def test_prefer_selects_which_traces_survive_the_cap(tmp_path, prefer, kept, over):
-    rows = [{"prompt_id": "p1", "prompt": "Janet's apples?", "verdict": "correct", "reason": "ok", **c}
-            for c in CANDIDATES]
+    rows = [{"prompt_id": "p1", "prompt": "Janet's apples?", "verdict": "correct", "reason": "ok", **CANDIDATES[i]}
+            for i in INPUT_ORDER]
     rows.append({"prompt_id": "p2", "prompt": "Other?", "sample_index": 0, "completion": "<think> x </think> \\boxed{1}",
                  "verdict": "correct", "reason": "ok"})
     # 0 and 1 are close (Jaccard 0.70 on 5-word shingles) but under the 0.9 near-duplicate threshold
