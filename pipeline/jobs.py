@@ -130,9 +130,11 @@ class Address:
     source: str  # "--address" or "<config>: ray.address"
 
     def describe(self) -> str:
-        ignored = [f"{k}={os.environ[k]}" for k in _ADDRESS_ENV if os.environ.get(k)]
+        from .storage import redact_uri
+
+        ignored = [f"{k}={redact_uri(os.environ[k])}" for k in _ADDRESS_ENV if os.environ.get(k)]
         note = f"; ignored {', '.join(ignored)} from the environment" if ignored else ""
-        return f"Ray Jobs API {self.url} (from {self.source}{note})"
+        return f"Ray Jobs API {redact_uri(self.url)} (from {self.source}{note})"
 
 
 def resolve_address(address: str | None, config: str | None = None) -> Address:

@@ -27,9 +27,9 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(getattr(e, "code", 1))
 
 
-def _detached(job: str) -> None:
-    console.print(f"\nstopped watching {job}; the job goes on (`distill jobs stop {job}` ends it)", highlight=False,
-                  soft_wrap=True)
+def _detached(job: str, address: str) -> None:
+    console.print(f"\nstopped watching {job}; the job goes on (`distill jobs stop {job} --address {address}` "
+                  "ends it)", highlight=False, soft_wrap=True)
     raise typer.Exit(130)
 
 
@@ -98,7 +98,7 @@ def submit_cmd(
             _fail(e)
             return
         except KeyboardInterrupt:
-            _detached(sub.submission_id)
+            _detached(sub.submission_id, client.address.url)
         result["status"] = status
         if not json_:
             out.print(f"job {sub.submission_id} {status}", highlight=False, soft_wrap=True)
@@ -168,7 +168,7 @@ def jobs_logs(job: str = typer.Argument(..., help="submission id"), address: Opt
             try:
                 status = client.follow(job, write)
             except KeyboardInterrupt:
-                _detached(job)
+                _detached(job, client.address.url)
             console.print(f"job {job} {status}", highlight=False, soft_wrap=True)
             return
         if follow:

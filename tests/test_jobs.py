@@ -161,6 +161,9 @@ def test_address_only_from_flag_or_config(head, project):
     assert f"using Ray Jobs API {head.url} (from addr.yaml: ray.address;" in via_cfg.stderr
     bad = cli(["jobs", "ls", "--address", "ray://127.0.0.1:10001"], env, proj)
     assert bad.returncode == 2 and "not a Jobs API URL" in bad.stderr
+    for cmd in ("status", "logs", "stop"):
+        missing = cli(["jobs", cmd, "distill-jobs-nope", "--address", head.url], env, proj)
+        assert missing.returncode == 1 and f"no job 'distill-jobs-nope' on {head.url}" in missing.stderr
 
 
 def test_submit_refuses_configs_that_cannot_work_on_a_cluster(head, project, tmp_path):
@@ -174,3 +177,19 @@ def test_submit_refuses_configs_that_cannot_work_on_a_cluster(head, project, tmp
     assert far.returncode == 2 and "outside the working directory" in far.stderr
     typo = cli(["submit", "toy.yaml", "--address", head.url, "--set", "stages.data.params.max_per_prompt=x"], env, proj)
     assert typo.returncode == 2 and "stages.data.params.max_per_prompt" in typo.stderr
+
+
+def test_shipped_smoke_config_builds_a_job(monkeypatch):
+    """configs/smoke.yaml (the README's example) as a job from the project root: no cluster needed."""
+    from conftest import REPO
+    from pipeline.jobs import Address, ConfigProblem, prepare
+
+    monkeypatch.chdir(REPO)
+    addr = Address("http://127.0.0.1:9", "--address")
+    with pytest.raises(ConfigProblem, match=r"configs/smoke.yaml: storage.root: '.distill' is a relative local path"):
+        prepare("configs/smoke.yaml", addr, run_id="r")
+    sub = prepare("configs/smoke.yaml", addr, ["storage.root=/tmp/distill-cluster"], run_id="r")
+    assert sub.entrypoint == ("python -m pipeline.cli run configs/smoke.yaml --address auto --run-id r "
+                              "--set storage.root=/tmp/distill-cluster")
+    assert sub.submission_id == "distill-smoke-r" and sub.runtime_env["working_dir"] == str(REPO)
+    assert {".venv", ".distill", ".git"} <= set(sub.runtime_env["excludes"]) and "env_vars" not in sub.runtime_env
