@@ -35,12 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import resources
 from pipeline.stage import Stage, StageContext
-from stages.common.checkers import CHECKER_VERSION, FormatSpec, answer_key
+from stages.common.checkers import CHECKER_VERSION, FormatSpec
 from stages.common.engine import BudgetSpec, EngineSpec, SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap
 from stages.common.metrics import ReasoningMetrics, paired_difference
 from stages.common.ngrams import DEFAULT_NGRAM
 from stages.common.promotion import promote, read_best
+from stages.common.scoring import score
 from stages.common.verifier import VerifierPool
 
 EVAL_SCHEMA = pa.schema(
@@ -148,21 +149,9 @@ class Evaluate(Stage):
 
     def _score(self, ctx, p: Params, role: str, pool, prompts: list[dict], sampling: SamplingSpec, writer,
                verifier: VerifierPool, cap: int | None = None) -> ReasoningMetrics:
-        by_id = {r["prompt_id"]: r for r in prompts}
-        acc = ReasoningMetrics(ks=tuple(p.ks))
-        label = f"{role} answering" + (f" (thinking <= {cap} tokens)" if cap else "")
-        bar = ctx.progress(label, len(prompts))
-        for chunk in pool.generate(prompts, sampling):
-            rows = [{**r, "role": role, "prompt": by_id[r["prompt_id"]]["prompt"],
-                     "answer": by_id[r["prompt_id"]]["answer"], "max_thinking_tokens": cap} for r in chunk]
-            verdicts = verifier.check_rows(rows, p.format)
-            rows = [{**r, **v} for r, v in zip(rows, verdicts)]
-            for r in rows:
-                acc.add(r["prompt_id"], r["sample_index"], r["verdict"] == "correct", answer_key(r["extracted"]),
-                        r["completion_tokens"], r["finish_reason"] == "length", errored=r["verdict"] == "error",
-                        reason=r["reason"])
-            writer.write(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA))
-            bar.advance(len({r["prompt_id"] for r in chunk}))
+        bar = ctx.progress(f"{role} answering" + (f" (thinking <= {cap} tokens)" if cap else ""), len(prompts))
+        acc = score(pool, prompts, sampling, verifier, p.format, tuple(p.ks), {"role": role, "max_thinking_tokens": cap},
+                    lambda rows: writer.write(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)), bar)
         bar.close()
         return acc
 

@@ -142,6 +142,10 @@ class ReasoningMetrics:
                 raise ValueError(f"unknown metric {metric!r} (pass@k or maj@k)")
         return out
 
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Per scored prompt: (scored samples, correct samples)."""
+        return {pid: (len(s), sum(x.correct for x in s)) for pid, s in self._scored().items()}
+
     def summary(self) -> dict:
         scored = self._scored()
         all_samples = [x for s in self._by_prompt.values() for x in s]
