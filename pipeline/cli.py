@@ -33,8 +33,10 @@ def _load(config: str, overrides: list[str] | None):
     try:
         return load_config(config, overrides)
     except ConfigError as e:
+        from .secrets import redact  # a config echo never shows a secret of this environment
+
         for line in e.problems:
-            console.print(f"[bold red]config error[/] {line}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]config error[/] {redact(line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 

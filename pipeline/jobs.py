@@ -36,6 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .secrets import _read, redact, secret_values  # noqa: F401  (re-exported)
+
 METADATA_TAG = "distill"  # metadata key that marks a job as submitted by distill
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -47,7 +49,6 @@ EXCLUDES = [
     ".env", ".env.*", ".aws", ".ray", "auth_token", "credentials", "*.pem", "*.key",
 ]
 MAX_FILE_BYTES = 10 * 2**20  # larger files are left out (Ray warns at 10 MiB a file); --max-file-mb changes it
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL|SESSION_KEY", re.I)
 _ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 _NO_AGENT_WAIT_S = 60.0  # a just-started head answers "No available agent" until its agent is up
 
@@ -75,39 +76,6 @@ class JobNotFound(JobsError):
 
 
 # -- secrets ----------------------------------------------------------------------
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def secret_values(env: dict | None = None) -> dict[str, str]:
-    """Where each secret of this environment comes from -> its value: variables whose name
-    says secret/token/key/password, and the Ray and Hugging Face token files."""
-    env = dict(os.environ if env is None else env)
-    found = {k: v.strip() for k, v in env.items() if _SECRET_NAME.search(k) and len(v.strip()) >= 8}
-    home = Path(env.get("HOME") or Path.home())
-    files = {
-        "RAY_AUTH_TOKEN_PATH": Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else None,
-        "~/.ray/auth_token": home / ".ray" / "auth_token",
-        "HF_TOKEN_PATH": Path(env["HF_TOKEN_PATH"]) if env.get("HF_TOKEN_PATH") else None,
-        "~/.cache/huggingface/token": home / ".cache" / "huggingface" / "token",
-    }
-    for name, path in files.items():
-        value = _read(path) if path else None
-        if value and len(value) >= 8:
-            found[name] = value
-    return found
-
-
-def redact(text: str, secrets: dict[str, str] | None = None) -> str:
-    """``text`` with every secret value of this environment replaced by ``***``."""
-    for value in sorted((secrets if secrets is not None else secret_values()).values(), key=len, reverse=True):
-        text = text.replace(value, "***")
-    return text
-
 
 def check_no_secrets(what: dict[str, Any], secrets: dict[str, str] | None = None) -> None:
     """Refuse to send ``what`` (entrypoint, metadata, runtime env) when it holds a secret value;

@@ -175,3 +175,23 @@ def test_job_payload_and_secret_sources(tmp_path, monkeypatch):
     assert "/big.bin" in sub.runtime_env["excludes"] and sub.excluded_large == [("big.bin", 2 * 2**20)]
     assert sub.entrypoint == "python -m pipeline.cli run p.yaml --address auto --run-id r"
     assert sub.submission_id == "distill-secrets-r" and sub.metadata["storage_root"] == "s3://b/distill"
+
+
+def test_run_config_errors_never_echo_a_secret(tmp_path, monkeypatch):
+    """`distill run` (what a job runs) echoes a bad config value, but never a secret's."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.secrets import secret_values
+
+    for k, v in FAKE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "a-token-file-path"))  # a path, not a secret
+    assert "RAY_AUTH_TOKEN_PATH" not in secret_values()
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(CONFIG.format(bucket="b").replace("s3://b/distill", str(tmp_path / "root")))
+    r = CliRunner().invoke(app, ["run", str(cfg), "--set", f"stages.toy_task.params.seed={FAKE['HF_TOKEN']}"])
+    assert r.exit_code == 2 and "stages.toy_task.params.seed" in r.output and "***" in r.output
+    assert find_secrets(FAKE, {"out": r.output.encode()}) == []
+    plain = CliRunner().invoke(app, ["run", str(cfg), "--set", "stages.toy_task.params.seed=notanumber"])
+    assert "notanumber" in plain.output  # what is not a secret is still shown
