@@ -3,7 +3,8 @@
 Where things live comes from ``pipeline.layout`` (the same functions the runner writes
 through), so a changed layout cannot make gc delete live data.
 Kept: everything a stage record (``_stage.json``) lists, the shards each committed
-dataset manifest lists, committed checkpoint datasets (for resume), run manifests and
+dataset manifest lists, committed checkpoint datasets (for resume), the checkpoints of a
+training run whose stage has not finished (a rerun resumes from them), run manifests and
 ``latest`` pointers (gc looks only under ``cache/``).
 Garbage: attempt folders of failed or killed attempts, shards no manifest lists,
 and (on S3) multipart uploads that were never completed. Only what is older than
@@ -36,6 +37,11 @@ def _referenced(st: Storage) -> set[str]:
         keep.update(o["path"] for o in rec["outputs"].values())
     for m in st.fs.glob(layout.checkpoint_manifest_glob(st)):
         keep.add(m.rsplit("/", 1)[0])
+    for snap in st.fs.glob(layout.train_run_glob(st)):
+        run = snap.rsplit("/", 1)[0]
+        stage = run.rsplit("/", 2)[0]  # cache/<kind>/<key>
+        if not st.exists(f"{stage}/{STAGE_RECORD}"):
+            keep.add(run)  # training not finished: its checkpoints are what a rerun resumes from
     return {k.rstrip("/") for k in keep}
 
 

@@ -67,6 +67,15 @@ def checkpoint_manifest_glob(st: Storage) -> str:
     return st.path(CACHE, "*", "*", CHECKPOINTS, "*", MANIFEST)
 
 
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a training run's checkpoints
+
+
+def train_run_glob(st: Storage) -> str:
+    """A glob matching the snapshot of every training run (Ray Train) under a checkpoint root:
+    ``cache/<kind>/<key>/checkpoints/<run>/checkpoint_manager_snapshot.json``."""
+    return st.path(CACHE, "*", "*", CHECKPOINTS, "*", TRAIN_SNAPSHOT)
+
+
 @dataclass(frozen=True)
 class OutputLocation:
     kind: str

@@ -50,7 +50,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import resources
+from pipeline import layout, resources
 from pipeline.stage import Stage, StageContext, StageError
 
 NO_FP = {"fingerprint": False}
@@ -248,7 +248,7 @@ class TrainState:
                 "last_step": self.steps[-1][1] if self.steps else 0}
 
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+SNAPSHOT = layout.TRAIN_SNAPSHOT  # Ray Train's record of the checkpoints it registered
 
 
 def registered_checkpoint_step(storage, run_dir: str) -> int | None:

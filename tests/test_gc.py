@@ -133,3 +133,24 @@ def test_gc_deletes_only_garbage_beside_live_checkpoints_and_attempts(ray_local,
     assert st.fs.find(layout.attempt_dir(st, "generate", "a" * 20, "cafef00d"))  # in progress, untouched
     assert st.read_json(layout.run_manifest(st, run.run_id))["status"] == "done"
     assert [s["status"] for s in Runner(load_config(cfg)).run().manifest["stages"]] == ["cached"]
+
+
+def test_gc_keeps_training_checkpoints_until_the_stage_is_done(tmp_path):
+    """A training run's checkpoints (Ray Train, under the stage's checkpoint root) are kept while
+    the stage has no record, whatever their age: a rerun resumes from them. Once the stage is
+    done they are garbage like any other unreferenced file."""
+    from pipeline import layout
+    from pipeline.gc import collect
+    from pipeline.storage import STAGE_RECORD
+
+    st = Storage(str(tmp_path / "root"))
+    live = layout.checkpoint_root(st, "sft", "aaa") + "/train-aaa"
+    done = layout.checkpoint_root(st, "sft", "bbb") + "/train-bbb"
+    for run in (live, done):
+        st.write_json(f"{run}/{layout.TRAIN_SNAPSHOT}", {"latest_checkpoint_result": None})
+        st.put_bytes(f"{run}/checkpoint_00000025/checkpoint/model.safetensors", b"weights")
+    st.write_json(f"{layout.stage_dir(st, 'sft', 'bbb')}/{STAGE_RECORD}", {"outputs": {}})
+    doomed = {f["path"] for f in collect(st, older_than=0)["files"]}
+    assert not any(p.startswith(live) for p in doomed)
+    assert f"{done}/checkpoint_00000025/checkpoint/model.safetensors" in doomed
+    assert f"{done}/{layout.TRAIN_SNAPSHOT}" in doomed
