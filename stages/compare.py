@@ -1,0 +1,200 @@
+"""compare: an experiment matrix's table. Every variant of an expanded evaluate stage, its
+score as mean ± standard error across seeds, and its paired difference to a baseline variant.
+
+Input ``runs`` is variadic: wired to an expanded stage (``runs: evaluate.samples``) it
+receives every variant's evaluate ``samples`` as its own input, ``runs[data=...,seed=...]``
+(see ``pipeline.config``). From each, the rows of ``role`` at the main evaluation
+(``max_thinking_tokens`` null) are scored per prompt with ``stages.common.metrics``
+(``metric``: pass@k or maj@k; samples with verdict ``error`` are left out as errored, not
+counted wrong).
+
+Variants are grouped by the axes in ``group_by`` (default: every axis but ``across``); a
+group's seeds are its variants along ``across``. Per group:
+- ``mean``: the mean over seeds of each seed's score (the mean of its per-prompt scores);
+- ``se_seeds``: the standard error of that mean across seeds (ddof 1);
+- ``se_prompts``: the clustered standard error over prompts of the per-prompt scores
+  averaged over seeds (the prompt-sampling part of the uncertainty);
+- against the ``baseline`` group: ``diff``, the mean over prompts of the per-prompt
+  difference (each side averaged over its seeds), with its paired SE over prompts
+  (``diff_se``) and the SE across seeds of the per-seed differences of seed scores
+  (``diff_se_seeds``, seeds paired by value); ``significant`` when ``|diff|`` exceeds
+  ``z`` times both.
+
+Output ``table``: one row per group. Metrics: the same numbers keyed by group label
+(``data=verified``), plus ``per_seed`` scores and the settings.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import input_base, parse_variant, value_label, variant_label
+from pipeline.stage import Stage, StageContext, StageError
+from stages.common.checkers import answer_key
+from stages.common.metrics import ReasoningMetrics, mean_se, paired_difference
+
+TABLE_SCHEMA = pa.schema(
+    [("variant", pa.string()), ("axes", pa.string()), ("metric", pa.string()), ("seeds", pa.int32()),
+     ("prompts", pa.int32()), ("mean", pa.float64()), ("se_seeds", pa.float64()), ("se_prompts", pa.float64()),
+     ("per_seed", pa.list_(pa.float64())), ("errored", pa.int64()), ("baseline", pa.string()),
+     ("diff", pa.float64()), ("diff_se", pa.float64()), ("diff_se_seeds", pa.float64()),
+     ("significant", pa.bool_())]
+)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    baseline: dict[str, Any] | None = Field(None, description="axis -> value of the variant the others are compared to")
+    group_by: list[str] | None = Field(None, description="axes that make a variant (default: all but 'across')")
+    across: str = Field("seed", description="the axis whose values are repeats (seeds)")
+    role: str = "student"
+    metric: str = Field("pass@1", pattern=r"^(pass|maj)@[1-9][0-9]*$")
+    z: float = Field(2.0, gt=0, description="a difference is significant past this many standard errors")
+
+
+class Compare(Stage):
+    kind: ClassVar[str] = "compare"
+    version: ClassVar[str] = "1"
+    Params = Params
+    inputs: ClassVar[dict] = {"runs": "dataset"}
+    variadic_inputs: ClassVar[frozenset] = frozenset({"runs"})
+    input_columns: ClassVar[dict] = {"runs": {"role": "string", "prompt_id": "string", "sample_index": "int",
+                                              "verdict": "string"}}
+    outputs: ClassVar[dict] = {"table": "dataset"}
+    output_columns: ClassVar[dict] = {"table": TABLE_SCHEMA}
+
+    # -- grouping (checked when the config loads, from the wired input names) --------------------
+    def _groups(self, keys: list[str]) -> tuple[list[str], dict[str, list[tuple[str, str]]], str | None]:
+        """(group axes, {group label: [(seed label, input key)]}, baseline label); ValueError
+        (field, message) when the variants do not fit the params."""
+        p: Params = self.params
+        variants = {k: parse_variant(k)[1] for k in keys}
+        axes = sorted({a for v in variants.values() for a in v})
+        if any(set(v) != set(axes) for v in variants.values()):
+            raise ValueError("runs", "every wired variant must have the same matrix axes")
+        group_by = p.group_by if p.group_by is not None else [a for a in axes if a != p.across]
+        for a in group_by:
+            if a not in axes:
+                raise ValueError("group_by", f"{a!r} is not an axis of the wired variants (they have: "
+                                             f"{', '.join(axes) or 'none'})")
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key, v in variants.items():
+            label = variant_label({a: v[a] for a in group_by}) or "all"
+            seed = v.get(p.across, "")
+            if any(s == seed for s, _ in groups.get(label, [])):
+                raise ValueError("group_by", f"variants {label} repeat {p.across}={seed}: group_by must name every "
+                                             f"axis but {p.across!r}")
+            groups.setdefault(label, []).append((seed, key))
+        baseline = None
+        if p.baseline is not None:
+            want = {a: value_label(x) for a, x in p.baseline.items()}
+            bad = [a for a in want if a not in group_by]
+            if bad:
+                raise ValueError("baseline", f"{bad[0]!r} is not a group_by axis ({', '.join(group_by) or 'none'})")
+            hits = [g for g, members in groups.items()
+                    if all(variants[members[0][1]][a] == x for a, x in want.items())]
+            if len(hits) != 1:
+                raise ValueError("baseline", f"{variant_label(want)} matches {len(hits)} variants, not one "
+                                             f"(variants: {', '.join(groups)})")
+            baseline = hits[0]
+        return group_by, groups, baseline
+
+    def check_variants(self, keys: list[str]) -> list[tuple[str, str]]:
+        """Problems with the wired ``runs`` variants (their input names), as (field, message)."""
+        try:
+            self._groups([k for k in keys if input_base(k) == "runs"])
+        except ValueError as e:
+            return [e.args]
+        return []
+
+    # -- scoring -------------------------------------------------------------------------------
+    def _score(self, ctx: StageContext, key: str) -> tuple[dict[str, float], int]:
+        p: Params = self.params
+        table = ctx.read_input(key)
+        mask = pc.equal(table.column("role"), p.role)
+        if "max_thinking_tokens" in table.column_names:
+            mask = pc.and_(mask, pc.is_null(table.column("max_thinking_tokens")))
+        rows = table.filter(pc.fill_null(mask, False))
+        if not rows.num_rows:
+            raise StageError(f"input {key!r}: no rows of role {p.role!r} at the main evaluation "
+                             f"(roles present: {', '.join(sorted(set(table.column('role').to_pylist()))) or 'none'})")
+        acc = ReasoningMetrics(ks=(1,))
+        extracted = rows.column("extracted").to_pylist() if "extracted" in rows.column_names else [None] * rows.num_rows
+        for pid, idx, verdict, ans in zip(rows.column("prompt_id").to_pylist(), rows.column("sample_index").to_pylist(),
+                                          rows.column("verdict").to_pylist(), extracted):
+            acc.add(pid, idx, verdict == "correct", answer_key(ans), 0, False, errored=verdict == "error")
+        errored = acc.summary()["errored"]
+        if errored:
+            ctx.drop("errored", "verdict_error", errored)
+        try:
+            return acc.per_prompt(p.metric), errored
+        except ValueError as e:
+            raise StageError(f"input {key!r}: {e}") from e
+
+    def run(self, ctx: StageContext) -> None:
+        p: Params = self.params
+        keys = [k for k in ctx.inputs if input_base(k) == "runs"]
+        try:
+            group_by, groups, baseline = self._groups(keys)
+        except ValueError as e:
+            raise StageError(f"params.{e.args[0]}: {e.args[1]}") from e
+        scored = {key: self._score(ctx, key) for key in keys}
+        out: dict[str, dict] = {}
+        for label, members in groups.items():
+            members = sorted(members, key=lambda m: _sortable(m[0]))
+            per_prompt = [scored[k][0] for _, k in members]
+            seed_means = [mean_se(list(pp.values()))[0] for pp in per_prompt]
+            mean, se_seeds = mean_se(seed_means)
+            avg = _average(per_prompt)
+            out[label] = {"seeds": [s for s, _ in members], "per_seed": seed_means, "mean": mean, "se_seeds": se_seeds,
+                          "se_prompts": mean_se(list(avg.values()))[1], "prompts": len(avg),
+                          "errored": sum(scored[k][1] for _, k in members), "avg": avg,
+                          "by_seed": dict(zip([s for s, _ in members], seed_means))}
+        rows, metrics = [], {}
+        for label, g in out.items():
+            row = {"variant": label, "axes": json.dumps(parse_variant(f"x[{label}]")[1] if label != "all" else {}),
+                   "metric": p.metric, "seeds": len(g["seeds"]), "prompts": g["prompts"], "mean": g["mean"],
+                   "se_seeds": g["se_seeds"], "se_prompts": g["se_prompts"], "per_seed": g["per_seed"],
+                   "errored": g["errored"], "baseline": baseline, "diff": None, "diff_se": None,
+                   "diff_se_seeds": None, "significant": None}
+            if baseline is not None and label != baseline:
+                b = out[baseline]
+                d = paired_difference(g["avg"], b["avg"])
+                shared = [s for s in g["by_seed"] if s in b["by_seed"]]
+                se_seeds = mean_se([g["by_seed"][s] - b["by_seed"][s] for s in shared])[1]
+                row.update(diff=d["diff"], diff_se=d["se"], diff_se_seeds=se_seeds,
+                           significant=abs(d["diff"]) > p.z * max(d["se"], se_seeds))
+            rows.append(row)
+            metrics[label] = {k: row[k] for k in ("mean", "se_seeds", "se_prompts", "seeds", "prompts", "errored",
+                                                  "diff", "diff_se", "diff_se_seeds", "significant")
+                              if row[k] is not None}
+        ctx.write_dataset("table", [pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)])
+        ctx.metrics.update({**metrics, "metric": p.metric, "role": p.role, "across": p.across, "group_by": group_by,
+                            "baseline": baseline, "z": p.z,
+                            "per_seed": {label: g["by_seed"] for label, g in out.items()}})
+        for row in rows:
+            diff = "" if row["diff"] is None else (
+                f"; {row['diff']:+.3f} vs {baseline} (paired SE {row['diff_se']:.3f}, seeds SE "
+                f"{row['diff_se_seeds']:.3f}{', beyond ' + format(p.z, 'g') + ' SE' if row['significant'] else ''})")
+            ctx.log(f"{row['variant']}: {p.metric} {row['mean']:.3f} ± {row['se_seeds']:.3f} over {row['seeds']} "
+                    f"{p.across}s{diff}")
+
+
+def _sortable(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def _average(per_prompt: list[dict[str, float]]) -> dict[str, float]:
+    """Per prompt, the mean of its scores over the runs that scored it."""
+    sums: dict[str, list[float]] = {}
+    for pp in per_prompt:
+        for pid, v in pp.items():
+            sums.setdefault(pid, []).append(v)
+    return {pid: sum(v) / len(v) for pid, v in sums.items()}

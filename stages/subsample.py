@@ -1,0 +1,57 @@
+"""subsample: a seeded random subset of a dataset's rows, in input order.
+
+Input ``data``; optional input ``like``: keep as many rows as ``like`` has (e.g. the
+same number of unverified traces as there are verified ones). Without ``like``,
+``params.n`` rows are kept; with neither, every row. Rows are drawn without
+replacement with ``numpy.random.default_rng(seed)``, so the same input and seed give the
+same rows. Rows left out are counted as removed (``subsampled``). A ``data`` with fewer
+rows than asked for is an error, unless ``allow_fewer`` (then every row is kept).
+Output ``data``: ``data``'s columns, unchanged.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.stage import Passthrough, Stage, StageContext, StageError
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int | None = Field(None, ge=0, description="rows to keep (when input 'like' is not wired)")
+    seed: int = 0
+    allow_fewer: bool = Field(False, description="keep every row when data has fewer than asked for")
+
+
+class Subsample(Stage):
+    kind: ClassVar[str] = "subsample"
+    version: ClassVar[str] = "1"
+    Params = Params
+    inputs: ClassVar[dict] = {"data": "dataset", "like": "dataset"}
+    optional_inputs: ClassVar[frozenset] = frozenset({"like"})
+    outputs: ClassVar[dict] = {"data": "dataset"}
+    output_columns: ClassVar[dict] = {"data": Passthrough("data")}
+
+    def run(self, ctx: StageContext) -> None:
+        p: Params = self.params
+        table = ctx.read_input("data")
+        if ctx.has_input("like"):
+            want = ctx.storage.dataset_manifest(ctx.inputs["like"].path)["rows"]
+            what = "input 'like'"
+        elif p.n is not None:
+            want, what = p.n, "params.n"
+        else:
+            want, what = table.num_rows, "all"
+        if want > table.num_rows:
+            if not p.allow_fewer:
+                raise StageError(f"input 'data' has {table.num_rows} rows, fewer than the {want} asked for by {what} "
+                                 f"(set allow_fewer: true to keep them all)")
+            want = table.num_rows
+        keep = np.sort(np.random.default_rng(p.seed).choice(table.num_rows, size=want, replace=False))
+        ctx.drop("removed", "subsampled", table.num_rows - want)
+        ctx.write_dataset("data", [table.take(pa.array(keep, pa.int64()))], table.schema,
+                          stats={"input_rows": table.num_rows})
+        ctx.metrics.update({"input_rows": table.num_rows, "kept": int(want)})
