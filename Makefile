@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(DISTILL) run configs/toy-teacher.yaml
 	$(DISTILL) run configs/demo.yaml
+	$(DISTILL) report latest --root .distill
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
