@@ -8,14 +8,15 @@ Pairs are unique and never string-equal, so neither side's caches or fast paths 
 `verify-agreement`: the share of (gold, completion) pairs on which the project's verdict
 (correct or not, from the verifier service) agrees with raw math-verify:
 `verify(parse("$" + gold + "$"), parse(completion))` with math-verify's default extraction
-(GSM8K gold: its `#### n` number). Pairs: every MATH-500 gold (the gold answer boxed, the
-solution's own boxed form of it, a number of it changed, another problem's answer) and every
-GSM8K gold (the number boxed, with a unit or `\\$` or thousands commas, the number changed),
+(GSM8K gold: its `#### n` number). Pairs: every MATH-500 gold (the gold answer boxed, other
+spellings of it: spacing, `\\dfrac`, `n.0`; a number of it changed, another problem's answer,
+and for every fifth the answer hedged with another) and every GSM8K gold (the number boxed,
+with a unit or `\\$` or thousands commas, the number changed),
 each after a `<think>` block holding the reference solution with its boxes removed; plus the
 multi-part cases below (lists, equations, named variables, sets, intervals, units, hedges).
-`ours` is the number of agreeing pairs, `baseline` the number of pairs; `disagreements` counts
-them by pair kind, `examples` shows a few. Set `VERIFY_AGREEMENT_LIMIT=n` to use the first n
-gold answers of each data set only (a quick look).
+`ours` is the number of agreeing pairs (an `error` verdict of ours never agrees), `baseline`
+the number of pairs; `disagreements` counts them by pair kind, `examples` shows a few.
+Set `VERIFY_AGREEMENT_LIMIT=n` to use the first n gold answers of each data set only.
 """
 from __future__ import annotations
 
@@ -147,10 +148,22 @@ def _bump(ans: str) -> str | None:
     return ans[: m.start()] + str(int(m.group()) + 1) + ans[m.end():]
 
 
+def _rewritten(ans: str) -> list[tuple[str, str]]:
+    """Equivalent spellings of a gold answer, as a model might write them: ``(kind, form)``."""
+    out = []
+    if " " in ans.strip():
+        out.append(("correct_spacing", re.sub(r"(?<![A-Za-z\\])\s+|\s+(?![A-Za-z])", "", ans)))
+    elif "," in ans:
+        out.append(("correct_spacing", ans.replace(",", ", ")))
+    if "\\frac" in ans:
+        out.append(("correct_dfrac", ans.replace("\\frac", "\\dfrac")))
+    if re.fullmatch(r"-?\d+", ans.strip()):
+        out.append(("correct_decimal", ans.strip() + ".0"))
+    return [(k, f) for k, f in out if f != ans]
+
+
 def agreement_pairs(limit: int | None = None) -> list[dict]:
     """Rows for the verifier plus what raw math-verify gets (``raw_gold``, ``completion``)."""
-    from stages.common.checkers import boxed_spans
-
     out = []
 
     def add(source, kind, gold, raw_gold, reasoning, answer_part):
@@ -163,14 +176,15 @@ def agreement_pairs(limit: int | None = None) -> list[dict]:
         gold, reasoning = r["answer"], _unboxed(r["solution"])
         raw_gold = "$" + gold + "$"
         add("math500", "correct", gold, raw_gold, reasoning, f"The final answer is $\\boxed{{{gold}}}$.")
-        spans = boxed_spans(r["solution"])
-        if spans and spans[-1][2] != gold:
-            add("math500", "correct_solution_form", gold, raw_gold, reasoning, f"So the answer is $\\boxed{{{spans[-1][2]}}}$.")
+        for kind, form in _rewritten(gold):
+            add("math500", kind, gold, raw_gold, reasoning, f"So the answer is $\\boxed{{{form}}}$.")
         bumped = _bump(gold)
         if bumped is not None:
             add("math500", "perturbed_number", gold, raw_gold, reasoning, f"The final answer is $\\boxed{{{bumped}}}$.")
         other = math[(i + 1) % len(math)]["answer"]
         add("math500", "other_answer", gold, raw_gold, reasoning, f"The final answer is $\\boxed{{{other}}}$.")
+        if i % 5 == 0:
+            add("math500", "hedge", gold, raw_gold, reasoning, f"It is $\\boxed{{{gold}}}$ or $\\boxed{{{other}}}$.")
 
     gsm = [json.loads(line) for line in open(DATA / "gsm8k" / "test.jsonl")][:limit]
     for i, r in enumerate(gsm):
@@ -219,10 +233,10 @@ def agreement() -> None:
     examples = []
     agree = 0
     for r, b, o in zip(rows, base, ours):
-        if (o["verdict"] == "correct") == b:
+        if (o["verdict"] == "correct") == b and o["verdict"] != "error":
             agree += 1
             continue
-        key = f"{r['source']}/{r['kind']}"
+        key = f"{r['source']}/{r['kind']}" + (f" ({o['reason']})" if o["verdict"] == "error" else "")
         by_kind[key] = by_kind.get(key, 0) + 1
         if len(examples) < 12:
             examples.append({"kind": key, "gold": r["answer"][-80:], "answer": r["completion"].rsplit("</think>", 1)[1].strip()[:120],

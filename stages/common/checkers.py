@@ -83,6 +83,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -227,12 +228,15 @@ def _deadline(seconds: float | None):
         raise CheckTimeout(f"answer check exceeded {seconds:g}s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    t0 = time.monotonic()
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if old_delay:  # someone else's timer was running: it goes on
+            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - t0), 0.001), old_interval)
 
 
 @lru_cache(maxsize=1)
@@ -245,6 +249,7 @@ def _mv():
     # timeouts are ours (see above): silence the "timeout disabled" warning they would print
     math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
     cfg = [math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig()]
+    math_verify.parse("\\boxed{\\frac{1}{2}}", extraction_config=cfg, parsing_timeout=None)  # loads the LaTeX parser
     return math_verify.parse, math_verify.verify, cfg, FiniteSet
 
 
@@ -270,7 +275,10 @@ def _combined(parts: tuple[str, ...]) -> list:
     exprs = [_expr(p) for p in parsed]
     out: list = []
     if all(e is not None for e in exprs):
-        out.append(FiniteSet(*_flatten(exprs)))
+        try:
+            out.append(FiniteSet(*_flatten(exprs)))
+        except TypeError:  # unhashable members (matrices): the joined text only, as math-verify
+            pass
     out.append(",".join(next((x for x in p if isinstance(x, str)), part) for p, part in zip(parsed, parts)))
     return out
 
@@ -287,11 +295,21 @@ def _flatten(exprs) -> list:
 def _values(parts: tuple[str, ...]) -> list:
     """The distinct values an answer states: each part's elements (a set's members), as parsed,
     or the part's text where it does not parse."""
-    out = []
+    out: list = []
     for part in parts:
         e = _expr(_parse(part))
-        out.extend(_flatten([e]) if e is not None else [part])
-    return list(dict.fromkeys(out))
+        for v in _flatten([e]) if e is not None else [part]:
+            if not any(_identical(v, u) for u in out):
+                out.append(v)
+    return out
+
+
+def _identical(a, b) -> bool:
+    """Structural equality (sympy ``==``); values such as matrices are not hashable."""
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
 
 
 def _equal(gold: list, pred: list) -> bool:
@@ -326,15 +344,20 @@ def _compare(gold: tuple[str, ...], pred: tuple[str, ...]) -> str:
             distinct.append(v)
     if len(distinct) < len(values) and not any(isinstance(d, str) for d in distinct):
         _, _, _, FiniteSet = _mv()
-        if _equal(g, [FiniteSet(*distinct) if len(distinct) > 1 else distinct[0]]):
-            return "ok"
+        try:
+            if _equal(g, [FiniteSet(*distinct) if len(distinct) > 1 else distinct[0]]):
+                return "ok"
+        except TypeError:  # unhashable members
+            pass
     return "hedged_answer" if len(distinct) > n_gold else "wrong_answer"
 
 
 def compare_answers(gold: tuple[str, ...], pred: tuple[str, ...], timeout_s: float | None = CHECK_TIMEOUT_S) -> str:
     """``ok``, ``wrong_answer`` or ``hedged_answer`` for an answer of parts ``pred`` (distinct
     boxed contents) against gold parts. On the main thread (with ``SIGNAL_TIMEOUTS``) the whole
-    check is bounded by ``timeout_s`` and raises ``CheckTimeout`` past it."""
+    check is bounded by ``timeout_s`` and raises ``CheckTimeout`` past it (imports are done
+    before it starts)."""
+    _mv()
     with _deadline(timeout_s):
         return _compare(tuple(gold), tuple(pred))
 
