@@ -200,7 +200,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     except ValidationError as e:
         raise ConfigError(_pyd_problems(e, file)) from e
 
-    problems: list[str] = []
     variants, by_base, problems = _expand(spec, origins, file)
     if problems:
         raise ConfigError(problems)
@@ -211,7 +210,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         try:
             cls = registry.load(kind)
         except (KeyError, ImportError, AttributeError) as e:
-            problems.append(f"{origin}: stages.{name}.uses: {e.args[0] if e.args else e}")
+            msg = f"{origin}: stages.{base}.uses: {e.args[0] if e.args else e}"
+            if msg not in problems:  # once for all the variants of a stage
+                problems.append(msg)
             continue
         try:
             params = cls.Params.model_validate(sspec.params)

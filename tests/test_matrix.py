@@ -179,3 +179,9 @@ def test_ablation_config_plans(monkeypatch):
     entries = {e.name: e for e in Runner(cfg).plan()}
     # seed 0's student init is the demo's: the same stage to the cache
     assert entries["student_init_seed[seed=0]"].fingerprint == entries["student_init"].fingerprint
+
+
+def test_unknown_kind_of_an_expanded_stage_is_reported_once(tmp_path, src):
+    path = _write(tmp_path, _body(src, "  x: {uses: nosuchkind, matrix: [seed, data]}\n"))
+    problems = [p for p in _problems(path) if "nosuchkind" in p]
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: stages.x.uses: unknown stage kind"), problems
