@@ -28,6 +28,7 @@ from . import layout
 from .config import PipelineConfig
 from .ids import fingerprint
 from .provenance import run_provenance
+from .secrets import redact
 from .stage import Artifact, ProgressFactory, StageContext, StageError
 from .storage import AlreadyCommitted, Storage, now_iso, redact_uri
 
@@ -268,7 +269,7 @@ class Runner:
             self.cfg.nodes[entry.name].stage.run(ctx)
             record = self._commit(entry, ctx, attempt, round(time.time() - t0, 3))
         except Exception as e:  # the run manifest records any stage failure
-            msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
+            msg = redact(str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}")  # no secret in a record
             log.debug("stage %s failed:\n%s", entry.name, traceback.format_exc())
             run.settle("failed", seconds=round(time.time() - t0, 3), rows=ctx.rows, metrics=ctx.metrics,
                        dropped=ctx.dropped, error=msg)
