@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # stage names of matrix variants, e.g. student[data=a,seed=0], are not markup
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -42,7 +43,7 @@ def _load(config: str, overrides: list[str] | None):
 
 class _Bar(StageProgress):
     def __init__(self, progress: Progress, description: str, total: int | None):
-        self.progress, self.task = progress, progress.add_task(description, total=total)
+        self.progress, self.task = progress, progress.add_task(escape(description), total=total)
 
     def advance(self, n: int = 1) -> None:
         self.progress.advance(self.task, n)
@@ -75,7 +76,7 @@ def plan(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional
     for col in ("stage", "kind", "inputs", "fingerprint", "action"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e.name, e.kind, ", ".join(f"{k}<-{v}" for k, v in e.inputs.items()) or "-", e.fingerprint,
+        table.add_row(escape(e.name), e.kind, escape(", ".join(f"{k}<-{v}" for k, v in e.inputs.items())) or "-", e.fingerprint,
                       "[green]cached[/]" if e.cached else "[yellow]run[/]")
     out.print(table)
 
@@ -98,13 +99,13 @@ def run(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional[
 
     def on_stage(name: str, event: str, info: dict) -> None:
         if event == "cached":
-            progress.console.print(f"[green]cached[/] {name} ({info['fingerprint']})")
+            progress.console.print(f"[green]cached[/] {escape(name)} ({info['fingerprint']})")
         elif event == "start":
-            progress.console.print(f"[cyan]run[/]    {name} ({info['fingerprint']})")
+            progress.console.print(f"[cyan]run[/]    {escape(name)} ({info['fingerprint']})")
         elif event == "done":
-            progress.console.print(f"[green]done[/]   {name} in {info['seconds']:.1f}s  rows={info['rows']}")
+            progress.console.print(f"[green]done[/]   {escape(name)} in {info['seconds']:.1f}s  rows={info['rows']}")
         elif event == "failed":
-            progress.console.print(f"[red]failed[/] {name}: {info.get('error')}", highlight=False)
+            progress.console.print(f"[red]failed[/] {escape(name)}: {escape(str(info.get('error')))}", highlight=False)
 
     with progress:
         result = Runner(cfg, address=address, progress_factory=lambda d, t: _Bar(progress, d, t), on_stage=on_stage).run(run_id=run_id)
@@ -124,7 +125,7 @@ def _print_manifest(m: dict) -> None:
     for s in m["stages"]:
         color = {"done": "green", "cached": "cyan", "failed": "red"}.get(s["status"], "yellow")
         rows = ", ".join(f"{k}={v}" for k, v in (s.get("rows") or {}).items())
-        table.add_row(s["name"], f"[{color}]{s['status']}[/]", f"{s.get('seconds', 0):.1f}", rows, s["fingerprint"])
+        table.add_row(escape(s["name"]), f"[{color}]{s['status']}[/]", f"{s.get('seconds', 0):.1f}", rows, s["fingerprint"])
     out.print(table)
     for s in m["stages"]:
         _print_comparison(s["name"], s.get("metrics") or {})
@@ -141,7 +142,7 @@ def _print_evaluation(stage: str, metrics: dict) -> None:
     n = s.get("n")
     title = (f"{stage}: temperature {s.get('temperature')}, top_p {s.get('top_p')}, {n} samples/prompt, "
              f"max_tokens {s.get('max_tokens')}, seed {s.get('seed')}")
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("role", "prompts", "pass@1 ± SE", f"pass@{n}", f"maj@{n}", "mean tokens", "tokens/correct", "errored"):
         table.add_column(col, justify="left" if col == "role" else "right")
     for role, m in metrics["roles"].items():
@@ -175,7 +176,7 @@ def _print_comparison(stage: str, metrics: dict) -> None:
     names: list[str] = []
     for v in groups.values():
         names += [c for c in v if c not in names]
-    table = Table(title=f"{stage} metrics")
+    table = Table(title=escape(f"{stage} metrics"))
     table.add_column("metric")
     for g in groups:
         table.add_column(g, justify="right")

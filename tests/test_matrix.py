@@ -185,3 +185,16 @@ def test_unknown_kind_of_an_expanded_stage_is_reported_once(tmp_path, src):
     path = _write(tmp_path, _body(src, "  x: {uses: nosuchkind, matrix: [seed, data]}\n"))
     problems = [p for p in _problems(path) if "nosuchkind" in p]
     assert len(problems) == 1 and problems[0].startswith(f"{path}: stages.x.uses: unknown stage kind"), problems
+
+
+def test_plan_text_shows_variant_names_not_markup(tmp_path, src, monkeypatch):
+    from pipeline.cli import out
+
+    monkeypatch.setattr(out, "width", 250)
+    path = _write(tmp_path, _body(src))
+    with out.capture() as cap:
+        res = CliRunner().invoke(app, ["plan", str(path)])
+    assert res.exit_code == 0, res.output
+    text = cap.get()
+    # rich would read "[data=b,seed=2]" as a style tag and drop it
+    assert "pick[data=b,seed=2]" in text and "data<-pick[data=b,seed=2].data" in text, text
