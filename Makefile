@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import transformers, trl, vllm, ray, math_verify, s3fs"
 	touch $(STAMP)
 
+# configs/demo.yaml includes configs/toy-teacher.yaml: one run (one Ray start) builds the
+# teacher, distils it and evaluates both
 demo: $(STAMP)
-	$(DISTILL) run configs/toy-teacher.yaml
 	$(DISTILL) run configs/demo.yaml
 	$(DISTILL) report latest --root .distill
 
