@@ -153,7 +153,7 @@ def _rewritten(ans: str) -> list[tuple[str, str]]:
     out = []
     if " " in ans.strip():
         out.append(("correct_spacing", re.sub(r"(?<![A-Za-z\\])\s+|\s+(?![A-Za-z])", "", ans)))
-    elif "," in ans:
+    elif "," in ans and not re.search(r"\d,(\\!)?\d{3}(?!\d)", ans):  # a list, not thousands
         out.append(("correct_spacing", ans.replace(",", ", ")))
     if "\\frac" in ans:
         out.append(("correct_dfrac", ans.replace("\\frac", "\\dfrac")))
@@ -206,10 +206,16 @@ def agreement_pairs(limit: int | None = None) -> list[dict]:
     return out
 
 
+# generous on both sides, so that the comparison measures grading, not a loaded machine
+AGREEMENT_TIMEOUT_S = 30
+
+
 def raw_verdicts(rows: list[dict]) -> list[bool]:
     from math_verify import parse, verify
 
-    return [bool(verify(parse(r["raw_gold"]), parse(r["completion"]))) for r in rows]
+    return [bool(verify(parse(r["raw_gold"], parsing_timeout=AGREEMENT_TIMEOUT_S),
+                        parse(r["completion"], parsing_timeout=AGREEMENT_TIMEOUT_S), timeout_seconds=AGREEMENT_TIMEOUT_S))
+            for r in rows]
 
 
 def agreement() -> None:
@@ -224,7 +230,7 @@ def agreement() -> None:
     t0 = time.perf_counter()
     base = raw_verdicts(rows)
     raw_s = time.perf_counter() - t0
-    with VerifierPool(workers=2, timeout=10.0) as pool:
+    with VerifierPool(workers=2, timeout=AGREEMENT_TIMEOUT_S) as pool:
         pool.equal_many([("1", "2"), ("3", "4")])  # the workers' start-up out of the timing
         t0 = time.perf_counter()
         ours = pool.check_rows(rows, FormatSpec())

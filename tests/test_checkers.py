@@ -90,3 +90,14 @@ def test_shared_math500_gold_answers_verify_against_themselves():
         completion = "<think>work</think> \\boxed{" + gold_answer(r["solution"]) + "}"
         ok += check_sample(completion, "stop", r["answer"], FMT).reason == "ok"
     assert ok / len(rows) >= 0.99
+
+
+@pytest.mark.parametrize("gold,pred,equal", [
+    ("58500", "58, 500", False),  # a comma with a space separates two values
+    ("58500", "58,500", True),
+    (r"10,\!080", "10080", True),
+    ("12", "1,2", False),  # not a thousands comma
+    ("1, 2", "1,2", True),  # a list either way
+])
+def test_commas(gold, pred, equal):
+    assert answers_equal(gold, pred) is equal

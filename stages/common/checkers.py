@@ -193,12 +193,21 @@ def gold_answer(gold: str) -> str:
     return ", ".join(gold_parts(gold))
 
 
+_LIST_COMMA = re.compile(r",(?:\s|\\[ ,;:])+")  # a comma and spacing: a list separator ("58, 500" is two values)
+
+
 def _normalize(ans: str) -> str:
-    s = ans.strip().strip("$").strip()
+    """A cheap canonical spelling for the exact-string fast path (and for telling boxes apart):
+    spacing, ``\\left``/``\\right``, ``\\dfrac`` and ``\\text{}`` do not matter, nor thousands
+    commas in a plain number (``10,\\!080``); a comma followed by spacing stays a separator."""
+    return ", ".join(_normalize_item(p) for p in _LIST_COMMA.split(ans.strip().strip("$").strip()))
+
+
+def _normalize_item(s: str) -> str:
     s = re.sub(r"\\[,!;: ]|\s+", "", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("dfrac", "frac").replace("tfrac", "frac")
     s = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", s)
-    if re.fullmatch(r"-?[\d,]+(\.\d+)?", s):
+    if re.fullmatch(r"-?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?", s):
         s = s.replace(",", "")
         if "." in s:
             s = s.rstrip("0").rstrip(".")
