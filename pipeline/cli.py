@@ -37,7 +37,7 @@ def _load(config: str, overrides: list[str] | None):
         from .secrets import redact  # a config echo never shows a secret of this environment
 
         for line in e.problems:
-            console.print(f"[bold red]config error[/] {redact(line)}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]config error[/] {escape(redact(line))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -114,7 +114,7 @@ def run(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional[
         out.print("nothing new: every stage was cached (no Ray, no engine started)")
     out.print(f"run manifest: {result.manifest_uri}")
     if not result.ok:
-        console.print(f"[bold red]run failed[/] {result.error}", highlight=False)
+        console.print(f"[bold red]run failed[/] {escape(str(result.error))}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -300,7 +300,7 @@ def datasets_ls(uri: str = typer.Argument(".distill", help="storage root or any 
             table.add_column(col, justify="right" if col in ("rows", "size", "age") else "left", no_wrap=True,
                              overflow="ellipsis", min_width=max([len(col)] + [len(r[i]) for r in rows]) if long else None)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*map(escape, r))
     out.print(table)
 
 
@@ -361,7 +361,7 @@ def _print_funnel(steps: list[dict]) -> None:
         others = ", ".join(f"{k}={v}" for k, v in (s.get("outputs") or {}).items() if k != s.get("output"))
         reasons = "; ".join(f"{k}: " + ", ".join(f"{r}={n}" for r, n in v.items())
                             for k, v in (s.get("dropped") or {}).items())
-        table.add_row(s["name"], str(s["rows"]), others or "-", reasons or "-")
+        table.add_row(escape(s["name"]), str(s["rows"]), others or "-", reasons or "-")
     out.print(table)
 
 

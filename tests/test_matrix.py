@@ -198,3 +198,10 @@ def test_plan_text_shows_variant_names_not_markup(tmp_path, src, monkeypatch):
     text = cap.get()
     # rich would read "[data=b,seed=2]" as a style tag and drop it
     assert "pick[data=b,seed=2]" in text and "data<-pick[data=b,seed=2].data" in text, text
+
+
+def test_config_errors_of_variants_print_their_names(tmp_path, src):
+    path = _write(tmp_path, _body(src, "  x: {uses: subsample, matrix: [data], inputs: {data: \"{data}.nope\"}}\n"))
+    res = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "400"})
+    assert res.exit_code == 2
+    assert "stages.x[data=a].inputs.data: stage 'a' has no output 'nope'" in res.output.replace("\n", ""), res.output
