@@ -220,20 +220,36 @@ def _chain(run: _Run, target: str) -> list[str]:
 
 
 def _examples(run: _Run, stage: str, texts: dict) -> dict[str, list[dict]]:
-    """Up to EXAMPLES_PER_REASON rows per reason from each dataset the stage wrote that has a
-    ``reason`` column (rows passed on marked as ``ok`` are not examples)."""
+    """Up to EXAMPLES_PER_REASON rows per reason from the datasets the stage wrote: rows of a
+    ``reason`` column (not ``ok``, not verdict ``correct``), else, in an output holding only
+    dropped rows (e.g. decontaminate's ``contaminated``), rows with a value that names one of the
+    stage's reasons (``contaminated:<eval_source>``)."""
     out: dict[str, list[dict]] = {}
     s = run.stages[stage]
+    dropped = read_dropped(None, s) or {}
+    known = {r for reasons in dropped.values() for r in reasons}
     for o in s.get("output") or {}:
         ref = f"{stage}.{o}"
         ds = run.dataset(ref)
-        if ds is None or "reason" not in (ds["manifest"].get("schema") or {}) or not ds["manifest"]["rows"]:
+        if ds is None or not ds["manifest"]["rows"]:
             continue
-        schema = ds["manifest"]["schema"]
-        reasons = run.read(ref, ["reason", "verdict"])
-        rs = reasons.column("reason").to_pylist()
-        vs = reasons.column("verdict").to_pylist() if "verdict" in schema else [None] * len(rs)
+        schema = ds["manifest"].get("schema") or {}
         picks: dict[str, list[int]] = {}
+        if "reason" in schema:
+            reasons = run.read(ref, ["reason", "verdict"])
+            rs = reasons.column("reason").to_pylist()
+            vs = reasons.column("verdict").to_pylist() if "verdict" in schema else [None] * len(rs)
+        elif known and ds["manifest"]["rows"] <= sum(sum(v.values()) for v in dropped.values()):
+            cols = [c for c, t in schema.items() if t in ("string", "large_string") and c not in TEXT_COLUMNS[:3]]
+            table = run.read(ref, cols)
+            values = [table.column(c).to_pylist() for c in cols]
+            rs = []
+            for row in zip(*values):
+                hit = [r for r in known for v in row if isinstance(v, str) and (r == v or r.endswith(":" + v))]
+                rs.append(hit[0] if hit else None)
+            vs = [None] * len(rs)
+        else:
+            continue
         for i, (r, v) in enumerate(zip(rs, vs)):
             if r in (None, "ok") or v == "correct":
                 continue
@@ -242,8 +258,7 @@ def _examples(run: _Run, stage: str, texts: dict) -> dict[str, list[dict]]:
                 lst.append(i)
         if not picks:
             continue
-        wanted = ["prompt_id", "sample_index", *TEXT_COLUMNS]
-        table = run.read(ref, wanted)
+        table = run.read(ref, ["prompt_id", "sample_index", *TEXT_COLUMNS])
         idx = sorted(i for lst in picks.values() for i in lst)
         rows = dict(zip(idx, table.take(idx).to_pylist()))
         for reason, lst in picks.items():
@@ -254,7 +269,7 @@ def _examples(run: _Run, stage: str, texts: dict) -> dict[str, list[dict]]:
                     row["completion"] = texts[key]
                 row = {k: (v[:EXAMPLE_CHARS] + "…" if isinstance(v, str) and len(v) > EXAMPLE_CHARS else v)
                        for k, v in row.items()}
-                out.setdefault(reason, []).append({"dataset": ref, **row})
+                out.setdefault(reason, []).append({"dataset": ref, "reason": reason, **row})
     return out
 
 
@@ -287,7 +302,7 @@ def _funnel_and_lengths(run: _Run) -> tuple[dict | None, dict | None]:
         marked = sum(n for kind in MARKED for n in (dropped.get(kind) or {}).values())
         steps.append({
             "dataset": ref, "stage": stage, "kind": s.get("kind"), "status": s.get("status"), "rows": rows,
-            "rows_in": _stage_rows_in(run, s),
+            "rows_in": steps[-1]["rows"] if steps else _stage_rows_in(run, s),  # the chain's dataset before it
             "passed": rows - marked if marked <= rows else rows,
             "marked": marked,
             "outputs": {k: v for k, v in (s.get("rows") or {}).items() if k != output},
@@ -309,10 +324,12 @@ def _funnel_and_lengths(run: _Run) -> tuple[dict | None, dict | None]:
         for i, (t, v) in enumerate(zip(tokens, verdicts)):
             if t is None:
                 continue
-            if v is not None and v != "correct":
+            if kept_keys is not None and keys[i] in kept_keys:  # in the training data, whatever its verdict
+                series["kept"].append(t)
+            elif v is not None and v != "correct":
                 series["rejected" if v != "error" else "errored"].append(t)
             elif kept_keys is not None:
-                series["kept" if keys[i] in kept_keys else "correct, not kept"].append(t)
+                series["correct, not kept"].append(t)
             else:
                 series["kept" if v == "correct" else "all"].append(t)
         lengths = {"dataset": traces_ref, "kept_from": target if kept_keys is not None else None,

@@ -3,6 +3,7 @@
 sections, its errors, and the one-line ``distill datasets ls``."""
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections import Counter
@@ -107,6 +108,7 @@ def test_report_numbers_match_the_manifests(real_run, tmp_path):
         assert s["rows"] == st.dataset_manifest(st.strip(uri))["rows"] == stages[stage]["rows"][out]
         assert s["dropped"] == read_dropped(None, stages[stage])
     assert steps[0]["rows"] == len(TRAIN) + 1 and steps[1]["rows"] == (len(TRAIN) + 1) * N
+    assert [s["rows_in"] for s in steps[1:]] == [s["rows"] for s in steps[:-1]]
 
     # per-reason counts equal the rows of the datasets, counted here
     quarantine = Counter(r["reason"] for r in _rows(st, stages["prompts"]["output"]["quarantine"]))
@@ -125,7 +127,7 @@ def test_report_numbers_match_the_manifests(real_run, tmp_path):
     for s in steps:  # the page shows every count, and examples of every reason taken from the datasets
         for kind, reasons in s["dropped"].items():
             for reason, n in reasons.items():
-                assert f"{reason}={n:,}" in text
+                assert html.escape(f"{reason}={n:,}") in text
                 examples = s["examples"][reason]
                 assert 1 <= len(examples) <= 3 and all(e["reason"] == reason for e in examples)
     verify_examples = steps[2]["examples"]
@@ -135,7 +137,9 @@ def test_report_numbers_match_the_manifests(real_run, tmp_path):
     series = data["lengths"]["series"]
     assert data["lengths"]["dataset"] == "verify.verified"
     assert series["kept"]["count"] == steps[4]["rows"]
-    assert series["rejected"]["count"] == sum(rejected.values())
+    clean = {(r["prompt_id"], r["sample_index"]) for r in _rows(st, stages["decontaminate"]["output"]["clean"])}
+    assert series["rejected"]["count"] == sum(r["verdict"] == "rejected" and (r["prompt_id"], r["sample_index"])
+                                              not in clean for r in verified)
 
     # evaluation: pass@1 per role as the stage recorded it, and as the samples say
     metrics = stages["evaluate"]["metrics"]
