@@ -658,7 +658,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
         return f"{x:,.{digits}f}"
     if isinstance(x, (list, tuple)) and all(isinstance(v, (int, float)) for v in x):
         return "[" + ", ".join(_fmt(v, digits) for v in x) + "]"
-    return str(x)
+    return html.escape(str(x))
 
 
 def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
@@ -780,7 +780,7 @@ def _html_evaluation(evs: list[dict], figs: list[dict]) -> str:
         if ev["promotion"]:
             pr = ev["promotion"]
             verdict = "promoted" if pr.get("promoted") else "not promoted"
-            rows = [[_e(k), _e(_fmt(v))] for k, v in pr.items() if not isinstance(v, (dict, list)) or k == "ci95"]
+            rows = [[_e(k), _fmt(v)] for k, v in pr.items() if not isinstance(v, (dict, list)) or k == "ci95"]
             parts.append(f"<h3>Promotion: <span class='{'s-done' if pr.get('promoted') else 's-failed'}'>{verdict}</span>"
                          "</h3>" + _table(["", ""], rows))
     return "".join(parts)
@@ -821,7 +821,7 @@ def render(data: dict, folder: Path) -> str:
     for old in figdir.glob("*.png"):  # a report rebuilt in place references only its own figures
         old.unlink()
     s = data["summary"]
-    sections = [_html_summary(data), _html_dag(data, _fig_dag(data["dag"], figdir))]
+    sections = [_html_summary(data), _html_dag(data, _fig_dag(data["dag"], figdir) if data["dag"] else None)]
     nav = ["summary", "dag"]
     if "funnel" in data:
         steps = data["funnel"]["steps"]
@@ -835,7 +835,8 @@ def render(data: dict, folder: Path) -> str:
                  "budget": _fig_budget(ev, figdir, i)} for i, ev in enumerate(data["evaluation"])]
         sections.append(_html_evaluation(data["evaluation"], figs))
         nav.append("evaluation")
-    sections.append(_html_performance(data["performance"], _fig_timings(data["performance"], figdir)))
+    sections.append(_html_performance(data["performance"],
+                                      _fig_timings(data["performance"], figdir) if data["dag"] else None))
     sections.append(_html_lineage(data["lineage"]))
     nav += ["performance", "lineage"]
     links = "".join(f"<a href='#{n}'>{n.capitalize() if n != 'dag' else 'DAG'}</a>" for n in nav)

@@ -40,7 +40,7 @@ stages:
     params:
       model: {model}
       sampling: {{n: {n}, temperature: 1.0, max_tokens: 16, seed: 1}}
-      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 8}}
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}  # as test_pipeline_e2e: its kept engine serves here
   verify:
     inputs: {{samples: generate.samples}}
   dedupe:
@@ -56,7 +56,7 @@ stages:
       teacher: {model}
       sampling: {{n: {n}, temperature: 1.0, max_tokens: 16, seed: 2}}
       ks: [1, 2]
-      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 8}}
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}  # as test_pipeline_e2e: its kept engine serves here
 """
 
 
