@@ -210,7 +210,7 @@ def _chain(run: _Run, target: str) -> list[str]:
     that is not an evaluation set."""
     chain, ref = [target], target
     while len(chain) < 64:
-        s = run.stages.get(ref.split(".", 1)[0]) or {}
+        s = run.stages.get(ref.rsplit(".", 1)[0]) or {}
         ups = [r for inp, r in (s.get("inputs") or {}).items() if "eval" not in inp and run.dataset(r)]
         if not ups or ups[0] in chain:
             break
@@ -294,7 +294,7 @@ def _funnel_and_lengths(run: _Run) -> tuple[dict | None, dict | None]:
                              traces.column("completion").to_pylist()))
     steps = []
     for ref in chain:
-        stage, output = ref.split(".", 1)
+        stage, output = ref.rsplit(".", 1)
         s = run.stages[stage]
         ds = run.dataset(ref)
         dropped = read_dropped((ds["manifest"].get("stats") or {}), s) or {}
@@ -464,7 +464,7 @@ def _save(fig, folder: Path, name: str) -> str:
 
 def _fig_dag(dag: list[dict], folder: Path) -> str:
     names = [s["name"] for s in dag]
-    ups = {s["name"]: [r.split(".", 1)[0] for r in s["inputs"].values() if r.split(".", 1)[0] in names] for s in dag}
+    ups = {s["name"]: [r.rsplit(".", 1)[0] for r in s["inputs"].values() if r.rsplit(".", 1)[0] in names] for s in dag}
     depth: dict[str, int] = {}
     for n in names:  # stages are in dependency order
         depth[n] = 1 + max((depth[u] for u in ups[n]), default=-1)
@@ -508,7 +508,7 @@ def _fig_funnel(steps: list[dict], folder: Path) -> str:
 
 
 def _fig_reasons(steps: list[dict], folder: Path) -> str | None:
-    bars = [(f"{s['dataset'].split('.', 1)[0]}: {kind}/{reason}", n, kind)
+    bars = [(f"{s['dataset'].rsplit('.', 1)[0]}: {kind}/{reason}", n, kind)
             for s in steps for kind, reasons in s["dropped"].items() for reason, n in reasons.items() if n]
     if not bars:
         return None

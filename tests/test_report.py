@@ -103,7 +103,7 @@ def test_report_numbers_match_the_manifests(real_run, tmp_path):
     assert [s["dataset"] for s in steps] == ["prompts.prompts", "generate.samples", "verify.verified", "dedupe.sft",
                                              "decontaminate.clean"]
     for s in steps:
-        stage, out = s["dataset"].split(".")
+        stage, out = s["dataset"].rsplit(".", 1)
         uri = stages[stage]["output"][out]
         assert s["rows"] == st.dataset_manifest(st.strip(uri))["rows"] == stages[stage]["rows"][out]
         assert s["dropped"] == read_dropped(None, stages[stage])
@@ -176,9 +176,19 @@ def test_sections_and_both_metric_shapes(tmp_path):
     assert "base_student" in text and "-0.150" in text  # the comparison student - teacher
     assert "3,200.5" in text  # training tok/s
 
-    # the older shape: metrics.teacher / metrics.student with flat pass@k
+    # stage names of matrix variants may hold dots: "stage.output" refs split at the last one
     path = layout.run_manifest(st, run_id)
     m = st.read_json(path)
+    variant = "decontaminate[ngram=8.5]"
+    for stage in m["stages"]:
+        stage["name"] = variant if stage["name"] == "decontaminate" else stage["name"]
+        stage["inputs"] = {k: v.replace("decontaminate.", f"{variant}.") for k, v in stage["inputs"].items()}
+    st.write_json(path, m)
+    data = json.loads((build(run_id, st.root_uri, tmp_path / "variant").parent / "report.json").read_text())
+    assert [s["dataset"] for s in data["funnel"]["steps"]][-2:] == ["dedupe.sft", f"{variant}.clean"]
+    assert data["funnel"]["steps"][-1]["dropped"] == {"removed": {"contaminated:eval": 2}}
+
+    # the older shape: metrics.teacher / metrics.student with flat pass@k
     ev = next(s for s in m["stages"] if s["name"] == "evaluate")
     ev["metrics"] = {"teacher": {"prompts": 16, "samples": 128, "pass@1": 0.625, "pass@4": 0.8, "maj@4": 0.7},
                      "student": {"prompts": 16, "samples": 128, "pass@1": 0.4375, "pass@4": 0.6, "maj@4": 0.5}}
