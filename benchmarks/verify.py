@@ -253,7 +253,14 @@ def agreement() -> None:
     reasons: dict[str, int] = {}
     for o in ours:
         reasons[o["reason"]] = reasons.get(o["reason"], 0) + 1
-    emit("verify-agreement", agree, len(rows), "pairs agreeing", pairs=kinds, math_verify_correct=sum(base),
+    by_source: dict[str, list[int]] = {}
+    for r, b, o in zip(rows, base, ours):
+        c = by_source.setdefault(r["source"], [0, 0])
+        c[0] += (o["verdict"] == "correct") == b and o["verdict"] != "error"
+        c[1] += 1
+    emit("verify-agreement", agree, len(rows), "pairs agreeing",
+         agreement_by_source={k: round(a / n, 4) for k, (a, n) in by_source.items()}, pairs=kinds,
+         math_verify_correct=sum(base),
          our_reasons=reasons, disagreements=by_kind, examples=examples, raw_seconds=round(raw_s, 1),
          ours_seconds=round(ours_s, 1))
 
