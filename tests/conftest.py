@@ -59,6 +59,8 @@ def ray_local(moto_s3_endpoint):
     """Started after the S3 variables are set, so Ray workers inherit them."""
     import ray
 
+    # explicit, so a token file on the machine (~/.ray/auth_token) cannot change the outcome
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)  # never join another Ray
     yield
     from stages.common.engine import shutdown_kept
@@ -198,6 +200,85 @@ def still_running(pids: set[int], wait: float = 30.0) -> set[int]:
         time.sleep(0.5)
 
 
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), so a reused pid is not taken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class ProcessWatch:
+    """Every process seen in the tree under ``root`` (walked through /proc, not by process
+    group: a Ray worker or actor leads a process group of its own, and a vLLM engine core is
+    its child) while the watch runs, sampled every ``interval`` seconds on a thread.
+    ``survivors()`` lists those still running (same pid and start time, not a zombie)."""
+
+    def __init__(self, root: int, interval: float = 0.2):
+        import threading
+
+        self.root, self.interval = root, interval
+        self.seen: dict[tuple[int, int], str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        for pid in process_tree(self.root):
+            started = _start_time(pid)
+            if started is not None:  # read again each time: a Ray worker renames itself (ray::EngineActor)
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:
+                    cmd = ""
+                if cmd or (pid, started) not in self.seen:  # a zombie's empty command line keeps the last one
+                    self.seen[(pid, started)] = cmd
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> "ProcessWatch":
+        self._stop.set()
+        self._thread.join()
+        return self
+
+    def raylets(self) -> set[int]:
+        """Pids of the raylets seen in the tree."""
+        return {pid for (pid, _), cmd in self.seen.items() if cmd.split(" ", 1)[0].endswith("/raylet")}
+
+    def survivors(self, wait: float = 30.0) -> list[str]:
+        """``pid cmdline`` of every process still running after waiting up to ``wait`` s that was
+        watched in the tree, or that belongs to a watched raylet's Ray by its environment
+        (``RAY_RAYLET_PID``, which Ray workers carry and everything they start inherits, so a
+        process that left the tree, e.g. by a double fork, is found too)."""
+        import time
+
+        self.stop()
+        marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in self.raylets()}
+        deadline = time.time() + wait
+        while True:
+            left = {pid: cmd for (pid, started), cmd in self.seen.items()
+                    if pid_running(pid) and _start_time(pid) == started}
+            for d in os.listdir("/proc"):
+                if marks and d.isdigit() and int(d) not in left and int(d) != os.getpid():
+                    try:
+                        with open(f"/proc/{d}/environ", "rb") as f:
+                            env = set(f.read().split(b"\0"))
+                        with open(f"/proc/{d}/cmdline", "rb") as f:
+                            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    except OSError:
+                        continue
+                    if env & marks and pid_running(int(d)):
+                        left[int(d)] = cmd
+            if not left or time.time() > deadline:
+                return [f"{pid} {cmd}" for pid, cmd in sorted(left.items())]
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def ray_jobs_head(moto_s3_endpoint):
     """A private Ray head (`ray start --head`, token auth, 127.0.0.1) shared by the Jobs tests;
@@ -207,3 +288,52 @@ def ray_jobs_head(moto_s3_endpoint):
     head = start_jobs_head(moto_s3_endpoint)
     yield head
     head.stop()
+
+
+SOLVER_CONFIG = """
+name: solver-model
+storage: {{root: {root}}}
+stages:
+  toy_task:  # 2-step sums and differences of single digits; the held-out split is 'eval'
+    params: {{seed: 0, train_size: {train}, distill_size: 1, eval_size: 64, min_steps: 2, max_steps: 2,
+             max_operand: 9, easy_fraction: 1.0}}
+  solver_data:
+    uses: dedupe
+    inputs: {{samples: toy_task.train}}
+    params: {{completion_field: solution, require_verdict: null}}
+  solver_init:
+    uses: init_model
+    inputs: {{corpus: solver_data.sft}}
+    params: {{hidden_size: 128, num_layers: 2, num_heads: 4, max_position_embeddings: 128, seed: 0}}
+  solver_sft:
+    uses: sft
+    inputs: {{data: solver_data.sft, model: solver_init.model}}
+    params: {{epochs: {epochs}, learning_rate: 3.0e-3, warmup_ratio: 0.05, batch_size: 32, max_length: 128, seed: 0,
+             num_cpus: 1, checkpoint_every: 1000, logging_steps: 50}}
+"""
+
+
+@pytest.fixture(scope="session")
+def solver_run(ray_local, tmp_path_factory):
+    """A tiny Llama that solves some toy problems: trained once per session by the project's own
+    stages (toy_task gold solutions -> dedupe -> init_model -> sft on Ray Train), a short schedule.
+    Returns (the committed model's URI, the held-out toy problems: prompt_id, prompt, answer)."""
+    root = tmp_path_factory.mktemp("solver")
+    cfg = root / "solver.yaml"
+    cfg.write_text(SOLVER_CONFIG.format(root=root / "store", train=int(os.environ.get("DISTILL_SOLVER_TRAIN", 1000)),
+                                        epochs=int(os.environ.get("DISTILL_SOLVER_EPOCHS", 10))))
+    stages, st = run_stages(cfg)
+    held_out = [{k: r[k] for k in ("prompt_id", "prompt", "answer")} for r in output_rows(st, stages["toy_task"], "eval")]
+    return stages["solver_sft"]["output"]["model"], held_out
+
+
+@pytest.fixture(scope="session")
+def solver_model(solver_run) -> str:
+    """The URI of the session's toy-task solver (see ``solver_run``), usable as a generate/evaluate model."""
+    return solver_run[0]
+
+
+@pytest.fixture(scope="session")
+def solver_eval_rows(solver_run) -> list[dict]:
+    """Toy problems the solver never trained on (prompt_id, prompt, answer), like its training ones."""
+    return solver_run[1]
