@@ -320,7 +320,8 @@ def solver_run(ray_local, tmp_path_factory):
     Returns (the committed model's URI, the held-out toy problems: prompt_id, prompt, answer)."""
     root = tmp_path_factory.mktemp("solver")
     cfg = root / "solver.yaml"
-    cfg.write_text(SOLVER_CONFIG.format(root=root / "store", train=int(os.environ.get("DISTILL_SOLVER_TRAIN", 1000)),
+    store = os.environ.get("DISTILL_SOLVER_ROOT") or root / "store"  # a kept root: later sessions reuse the cache
+    cfg.write_text(SOLVER_CONFIG.format(root=store, train=int(os.environ.get("DISTILL_SOLVER_TRAIN", 1000)),
                                         epochs=int(os.environ.get("DISTILL_SOLVER_EPOCHS", 10))))
     stages, st = run_stages(cfg)
     held_out = [{k: r[k] for k in ("prompt_id", "prompt", "answer")} for r in output_rows(st, stages["toy_task"], "eval")]

@@ -16,12 +16,18 @@ def main(cfg_path: str, root: str, result_path: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    # A temp dir of its own: the cluster's address file must not outlive it in /tmp/ray, where
-    # every later ray.init() would try to join the dead cluster.
+    # A temp dir of its own keeps the cluster's session folders and logs apart. It does NOT keep
+    # the address file out of /tmp/ray: ray.cluster_utils writes /tmp/ray/ray_current_cluster
+    # (the file a later ray.init() or `ray` command without an address reads to find a cluster)
+    # whatever temp_dir says, and only Cluster.shutdown() removes it. So the address goes to
+    # ADDRESS_FILE first, and the test removes /tmp/ray/ray_current_cluster if it still names this
+    # cluster after a driver that was killed before it could shut down.
     temp_dir = tempfile.mkdtemp(prefix="rnl-", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "object_store_memory": 150 * 2**20, "temp_dir": temp_dir,
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    with open(result_path + ".address", "w") as f:
+        f.write(cluster.address)
     try:
         workers = [cluster.add_node(num_cpus=1, resources={"engine": 1}, object_store_memory=100 * 2**20)
                    for _ in range(2)]
@@ -31,6 +37,10 @@ def main(cfg_path: str, root: str, result_path: str) -> None:
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+    from ray._private.utils import read_ray_address
+
+    report["address"] = cluster.address
+    report["address_file_after_shutdown"] = read_ray_address()  # ray_current_cluster, once shut down
     with open(result_path, "w") as f:
         json.dump(report, f)
 
@@ -48,6 +58,11 @@ def _run(cluster, workers, cfg_path: str, root: str) -> dict:
     from pipeline.runner import Runner
     from pipeline.storage import Storage
 
+    import os
+
+    from stages.common import engine
+
+    os.environ["DISTILL_KEEP_ENGINES"] = "1"  # the pool outlives the stage, so its re-queue count can be read
     out: dict = {}
     run = threading.Thread(target=lambda: out.setdefault("result", Runner(load_config(cfg_path)).run()))
     run.start()
@@ -65,7 +80,9 @@ def _run(cluster, workers, cfg_path: str, root: str) -> dict:
         time.sleep(0.1)
     run.join(600)
     res = out["result"]
-    report = {"removed": removed, "ok": res.ok, "error": res.error}
+    report = {"removed": removed, "ok": res.ok, "error": res.error,
+              "requeued_chunks": sum(p.requeued_chunks for p in engine._KEPT.values())}
+    engine.shutdown_kept()
     if res.ok:
         gen = {s["name"]: s for s in res.manifest["stages"]}["generate"]
         rows = st.read_dataset(st.strip(gen["output"]["samples"])).to_pylist()

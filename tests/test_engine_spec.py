@@ -23,9 +23,10 @@ def test_tensor_parallel_replica_gets_one_bundle_per_rank():
     assert kw["gpu_memory_utilization"] == 0.85 and kw["max_num_seqs"] == 256 and kw["enable_prefix_caching"]
 
 
-def test_streaming_keeps_chunks_in_flight_on_a_threaded_actor():
+def test_actor_options_allow_chunks_in_flight_and_restarts():
     opts = actor_options(EngineSpec(chunks_in_flight=6, max_restarts=3))
-    assert opts["max_concurrency"] > 6 and opts["max_restarts"] == 3 and opts["max_task_retries"] == 3
+    assert opts["max_concurrency"] > 6 and opts["max_restarts"] == 3
+    assert opts["max_task_retries"] == 0  # a lost call is re-queued by the pool, never retried by Ray too
 
 
 def test_budget_spec_is_validated():
@@ -33,3 +34,34 @@ def test_budget_spec_is_validated():
     assert isinstance(s.budget, BudgetSpec) and s.budget.wait_text == "Wait" and s.budget.think_close == "</think>"
     with pytest.raises(ValidationError, match="max_thinking_token"):
         SamplingSpec(budget={"max_thinking_token": 100})  # a typo is an error, not ignored
+
+
+@pytest.mark.engine
+def test_streaming_keeps_chunks_in_flight_on_a_threaded_actor(ray_local, tiny_model):
+    """One replica, chunks of one prompt, four chunks in flight: the requests of all four chunks
+    are in the actor's engine loop at the same time (one continuous batch), seen from inside the
+    actor while the pool streams."""
+    import threading
+    import time
+
+    import ray
+
+    from stages.common.engine import EnginePool, SamplingSpec
+
+    spec = EngineSpec(max_model_len=128, kv_cache_gb=0.25, batch_size=1, chunks_in_flight=4, max_num_seqs=8)
+    rows = [{"prompt_id": f"p{i}", "prompt": f"Compute {i} + 1."} for i in range(8)]
+    sampling = SamplingSpec(n=1, max_tokens=100, ignore_eos=True, seed=1)
+    with EnginePool(tiny_model, spec) as pool:
+        actor = pool.actors[0]
+        results: list = []
+        t = threading.Thread(target=lambda: results.extend(pool.generate(rows, sampling)))
+        t.start()
+        peak = 0
+        deadline = time.time() + 300
+        while t.is_alive() and time.time() < deadline:  # a liveness bound, not a timing assertion
+            pending = ray.get(actor.__ray_call__.remote(lambda a: len(a._pending) + len(a._inbox)))
+            peak = max(peak, pending)
+            time.sleep(0.05)
+        t.join(300)
+    assert len(results) == 8 and all(len(chunk) == 1 for chunk in results)  # 8 chunks of one sample
+    assert peak == 4  # four chunks' requests queued in one actor at once, never more than chunks_in_flight

@@ -128,7 +128,7 @@ class EngineActor:
     threaded actor) queue their requests and wait for their own results. With budget
     forcing a sample is a chain of requests (think, "Wait", think, ..., answer), each
     queued when the previous one finishes. If the engine itself fails, the process exits,
-    so Ray restarts the actor and re-runs the calls in flight.
+    so Ray restarts the actor, and the pool sends the chunks of the failed calls again.
     """
 
     def __init__(self, model_uri: str, llm_kwargs: dict, chat_template: str | None, system_prompt: str | None):
@@ -387,9 +387,12 @@ class EnginePool:
     def __init__(self, model_uri: str, spec: EngineSpec, chat_template: str | None = None, system_prompt: str | None = None):
         import ray
 
-        # A crashed engine actor is restarted and its calls in flight are retried; a chunk's rows
-        # are only taken from a call that returned, so a retry cannot duplicate samples.
+        # A crashed engine actor is restarted by Ray (max_restarts); its calls in flight fail
+        # (max_task_retries=0) and ``generate`` queues their chunks again, counted in
+        # ``requeued_chunks``. A chunk's rows are only taken from a call that returned, so a
+        # re-queued chunk cannot duplicate samples.
         self.spec, self.model_uri = spec, model_uri
+        self.requeued_chunks = 0
         self.placement_groups: list = []
         options = actor_options(spec)
         actor_cls = ray.remote(EngineActor)
@@ -416,12 +419,13 @@ class EnginePool:
         """Yields result chunks as they finish (not in input order).
 
         A chunk whose call was lost with its actor (a crash, or the node gone: Ray may say
-        the call "may or may not have been executed") is queued again; its rows are only
+        the call "may or may not have been executed") is queued again (``requeued_chunks``
+        counts them; Ray itself retries no call); its rows are only
         taken from a call that returned, so the retry cannot duplicate samples. An actor
         that is dead for good gets no more chunks; with none left the error is raised.
         """
         import ray
-        from ray.exceptions import ActorDiedError, RayActorError
+        from ray.exceptions import RayActorError
 
         chunks = [(rows[i : i + self.spec.batch_size], 0) for i in range(0, len(rows), self.spec.batch_size)]
         chunks.reverse()
@@ -443,24 +447,30 @@ class EnginePool:
                 load[idx] -= 1
                 try:
                     result = ray.get(ref)
-                except RayActorError as e:
+                except RayActorError:
                     if tries >= self.spec.max_restarts + 2:
                         raise
-                    if isinstance(e, ActorDiedError) and not self._alive(idx):
+                    if not self._wait_ready(idx):  # Ray restarts a crashed actor; one that stays down is dead
                         dead.add(idx)
-                    time.sleep(min(2.0**tries, 10.0))  # let Ray restart the actor
                     chunks.append((chunk, tries + 1))
+                    self.requeued_chunks += 1
                     continue
                 yield result
 
-    def _alive(self, idx: int) -> bool:
+    def _wait_ready(self, idx: int, timeout: float = 180.0) -> bool:
+        """Whether replica ``idx`` answers again within ``timeout`` s (a restart of a vLLM engine
+        takes a while; calls sent while it restarts may fail as unavailable, so ask again)."""
         import ray
 
-        try:
-            ray.get(self.actors[idx].ready.remote(), timeout=120)
-            return True
-        except Exception:
-            return False
+        deadline = time.time() + timeout
+        while True:
+            try:
+                ray.get(self.actors[idx].ready.remote(), timeout=max(1.0, deadline - time.time()))
+                return True
+            except Exception:
+                if time.time() >= deadline:
+                    return False
+                time.sleep(1.0)
 
     def alive(self) -> bool:
         import ray
@@ -507,7 +517,9 @@ def actor_options(spec: EngineSpec) -> dict:
         "max_concurrency": spec.chunks_in_flight + 4,  # the chunks plus ready()/pid() probes
         "runtime_env": {"env_vars": _engine_env(spec)},
         "max_restarts": spec.max_restarts,
-        "max_task_retries": spec.max_restarts,
+        # Ray does not retry a call lost with its actor: the pool re-queues its chunk itself
+        # (EnginePool.generate), so exactly one path recovers it, and it is counted.
+        "max_task_retries": 0,
     }
     if spec.resources and not tp:
         opts["resources"] = dict(spec.resources)
