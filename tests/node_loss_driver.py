@@ -20,14 +20,15 @@ def main(cfg_path: str, root: str, result_path: str) -> None:
     # the address file out of /tmp/ray: ray.cluster_utils writes /tmp/ray/ray_current_cluster
     # (the file a later ray.init() or `ray` command without an address reads to find a cluster)
     # whatever temp_dir says, and only Cluster.shutdown() removes it. So the address goes to
-    # ADDRESS_FILE first, and the test removes /tmp/ray/ray_current_cluster if it still names this
+    # RESULT_JSON.address first, and the test removes /tmp/ray/ray_current_cluster if it still names this
     # cluster after a driver that was killed before it could shut down.
     temp_dir = tempfile.mkdtemp(prefix="rnl-", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "object_store_memory": 150 * 2**20, "temp_dir": temp_dir,
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    address = cluster.address  # None once the cluster is shut down
     with open(result_path + ".address", "w") as f:
-        f.write(cluster.address)
+        f.write(address)
     try:
         workers = [cluster.add_node(num_cpus=1, resources={"engine": 1}, object_store_memory=100 * 2**20)
                    for _ in range(2)]
@@ -39,7 +40,7 @@ def main(cfg_path: str, root: str, result_path: str) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
     from ray._private.utils import read_ray_address
 
-    report["address"] = cluster.address
+    report["address"] = address
     report["address_file_after_shutdown"] = read_ray_address()  # ray_current_cluster, once shut down
     with open(result_path, "w") as f:
         json.dump(report, f)
