@@ -91,3 +91,57 @@ def test_works_off_the_main_thread():
     t.join(120)
     assert not t.is_alive()
     assert [o["reason"] for o in result["out"]] == ["ok", "wrong_answer"]
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
+    "known bug in stages/common/verifier.py compare_many: on the worker-died path _replace(w) clears "
+    "w.job before _record(w.job, ...), so the result is filed under None and check_rows raises KeyError; "
+    "fix: keep job = w.job before _replace and record that"))
+def test_a_worker_killed_under_a_check_is_a_checker_error_and_is_replaced():
+    """The worker-died path: a check process killed mid-check (as the OOM killer would) gives
+    that row verdict ``error`` with reason ``checker_error`` (an infrastructure fault, never a
+    wrong answer), is not cached, and a fresh worker takes the next checks."""
+    import os
+    import signal
+
+    slow = row("<think>x</think> \\boxed{9^{9^{9^{9}}}}", gold="1")  # busy for the whole (long) deadline
+    with VerifierPool(workers=1, timeout=60.0) as p:
+        assert p.equal_many([("2", "2")]) == {("2", "2"): (True, None)}  # the worker has started
+        victim = p.workers[0].proc.pid
+
+        def kill_when_busy():
+            deadline = time.time() + 60
+            while p.workers[0].job is None and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # inside the comparison
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        (v,) = p.check_rows([slow], FMT)
+        killer.join()
+        assert (v["verdict"], v["reason"], v["detail"]) == ("error", "checker_error", "worker died")
+        assert p.stats["errors"] == 1 and p.stats["timeouts"] == 0
+        assert not any("9^{9^{9^{9}}}" in str(k) for k in p.cache)  # tried again next time
+        assert p.workers[0].proc.pid != victim and not pid_running(victim)
+        assert p.check_rows([row("<think>x</think> \\boxed{7}")], FMT)[0]["reason"] == "ok"  # the fresh worker
+
+
+def test_checker_exception_is_a_checker_error_not_a_wrong_answer():
+    """A comparison that raises inside the worker comes back as the exception's text, counted as
+    an error and not cached; check_rows turns such an error into verdict ``error`` with reason
+    ``checker_error`` (never ``wrong_answer``)."""
+    with VerifierPool(workers=1, timeout=10.0) as p:
+        res = p.compare_many([((None,), ("1",))])  # a gold the checker cannot read: it raises
+        (reason, err), = res.values()
+        assert reason is None and err.startswith("AttributeError")
+        assert p.stats["errors"] == 1 and not p.cache
+
+        real = p.compare_many
+
+        def failing_compare_many(jobs):  # a test double: the real checks, each answered with an error
+            return {job: (None, "ValueError: injected") for job in real(jobs)}
+
+        p.compare_many = failing_compare_many
+        (v,) = p.check_rows([row("<think>x</think> \\boxed{7}")], FMT)
+        assert (v["verdict"], v["reason"], v["detail"]) == ("error", "checker_error", "ValueError: injected")
