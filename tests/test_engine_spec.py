@@ -38,9 +38,9 @@ def test_budget_spec_is_validated():
 
 @pytest.mark.engine
 def test_streaming_keeps_chunks_in_flight_on_a_threaded_actor(ray_local, tiny_model):
-    """One replica, chunks of one prompt, four chunks in flight: the requests of all four chunks
-    are in the actor's engine loop at the same time (one continuous batch), seen from inside the
-    actor while the pool streams."""
+    """Two replicas, chunks of one prompt, four chunks in flight per replica: on each replica the
+    requests of four chunks are in the actor's engine loop at the same time (one continuous
+    batch), seen from inside the actors while the pool streams; both replicas serve."""
     import threading
     import time
 
@@ -48,20 +48,25 @@ def test_streaming_keeps_chunks_in_flight_on_a_threaded_actor(ray_local, tiny_mo
 
     from stages.common.engine import EnginePool, SamplingSpec
 
-    spec = EngineSpec(max_model_len=128, kv_cache_gb=0.25, batch_size=1, chunks_in_flight=4, max_num_seqs=8)
-    rows = [{"prompt_id": f"p{i}", "prompt": f"Compute {i} + 1."} for i in range(8)]
+    spec = EngineSpec(replicas=2, max_model_len=128, kv_cache_gb=0.25, batch_size=1, chunks_in_flight=4, max_num_seqs=8)
+    rows = [{"prompt_id": f"p{i}", "prompt": f"Compute {i} + 1."} for i in range(16)]
     sampling = SamplingSpec(n=1, max_tokens=100, ignore_eos=True, seed=1)
     with EnginePool(tiny_model, spec) as pool:
-        actor = pool.actors[0]
+        assert len(pool.actors) == 2 and len({ray.get(a.pid.remote()) for a in pool.actors}) == 2
         results: list = []
         t = threading.Thread(target=lambda: results.extend(pool.generate(rows, sampling)))
         t.start()
-        peak = 0
+        peak = [0, 0]
         deadline = time.time() + 300
         while t.is_alive() and time.time() < deadline:  # a liveness bound, not a timing assertion
-            pending = ray.get(actor.__ray_call__.remote(lambda a: len(a._pending) + len(a._inbox)))
-            peak = max(peak, pending)
+            queued = ray.get([a.__ray_call__.remote(lambda actor: len(actor._pending) + len(actor._inbox))
+                              for a in pool.actors])
+            peak = [max(p, q) for p, q in zip(peak, queued)]
             time.sleep(0.05)
         t.join(300)
-    assert len(results) == 8 and all(len(chunk) == 1 for chunk in results)  # 8 chunks of one sample
-    assert peak == 4  # four chunks' requests queued in one actor at once, never more than chunks_in_flight
+        served = ray.get([a.__ray_call__.remote(lambda actor: next(actor._ids)) for a in pool.actors])
+    assert len(results) == 16 and all(len(chunk) == 1 for chunk in results)  # 16 chunks of one sample
+    assert sorted(r[0]["prompt_id"] for r in results) == sorted(r["prompt_id"] for r in rows)
+    # four chunks' requests queued in each actor at once, never more than chunks_in_flight
+    assert peak == [4, 4]
+    assert all(n >= 2 for n in served)  # both replicas took requests
