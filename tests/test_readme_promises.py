@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO, ProcessWatch, generate_config, run_stages, write_jsonl
 from typer.testing import CliRunner
 
