@@ -93,10 +93,6 @@ def test_works_off_the_main_thread():
     assert [o["reason"] for o in result["out"]] == ["ok", "wrong_answer"]
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "known bug in stages/common/verifier.py compare_many: on the worker-died path _replace(w) clears "
-    "w.job before _record(w.job, ...), so the result is filed under None and check_rows raises KeyError; "
-    "fix: keep job = w.job before _replace and record that"))
 def test_a_worker_killed_under_a_check_is_a_checker_error_and_is_replaced():
     """The worker-died path: a check process killed mid-check (as the OOM killer would) gives
     that row verdict ``error`` with reason ``checker_error`` (an infrastructure fault, never a

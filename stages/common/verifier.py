@@ -141,7 +141,7 @@ class VerifierPool:
                 except (EOFError, OSError):  # the worker died under the check (e.g. out of memory)
                     key, ok, err = w.job, None, "worker died"
                     self._replace(w)
-                self._record(w.job, ok, err, results)
+                self._record(key, ok, err, results)
                 w.job = None
             now = time.monotonic()
             for conn, w in list(busy.items()):
