@@ -238,6 +238,8 @@ class Generate(Stage):
         ctx.metrics.update({"prompts": len(prompts), "samples": len(out), "completion_tokens": tokens,
                             "generated_tokens_this_attempt": generated, "resumed_prompts": resumed,
                             "errored_samples": errors})
+        if state.get("pool") is not None:  # chunks lost with an engine actor and sent again
+            ctx.metrics["requeued_chunks"] = state["pool"].requeued_chunks
         if stats:
             ctx.metrics.update({
                 "strategy": "adaptive",
