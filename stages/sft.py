@@ -30,7 +30,8 @@ training continues at the checkpoint's step + 1, with the same data order.
 Batching (``batching``): ``padded`` (each batch padded to its longest row),
 ``group_by_length`` (length-grouped batches: less padding, a different batch
 order), ``padding_free`` (rows concatenated with position ids; correct with
-sdpa/eager attention through a block-diagonal mask, fast with FlashAttention).
+sdpa/eager attention through a block-diagonal mask, fast with FlashAttention; TRL does
+not truncate rows to ``max_length`` in this mode).
 ``benchmarks/sft.py`` measures them; on a CPU ``padded`` is the default (see README).
 
 Progress: workers push step, loss and tokens to a small actor the driver polls,
@@ -123,7 +124,8 @@ def sft_config(p: Params, output_dir: str, save: bool = False):
         weight_decay=p.weight_decay,
         per_device_train_batch_size=p.per_device_batch(),
         gradient_accumulation_steps=p.grad_accum,
-        max_length=p.max_length,
+        # TRL does not truncate padding-free batches (without packing): rows keep their full length
+        max_length=None if p.batching == "padding_free" else p.max_length,
         seed=p.seed,
         data_seed=p.seed,
         gradient_checkpointing=p.gradient_checkpointing,
