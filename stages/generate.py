@@ -152,7 +152,8 @@ class Generate(Stage):
                 bar.advance(len(todo))
                 stats = {}
         finally:
-            if state["pool"] is not None:
+            if state["pool"] is not None:  # chunks lost with an engine actor and sent again
+                ctx.metrics["requeued_chunks"] = state["pool"].requeued_chunks
                 state["pool"].shutdown()
             bar.close()
         self._write(ctx, prompts, rows, stats, state["tokens"], len(resumed))
@@ -238,8 +239,6 @@ class Generate(Stage):
         ctx.metrics.update({"prompts": len(prompts), "samples": len(out), "completion_tokens": tokens,
                             "generated_tokens_this_attempt": generated, "resumed_prompts": resumed,
                             "errored_samples": errors})
-        if state.get("pool") is not None:  # chunks lost with an engine actor and sent again
-            ctx.metrics["requeued_chunks"] = state["pool"].requeued_chunks
         if stats:
             ctx.metrics.update({
                 "strategy": "adaptive",
