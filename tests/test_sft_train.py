@@ -154,3 +154,20 @@ def test_driver_kill_then_rerun_resumes(ray_local, tiny_model, tmp_path):
     assert start["resumed_from_step"] == step  # the last checkpoint the killed run registered
     assert start["first_step"] == step + 1
     assert m["steps"] == start["last_step"] == 400
+
+
+def test_lora_trains_adapters_and_saves_merged_weights(ray_local, tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    records, st = run_stages(_config(tmp_path, f"{tmp_path}/lora", "lora", tiny_model, max_steps=4,
+                                     lora="{r: 4, alpha: 8}"))
+    out = st.strip(records["sft"]["output"]["model"])
+    files = {f["path"] for f in st.tree_manifest(out)["files"]}
+    assert "model.safetensors" in files and not any("adapter" in f for f in files)  # merged: a plain checkpoint
+    base = load_file(f"{tiny_model}/model.safetensors")
+    tuned = load_file(f"{out}/model.safetensors")
+    assert set(tuned) == set(base)
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    # LoRA touches the linear layers' weights only (merged in); embeddings and norms stay as they were
+    assert changed and all("proj" in k for k in changed)
