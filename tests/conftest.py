@@ -61,7 +61,7 @@ def ray_local(moto_s3_endpoint):
 
     # explicit, so a token file on the machine (~/.ray/auth_token) cannot change the outcome
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)  # never join another Ray
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)  # never join another Ray
     yield
     from stages.common.engine import shutdown_kept
 

@@ -354,6 +354,9 @@ def _error_rows(prompt_id: str, n: int, offset: int, prompt_tokens: int, reason:
 _KEPT: dict[str, "EnginePool"] = {}
 
 
+MAX_KEPT = 3
+
+
 def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = None,
                  system_prompt: str | None = None) -> "EnginePool":
     """Start engines for a model. With ``DISTILL_KEEP_ENGINES=1`` (long-lived drivers, test
@@ -365,10 +368,17 @@ def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = N
     from pipeline.resources import model_fingerprint
 
     key = fingerprint([model_fingerprint(model_uri), spec.model_dump(mode="json"), chat_template, system_prompt])
-    pool = _KEPT.get(key)
+    pool = _KEPT.pop(key, None)
     if pool is None or not pool.alive():
-        pool = _KEPT[key] = EnginePool(model_uri, spec, chat_template, system_prompt)
+        # at most MAX_KEPT pools: each holds its actors' resources, and kept idle engines
+        # must not starve the tasks of later stages (the least recently used one goes)
+        while len(_KEPT) >= MAX_KEPT:
+            old = _KEPT.pop(next(iter(_KEPT)))
+            old.kept = False
+            old.shutdown()
+        pool = EnginePool(model_uri, spec, chat_template, system_prompt)
         pool.kept = True
+    _KEPT[key] = pool  # most recently used last
     return pool
 
 
