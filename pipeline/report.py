@@ -188,9 +188,10 @@ def _evaluation_stage(s: dict) -> bool:
 
 
 def _funnel_target(run: _Run) -> str | None:
-    """The dataset the run trains on (an sft stage's ``data``), else the main output of the
-    last stage that writes datasets and is not an evaluation."""
-    for name in run.order:
+    """The dataset the run's last training stage trains on (the student's, in a run that also
+    trains its teacher: an sft stage's ``data``), else the main output of the last stage that
+    writes datasets and is not an evaluation."""
+    for name in reversed(run.order):
         s = run.stages[name]
         ref = (s.get("inputs") or {}).get("data")
         if s.get("kind") == "sft" and ref and run.dataset(ref):
