@@ -73,7 +73,7 @@ class LeaseLost(LeaseError):
     """The lease changed since this holder last wrote it: it was taken over."""
 
 
-class _Conflict(Exception):
+class ConditionFailed(Exception):
     """The conditional write failed: the object is not the version expected."""
 
 
@@ -124,7 +124,7 @@ class _LocalBackend(_Backend):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError as e:
-                raise _Conflict() from e
+                raise ConditionFailed() from e
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -135,7 +135,7 @@ class _LocalBackend(_Backend):
         with self._locked(path, fcntl.LOCK_EX):
             current = self._read_file(path)
             if current is None or self._etag(current) != etag:
-                raise _Conflict()
+                raise ConditionFailed()
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-lease-")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -178,11 +178,11 @@ class _S3Backend(_Backend):
                 out = self.fs.pipe_file(path, data, **kwargs)
                 return out["ETag"]
             except FileExistsError as e:
-                raise _Conflict() from e
+                raise ConditionFailed() from e
             except OSError as e:
                 text = f"{e!r} {e.__cause__!r}"
                 if "PreconditionFailed" in text or "412" in text:
-                    raise _Conflict() from e
+                    raise ConditionFailed() from e
                 if e.errno == errno.EBUSY or "ConditionalRequestConflict" in text or "409" in text:
                     time.sleep(0.05 * (attempt + 1))  # a concurrent write to the key: retry
                     continue
@@ -196,7 +196,9 @@ class _S3Backend(_Backend):
         return self._put(path, data, IfMatch=etag)
 
 
-def _backend(storage: Storage) -> _Backend:
+def conditional_store(storage: Storage) -> _Backend:
+    """Conditional reads and writes (create-if-absent, replace-if-unchanged) for ``storage``; used
+    by the leases here and by other single-writer pointers (the promotion gate's ``best``)."""
     if storage.is_local:
         return _LocalBackend()
     if storage.is_s3:
@@ -227,8 +229,8 @@ class Lease:
     def _write(self, state: dict) -> None:
         state = {**state, "generation": self.state.get("generation", 0) + 1, "nonce": uuid.uuid4().hex}
         try:
-            self.etag = _backend(self.storage).replace(self.path, _encode(state), self.etag)
-        except _Conflict as e:
+            self.etag = conditional_store(self.storage).replace(self.path, _encode(state), self.etag)
+        except ConditionFailed as e:
             current = read_lease(self.storage, self.name)
             who = f"run {current[0].get('run_id')}" if current else "nobody (it is gone)"
             raise LeaseLost(f"lease {self.name!r} of run {self.run_id} was lost: now held by {who}") from e
@@ -250,7 +252,7 @@ def _encode(state: dict) -> bytes:
 
 def read_lease(storage: Storage, name: str) -> tuple[dict, str] | None:
     """The lease's state and ETag, or None when there is none."""
-    got = _backend(storage).read(layout.lease(storage, name))
+    got = conditional_store(storage).read(layout.lease(storage, name))
     if got is None:
         return None
     data, etag = got
@@ -267,7 +269,7 @@ def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, 
     none, take it over when it expired or was released. Raises :class:`LeaseHeld` while another
     holder's lease is live, :class:`SlotTaken` when ``slot`` is not after the slot the lease
     last ran. Exactly one of several concurrent contenders succeeds."""
-    backend = _backend(storage)
+    backend = conditional_store(storage)
     path = layout.lease(storage, name)
     now = time.time()
     state = {"name": name, "run_id": run_id, "holder": _holder(), "slot": now if slot is None else slot,
@@ -277,7 +279,7 @@ def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, 
         state.update(generation=1, nonce=uuid.uuid4().hex)
         try:
             return Lease(storage, name, state, backend.create(path, _encode(state)), ttl)
-        except _Conflict:
+        except ConditionFailed:
             current = read_lease(storage, name)  # someone created it first
             if current is None:
                 raise LeaseError(f"lease {name!r}: create conflicted but nothing is there")
@@ -289,7 +291,7 @@ def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, 
     state.update(generation=old.get("generation", 0) + 1, nonce=uuid.uuid4().hex, previous_run_id=old.get("run_id"))
     try:
         return Lease(storage, name, state, backend.replace(path, _encode(state), etag), ttl)
-    except _Conflict:
+    except ConditionFailed:
         latest = read_lease(storage, name)
         if latest is not None and is_live(latest[0]):
             raise LeaseHeld(latest[0]) from None

@@ -417,6 +417,7 @@ class SFT(Stage):
 
         p: Params = self.params
         storage_path, storage_fs = ray_storage(ctx.storage, ctx.checkpoint_root)
+        lineage = lineage_with_data(ctx)
         name = f"train-{ctx.fingerprint}"
         step = registered_checkpoint_step(ctx.storage, f"{ctx.checkpoint_root}/{name}")
         if step is not None:
@@ -431,7 +432,7 @@ class SFT(Stage):
             train_loop,
             train_loop_config={"params": p.model_dump(mode="json"), "storage": ctx.storage, "state": state,
                                "model_uri": ctx.model_uri("model", p.model), "data_path": ctx.inputs["data"].path,
-                               "out_path": ctx.output_path("model"), "lineage": lineage_with_data(ctx)},
+                               "out_path": ctx.output_path("model"), "lineage": lineage},
             scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.num_gpus > 0,
                                          resources_per_worker=per_worker),
             run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -469,7 +470,7 @@ class SFT(Stage):
             starts.append({"resumed_from_step": st["resumed_from_step"],
                            "first_step": ran[0] if ran else None, "last_step": ran[-1] if ran else None})
         ctx.metrics.update({
-            "rows": ctx.storage.dataset_manifest(ctx.inputs["data"].path)["rows"],
+            "rows": lineage["trained_on"][0]["rows"],  # from the manifest read once for the lineage
             "steps": final["steps"],
             "planned_steps": snap["total_steps"],
             "steps_run": len(snap["steps"]),

@@ -114,7 +114,7 @@ def test_a_slot_runs_once(root):
 def test_local_overwrite_compares_the_etag(tmp_path):
     """The local compare-and-swap refuses a write based on a version that is no longer there,
     even when the lease looks free to the writer."""
-    from pipeline.lease import _Conflict, _LocalBackend
+    from pipeline.lease import ConditionFailed, _LocalBackend
 
     st = Storage(str(tmp_path / "root"))
     acquire(st, "s", "run-1", ttl=30).release()
@@ -122,8 +122,8 @@ def test_local_overwrite_compares_the_etag(tmp_path):
     backend = _LocalBackend()
     path = layout.lease(st, "s")
     backend.replace(path, b'{"run_id": "x"}', etag)
-    with pytest.raises(_Conflict):
+    with pytest.raises(ConditionFailed):
         backend.replace(path, b'{"run_id": "y"}', etag)  # stale etag
-    with pytest.raises(_Conflict):
+    with pytest.raises(ConditionFailed):
         backend.create(path, b"{}")
     assert json.loads(open(path, "rb").read())["run_id"] == "x"

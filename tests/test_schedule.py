@@ -199,9 +199,9 @@ def test_lost_lease_stops_the_job(tmp_path):
             if state and state[0]["run_id"] != "thief":
                 break
         # take it over with a forged expired state: the holder's next renewal must fail
-        from pipeline.lease import _backend, _encode
+        from pipeline.lease import conditional_store, _encode
         from pipeline import layout
-        _backend(st).replace(layout.lease(st, "s"), _encode({**state[0], "run_id": "thief"}), state[1])
+        conditional_store(st).replace(layout.lease(st, "s"), _encode({**state[0], "run_id": "thief"}), state[1])
 
     t = threading.Thread(target=thief)
     t.start()

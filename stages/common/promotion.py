@@ -16,7 +16,7 @@ import json
 import time
 
 from pipeline import layout
-from pipeline.lease import _backend, _Conflict
+from pipeline.lease import conditional_store, ConditionFailed
 from pipeline.storage import Storage, now_iso
 from stages.common.metrics import paired_difference
 
@@ -39,14 +39,14 @@ def decide(best: dict | None, candidate: dict, z: float = 2.0) -> dict:
 
 
 def read_best(storage: Storage, name: str) -> dict | None:
-    got = _backend(storage).read(layout.best_pointer(storage, name))
+    got = conditional_store(storage).read(layout.best_pointer(storage, name))
     return json.loads(got[0]) if got else None
 
 
 def promote(storage: Storage, name: str, candidate: dict, z: float = 2.0, tries: int = 20) -> dict:
     """Decide and, if promoted, replace ``best`` conditionally; returns the decision (with the
     ``best`` it was judged against) and records it in the history."""
-    backend = _backend(storage)
+    backend = conditional_store(storage)
     path = layout.best_pointer(storage, name)
     for _ in range(tries):
         got = backend.read(path)
@@ -57,7 +57,7 @@ def promote(storage: Storage, name: str, candidate: dict, z: float = 2.0, tries:
                               indent=2).encode()
             try:
                 backend.create(path, body) if got is None else backend.replace(path, body, got[1])
-            except _Conflict:
+            except ConditionFailed:
                 continue  # another run changed best in between: judge against the new one
         decision["best"] = candidate["model"] if decision["promoted"] else best and best.get("model")
         key = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{candidate.get('run_id', 'run')}"
