@@ -144,6 +144,13 @@ def test_driver_kill_then_rerun_resumes(ray_local, tiny_model, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait(30)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # every process of the group gone: no late snapshot write
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
     step = _registered(st)
     assert step and step % 25 == 0 and step < 400
 
