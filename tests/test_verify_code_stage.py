@@ -73,7 +73,7 @@ stages:
   samples: {{uses: {__name__}:SamplesFile, params: {{path: {src}}}}}
   verify:
     inputs: {{samples: samples.samples}}
-    params: {{checker: auto, code: {{timeout_s: 2, cpu_seconds: 2}}, workers: 2}}
+    params: {{checker: auto, code: {{timeout_s: 2, cpu_seconds: 10}}, workers: 2}}
 """)
     records, storage = run_stages(cfg)
     out = output_rows(storage, records["verify"], "verified")
