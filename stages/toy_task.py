@@ -3,8 +3,10 @@
 Each problem chains 2-4 additions/subtractions of small numbers. The gold
 solution works one step per line inside ``<think>`` and ends in ``\\boxed{}``,
 so the same verifiers and formats as real math data apply. Three disjoint
-splits come out: ``train`` (with gold solutions, to build a toy teacher),
-``distill`` (prompts the teacher answers) and ``eval`` (held out).
+splits come out, drawn in this order from one seeded stream: ``eval`` (held
+out), ``train`` (with gold solutions, to build a toy teacher) and ``distill``
+(prompts the teacher answers), so a larger distill split changes neither of
+the first two.
 Disjointness is by prompt text, hence by ``prompt_id``.
 """
 from __future__ import annotations
@@ -73,7 +75,7 @@ class Params(BaseModel):
 
 class ToyTask(Stage):
     kind: ClassVar[str] = "toy_task"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: splits drawn eval, train, distill
     Params = Params
     inputs: ClassVar[dict] = {}
     outputs: ClassVar[dict] = {"train": "dataset", "distill": "dataset", "eval": "dataset"}
@@ -83,7 +85,9 @@ class ToyTask(Stage):
         p: Params = self.params
         rng = random.Random(p.seed)
         seen: set[str] = set()
-        splits = {"eval": p.eval_size, "distill": p.distill_size, "train": p.train_size}
+        # train before distill: the teacher's training draw does not depend on how many distill
+        # prompts a config asks for (a larger distill split used to eat the easy problems first)
+        splits = {"eval": p.eval_size, "train": p.train_size, "distill": p.distill_size}
         attempts_left = 50 * sum(splits.values())
         for split, size in splits.items():
             rows = []

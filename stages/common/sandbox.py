@@ -728,7 +728,7 @@ def _hunt(marker: str) -> int:
     return found
 
 
-def _reap(marker: str, wait_s: float = 3.0) -> None:
+def _reap(marker: str, wait_s: float = 10.0) -> None:
     """Kill every process of a run and wait (bounded) until none is left: a namespace being
     torn down, or, without one, descendants that left the process group."""
     end = time.monotonic() + wait_s
