@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,9 +11,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def emit(benchmark: str, ours: float, baseline: float, unit: str, **extra) -> None:
-    print(json.dumps({"benchmark": benchmark, "ratio": round(ours / baseline, 4) if baseline else None,
-                      "ours": round(ours, 2), "baseline": round(baseline, 2), "unit": unit, **extra}), flush=True)
+def emit(benchmark: str, ours: float, baseline: float, unit: str, lower_is_better: bool = False, **extra) -> None:
+    """One JSON line. ``ratio`` is ours ÷ baseline, or baseline ÷ ours for a ``lower_is_better``
+    unit (seconds), so that a higher ratio is always better."""
+    if lower_is_better:
+        ratio = round(baseline / ours, 4) if ours else None
+        extra = {"ratio_is": "baseline / ours (lower is better for this unit)", **extra}
+    else:
+        ratio = round(ours / baseline, 4) if baseline else None
+    print(json.dumps({"benchmark": benchmark, "ratio": ratio, "ours": round(ours, 2), "baseline": round(baseline, 2),
+                      "unit": unit, **extra}), flush=True)
 
 
 def toy_rows(n: int, seed: int = 0) -> list[dict]:
@@ -46,22 +54,47 @@ def build_model(out: Path, layers: int = 2, hidden: int = 256, max_pos: int = 10
     return str(out)
 
 
-def interleaved(sides: dict, runs: int = 3) -> dict[str, dict]:
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))  # interleaved runs per side, every benchmark
+
+
+def interleaved(sides: dict, runs: int = RUNS, alternate: bool = False) -> dict[str, dict]:
     """Run each side's zero-argument callable ``runs`` times, interleaved (a, b, a, b, ...), so a
-    slow spell of the machine hits every side alike. Per side: median, min, max and every run."""
+    slow spell of the machine hits every side alike; ``alternate`` reverses the order every other
+    round (a, b, b, a, ...), so neither side always runs first. Per side: median, min, max and
+    every run, in round order."""
+    values: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
+    for i in range(runs):
+        for name in (order[::-1] if alternate and i % 2 else order):
+            values[name].append(float(sides[name]()))
+    return {name: summary(v) for name, v in values.items()}
+
+
+def summary(values: list[float]) -> dict:
+    """Median, min, max and every value (in round order), as ``interleaved`` gives per side."""
     import statistics
 
-    values: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(runs):
-        for name, fn in sides.items():
-            values[name].append(float(fn()))
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": [round(x, 2) for x in v]}
-            for name, v in values.items()}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": [round(x, 4) for x in values]}
 
 
-def emit_medians(benchmark: str, ours: dict, baseline: dict, unit: str, **extra) -> None:
-    """One JSON line: the ratio of medians, with each side's min, max and runs (from ``interleaved``)."""
-    emit(benchmark, ours["median"], baseline["median"], unit,
-         ratio_min=round(ours["min"] / baseline["max"], 4) if baseline["max"] else None,
-         ratio_max=round(ours["max"] / baseline["min"], 4) if baseline["min"] else None,
-         ours_runs=ours["runs"], baseline_runs=baseline["runs"], **extra)
+def emit_medians(benchmark: str, ours: dict, baseline: dict, unit: str, lower_is_better: bool = False,
+                 **extra) -> None:
+    """One JSON line: the ratio of medians, with the spread: ``ratio_min``/``ratio_max`` pair the
+    worst and best runs of the two sides; ``round_ratios`` are ours ÷ baseline within each round
+    (neighbouring runs), with their median, min and max (from ``interleaved``)."""
+    import statistics
+
+    def r(a: float, b: float) -> float | None:
+        if lower_is_better:
+            a, b = b, a
+        return round(a / b, 4) if b else None
+
+    rounds = [r(a, b) for a, b in zip(ours["runs"], baseline["runs"])]
+    rounds_ok = [x for x in rounds if x is not None]
+    lo, hi = ("max", "min") if lower_is_better else ("min", "max")  # each side's worst, best run
+    emit(benchmark, ours["median"], baseline["median"], unit, lower_is_better,
+         ratio_min=r(ours[lo], baseline[hi]), ratio_max=r(ours[hi], baseline[lo]),
+         round_ratios=rounds, round_ratio_median=round(statistics.median(rounds_ok), 4) if rounds_ok else None,
+         round_ratio_min=min(rounds_ok, default=None), round_ratio_max=max(rounds_ok, default=None),
+         runs=len(ours["runs"]), ours_runs=ours["runs"], baseline_runs=baseline["runs"], **extra)

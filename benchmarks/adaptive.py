@@ -16,6 +16,11 @@ Counting: `adaptive` counts at most `target_correct` traces per prompt, the trac
 dataset keeps (dedupe's max_per_prompt is the same k); traces past that on easy prompts
 are surplus. `adaptive-all-traces` counts every verified trace, surplus included.
 Both sides use the same teacher, engine settings and sampling temperature.
+
+Sampling noise: the comparison is made ``BENCH_RUNS`` (default 3) times with sampling seeds
+0, 1, 2, ..., the two sides' runs interleaved (fixed, adaptive, adaptive, fixed, ...); lines
+give the median ratio over seeds with its spread (``_common.emit_medians``), and `coverage`,
+`tokens` and `fixed_n` per seed.
 """
 from __future__ import annotations
 
@@ -26,12 +31,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, emit  # noqa: E402
+from _common import REPO, RUNS, emit_medians, interleaved, summary  # noqa: E402
 
 N_PROMPTS, TARGET, MAX_SAMPLES, GIVE_UP, ROUND = 256, 2, 16, 6, 2
 
 
 def _run(tmp: str, name: str, src: Path, teacher: str, sampling: dict) -> list[dict]:
+    """One pipeline run (prompts, generate, verify) in its own storage root, so nothing is cached."""
     from pipeline.config import load_config
     from pipeline.runner import Runner
     from pipeline.storage import Storage
@@ -40,7 +46,7 @@ def _run(tmp: str, name: str, src: Path, teacher: str, sampling: dict) -> list[d
     cfg.write_text(json.dumps({"name": f"bench-{name}", "storage": {"root": f"{tmp}/{name}"}, "stages": {
         "prompts": {"params": {"path": str(src)}},
         "generate": {"inputs": {"prompts": "prompts.prompts"}, "params": {
-            "model": teacher, "sampling": {"temperature": 1.0, "max_tokens": 96, "seed": 0, **sampling},
+            "model": teacher, "sampling": {"temperature": 1.0, "max_tokens": 96, **sampling},
             "engine": {"max_model_len": 256, "kv_cache_gb": 1}}},
         "verify": {"inputs": {"samples": "generate.samples"}},
     }}))
@@ -75,23 +81,43 @@ def main() -> None:
     out = {s["name"]: s["output"] for s in teacher_run.manifest["stages"]}
     st = Storage(".distill")
     prompts = st.read_dataset(st.strip(out["toy_task"]["distill"])).slice(0, N_PROMPTS).to_pylist()
+    teacher = out["teacher_sft"]["model"]
+    runs: dict[str, list] = {"fixed": [], "adaptive": []}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "prompts.jsonl"
         src.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in prompts))
-        fixed_rows = _run(tmp, "fixed", src, out["teacher_sft"]["model"], {"n": MAX_SAMPLES})
-        adaptive = _score(_run(tmp, "adaptive", src, out["teacher_sft"]["model"], {
-            "strategy": "adaptive", "n": ROUND, "max_samples": MAX_SAMPLES, "target_correct": TARGET,
-            "give_up_after": GIVE_UP}))
-    curve = {n: _score([r for r in fixed_rows if r["sample_index"] < n]) for n in range(1, MAX_SAMPLES + 1)}
-    n_fixed = next((n for n, s in curve.items() if s["coverage"] >= adaptive["coverage"]), MAX_SAMPLES)
-    fixed = curve[n_fixed]
+
+        def fixed() -> float:
+            seed = len(runs["fixed"])
+            runs["fixed"].append(_run(tmp, f"fixed-{seed}", src, teacher, {"n": MAX_SAMPLES, "seed": seed}))
+            return seed
+
+        def adaptive() -> float:
+            seed = len(runs["adaptive"])
+            runs["adaptive"].append(_score(_run(tmp, f"adaptive-{seed}", src, teacher, {
+                "strategy": "adaptive", "n": ROUND, "max_samples": MAX_SAMPLES, "target_correct": TARGET,
+                "give_up_after": GIVE_UP, "seed": seed})))
+            return seed
+
+        interleaved({"fixed": fixed, "adaptive": adaptive}, runs=RUNS, alternate=True)
+    kept = {"adaptive": [], "fixed": []}
+    every = {"adaptive": [], "fixed": []}
+    per_seed = []
+    for fixed_rows, ada in zip(runs["fixed"], runs["adaptive"]):
+        curve = {n: _score([r for r in fixed_rows if r["sample_index"] < n]) for n in range(1, MAX_SAMPLES + 1)}
+        n_fixed = next((n for n, s in curve.items() if s["coverage"] >= ada["coverage"]), MAX_SAMPLES)
+        fix = curve[n_fixed]
+        for side, sc in (("adaptive", ada), ("fixed", fix)):
+            kept[side].append(sc["kept_traces"] / sc["tokens"] * 1e6)
+            every[side].append(sc["traces"] / sc["tokens"] * 1e6)
+        per_seed.append({"fixed_n": n_fixed, "coverage": {"adaptive": ada["coverage"], "fixed": fix["coverage"]},
+                         "tokens": {"adaptive": ada["tokens"], "fixed": fix["tokens"]}})
     common = {"target_correct": TARGET, "max_samples": MAX_SAMPLES, "give_up_after": GIVE_UP, "prompts": N_PROMPTS,
-              "fixed_n": n_fixed, "coverage": {"adaptive": adaptive["coverage"], "fixed": fixed["coverage"]},
-              "tokens": {"adaptive": adaptive["tokens"], "fixed": fixed["tokens"]}}
-    emit("adaptive", adaptive["kept_traces"] / adaptive["tokens"] * 1e6, fixed["kept_traces"] / fixed["tokens"] * 1e6,
-         "kept verified traces (<= target_correct per prompt) per 1M tokens", **common)
-    emit("adaptive-all-traces", adaptive["traces"] / adaptive["tokens"] * 1e6, fixed["traces"] / fixed["tokens"] * 1e6,
-         "verified traces per 1M tokens", fixed_n=n_fixed)
+              "seeds": list(range(len(per_seed))), "per_seed": per_seed}
+    emit_medians("adaptive", summary(kept["adaptive"]), summary(kept["fixed"]),
+                 "kept verified traces (<= target_correct per prompt) per 1M tokens", **common)
+    emit_medians("adaptive-all-traces", summary(every["adaptive"]), summary(every["fixed"]),
+                 "verified traces per 1M tokens", fixed_n=[s["fixed_n"] for s in per_seed])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ shingles, ``MinHash.update`` per shingle, ``MinHashLSH.query`` then ``insert`` i
 nothing matched. 5k docs of about 150 words, about 20% light edits (one or two words)
 of earlier docs; threshold 0.8, 128 permutations. ``agree``: both sides flag the same
 docs. ``update_batch_docs_s``: the previous stage path (one ``MinHash`` +
-``update_batch`` per doc, ``MinHashLSH``) for reference.
+``update_batch`` per doc, ``MinHashLSH``) for reference (median).
+
+Every side runs once untimed (warm-up, and the agreement check), then ``BENCH_RUNS`` (default 3)
+times, interleaved; lines give the ratio of medians with its spread (``_common.emit_medians``).
 """
 from __future__ import annotations
 
@@ -33,11 +36,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit_medians, interleaved  # noqa: E402
 
 ROWS, DUP_FRACTION, PER_PROMPT = 200_000, 0.3, 8
 DOCS, NEAR_FRACTION = 5_000, 0.2
-REPEATS = 3  # best of, on every side
 # Python's str.isspace() set, as a Rust regex class for polars
 WS = (r"[\t\n\x0B\x0C\r\x1C-\x1F \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}"
       r"\x{3000}]+")
@@ -73,13 +75,13 @@ def exact_rows(seed: int = 0) -> tuple[list[str], list[str]]:
     return [prompts[i] for i in order], [completions[i] for i in order]
 
 
-def best_of(fn, repeats: int = REPEATS):
-    best, out = float("inf"), None
-    for _ in range(repeats):
+def rate(fn, items: int):
+    """A zero-argument callable: ``items`` ÷ the seconds of one call of ``fn``."""
+    def run() -> float:
         t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        fn()
+        return items / (time.perf_counter() - t0)
+    return run
 
 
 def bench_exact() -> None:
@@ -108,19 +110,17 @@ def bench_exact() -> None:
         return df.with_columns(norm("prompt"), norm("completion")).unique(
             subset=["prompt", "completion"], keep="first", maintain_order=True)
 
-    ours()  # warm up
-    t_ours, first = best_of(ours)
-    t_unique, kept_unique = best_of(polars_unique)
-    t_same, kept_same = best_of(polars_same_work)
-    kept = np.flatnonzero(first)
-    agree = bool(np.array_equal(kept, kept_unique["row"].to_numpy())
-                 and np.array_equal(kept, kept_same["row"].to_numpy()))
+    kept = np.flatnonzero(ours())  # warm-up runs, and what each side keeps
+    agree = bool(np.array_equal(kept, polars_unique()["row"].to_numpy())
+                 and np.array_equal(kept, polars_same_work()["row"].to_numpy()))
+    r = interleaved({"ours": rate(ours, ROWS), "unique": rate(polars_unique, ROWS),
+                     "same_work": rate(polars_same_work, ROWS)}, alternate=True)
     mb = (table.column("prompt").nbytes + table.column("completion").nbytes) / 2**20
     common = {"rows": ROWS, "duplicates": int(ROWS - len(kept)), "mb": round(mb, 1), "agree": agree}
-    emit("dedupe-exact", ROWS / t_ours, ROWS / t_unique, "rows/s", **common,
-         baseline_is="polars unique on pre-normalised columns (normalisation not timed)")
-    emit("dedupe-exact-same-work", ROWS / t_ours, ROWS / t_same, "rows/s", **common,
-         baseline_is="polars normalise + unique")
+    emit_medians("dedupe-exact", r["ours"], r["unique"], "rows/s", **common,
+                 baseline_is="polars unique on pre-normalised columns (normalisation not timed)")
+    emit_medians("dedupe-exact-same-work", r["ours"], r["same_work"], "rows/s", **common,
+                 baseline_is="polars normalise + unique")
 
 
 def minhash_docs(seed: int = 1) -> list[str]:
@@ -179,14 +179,13 @@ def bench_minhash() -> None:
             flags.append(hit)
         return np.array(flags)
 
-    ours()  # warm up
-    t_ours, flags = best_of(ours)
-    t_plain, ref = best_of(plain_loop)
-    t_batch, ref_batch = best_of(update_batch_loop)
-    emit("dedupe-minhash", DOCS / t_ours, DOCS / t_plain, "docs/s", docs=DOCS, near_duplicates=int(flags.sum()),
-         agree=bool(np.array_equal(flags, ref) and np.array_equal(flags, ref_batch)),
-         update_batch_docs_s=round(DOCS / t_batch, 2), threshold=spec.threshold, num_perm=spec.num_perm,
-         ngram=spec.ngram)
+    flags = ours()  # warm-up runs, and what each side flags
+    agree = bool(np.array_equal(flags, plain_loop()) and np.array_equal(flags, update_batch_loop()))
+    r = interleaved({"ours": rate(ours, DOCS), "plain": rate(plain_loop, DOCS),
+                     "update_batch": rate(update_batch_loop, DOCS)}, alternate=True)
+    emit_medians("dedupe-minhash", r["ours"], r["plain"], "docs/s", docs=DOCS, near_duplicates=int(flags.sum()),
+                 agree=agree, update_batch_docs_s=round(r["update_batch"]["median"], 2), threshold=spec.threshold,
+                 num_perm=spec.num_perm, ngram=spec.ngram)
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """benchmarks `storage-local` and `storage-s3`: dataset shard-write throughput (MB/s of
 Parquet written, manifest commit included) ÷ raw `pyarrow.parquet.write_table` with the
 same codec (zstd) to the same filesystem, in one run. S3 is moto's server on 127.0.0.1.
+After one warm-up write per side, each side runs ``BENCH_RUNS`` (default 3) times, interleaved;
+the lines give the ratio of medians with its spread (``_common.emit_medians``).
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit_medians, interleaved  # noqa: E402
 
-ROWS, SHARD_ROWS, REPEATS = 200_000, 50_000, 3
+ROWS, SHARD_ROWS = 200_000, 50_000
 
 
 def table():
@@ -53,15 +55,13 @@ def measure(name: str, root: str) -> None:
 
     st = Storage(root)
     t = table()
-    ours(st, t)  # warm up both paths once
+    _, nbytes = ours(st, t)  # warm up both paths once
     raw(st.fs, st.root, t)
-    best_ours, best_raw, nbytes = float("inf"), float("inf"), 0
-    for _ in range(REPEATS):
-        secs, nbytes = ours(st, t)
-        best_ours = min(best_ours, secs)
-        best_raw = min(best_raw, raw(st.fs, st.root, t))
-    mb = nbytes / 2**20
-    emit(name, mb / best_ours, mb / best_raw, "MB/s", rows=ROWS, shards=ROWS // SHARD_ROWS, codec="zstd")
+    mb = nbytes / 2**20  # the same data on both sides
+    r = interleaved({"raw": lambda: mb / raw(st.fs, st.root, t), "ours": lambda: mb / ours(st, t)[0]},
+                    alternate=True)
+    emit_medians(name, r["ours"], r["raw"], "MB/s", rows=ROWS, shards=ROWS // SHARD_ROWS, codec="zstd",
+                 mb=round(mb, 1))
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 `verify`: verifier-service checks/s with one worker process ÷ raw single-process
 math-verify (`parse` + `verify`) on the same unique (gold, answer) pairs.
 `verify-scaling`: two workers ÷ one worker on fresh unique pairs.
-Pairs are unique and never string-equal, so neither side's caches or fast paths help.
+Pairs are unique and never string-equal, so neither side's caches or fast paths help; each
+round draws fresh pairs (the same ones for `verify`'s two sides). Each side runs ``BENCH_RUNS``
+(default 3) times, interleaved; lines give the ratio of medians with its spread.
 
 `verify-agreement`: the share of (gold, completion) pairs on which the project's verdict
 (correct or not, from the verifier service) agrees with raw math-verify:
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, emit  # noqa: E402
+from _common import REPO, emit, emit_medians, interleaved  # noqa: E402
 
 N = 400
 DATA = REPO.parent / "shared" / "data"
@@ -269,11 +271,17 @@ def main() -> None:
     which = sys.argv[1:] or ["verify", "verify-agreement"]
     if "verify" in which:
         raw(pairs(20, seed=998))  # import + first-call costs out of the timing
-        base = raw(pairs(N, seed=1))
-        one = service(pairs(N, seed=1), 1)  # same pairs as the baseline; caches are per process
-        two = service(pairs(N, seed=3), 2)
-        emit("verify", one, base, "checks/s", pairs=N)
-        emit("verify-scaling", two, one, "checks/s", workers=2)
+        rounds = {"raw": 0, "one": 0, "two": 0}
+
+        def fresh(side: str, offset: int) -> list:  # new pairs every round; raw and one share them
+            rounds[side] += 1
+            return pairs(N, seed=offset + rounds[side])
+
+        r = interleaved({"raw": lambda: raw(fresh("raw", 100)),  # caches are per process:
+                         "one": lambda: service(fresh("one", 100), 1),  # the service's workers are new
+                         "two": lambda: service(fresh("two", 200), 2)}, alternate=True)
+        emit_medians("verify", r["one"], r["raw"], "checks/s", pairs=N)
+        emit_medians("verify-scaling", r["two"], r["one"], "checks/s", workers=2, pairs=N)
     if "verify-agreement" in which:
         agreement()
 
