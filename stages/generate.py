@@ -29,6 +29,7 @@ per (prompt_id, sample_index), for the prompts of this input only.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from typing import ClassVar
 
@@ -66,6 +67,23 @@ def error_summary(rows: list[dict], max_error_rate: float) -> str:
         example = next(r["error"] for r in rows if r["error"] and r["error"].split(":")[0] == reason)
         lines.append(f"  {reason}: {len(pids)} samples, {len(set(pids))} prompts (e.g. {pids[0]}: {example[:200]})")
     return "\n".join(lines)
+
+
+def overhead(driver_cpu_s: float, driver_process_cpu_s: float, engine: dict) -> dict:
+    """The pipeline's own CPU next to the engine, as a fraction of the engines' busy wall seconds
+    (``engine_s``: time inside ``add_request``/``step``, summed over replicas).
+
+    ``fraction``: CPU seconds of the stage's driver thread (reading, rows, checkpoints, the output)
+    plus the engine actors' own code outside the engine (prompt building, rows, the loop).
+    ``fraction_upper``: whole processes instead (the driver process, Ray's threads included, and
+    each actor process less its engine calls; vLLM's front-end threads count here too), a bound."""
+    e = engine["engine_s"]
+    actor_process = max(0.0, engine["process_cpu_s"] - engine["engine_cpu_s"])
+    return {"driver_cpu_s": round(driver_cpu_s, 3), "actor_cpu_s": round(engine["cpu_s"], 3),
+            "driver_process_cpu_s": round(driver_process_cpu_s, 3), "actor_process_cpu_s": round(actor_process, 3),
+            "engine_s": round(e, 3),
+            "fraction": round((driver_cpu_s + engine["cpu_s"]) / e, 4) if e > 0 else None,
+            "fraction_upper": round((driver_process_cpu_s + actor_process) / e, 4) if e > 0 else None}
 
 
 class Params(BaseModel):
@@ -112,6 +130,7 @@ class Generate(Stage):
                 "engine": p.engine.model_dump(mode="json", include={"max_model_len", "dtype"})}
 
     def run(self, ctx: StageContext) -> None:
+        cpu0, pcpu0 = time.thread_time(), time.process_time()  # the driver's own CPU
         p: Params = self.params
         model_uri = ctx.model_uri("model", p.model)
         prompts = ctx.read_input("prompts", columns=["prompt_id", "prompt", "answer", "source"]).to_pylist()
@@ -123,17 +142,23 @@ class Generate(Stage):
                     rows.setdefault((r["prompt_id"], r["sample_index"]), r)
         resumed = {pid for pid, _ in rows}
         bar = ctx.progress("generating", len(prompts))
-        state = {"tokens": 0, "pool": None}
+        state = {"tokens": 0, "pool": None, "usage": None}
 
         def sample(requests: list[dict]) -> list[dict]:
             """Generate, commit each finished chunk as a checkpoint, return the new rows."""
             if state["pool"] is None:
-                state["pool"] = open_engines(model_uri, p.engine, p.chat_template, p.system_prompt)
-                ctx.metrics["engine_startup_seconds"] = round(state["pool"].startup_seconds, 2)
+                state["pool"] = pool = open_engines(model_uri, p.engine, p.chat_template, p.system_prompt)
+                if pool.reused:  # kept from an earlier stage (DISTILL_KEEP_ENGINES): nothing started
+                    ctx.metrics["engine_reused"] = True
+                else:
+                    ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
+                state["usage"] = pool.usage()
             new = []
             for chunk in state["pool"].generate(requests, p.sampling):
-                full = [{**r, "prompt": by_id[r["prompt_id"]]["prompt"], "answer": by_id[r["prompt_id"]]["answer"],
-                         "source": by_id[r["prompt_id"]]["source"]} for r in chunk]
+                full = []
+                for r in chunk:  # the prompt's columns added to each sample row
+                    src = by_id[r["prompt_id"]]
+                    full.append({**r, "prompt": src["prompt"], "answer": src["answer"], "source": src["source"]})
                 part = ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
                 part.write(pa.Table.from_pylist(full, schema=SAMPLES_SCHEMA))
                 part.commit(SAMPLES_SCHEMA)
@@ -151,12 +176,16 @@ class Generate(Stage):
                     rows.setdefault((r["prompt_id"], r["sample_index"]), r)
                 bar.advance(len(todo))
                 stats = {}
+            if state["pool"] is not None:  # engine time and the actors' own CPU, this run's share
+                state["engine"] = state["pool"].usage_since(state["usage"], state["pool"].usage())
         finally:
             if state["pool"] is not None:  # chunks lost with an engine actor and sent again
                 ctx.metrics["requeued_chunks"] = state["pool"].requeued_chunks
                 state["pool"].shutdown()
             bar.close()
         self._write(ctx, prompts, rows, stats, state["tokens"], len(resumed))
+        if "engine" in state:
+            ctx.metrics["overhead"] = overhead(time.thread_time() - cpu0, time.process_time() - pcpu0, state["engine"])
 
     def _adaptive(self, ctx: StageContext, prompts: list[dict], rows: dict, sample, bar) -> dict:
         """Rounds of ``n`` samples per unfinished prompt, verified as they finish; a prompt stops at

@@ -26,9 +26,10 @@ def test_driver_kill_and_resume(ray_local, tiny_model, tmp_path):
                           "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}",
                           extra="ray: {num_cpus: 2}")
     env = {**os.environ, "DISTILL_KEEP_ENGINES": "0", "PYTHONPATH": str(REPO)}
-    # one sequence at a time in the run to be killed (max_num_seqs is not part of any key), so it is
-    # still generating when the test sees its third checkpoint, even on a loaded machine
-    slow = ["--set", "stages.generate.params.engine.max_num_seqs=1"]
+    # one sequence at a time in the run to be killed, at the lowest CPU priority (neither is part
+    # of any key), so it is still generating when the test sees its third checkpoint, even on a
+    # loaded machine where the test's own polling competes with it for the CPU
+    slow = ["--set", "stages.generate.params.engine.max_num_seqs=1", "--set", "stages.generate.params.engine.nice=19"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg), *slow], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     watch = ProcessWatch(proc.pid, interval=1.0)  # the driver's whole process tree: Ray, its workers, the engines

@@ -1,0 +1,65 @@
+"""The generate stage's overhead metric: the CPU its driver and engine actors spend outside the
+engine, next to the engine's busy time; and an engine kept from an earlier run reports no start-up."""
+import pytest
+from conftest import generate_config, output_rows, run_stages, write_jsonl
+
+from stages.generate import overhead
+
+
+def test_overhead_arithmetic():
+    engine = {"engine_s": 10.0, "cpu_s": 0.2, "engine_cpu_s": 1.0, "process_cpu_s": 1.5}
+    o = overhead(0.3, 0.4, engine)
+    assert o["fraction"] == pytest.approx((0.3 + 0.2) / 10.0)
+    assert o["actor_process_cpu_s"] == pytest.approx(0.5)  # the process less its engine calls
+    assert o["fraction_upper"] == pytest.approx((0.4 + 0.5) / 10.0)
+    assert overhead(0.3, 0.4, {**engine, "engine_s": 0.0})["fraction"] is None  # nothing generated
+
+
+def test_usage_since_counts_a_restarted_replica_from_its_restart():
+    from stages.common.engine import EnginePool
+
+    before = [{"engine_s": 5.0, "cpu_s": 1.0, "engine_cpu_s": 2.0, "process_cpu_s": 9.0, "pid": 1},
+              {"engine_s": 5.0, "cpu_s": 1.0, "engine_cpu_s": 2.0, "process_cpu_s": 9.0, "pid": 2}]
+    after = [{"engine_s": 7.0, "cpu_s": 1.5, "engine_cpu_s": 3.0, "process_cpu_s": 10.0, "pid": 1},
+             {"engine_s": 1.0, "cpu_s": 0.25, "engine_cpu_s": 0.5, "process_cpu_s": 4.0, "pid": 3}]  # restarted
+    d = EnginePool.usage_since(before, after)
+    assert d == {"engine_s": 3.0, "cpu_s": 0.75, "engine_cpu_s": 1.5, "process_cpu_s": 5.0}
+    assert EnginePool.usage_since(before, [after[0], None])["engine_s"] == 2.0  # a replica that did not answer
+
+
+@pytest.mark.engine
+def test_generate_reports_overhead(ray_local, tiny_model, tmp_path):
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} * 3.", "answer": str(3 * i)} for i in range(24)])
+    sampling = "{n: 2, max_tokens: 24, ignore_eos: true, seed: 1}"
+    engine = "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}"
+    records, st = run_stages(generate_config(tmp_path, "overhead", src, tiny_model, sampling, engine))
+    m = records["generate"]["metrics"]
+    o = m["overhead"]
+    assert set(o) == {"driver_cpu_s", "actor_cpu_s", "driver_process_cpu_s", "actor_process_cpu_s", "engine_s",
+                      "fraction", "fraction_upper"}
+    assert o["engine_s"] > 0  # 48 samples of 24 tokens went through the engine
+    assert o["actor_cpu_s"] > 0 and o["driver_cpu_s"] > 0  # prompts templated and tokenized; rows, checkpoints
+    assert o["driver_process_cpu_s"] >= o["driver_cpu_s"] - 1e-3  # the thread is part of its process
+    rounding = 2e-3 / o["engine_s"] + 1e-3  # the seconds are rounded to 3 decimals, the fractions to 4
+    assert o["fraction"] == pytest.approx((o["driver_cpu_s"] + o["actor_cpu_s"]) / o["engine_s"], abs=rounding)
+    assert o["fraction_upper"] == pytest.approx(
+        (o["driver_process_cpu_s"] + o["actor_process_cpu_s"]) / o["engine_s"], abs=rounding)
+    assert len(output_rows(st, records["generate"], "samples")) == 48
+
+    # a second run of the same settings in another root reuses the kept engine: no start-up
+    other = tmp_path / "again"
+    other.mkdir()
+    records2, _ = run_stages(generate_config(other, "overhead", src, tiny_model, sampling, engine))
+    m2 = records2["generate"]["metrics"]
+    assert m2["engine_reused"] is True and "engine_startup_seconds" not in m2  # not started again
+    assert m2["overhead"]["engine_s"] > 0
+    # each run counts its own share of the engine's lifetime (deltas of the actor's counters)
+    from stages.common.engine import _KEPT
+
+    pool = next(p for p in _KEPT.values() if p.model_uri == tiny_model and p.spec.batch_size == 4)
+    lifetime = _engine_seconds(pool.usage())
+    assert o["engine_s"] + m2["overhead"]["engine_s"] <= lifetime + 1e-2
+
+
+def _engine_seconds(usage: list) -> float:
+    return sum(u["engine_s"] for u in usage if u)
