@@ -142,6 +142,14 @@ class Raw:
         self.startup = time.time() - t0
         self.tok = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
+        self.steps = 0  # engine steps, as the stage's actor counts them (tokens / steps: mean batch)
+        engine, step = self.llm.llm_engine, self.llm.llm_engine.step
+
+        def counted():
+            self.steps += 1
+            return step()
+
+        engine.step = counted
 
     def ids(self, prompt: str) -> list[int]:
         text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -218,10 +226,13 @@ def bench_generate(tmp: Path) -> None:
     ps, sps = raw.requests(prompts, MAX_TOKENS, ignore_eos=True)
     raw.run(ps[:BATCH_SIZE], sps[:BATCH_SIZE])  # warm up
     raw_tokens: list[int] = []
+    raw_steps: list[int] = []
 
     def raw_side() -> float:
+        steps = raw.steps
         secs, lengths = raw.run(ps, sps)
         raw_tokens.append(sum(lengths))
+        raw_steps.append(raw.steps - steps)
         return sum(lengths) / secs
 
     def ours() -> float:
@@ -233,6 +244,7 @@ def bench_generate(tmp: Path) -> None:
     over = [s["metrics"]["overhead"] for s in runs]
     emit_medians("generate", r["ours"], r["raw"], "tok/s", sequences=len(prompts), max_tokens=MAX_TOKENS,
                  tokens={"ours": runs[0]["metrics"]["completion_tokens"], "baseline": raw_tokens[0]},
+                 engine_steps={"ours": [s["metrics"]["overhead"]["engine_steps"] for s in runs], "baseline": raw_steps},
                  overhead_fraction=[o["fraction"] for o in over],
                  overhead_fraction_upper=[o["fraction_upper"] for o in over],
                  overhead=over[len(over) // 2])
@@ -261,11 +273,14 @@ def bench_variable(tmp: Path) -> None:
     ps, sps = raw.requests(prompts, VAR_MAX_TOKENS, ignore_eos=False)
     raw.run(ps[:BATCH_SIZE], sps[:BATCH_SIZE])  # warm up
     lengths: dict[str, list[int]] = {}
+    steps: dict[str, list[int]] = {"chunked": [], "single": []}
 
     def raw_side(chunk: int | None, name: str):
         def run() -> float:
+            before = raw.steps
             secs, lens = raw.run(ps, sps, chunk)
             lengths[name] = lens
+            steps[name].append(raw.steps - before)
             return sum(lens) / secs
         return run
 
@@ -285,6 +300,7 @@ def bench_variable(tmp: Path) -> None:
     common = {"sequences": len(prompts), "max_tokens": VAR_MAX_TOKENS, "mean_len": MEAN_LEN, "batch_size": BATCH_SIZE,
               "lengths": quantiles(lengths["single"]), "tokens": tokens,
               "truncated": sum(n >= VAR_MAX_TOKENS for n in lengths["single"]),
+              "engine_steps": {"ours": [s["metrics"]["overhead"]["engine_steps"] for s in runs], **steps},
               "overhead_fraction": [s["metrics"]["overhead"]["fraction"] for s in runs]}
     emit_medians("generate-variable", r["ours"], r["chunked"], "tok/s",
                  baseline_is=f"LLM.generate per chunk of {BATCH_SIZE}", **common)

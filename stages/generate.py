@@ -76,12 +76,13 @@ def overhead(driver_cpu_s: float, driver_process_cpu_s: float, engine: dict) -> 
     ``fraction``: CPU seconds of the stage's driver thread (reading, rows, checkpoints, the output)
     plus the engine actors' own code outside the engine (prompt building, rows, the loop).
     ``fraction_upper``: whole processes instead (the driver process, Ray's threads included, and
-    each actor process less its engine calls; vLLM's front-end threads count here too), a bound."""
+    each actor process less its engine calls; vLLM's front-end threads count here too), a bound.
+    ``engine_steps``: engine steps taken (completion tokens ÷ steps is the mean batch)."""
     e = engine["engine_s"]
     actor_process = max(0.0, engine["process_cpu_s"] - engine["engine_cpu_s"])
     return {"driver_cpu_s": round(driver_cpu_s, 3), "actor_cpu_s": round(engine["cpu_s"], 3),
             "driver_process_cpu_s": round(driver_process_cpu_s, 3), "actor_process_cpu_s": round(actor_process, 3),
-            "engine_s": round(e, 3),
+            "engine_s": round(e, 3), "engine_steps": int(engine.get("steps", 0)),
             "fraction": round((driver_cpu_s + engine["cpu_s"]) / e, 4) if e > 0 else None,
             "fraction_upper": round((driver_process_cpu_s + actor_process) / e, 4) if e > 0 else None}
 

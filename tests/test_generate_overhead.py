@@ -7,10 +7,11 @@ from stages.generate import overhead
 
 
 def test_overhead_arithmetic():
-    engine = {"engine_s": 10.0, "cpu_s": 0.2, "engine_cpu_s": 1.0, "process_cpu_s": 1.5}
+    engine = {"engine_s": 10.0, "cpu_s": 0.2, "engine_cpu_s": 1.0, "process_cpu_s": 1.5, "steps": 40}
     o = overhead(0.3, 0.4, engine)
     assert o["fraction"] == pytest.approx((0.3 + 0.2) / 10.0)
     assert o["actor_process_cpu_s"] == pytest.approx(0.5)  # the process less its engine calls
+    assert o["engine_steps"] == 40
     assert o["fraction_upper"] == pytest.approx((0.4 + 0.5) / 10.0)
     assert overhead(0.3, 0.4, {**engine, "engine_s": 0.0})["fraction"] is None  # nothing generated
 
@@ -18,12 +19,12 @@ def test_overhead_arithmetic():
 def test_usage_since_counts_a_restarted_replica_from_its_restart():
     from stages.common.engine import EnginePool
 
-    before = [{"engine_s": 5.0, "cpu_s": 1.0, "engine_cpu_s": 2.0, "process_cpu_s": 9.0, "pid": 1},
-              {"engine_s": 5.0, "cpu_s": 1.0, "engine_cpu_s": 2.0, "process_cpu_s": 9.0, "pid": 2}]
-    after = [{"engine_s": 7.0, "cpu_s": 1.5, "engine_cpu_s": 3.0, "process_cpu_s": 10.0, "pid": 1},
-             {"engine_s": 1.0, "cpu_s": 0.25, "engine_cpu_s": 0.5, "process_cpu_s": 4.0, "pid": 3}]  # restarted
+    before = [{"engine_s": 5.0, "cpu_s": 1.0, "engine_cpu_s": 2.0, "process_cpu_s": 9.0, "steps": 50, "pid": 1},
+              {"engine_s": 5.0, "cpu_s": 1.0, "engine_cpu_s": 2.0, "process_cpu_s": 9.0, "steps": 50, "pid": 2}]
+    after = [{"engine_s": 7.0, "cpu_s": 1.5, "engine_cpu_s": 3.0, "process_cpu_s": 10.0, "steps": 70, "pid": 1},
+             {"engine_s": 1.0, "cpu_s": 0.25, "engine_cpu_s": 0.5, "process_cpu_s": 4.0, "steps": 5, "pid": 3}]  # restarted
     d = EnginePool.usage_since(before, after)
-    assert d == {"engine_s": 3.0, "cpu_s": 0.75, "engine_cpu_s": 1.5, "process_cpu_s": 5.0}
+    assert d == {"engine_s": 3.0, "cpu_s": 0.75, "engine_cpu_s": 1.5, "process_cpu_s": 5.0, "steps": 25}
     assert EnginePool.usage_since(before, [after[0], None])["engine_s"] == 2.0  # a replica that did not answer
 
 
@@ -36,8 +37,9 @@ def test_generate_reports_overhead(ray_local, tiny_model, tmp_path):
     m = records["generate"]["metrics"]
     o = m["overhead"]
     assert set(o) == {"driver_cpu_s", "actor_cpu_s", "driver_process_cpu_s", "actor_process_cpu_s", "engine_s",
-                      "fraction", "fraction_upper"}
+                      "engine_steps", "fraction", "fraction_upper"}
     assert o["engine_s"] > 0  # 48 samples of 24 tokens went through the engine
+    assert 24 <= o["engine_steps"] <= 48 * 24  # at least one step per token of a sample, at most one per token
     assert o["actor_cpu_s"] > 0 and o["driver_cpu_s"] > 0  # prompts templated and tokenized; rows, checkpoints
     assert o["driver_process_cpu_s"] >= o["driver_cpu_s"] - 1e-3  # the thread is part of its process
     rounding = 2e-3 / o["engine_s"] + 1e-3  # the seconds are rounded to 3 decimals, the fractions to 4

@@ -168,6 +168,7 @@ class EngineActor:
         self._engine_s = 0.0
         self._cpu_s = 0.0
         self._engine_cpu_s = 0.0  # the loop thread's CPU inside the engine calls
+        self._steps = 0  # engine steps taken: tokens / steps is the mean batch
         self._stat_lock = threading.Lock()
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
@@ -181,13 +182,14 @@ class EngineActor:
         ``engine_cpu_s`` (the loop thread's CPU inside the engine calls)."""
         with self._stat_lock:
             return {"engine_s": self._engine_s, "cpu_s": self._cpu_s, "engine_cpu_s": self._engine_cpu_s,
-                    "process_cpu_s": time.process_time(), "pid": os.getpid()}
+                    "process_cpu_s": time.process_time(), "steps": self._steps, "pid": os.getpid()}
 
-    def _account(self, engine_s: float, cpu_s: float, engine_cpu_s: float = 0.0) -> None:
+    def _account(self, engine_s: float, cpu_s: float, engine_cpu_s: float = 0.0, steps: int = 0) -> None:
         with self._stat_lock:
             self._engine_s += engine_s
             self._cpu_s += cpu_s
             self._engine_cpu_s += engine_cpu_s
+            self._steps += steps
 
     def pid(self) -> int:
         return os.getpid()
@@ -198,6 +200,7 @@ class EngineActor:
         try:
             while True:
                 engine_wall = engine_cpu = 0.0
+                steps = 0
                 with self._cv:
                     if not self._inbox and not self._pending:
                         self._account(0.0, cpu() - mark)
@@ -220,12 +223,13 @@ class EngineActor:
                 elif self._pending:
                     t, c = clock(), cpu()
                     outs = self.engine.step()
+                    steps = 1
                     engine_wall, engine_cpu = engine_wall + clock() - t, engine_cpu + cpu() - c
                     for out in outs:
                         if out.finished and out.request_id in self._pending:
                             self._pending.pop(out.request_id)(out, None)
                 now = cpu()
-                self._account(engine_wall, now - mark - engine_cpu, engine_cpu)
+                self._account(engine_wall, now - mark - engine_cpu, engine_cpu, steps)
                 mark = now
         except BaseException:  # the engine is broken: let Ray restart the actor and retry the calls
             import traceback
@@ -553,13 +557,13 @@ class EnginePool:
     def usage_since(before: list[dict | None], after: list[dict | None]) -> dict:
         """Engine wall seconds and actor CPU seconds outside the engine between two ``usage()``
         snapshots, summed over replicas (a replica restarted in between counts from its restart)."""
-        total = {"engine_s": 0.0, "cpu_s": 0.0, "engine_cpu_s": 0.0, "process_cpu_s": 0.0}
+        total = {"engine_s": 0.0, "cpu_s": 0.0, "engine_cpu_s": 0.0, "process_cpu_s": 0.0, "steps": 0}
         for b, a in itertools.zip_longest(before, after):
             if a is None:
                 continue
             same = b is not None and b["pid"] == a["pid"]
             for k in total:
-                total[k] += a[k] - (b[k] if same else 0.0)
+                total[k] += a.get(k, 0) - (b.get(k, 0) if same else 0)
         return total
 
     def _wait_ready(self, idx: int, timeout: float = 180.0) -> bool:
