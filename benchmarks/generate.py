@@ -181,7 +181,10 @@ class Raw:
         return time.perf_counter() - t0, lengths
 
     def close(self) -> None:
-        del self.llm
+        engine = self.llm.llm_engine
+        del engine.step  # the counting wrapper (a reference cycle through the engine)
+        engine.engine_core.shutdown()  # its processes, now: this process must not wait for them at exit
+        del self.llm, engine
         gc.collect()
 
 
