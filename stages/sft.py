@@ -153,7 +153,6 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    from trl import SFTTrainer
 
     hf_logging.disable_progress_bar()
     examples = []
@@ -172,8 +171,59 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
 
         peft_config = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                  target_modules=p.lora.target_modules, task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=sft_config(p, output_dir, save), train_dataset=Dataset.from_list(examples),
-                      processing_class=tok, peft_config=peft_config)
+    return trainer_class()(model=model, args=sft_config(p, output_dir, save), train_dataset=Dataset.from_list(examples),
+                           processing_class=tok, peft_config=peft_config)
+
+
+_TRAINER_CLASS = None
+
+
+def trainer_class():
+    """TRL's ``SFTTrainer``, with the training loss taken from the model's own forward with
+    labels: the loss a plain PyTorch loop computes (summed over completion tokens, divided by the
+    batch's completion tokens across ranks, exactly as TRL's). TRL computes it through a chunked
+    fused LM head that also yields per-token entropy and top-1 accuracy, and reads both back
+    (``.item()``) on every step; here ``entropy`` and ``mean_token_accuracy`` are computed from
+    the logits on logging steps only (the logged value is that step's, not an average since the
+    last log). Evaluation, label smoothing, DFT and MoE auxiliary losses keep TRL's own path."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
+    import torch
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class StageSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (return_outputs or not self.model.training or self.compute_loss_func is not None
+                    or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            metrics, gather = self._metrics["train"], self.accelerator.gather_for_metrics
+            if (self.state.global_step + 1) % max(1, int(self.args.logging_steps)) == 0:  # the step that is logged
+                with torch.no_grad():
+                    logits = outputs.logits[:, :-1].float()
+                    labels = inputs["labels"][:, 1:]
+                    mask = labels != -100
+                    logp = torch.log_softmax(logits, dim=-1)
+                    entropy = -(logp.exp() * logp).sum(-1)
+                    n = gather(mask.sum()).sum()
+                    ent = gather((entropy * mask).sum()).sum()
+                    hit = gather(((logits.argmax(-1) == labels) & mask).sum()).sum()
+                    metrics["entropy"].append((ent / n).item() if n > 0 else 0.0)
+                    metrics["mean_token_accuracy"].append((hit / n).item() if n > 0 else 0.0)
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:  # padding-free: one row of packed sequences
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += gather(local).sum().item() // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    _TRAINER_CLASS = StageSFTTrainer
+    return _TRAINER_CLASS
 
 
 def count_tokens(trainer) -> dict:

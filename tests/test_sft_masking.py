@@ -1,6 +1,7 @@
 """The sft stage's trainer puts loss on assistant tokens only."""
 import tempfile
 
+import pytest
 import torch
 
 from stages.sft import Params, build_trainer, to_prompt_completion
@@ -28,3 +29,37 @@ def test_loss_only_on_assistant_tokens(tiny_model):
         assert torch.all(labels[:prefix_len] == -100)
         assert torch.all(labels[prefix_len:] == ids[prefix_len:])
         assert tok.decode(ids[prefix_len:]).endswith("<|end|>")
+
+
+def _logged(tiny_model, rows, trl_loss: bool, batching: str = "padded", logging_steps: int = 1) -> list[dict]:
+    from trl import SFTTrainer
+
+    p = Params(model=tiny_model, max_steps=4, batch_size=8, learning_rate=1e-3, logging_steps=logging_steps,
+               batching=batching, checkpoint_every=1000)
+    trainer = build_trainer(tiny_model, rows, p, tempfile.mkdtemp())
+    if trl_loss:  # TRL's own compute_loss: the chunked fused LM head with per-step entropy and accuracy
+        trainer.compute_loss = lambda *a, **kw: SFTTrainer.compute_loss(trainer, *a, **kw)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("batching", ["padded", "padding_free"])
+def test_stage_loss_and_metrics_equal_trl_fused_loss(tiny_model, batching):
+    """The stage computes the loss from the model's own forward with labels (as a plain loop
+    does), not TRL's fused LM head: the same loss, step by step, and the same entropy, token
+    accuracy and token count on the logged steps."""
+    rows = [{"messages": [{"role": "user", "content": f"Compute {i} + {i % 7}."},
+                          {"role": "assistant", "content": f"<think>\n{i} + {i % 7} = {i + i % 7}\n</think>\n"
+                                                           f"\\boxed{{{i + i % 7}}}"}]} for i in range(32)]
+    ours, trl = _logged(tiny_model, rows, False, batching), _logged(tiny_model, rows, True, batching)
+    assert [h["step"] for h in ours] == [h["step"] for h in trl] == [1, 2, 3, 4]
+    assert ours[-1]["loss"] < ours[0]["loss"]  # it learns
+    for a, b in zip(ours, trl):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
+        assert a["mean_token_accuracy"] == pytest.approx(b["mean_token_accuracy"], abs=1e-6)
+        assert a["num_tokens"] == b["num_tokens"]
+    # entropy and accuracy are computed on logging steps only, and logged there
+    sparse = _logged(tiny_model, rows, False, batching, logging_steps=2)
+    assert [h["step"] for h in sparse] == [2, 4]
+    assert [h["entropy"] for h in sparse] == pytest.approx([ours[1]["entropy"], ours[3]["entropy"]], rel=1e-5)
