@@ -185,7 +185,7 @@ def trainer_class():
     fused LM head that also yields per-token entropy and top-1 accuracy, and reads both back
     (``.item()``) on every step; here ``entropy`` and ``mean_token_accuracy`` are computed from
     the logits on logging steps only (the logged value is that step's, not an average since the
-    last log). Evaluation, label smoothing, DFT and MoE auxiliary losses keep TRL's own path."""
+    last log), and the token count is gathered across ranks there too. Evaluation, label smoothing, DFT and MoE auxiliary losses keep TRL's own path."""
     global _TRAINER_CLASS
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
@@ -202,8 +202,13 @@ def trainer_class():
             loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             metrics, gather = self._metrics["train"], self.accelerator.gather_for_metrics
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:  # padding-free: one row of packed sequences
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._pending_tokens = getattr(self, "_pending_tokens", 0) + local.detach()
             if (self.state.global_step + 1) % max(1, int(self.args.logging_steps)) == 0:  # the step that is logged
-                with torch.no_grad():
+                with torch.no_grad():  # every rank reaches here on the same steps: the gathers match
                     logits = outputs.logits[:, :-1].float()
                     labels = inputs["labels"][:, 1:]
                     mask = labels != -100
@@ -214,12 +219,9 @@ def trainer_class():
                     hit = gather(((logits.argmax(-1) == labels) & mask).sum()).sum()
                     metrics["entropy"].append((ent / n).item() if n > 0 else 0.0)
                     metrics["mean_token_accuracy"].append((hit / n).item() if n > 0 else 0.0)
-            if "attention_mask" in inputs:
-                local = inputs["attention_mask"].sum()
-            else:  # padding-free: one row of packed sequences
-                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-            self._total_train_tokens += gather(local).sum().item() // self._tp_size
-            metrics["num_tokens"] = [self._total_train_tokens]
+                    self._total_train_tokens += gather(self._pending_tokens).sum().item() // self._tp_size
+                    self._pending_tokens = 0
+                    metrics["num_tokens"] = [self._total_train_tokens]
             return loss
 
     _TRAINER_CLASS = StageSFTTrainer

@@ -59,7 +59,8 @@ def test_stage_loss_and_metrics_equal_trl_fused_loss(tiny_model, batching):
         assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
         assert a["mean_token_accuracy"] == pytest.approx(b["mean_token_accuracy"], abs=1e-6)
         assert a["num_tokens"] == b["num_tokens"]
-    # entropy and accuracy are computed on logging steps only, and logged there
+    # entropy, accuracy and the token count are computed on logging steps only, and logged there
     sparse = _logged(tiny_model, rows, False, batching, logging_steps=2)
     assert [h["step"] for h in sparse] == [2, 4]
     assert [h["entropy"] for h in sparse] == pytest.approx([ours[1]["entropy"], ours[3]["entropy"]], rel=1e-5)
+    assert [h["num_tokens"] for h in sparse] == [ours[1]["num_tokens"], ours[3]["num_tokens"]]
