@@ -151,7 +151,7 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
     """The SFTTrainer for ``rows`` (dicts with ``messages``); rows that are not chat turns ending
     with the assistant raise."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -171,8 +171,11 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
 
         peft_config = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                  target_modules=p.lora.target_modules, task_type="CAUSAL_LM")
-    return trainer_class()(model=model, args=sft_config(p, output_dir, save), train_dataset=Dataset.from_list(examples),
-                           processing_class=tok, peft_config=peft_config)
+    trainer = trainer_class()(model=model, args=sft_config(p, output_dir, save),
+                              train_dataset=Dataset.from_list(examples), processing_class=tok, peft_config=peft_config)
+    # without tqdm, transformers prints every log dict to stdout; the stage draws its own progress
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 _TRAINER_CLASS = None
