@@ -188,7 +188,8 @@ def trainer_class():
     fused LM head that also yields per-token entropy and top-1 accuracy, and reads both back
     (``.item()``) on every step; here ``entropy`` and ``mean_token_accuracy`` are computed from
     the logits on logging steps only (the logged value is that step's, not an average since the
-    last log), and the token count is gathered across ranks there too. Evaluation, label smoothing, DFT and MoE auxiliary losses keep TRL's own path."""
+    last log), and the token count is gathered across ranks there too. Evaluation, label
+    smoothing, DFT and MoE auxiliary losses keep TRL's own path."""
     global _TRAINER_CLASS
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
@@ -446,7 +447,8 @@ def _mfu(p: Params, params_n: int, tok_s: float) -> dict:
 
 class SFT(Stage):
     kind: ClassVar[str] = "sft"
-    version: ClassVar[str] = "2"  # keyed by this version, bumped by hand, not by a hash of the code
+    # keyed by this version, bumped by hand, not by a hash of the code (3: the loss from the model's own forward)
+    version: ClassVar[str] = "3"
     code_hash: ClassVar[bool] = False
     Params = Params
     inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
