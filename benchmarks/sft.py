@@ -10,6 +10,8 @@ plain loop is forward with labels, backward, AdamW step, on 2 threads.
   `ray_train_wall_s` gives the wall time of the stage, start-up of the worker group included.
 - `sft-scaling`: the stage with 2 workers (1 CPU each) ÷ 1 worker (2 CPUs), equal global batch.
   No target on a 2-core machine: two DDP workers share the same two cores.
+- `sft-full-logits`: the stage's trainer with `lm_head: full` (the loss from the model's own
+  forward with labels, full logits) instead of TRL's chunked fused LM head ÷ the plain loop.
 - `sft-padding-free`, `sft-group-by-length`: the stage's trainer with that `batching` ÷ the
   plain loop on padded batches: which batching is fastest here (the stage's default is `padded`).
 
@@ -72,11 +74,11 @@ def plain_loop(model_dir: str, batches) -> float:
     return tokens / (time.time() - t0)
 
 
-def stage_trainer(model: str, rows: list[dict], batching: str = "padded") -> float:
+def stage_trainer(model: str, rows: list[dict], batching: str = "padded", lm_head: str = "fused") -> float:
     """The stage's own TRL trainer in this process: tokens over the time of ``train()``."""
     from stages.sft import build_trainer, count_tokens
 
-    trainer = build_trainer(model, rows, params(model, batching=batching), tempfile.mkdtemp())
+    trainer = build_trainer(model, rows, params(model, batching=batching, lm_head=lm_head), tempfile.mkdtemp())
     tokens = count_tokens(trainer)
     t0 = time.time()
     trainer.train()
@@ -128,6 +130,7 @@ def main() -> None:
             "trainer": lambda: stage_trainer(model, rows),
             "ray1": lambda: ray_train(model, chat, st, 1, walls["1"]),
             "ray2": lambda: ray_train(model, chat, st, 2, walls["2"]),
+            "full_logits": lambda: stage_trainer(model, rows, lm_head="full"),
             "padding_free": lambda: stage_trainer(model, rows, "padding_free"),
             "group_by_length": lambda: stage_trainer(model, rows, "group_by_length"),
         }, runs=RUNS)
@@ -137,6 +140,8 @@ def main() -> None:
         emit_medians("sft-ray-train", r["ray1"], r["plain"], "tok/s", ray_train_wall_s=walls["1"], **common)
         emit_medians("sft-scaling", r["ray2"], r["ray1"], "tok/s", ray_train_wall_s=walls["2"],
                      note="2 workers x 1 CPU vs 1 worker x 2 CPUs on a 2-core machine", **common)
+        emit_medians("sft-full-logits", r["full_logits"], r["plain"], "tok/s",
+                     note="lm_head: full (the model's own forward with labels) instead of TRL's fused head", **common)
         emit_medians("sft-padding-free", r["padding_free"], r["plain"], "tok/s", **common)
         emit_medians("sft-group-by-length", r["group_by_length"], r["plain"], "tok/s", **common)
 

@@ -86,6 +86,10 @@ class Params(BaseModel):
     gradient_checkpointing: bool = False
     bf16: bool = False
     batching: Literal["padded", "group_by_length", "padding_free"] = "padded"
+    lm_head: Literal["fused", "full"] = Field(
+        "fused", description="fused: TRL's chunked LM head computes the loss without materializing the "
+        "[batch, length, vocab] logits (what large vocabularies need); full: the model's own forward with labels, "
+        "faster for tiny vocabularies (same loss value, other float rounding)")
     lora: LoraSpec | None = None
     # where and how it runs: not part of the fingerprint
     num_workers: int = Field(1, ge=1, json_schema_extra=NO_FP)
@@ -173,6 +177,7 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
                                  target_modules=p.lora.target_modules, task_type="CAUSAL_LM")
     trainer = trainer_class()(model=model, args=sft_config(p, output_dir, save),
                               train_dataset=Dataset.from_list(examples), processing_class=tok, peft_config=peft_config)
+    trainer.full_logits = p.lm_head == "full"
     # without tqdm, transformers prints every log dict to stdout; the stage draws its own progress
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -182,14 +187,14 @@ _TRAINER_CLASS = None
 
 
 def trainer_class():
-    """TRL's ``SFTTrainer``, with the training loss taken from the model's own forward with
-    labels: the loss a plain PyTorch loop computes (summed over completion tokens, divided by the
-    batch's completion tokens across ranks, exactly as TRL's). TRL computes it through a chunked
-    fused LM head that also yields per-token entropy and top-1 accuracy, and reads both back
-    (``.item()``) on every step; here ``entropy`` and ``mean_token_accuracy`` are computed from
-    the logits on logging steps only (the logged value is that step's, not an average since the
-    last log), and the token count is gathered across ranks there too. Evaluation, label
-    smoothing, DFT and MoE auxiliary losses keep TRL's own path."""
+    """TRL's ``SFTTrainer``; with ``full_logits`` set on an instance (``lm_head: full``), its
+    training loss is taken from the model's own forward with labels, the loss a plain PyTorch
+    loop computes (summed over completion tokens, divided by the batch's completion tokens
+    across ranks, as TRL's), instead of TRL's chunked fused LM head, which also yields per-token
+    entropy and top-1 hits on every step. Then ``entropy`` and ``mean_token_accuracy`` are
+    computed from the logits on logging steps only (the logged value is that step's, not an
+    average since the last log), and the token count is gathered across ranks there too.
+    Evaluation, label smoothing, DFT and MoE auxiliary losses always keep TRL's own path."""
     global _TRAINER_CLASS
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
@@ -199,7 +204,8 @@ def trainer_class():
 
     class StageSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if (return_outputs or not self.model.training or self.compute_loss_func is not None
+            if (not getattr(self, "full_logits", False) or return_outputs or not self.model.training
+                    or self.compute_loss_func is not None
                     or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
@@ -447,8 +453,7 @@ def _mfu(p: Params, params_n: int, tok_s: float) -> dict:
 
 class SFT(Stage):
     kind: ClassVar[str] = "sft"
-    # keyed by this version, bumped by hand, not by a hash of the code (3: the loss from the model's own forward)
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "2"  # keyed by this version, bumped by hand, not by a hash of the code
     code_hash: ClassVar[bool] = False
     Params = Params
     inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}

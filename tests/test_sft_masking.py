@@ -1,8 +1,10 @@
 """The sft stage's trainer puts loss on assistant tokens only."""
 import tempfile
+from unittest import mock
 
 import pytest
 import torch
+from transformers import Trainer
 
 from stages.sft import Params, build_trainer, to_prompt_completion
 
@@ -31,36 +33,37 @@ def test_loss_only_on_assistant_tokens(tiny_model):
         assert tok.decode(ids[prefix_len:]).endswith("<|end|>")
 
 
-def _logged(tiny_model, rows, trl_loss: bool, batching: str = "padded", logging_steps: int = 1) -> list[dict]:
-    from trl import SFTTrainer
-
+def _logged(tiny_model, rows, lm_head: str, batching: str = "padded", logging_steps: int = 1) -> list[dict]:
     p = Params(model=tiny_model, max_steps=4, batch_size=8, learning_rate=1e-3, logging_steps=logging_steps,
-               batching=batching, checkpoint_every=1000)
+               batching=batching, checkpoint_every=1000, lm_head=lm_head)
     trainer = build_trainer(tiny_model, rows, p, tempfile.mkdtemp())
-    if trl_loss:  # TRL's own compute_loss: the chunked fused LM head with per-step entropy and accuracy
-        trainer.compute_loss = lambda *a, **kw: SFTTrainer.compute_loss(trainer, *a, **kw)
-    trainer.train()
+    calls = []  # the model's own forward with labels goes through transformers' Trainer.compute_loss
+    plain = trainer.__class__.__mro__[2].compute_loss  # StageSFTTrainer -> SFTTrainer -> Trainer
+    assert plain is Trainer.compute_loss
+    with mock.patch.object(Trainer, "compute_loss", lambda *a, **kw: calls.append(1) or plain(*a, **kw)):
+        trainer.train()
+    assert len(calls) == (4 if lm_head == "full" else 0)  # TRL's fused head never calls it
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
 @pytest.mark.parametrize("batching", ["padded", "padding_free"])
-def test_stage_loss_and_metrics_equal_trl_fused_loss(tiny_model, batching):
-    """The stage computes the loss from the model's own forward with labels (as a plain loop
-    does), not TRL's fused LM head: the same loss, step by step, and the same entropy, token
-    accuracy and token count on the logged steps."""
+def test_full_logits_loss_and_metrics_equal_trl_fused_head(tiny_model, batching):
+    """``lm_head: full`` takes the loss from the model's own forward with labels (as a plain
+    loop does) instead of TRL's fused LM head (the default): the same loss, step by step, and
+    the same entropy, token accuracy and token count on the logged steps."""
     rows = [{"messages": [{"role": "user", "content": f"Compute {i} + {i % 7}."},
                           {"role": "assistant", "content": f"<think>\n{i} + {i % 7} = {i + i % 7}\n</think>\n"
                                                            f"\\boxed{{{i + i % 7}}}"}]} for i in range(32)]
-    ours, trl = _logged(tiny_model, rows, False, batching), _logged(tiny_model, rows, True, batching)
-    assert [h["step"] for h in ours] == [h["step"] for h in trl] == [1, 2, 3, 4]
-    assert ours[-1]["loss"] < ours[0]["loss"]  # it learns
-    for a, b in zip(ours, trl):
+    full, fused = _logged(tiny_model, rows, "full", batching), _logged(tiny_model, rows, "fused", batching)
+    assert [h["step"] for h in full] == [h["step"] for h in fused] == [1, 2, 3, 4]
+    assert full[-1]["loss"] < full[0]["loss"]  # it learns
+    for a, b in zip(full, fused):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
         assert a["mean_token_accuracy"] == pytest.approx(b["mean_token_accuracy"], abs=1e-6)
         assert a["num_tokens"] == b["num_tokens"]
     # entropy, accuracy and the token count are computed on logging steps only, and logged there
-    sparse = _logged(tiny_model, rows, False, batching, logging_steps=2)
+    sparse = _logged(tiny_model, rows, "full", batching, logging_steps=2)
     assert [h["step"] for h in sparse] == [2, 4]
-    assert [h["entropy"] for h in sparse] == pytest.approx([ours[1]["entropy"], ours[3]["entropy"]], rel=1e-5)
-    assert [h["num_tokens"] for h in sparse] == [ours[1]["num_tokens"], ours[3]["num_tokens"]]
+    assert [h["entropy"] for h in sparse] == pytest.approx([full[1]["entropy"], full[3]["entropy"]], rel=1e-5)
+    assert [h["num_tokens"] for h in sparse] == [full[1]["num_tokens"], full[3]["num_tokens"]]
