@@ -61,6 +61,10 @@ PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12,
               "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10G": (125e12, 31.2e12)}
 
 
+# lm_head: auto takes the model's own forward when one micro-batch's float32 logits fit in this
+FULL_LOGITS_BYTES = 256 * 2**20
+
+
 class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     r: int = Field(16, ge=1)
@@ -86,10 +90,12 @@ class Params(BaseModel):
     gradient_checkpointing: bool = False
     bf16: bool = False
     batching: Literal["padded", "group_by_length", "padding_free"] = "padded"
-    lm_head: Literal["fused", "full"] = Field(
-        "fused", description="fused: TRL's chunked LM head computes the loss without materializing the "
+    lm_head: Literal["auto", "fused", "full"] = Field(
+        "auto", description="auto: full when a micro-batch's float32 logits (batch_size / grad_accum x "
+        "max_length x vocabulary) take at most 256 MiB, fused otherwise (and with padding_free, whose rows are not "
+        "truncated); fused: TRL's chunked LM head computes the loss without materializing the "
         "[batch, length, vocab] logits (what large vocabularies need); full: the model's own forward with labels, "
-        "faster for tiny vocabularies (same loss value, other float rounding)")
+        "faster for small vocabularies (same loss value, other float rounding)")
     lora: LoraSpec | None = None
     # where and how it runs: not part of the fingerprint
     num_workers: int = Field(1, ge=1, json_schema_extra=NO_FP)
@@ -104,6 +110,16 @@ class Params(BaseModel):
 
     def per_device_batch(self) -> int:
         return self.batch_size // (self.num_workers * self.grad_accum)
+
+    def resolved_lm_head(self, vocab_size: int) -> str:
+        """``lm_head`` with ``auto`` decided. The bound takes the whole global micro-batch (not the
+        per-worker share), so the choice depends only on fingerprinted settings and the model."""
+        if self.lm_head != "auto":
+            return self.lm_head
+        if self.batching == "padding_free":
+            return "fused"
+        micro = -(-self.batch_size // self.grad_accum)
+        return "full" if micro * self.max_length * vocab_size * 4 <= FULL_LOGITS_BYTES else "fused"
 
 
 def to_prompt_completion(messages: list[dict]) -> dict | None:
@@ -177,7 +193,8 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
                                  target_modules=p.lora.target_modules, task_type="CAUSAL_LM")
     trainer = trainer_class()(model=model, args=sft_config(p, output_dir, save),
                               train_dataset=Dataset.from_list(examples), processing_class=tok, peft_config=peft_config)
-    trainer.full_logits = p.lm_head == "full"
+    trainer.lm_head = p.resolved_lm_head(model.get_output_embeddings().weight.shape[0])
+    trainer.full_logits = trainer.lm_head == "full"
     # without tqdm, transformers prints every log dict to stdout; the stage draws its own progress
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -412,6 +429,7 @@ def train_loop(config: dict) -> None:
             "train_loss": round(result.training_loss, 4),
             "last_attempt_seconds": round(seconds, 2),
             "non_embedding_parameters": non_embedding_parameters(model),
+            "lm_head": trainer.lm_head,
         }))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -544,6 +562,7 @@ class SFT(Stage):
             "train_tokens": snap["tokens"],
             "tokens_per_second": round(tok_s, 1),
             "num_workers": p.num_workers,
+            "lm_head": final["lm_head"],  # as run: lm_head auto decided for this model
             "worker_starts": starts,  # per worker-group start: the checkpoint step it resumed from, first/last step
             "checkpoints": snap["checkpoints"],
             "checkpoint_dir": ctx.storage.uri(f"{ctx.checkpoint_root}/{name}"),

@@ -67,3 +67,33 @@ def test_full_logits_loss_and_metrics_equal_trl_fused_head(tiny_model, batching)
     assert [h["step"] for h in sparse] == [2, 4]
     assert [h["entropy"] for h in sparse] == pytest.approx([full[1]["entropy"], full[3]["entropy"]], rel=1e-5)
     assert [h["num_tokens"] for h in sparse] == [full[1]["num_tokens"], full[3]["num_tokens"]]
+
+
+def test_lm_head_auto_takes_the_full_forward_only_when_the_logits_are_small(tiny_model):
+    """``lm_head: auto`` (the default) materializes the logits only when one micro-batch's float32
+    logits fit in 256 MiB: a 384-token vocabulary at the demo's batch does, Qwen's 151,936 at
+    4,096 tokens does not. Explicit choices are kept."""
+    demo = Params(batch_size=32, max_length=256)
+    assert demo.lm_head == "auto"
+    assert demo.resolved_lm_head(384) == "full"  # 32 x 256 x 384 x 4 B = 12.6 MB
+    qwen = Params(batch_size=8, max_length=4096)
+    assert qwen.resolved_lm_head(151_936) == "fused"  # 8 x 4096 x 151936 x 4 B = 19.9 GB
+    # the bound: 256 MiB is 2^26 float32 logits
+    assert Params(batch_size=1, max_length=2**13).resolved_lm_head(2**13) == "full"
+    assert Params(batch_size=1, max_length=2**13).resolved_lm_head(2**13 + 1) == "fused"
+    # accumulation splits the micro-batch; workers do not enter (the choice is keyed by fingerprinted settings)
+    assert Params(batch_size=8, grad_accum=8, max_length=4096).resolved_lm_head(151_936) == "fused"
+    assert Params(batch_size=64, grad_accum=64, max_length=256).resolved_lm_head(151_936) == "full"  # 156 MB
+    assert (Params(batch_size=64, num_workers=8, max_length=512).resolved_lm_head(384)
+            == Params(batch_size=64, num_workers=1, max_length=512).resolved_lm_head(384))
+    assert Params(batching="padding_free").resolved_lm_head(384) == "fused"  # rows are not truncated there
+    assert Params(lm_head="fused").resolved_lm_head(384) == "fused"
+    assert Params(lm_head="full").resolved_lm_head(151_936) == "full"
+    # on a real (tiny) model the trainer takes the decided path
+    rows = [{"messages": [{"role": "user", "content": "Compute 1 + 1."},
+                          {"role": "assistant", "content": "<think>\n1 + 1 = 2\n</think>\n\\boxed{2}"}]}] * 4
+    trainer = build_trainer(tiny_model, rows, Params(model=tiny_model, max_steps=1, batch_size=4), tempfile.mkdtemp())
+    assert trainer.lm_head == "full" and trainer.full_logits is True
+    trainer = build_trainer(tiny_model, rows, Params(model=tiny_model, max_steps=1, batch_size=4, batching="padding_free"),
+                            tempfile.mkdtemp())
+    assert trainer.lm_head == "fused" and trainer.full_logits is False

@@ -149,15 +149,16 @@ def test_driver_kill_then_rerun_resumes(ray_local, tiny_model, tmp_path):
     # still register a checkpoint: read what the rerun resumes from once none of them is left
     assert watch.survivors(wait=60) == []
     step = _registered(st)
-    assert step and step % 25 == 0 and step < 400
+    assert step and step % 25 == 0 and step < 400, f"registered step {step}"
 
     records, _ = run_stages(cfg)
     m = records["sft"]["metrics"]
     assert records["sft"]["status"] == "done"
     [start] = m["worker_starts"]
-    assert start["resumed_from_step"] == step  # the last checkpoint the killed run registered
-    assert start["first_step"] == step + 1
-    assert m["steps"] == start["last_step"] == 400
+    seen = f"registered {step}, worker starts {m['worker_starts']}, checkpoints {m['checkpoints']}"
+    assert start["resumed_from_step"] == step, seen  # the last checkpoint the killed run registered
+    assert start["first_step"] == step + 1, seen
+    assert m["steps"] == start["last_step"] == 400, seen
 
 
 def test_lora_trains_adapters_and_saves_merged_weights(ray_local, tiny_model, tmp_path):
