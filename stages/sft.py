@@ -40,6 +40,7 @@ resumed from. The stage record holds the loss curve, tokens/s and, on GPU, MFU.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -194,17 +195,14 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
     trainer = trainer_class()(model=model, args=sft_config(p, output_dir, save),
                               train_dataset=Dataset.from_list(examples), processing_class=tok, peft_config=peft_config)
     trainer.lm_head = p.resolved_lm_head(model.get_output_embeddings().weight.shape[0])
-    trainer.full_logits = trainer.lm_head == "full"
     # without tqdm, transformers prints every log dict to stdout; the stage draws its own progress
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
-_TRAINER_CLASS = None
-
-
+@functools.cache
 def trainer_class():
-    """TRL's ``SFTTrainer``; with ``full_logits`` set on an instance (``lm_head: full``), its
+    """TRL's ``SFTTrainer``; with ``lm_head`` set to ``full`` on an instance, its
     training loss is taken from the model's own forward with labels, the loss a plain PyTorch
     loop computes (summed over completion tokens, divided by the batch's completion tokens
     across ranks, as TRL's), instead of TRL's chunked fused LM head, which also yields per-token
@@ -212,16 +210,13 @@ def trainer_class():
     computed from the logits on logging steps only (the logged value is that step's, not an
     average since the last log), and the token count is gathered across ranks there too.
     Evaluation, label smoothing, DFT and MoE auxiliary losses always keep TRL's own path."""
-    global _TRAINER_CLASS
-    if _TRAINER_CLASS is not None:
-        return _TRAINER_CLASS
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
     class StageSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if (not getattr(self, "full_logits", False) or return_outputs or not self.model.training
+            if (getattr(self, "lm_head", "fused") != "full" or return_outputs or not self.model.training
                     or self.compute_loss_func is not None
                     or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -251,8 +246,7 @@ def trainer_class():
                     metrics["num_tokens"] = [self._total_train_tokens]
             return loss
 
-    _TRAINER_CLASS = StageSFTTrainer
-    return _TRAINER_CLASS
+    return StageSFTTrainer
 
 
 def count_tokens(trainer) -> dict:

@@ -89,11 +89,16 @@ def test_lm_head_auto_takes_the_full_forward_only_when_the_logits_are_small(tiny
     assert Params(batching="padding_free").resolved_lm_head(384) == "fused"  # rows are not truncated there
     assert Params(lm_head="fused").resolved_lm_head(384) == "fused"
     assert Params(lm_head="full").resolved_lm_head(151_936) == "full"
-    # on a real (tiny) model the trainer takes the decided path
+    # on a real (tiny) model the trainer takes the decided path: the model's own forward goes
+    # through transformers' Trainer.compute_loss, TRL's fused head never does
     rows = [{"messages": [{"role": "user", "content": "Compute 1 + 1."},
                           {"role": "assistant", "content": "<think>\n1 + 1 = 2\n</think>\n\\boxed{2}"}]}] * 4
-    trainer = build_trainer(tiny_model, rows, Params(model=tiny_model, max_steps=1, batch_size=4), tempfile.mkdtemp())
-    assert trainer.lm_head == "full" and trainer.full_logits is True
-    trainer = build_trainer(tiny_model, rows, Params(model=tiny_model, max_steps=1, batch_size=4, batching="padding_free"),
-                            tempfile.mkdtemp())
-    assert trainer.lm_head == "fused" and trainer.full_logits is False
+    plain = Trainer.compute_loss
+    for batching, head, own_forward_calls in [("padded", "full", 1), ("padding_free", "fused", 0)]:
+        p = Params(model=tiny_model, max_steps=1, batch_size=4, batching=batching, checkpoint_every=1000)
+        trainer = build_trainer(tiny_model, rows, p, tempfile.mkdtemp())
+        assert trainer.lm_head == head
+        calls = []
+        with mock.patch.object(Trainer, "compute_loss", lambda *a, **kw: calls.append(1) or plain(*a, **kw)):
+            trainer.train()
+        assert len(calls) == own_forward_calls
