@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import registry
+from . import hub, registry
 from .stage import Passthrough, Stage, column_problems, schema_columns
 
 
@@ -66,6 +66,8 @@ class PipelineSpec(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     matrix: dict[str, list[Any]] = Field(default_factory=dict, description="axis -> values, for stages' matrix:")
     stages: dict[str, StageSpec]
+    estimate: dict[str, Any] | None = Field(None, description="assumptions of `distill plan --estimate` "
+                                                "(pipeline.estimate.EstimateSpec)")
 
 
 @dataclass
@@ -201,6 +203,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(_pyd_problems(e, file)) from e
 
     variants, by_base, problems = _expand(spec, origins, file)
+    if spec.estimate is not None:
+        from .estimate import EstimateSpec
+        try:
+            EstimateSpec.model_validate(spec.estimate)
+        except ValidationError as e:
+            problems.extend(_pyd_problems(e, file, "estimate"))
     if problems:
         raise ConfigError(problems)
     nodes: dict[str, StageNode] = {}
@@ -215,7 +223,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
                 problems.append(msg)
             continue
         try:
-            params = cls.Params.model_validate(sspec.params)
+            params = cls.Params.model_validate(hub.normalize_params(sspec.params))  # {repo, revision} -> hf://
         except ValidationError as e:
             problems.extend(_pyd_problems(e, origin, f"stages.{name}.params"))
             continue

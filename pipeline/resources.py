@@ -1,8 +1,9 @@
 """External resources a stage reads (source files, model folders): existence checks,
 cheap fingerprints for the cache, and local copies for engines that need a path.
 
-A model reference is a local folder, or a URI of a committed model artifact on any
-fsspec filesystem (e.g. ``s3://bucket/runs/.../model``).
+A model reference is a local folder, a URI of a committed model artifact on any
+fsspec filesystem (e.g. ``s3://bucket/runs/.../model``), or a Hugging Face Hub model
+``hf://ORG/NAME@REVISION`` (``pipeline.hub``: pinned to its commit sha when checked).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import fsspec
 
+from . import hub
 from .ids import fingerprint
 from .storage import MANIFEST, Storage
 
@@ -60,7 +62,10 @@ def file_fingerprint(uri: str) -> str:
 
 
 def model_fingerprint(uri: str) -> str:
-    """A committed artifact's manifest, or names + sizes + small-file contents of a plain folder."""
+    """A committed artifact's manifest, or names + sizes + small-file contents of a plain folder
+    (a hub model: its repo and commit sha)."""
+    if hub.is_hub(uri):
+        return hub.fingerprint(uri)
     fs, path = _fs(uri)
     mpath = f"{path.rstrip('/')}/{MANIFEST}"
     if fs.exists(mpath):
@@ -80,6 +85,12 @@ def model_fingerprint(uri: str) -> str:
 
 def check_model(uri: str) -> str | None:
     """None if ``uri`` looks like a loadable model folder, else a message."""
+    if hub.is_hub(uri):
+        try:
+            hub.resolve(uri)
+        except hub.HubError as e:
+            return str(e)
+        return None
     if not exists(uri):
         return f"model path not found: {uri}"
     fs, path = _fs(uri)
@@ -89,11 +100,18 @@ def check_model(uri: str) -> str | None:
 
 
 def model_params_problems(params, fields: tuple[str, ...]) -> list[tuple[str, str]]:
-    """``(field, message)`` for each model path param that is set but not a loadable model."""
+    """``(field, message)`` for each model path param that is set but not a loadable model.
+    A hub reference that resolves is pinned in place to ``hf://ORG/NAME@<commit sha>``, so the
+    fingerprint is the sha and the run loads the snapshot the plan saw."""
     out = []
     for f in fields:
         uri = getattr(params, f)
-        if uri is not None and (msg := check_model(uri)):
+        if hub.is_hub(uri):
+            try:
+                setattr(params, f, hub.pin(uri))
+            except hub.HubError as e:
+                out.append((f, str(e)))
+        elif uri is not None and (msg := check_model(uri)):
             out.append((f, msg))
     return out
 
@@ -103,7 +121,9 @@ def model_params_fingerprint(params, fields: tuple[str, ...]) -> dict:
 
 
 def localize_model(uri: str) -> str:
-    """A local folder with the model's files (downloaded once for remote URIs)."""
+    """A local folder with the model's files (downloaded once for remote URIs and hub models)."""
+    if hub.is_hub(uri):
+        return hub.local_snapshot(uri)
     fs, path = _fs(uri)
     if _is_local(fs):
         return str(Path(path))

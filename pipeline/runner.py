@@ -1,7 +1,17 @@
 """Runs a pipeline DAG: fingerprints, cache lookups, execution on Ray, run manifests.
 
-A stage's fingerprint hashes its kind, code version (see ``Stage.code_hash``),
-output-defining params, external resources and its inputs' fingerprints. Paths come
+A stage's fingerprint (its cache key) hashes its own definition (kind, code version, see
+``Stage.code_hash``; output-defining params; external files and models) and the *content
+digest* of each input, read from the input's manifest, never from its data: a dataset's
+digest combines its shards' row-hash sums and its schema (``ids.dataset_digest``: the
+same rows give the same digest whatever the shard boundaries or row order), a model's its
+files' sha256s. So a stage re-run that writes the same rows (a comment edited in a module
+it imports) leaves every downstream stage cached: early cutoff. An input from a stage that
+is not ``deterministic()`` is keyed by that stage's fingerprint instead. A stage's key is
+known only once its inputs are committed: ``plan()`` gives provisional keys for stages
+downstream of one that has to run, and ``run()`` computes the real key (and looks up the
+cache) just before each stage. The record keeps the key's parts (hashed), so ``plan`` names
+why a stage would run: its code, a param, an input digest or an external file. Paths come
 from ``pipeline.layout``: outputs live under ``cache/<kind>/<fingerprint>/<attempt>/``;
 the stage record ``cache/<kind>/<fingerprint>/_stage.json`` is written last (exclusive
 create) and is what makes the stage count as done. A stage whose record exists is
@@ -24,12 +34,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from . import layout
+from . import hub, layout
 from .config import PipelineConfig
-from .ids import fingerprint
+from .ids import dataset_digest, fingerprint, model_digest
 from .provenance import run_provenance
 from .secrets import redact
-from .stage import Artifact, ProgressFactory, StageContext, StageError
+from .stage import Artifact, ProgressFactory, StageContext, StageError, flat_params
 from .storage import AlreadyCommitted, Storage, now_iso, redact_uri
 
 log = logging.getLogger("distill")
@@ -47,6 +57,10 @@ class PlanEntry:
     record_path: str
     record: "StageRecord | None" = None
     checkpoint_key: str = ""
+    # an input is not committed yet: the fingerprint is provisional until that stage has run
+    provisional: bool = False
+    identity: dict = field(default_factory=dict, repr=False)
+    reason: str | None = None  # why it would run (``plan(explain=True)``)
 
 
 @dataclass
@@ -64,6 +78,9 @@ class StageRecord:
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # {kind: {reason: count}}
     seconds: float = 0.0
     created: str = ""
+    key: dict = field(default_factory=dict)  # the key's parts, hashed (``key_parts``): why a later plan re-runs
+    digests: dict[str, str] = field(default_factory=dict)  # output -> content digest
+    deterministic: bool = True  # False: downstream stages key on this fingerprint, not on the digests
 
     @classmethod
     def from_json(cls, d: dict) -> "StageRecord":
@@ -136,6 +153,20 @@ class _RunState:
     stage_errors: dict[str, str] = field(default_factory=dict)
 
 
+PENDING = "pending:"  # an input not committed yet: keys downstream of it are provisional
+FP = "fp:"  # an input from a stage that is not deterministic: keyed by its fingerprint
+
+
+def key_parts(identity: dict) -> dict:
+    """A stage key's parts as stored in its record: kind and code as they are, each param
+    (dotted name), external resource and input as a short hash, so ``plan`` can say which
+    one changed and no param value (which may hold a secret) is written anywhere."""
+    return {"kind": identity["kind"], "code": identity["code"],
+            "params": {k: fingerprint(v) for k, v in flat_params(identity["params"]).items()},
+            "external": {k: fingerprint(v) for k, v in flat_params(identity["external"]).items()},
+            "inputs": dict(identity["inputs"])}
+
+
 def new_run_id(name: str) -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{name}-{uuid.uuid4().hex[:6]}"
 
@@ -155,30 +186,67 @@ class Runner:
         self.on_stage = on_stage or (lambda name, event, info: None)
 
     # -- planning ----------------------------------------------------------
-    def plan(self) -> list[PlanEntry]:
-        fps: dict[str, str] = {}
+    def plan(self, explain: bool = False) -> list[PlanEntry]:
+        """Each stage's key and whether it is cached. Downstream of a stage that has to run,
+        keys are provisional (``PlanEntry.provisional``). ``explain``: also say why each stage
+        that is not cached would run (reads the previous version's record)."""
+        keys: dict[tuple[str, str], str] = {}
         entries = []
         for name in self.cfg.order():
-            node = self.cfg.nodes[name]
-            inputs = {inp: f"{up}.{out}" for inp, (up, out) in node.inputs.items()}
-            identity = {
-                "kind": node.cls.kind,
-                "code": node.cls.code_version(),
-                "params": node.stage.fingerprint_params(),
-                "external": node.stage.external_fingerprint(),
-                "inputs": {inp: [fps[up], out] for inp, (up, out) in sorted(node.inputs.items())},
-            }
-            fp = fps[name] = fingerprint(identity)
-            record_path = layout.stage_record(self.storage, node.cls.kind, fp)
-            record = self._read_record(record_path)
-            entries.append(PlanEntry(name, node.cls.kind, fp, inputs, record is not None, record_path, record,
-                                     self._checkpoint_key(node, identity)))
+            entry = self._entry(name, keys)
+            keys.update(self._output_keys(entry))
+            if explain and not entry.cached:
+                entry.reason = self.why(entry)
+            entries.append(entry)
         return entries
+
+    def _entry(self, name: str, keys: dict[tuple[str, str], str]) -> PlanEntry:
+        """A stage's key from its definition and its inputs' keys (``_output_keys``)."""
+        node = self.cfg.nodes[name]
+        inputs = {inp: f"{up}.{out}" for inp, (up, out) in node.inputs.items()}
+        identity = {
+            "kind": node.cls.kind,
+            "code": node.cls.code_version(),
+            "params": node.stage.fingerprint_params(),
+            "external": node.stage.external_fingerprint(),
+            "inputs": {inp: keys[(up, out)] for inp, (up, out) in sorted(node.inputs.items())},
+        }
+        provisional = any(v.startswith(PENDING) for v in identity["inputs"].values())
+        fp = fingerprint(identity)
+        record_path = layout.stage_record(self.storage, node.cls.kind, fp)
+        record = None if provisional else self._read_record(record_path)
+        return PlanEntry(name, node.cls.kind, fp, inputs, record is not None, record_path, record,
+                         self._checkpoint_key(node, identity), provisional, identity)
+
+    def _output_keys(self, entry: PlanEntry, record: "StageRecord | None" = None) -> dict[tuple[str, str], str]:
+        """What keys downstream stages for each output of ``entry``: its content digest once
+        committed (from the record, else the manifest), the stage fingerprint for a stage that is
+        not deterministic, ``pending:<fingerprint>`` while it is not committed."""
+        node = self.cfg.nodes[entry.name]
+        record = record or entry.record
+        if record is None:
+            known = not entry.provisional and not node.stage.deterministic()
+            return {(entry.name, out): (FP if known else PENDING) + entry.fingerprint for out in node.cls.outputs}
+        if not record.deterministic:
+            return {(entry.name, out): FP + record.fingerprint for out in record.outputs}
+        digests = record.digests or self._digests(record.artifacts())
+        return {(entry.name, out): digests[out] for out in record.outputs}
+
+    def _digests(self, artifacts: dict[str, Artifact]) -> dict[str, str]:
+        """Each output's content digest, from its manifest (no data is read)."""
+        out = {}
+        for name, a in artifacts.items():
+            if a.type == "dataset":
+                out[name] = dataset_digest(self.storage.dataset_manifest(a.path))
+            else:
+                out[name] = model_digest(self.storage.tree_manifest(a.path))
+        return out
 
     @staticmethod
     def _checkpoint_key(node, identity: dict) -> str:
         """The key of a stage's row-level checkpoints: its ``checkpoint_identity()`` and the
-        inputs not in ``checkpoint_ignores_inputs`` (else the stage fingerprint without them)."""
+        inputs not in ``checkpoint_ignores_inputs`` (else the stage fingerprint without them).
+        Inputs key by content, so checkpoints survive an upstream re-run that wrote the same rows."""
         ignored = node.cls.checkpoint_ignores_inputs
         kept = {k: v for k, v in identity["inputs"].items() if k not in ignored}
         own = node.stage.checkpoint_identity()
@@ -187,6 +255,49 @@ class Runner:
         if not ignored:
             return fingerprint(identity)  # the stage fingerprint
         return "k" + fingerprint({**identity, "inputs": kept})[1:]
+
+    # -- why a stage runs ----------------------------------------------------
+    def why(self, entry: PlanEntry) -> str:
+        """The first reason ``entry`` is not cached, against the version of the stage the
+        pipeline's ``latest/`` pointer names: its code, a param, an external file, an input
+        digest; or that there is no earlier version, or one from before content keys."""
+        prev = self._previous_record(entry)
+        if prev is None:
+            return f"new: no committed version of stage {entry.name!r} in pipeline {self.cfg.name!r}"
+        if not prev.key:
+            return (f"key format: {entry.name!r} was committed ({prev.fingerprint}) before cache keys followed "
+                    "content; it runs once under the new key")
+        now, was = key_parts(entry.identity), prev.key
+        if now["kind"] != was.get("kind"):
+            return f"code: kind {was.get('kind')} -> {now['kind']}"
+        if now["code"] != was.get("code"):
+            return f"code: version {was.get('code')} -> {now['code']}"
+        for part, label in (("params", "param"), ("external", "external file")):
+            a, b = now[part], was.get(part) or {}
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    return f"{label}: {k}"
+        a, b = now["inputs"], was.get("inputs") or {}
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                src = entry.inputs.get(k, "?")
+                if (a.get(k) or "").startswith(PENDING):
+                    up = src.split(".")[0]
+                    return (f"input digest: {k} <- {src} is not written yet ({up} runs first); "
+                            f"cached if {up} writes the same rows")
+                return f"input digest: {k} <- {src}"
+        return f"not in cache: {self.storage.uri(entry.record_path)} is missing"
+
+    def _previous_record(self, entry: PlanEntry) -> "StageRecord | None":
+        node = self.cfg.nodes[entry.name]
+        for out in node.cls.outputs:
+            try:
+                p = self.storage.read_json(layout.latest_pointer(self.storage, self.cfg.name, entry.name, out))
+            except FileNotFoundError:
+                continue
+            if p.get("fingerprint"):
+                return self._read_record(layout.stage_record(self.storage, entry.kind, p["fingerprint"]))
+        return None
 
     def _read_record(self, path: str) -> StageRecord | None:
         try:
@@ -198,8 +309,17 @@ class Runner:
     def run(self, run_id: str | None = None) -> RunResult:
         run_id = run_id or new_run_id(self.cfg.name)
         state = _RunState(run_id, time.time(), self._new_manifest(run_id))
-        for entry in self.plan():
-            state.manifest["stages"].append(self._step(entry, state).to_json())
+        keys: dict[tuple[str, str], str] = {}
+        for name in self.cfg.order():
+            # the real key, from the inputs committed by now: a re-run upstream that wrote the
+            # same rows leaves this stage cached
+            entry = self._entry(name, keys)
+            run = self._step(entry, state)
+            state.manifest["stages"].append(run.to_json())
+            if run.status in ("done", "cached"):
+                keys.update(self._output_keys(entry, entry.record or self._read_record(entry.record_path)))
+            else:  # skipped after a failure: nothing downstream runs
+                keys.update({(name, out): PENDING + entry.fingerprint for out in self.cfg.nodes[name].cls.outputs})
         return self._finish(state)
 
     def _new_manifest(self, run_id: str) -> dict:
@@ -210,6 +330,7 @@ class Runner:
             "config_file": self.cfg.path,
             "storage_root": redact_uri(self.cfg.storage.root),
             **run_provenance(self.cfg),  # config_hash, git_commit
+            **hub.run_models(self.cfg),  # hub models: the commit sha each reference was pinned to
             "started": now_iso(),
             "status": "running",
             "stages": [],
@@ -260,6 +381,10 @@ class Runner:
         return prev
 
     def _execute(self, entry: PlanEntry, run: StageRun, state: _RunState) -> StageRun:
+        try:
+            run.reason = self.why(entry)
+        except Exception as e:  # a reason is information only: an unreadable old record must not stop the run
+            run.reason = f"unknown ({type(e).__name__})"
         self.on_stage(entry.name, "start", run.to_json())
         self._ensure_ray()
         attempt = uuid.uuid4().hex[:8]
@@ -291,6 +416,9 @@ class Runner:
             name=entry.name, kind=entry.kind, fingerprint=entry.fingerprint, run_id=ctx.run_id, attempt=attempt,
             outputs={k: {"type": a.type, "path": a.path, "uri": a.uri} for k, a in ctx.written.items()},
             rows=ctx.rows, metrics=ctx.metrics, dropped=ctx.dropped, seconds=seconds, created=now_iso(),
+            key=key_parts(entry.identity), digests=self._digests(
+                {k: Artifact(a.type, a.path, a.uri, entry.fingerprint) for k, a in ctx.written.items()}),
+            deterministic=self.cfg.nodes[entry.name].stage.deterministic(),
         )
         try:
             self.storage.write_json(entry.record_path, record.to_json(), exclusive=True)
