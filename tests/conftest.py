@@ -338,3 +338,67 @@ def solver_model(solver_run) -> str:
 def solver_eval_rows(solver_run) -> list[dict]:
     """Toy problems the solver never trained on (prompt_id, prompt, answer), like its training ones."""
     return solver_run[1]
+
+
+# -- skips in CI --------------------------------------------------------------------------
+# Outside CI a test may skip where this machine lacks a capability (Chromium, sandbox
+# isolation, `ss`, ../shared, bubblewrap). In CI (CI=true) those are required: .ci/run
+# installs them, so a skip there means one is missing and the run fails, naming it. The one
+# skip CI allows is a bubblewrap variant on a machine whose kernel blocks user namespaces,
+# and that skip's reason carries USERNS_BLOCKED.
+USERNS_BLOCKED = "user namespaces are blocked on this machine"
+CAPABILITIES = (  # (words in a skip reason, the capability it names)
+    (("chromium",), "Chromium (Debian's chromium, installed by .ci/run)"),
+    (("sandbox", "isolation", "namespace"), "sandbox isolation (unshare/bwrap namespaces)"),
+    (("bwrap", "bubblewrap"), "bubblewrap (Debian's bubblewrap, installed by .ci/run)"),
+    (("ss ", "iproute2", "(ss)"), "`ss` (iproute2)"),
+    (("shared",), "../shared (the shared data sets beside the repository)"),
+)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_capability(reason: str) -> str:
+    """The required capability a skip reason names (or a generic label)."""
+    low = f"{reason.lower()} "
+    for words, name in CAPABILITIES:
+        if any(w in low for w in words):
+            return name
+    return "an unnamed capability"
+
+
+def ci_skip_failure(reason: str) -> str | None:
+    """Why a skip with ``reason`` fails the run in CI, or None where it may skip (outside CI,
+    or a bubblewrap variant where user namespaces are blocked)."""
+    if not in_ci() or USERNS_BLOCKED in reason:
+        return None
+    return (f"CI=true: a required capability is missing here: {skip_capability(reason)}; "
+            f"this test would have skipped with: {reason}")
+
+
+def _skip_reason(longrepr) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and not hasattr(rep, "wasxfail"):
+        why = ci_skip_failure(_skip_reason(rep.longrepr))
+        if why:
+            rep.outcome, rep.longrepr = "failed", why
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped:
+        why = ci_skip_failure(_skip_reason(rep.longrepr))
+        if why:
+            rep.outcome, rep.longrepr = "failed", why

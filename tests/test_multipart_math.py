@@ -85,6 +85,9 @@ def test_fewer_or_as_many_values_as_the_gold_is_not_a_hedge():
 def test_a_value_repeated_or_restated_counts_once():
     assert verdict("5", r"So $\boxed{5}$. Final answer: $\boxed{5}$.") == ("correct", "ok")
     assert verdict("5", r"So $\boxed{5}$, that is, $\boxed{x = 5}$.") == ("correct", "ok")
+    # one wrong value, restated: one value against one gold value is wrong, not a hedge
+    assert verdict("5", r"So $\boxed{6}$, that is, $\boxed{x = 6}$.") == ("rejected", "wrong_answer")
+    assert verdict("5", r"$\boxed{6}$ and $\boxed{6}$") == ("rejected", "wrong_answer")
     assert verdict("5", r"$\boxed{\frac{10}{2}}$, i.e. $\boxed{5}$") == ("correct", "ok")
     assert answer_parts(r"\boxed{5} and \boxed{ 5 }") == ("5",)
 
@@ -112,15 +115,36 @@ def test_extracted_shows_every_part():
     assert v.extracted == "(2, 2), (6, 2)"
 
 
-def test_a_multi_part_check_is_bounded_by_one_deadline_on_the_main_thread():
-    """Each part's parse is cheap or pathological; the whole check, not each part, gets the deadline."""
-    t0 = time.monotonic()
+def test_a_multi_part_check_is_bounded_by_one_deadline_on_the_main_thread(monkeypatch):
+    """Each part's parse is cheap or pathological; the whole check, not each part, gets the
+    deadline: one timer is armed, it fires once, and nothing is left armed afterwards."""
+    import signal
+
+    armed, fired, real_setitimer, real_signal = [], [], signal.setitimer, signal.signal
+
+    def counting_setitimer(which, seconds, interval=0.0):
+        if which == signal.ITIMER_REAL and seconds > 0:
+            armed.append(seconds)
+        return real_setitimer(which, seconds, interval)
+
+    def counting_signal(signum, handler):
+        if signum == signal.SIGALRM and callable(handler):
+            def on_alarm(*a, _handler=handler):
+                fired.append(1)
+                return _handler(*a)
+            return real_signal(signum, on_alarm)
+        return real_signal(signum, handler)
+
+    monkeypatch.setattr(signal, "setitimer", counting_setitimer)
+    monkeypatch.setattr(signal, "signal", counting_signal)
+    compare_answers(("1",), ("1",))  # imports done: only the check below is counted
+    armed.clear()
     parts = tuple(f"{i}^{{{i}^{{{i}^{{{i}}}}}}}" for i in range(5, 9))  # four power towers
     v = check_sample("<think>x</think> " + " ".join(f"\\boxed{{{p}}}" for p in parts), "stop", "1, 2, 3, 4", FMT)
     assert (v.verdict, v.reason) == ("error", "timeout")
-    assert time.monotonic() - t0 < 15  # one 5 s deadline, not one per part (4 x 5 s)
-    assert compare_answers(("1",), ("1",)) == "ok"  # and the alarm is gone afterwards
-    time.sleep(0.1)
+    assert armed == [5.0] and len(fired) == 1  # one 5 s deadline for the whole check, not one per part
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # and the alarm is gone afterwards
+    assert compare_answers(("1",), ("1",)) == "ok"
 
 
 def test_a_multi_part_check_is_bounded_by_the_services_hard_deadline():
@@ -137,11 +161,20 @@ def test_a_multi_part_check_is_bounded_by_the_services_hard_deadline():
         stats = dict(pool.stats)
     assert [(o["verdict"], o["reason"]) for o in out] == [("error", "timeout"), ("correct", "ok")]
     assert stats["timeouts"] == 1  # the whole multi-part check was one job, killed once at its deadline
-    assert elapsed < 60  # bounded (a fresh worker's start-up included)
+    assert elapsed < 300, "hang guard only (a generous deadline, not a speed check)"
 
 
-def test_many_boxes_are_a_hedge_without_parsing_each():
+def test_many_boxes_are_a_hedge_without_parsing_each(monkeypatch):
+    from stages.common import checkers
+
+    parsed = []
+    real_parse = checkers._parse
+
+    def counting_parse(ans):
+        parsed.append(ans)
+        return real_parse(ans)
+
+    monkeypatch.setattr(checkers, "_parse", counting_parse)
     boxes = " ".join(f"\\boxed{{{i}^{{{i}^{{{i}^{{{i}}}}}}}}}" for i in range(5, 505))  # 500 power towers
-    t0 = time.monotonic()
     assert verdict("7", boxes) == ("rejected", "hedged_answer")
-    assert time.monotonic() - t0 < 4
+    assert not any("^" in p for p in parsed), parsed[:3]  # no tower was parsed

@@ -80,3 +80,28 @@ def test_concurrent_promotions_leave_exactly_one_best(storage):
     storage.fs.invalidate_cache()
     pointers = [p for p in storage.fs.ls(storage.path(layout.BEST)) if p.endswith(".json")]
     assert [p.rsplit("/", 1)[1] for p in pointers] == ["race.json"]
+
+
+def _signed(n_up: int, n_down: int, step: float = 0.1) -> tuple[dict, dict]:
+    """A best at 0.5 on every prompt and a candidate ``step`` above it on ``n_up`` prompts and
+    ``step`` below on ``n_down``: margin and paired SE set exactly by the counts."""
+    best = {f"p{i}": 0.5 for i in range(n_up + n_down)}
+    cand = {p: 0.5 + (step if i < n_up else -step) for i, p in enumerate(best)}
+    return _candidate("best", best), _candidate("new", cand)
+
+
+def test_a_margin_between_one_and_two_paired_ses_is_a_tie():
+    """z is 2: a margin of 1.4 SE promotes under a 1-SE rule, never under the 2-SE one."""
+    best, new = _signed(57, 43)
+    d = decide(best, new)
+    assert 1.2 < d["margin"] / d["se"] < 1.8, d  # the case this test is about
+    assert not d["promoted"] and d["threshold"] == pytest.approx(2 * d["se"])
+    assert "not above 2 x paired SE" in d["reason"]
+
+
+def test_a_margin_above_two_paired_ses_is_promoted_but_not_at_z_three():
+    best, new = _signed(62, 38)
+    d = decide(best, new)
+    assert 2.2 < d["margin"] / d["se"] < 2.8, d
+    assert d["promoted"] and "> 2 x paired SE" in d["reason"]
+    assert not decide(best, new, z=3.0)["promoted"]
