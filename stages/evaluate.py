@@ -33,7 +33,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import resources
+from pipeline import fit, resources
 from pipeline.stage import Stage, StageContext
 from stages.common.checkers import CHECKER_VERSION, FormatSpec
 from stages.common.engine import BudgetSpec, EngineSpec, SamplingSpec, open_engines
@@ -87,7 +87,10 @@ def sampling_settings(s: SamplingSpec) -> dict:
 
 class Evaluate(Stage):
     kind: ClassVar[str] = "evaluate"
+    # expensive (vLLM on every model): keyed by this version, bumped by hand when scoring or
+    # metrics change, not by a hash of the code (the checkers key it through checker_version)
     version: ClassVar[str] = "2"
+    code_hash: ClassVar[bool] = False
     Params = Params
     inputs: ClassVar[dict] = {"prompts": "dataset", "train": "dataset", "student": "model", "teacher": "model",
                               "base": "model"}
@@ -99,6 +102,8 @@ class Evaluate(Stage):
 
     def check(self) -> list[tuple[str, str]]:
         out = resources.model_params_problems(self.params, ("student", "teacher", "base"))
+        out += [x for role in ("student", "teacher", "base")
+                for x in fit.engine_problems(getattr(self.params, role), self.params.engine)]
         if any(k > self.params.sampling.n for k in self.params.ks):
             out.append(("ks", f"every k must be <= sampling.n ({self.params.sampling.n})"))
         return out

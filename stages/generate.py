@@ -36,7 +36,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import resources
+from pipeline import fit, resources
 from pipeline.stage import Stage, StageContext, StageError
 from stages.common.checkers import FormatSpec
 from stages.common.engine import GENERATION_FORMAT, NO_FP, STOPPING_ONLY, EngineSpec, SamplingSpec, open_engines
@@ -115,7 +115,8 @@ class Generate(Stage):
     checkpoint_ignores_inputs: ClassVar[frozenset] = frozenset({"prompts"})
 
     def check(self) -> list[tuple[str, str]]:
-        return resources.model_params_problems(self.params, ("model",))
+        return (resources.model_params_problems(self.params, ("model",))  # pins hf:// references
+                + fit.engine_problems(self.params.model, self.params.engine))
 
     def external_fingerprint(self) -> dict:
         return resources.model_params_fingerprint(self.params, ("model",))
