@@ -172,25 +172,65 @@ class Decontaminate(Stage):
         if index.items == 0:
             raise StageError("no eval texts to check against: set eval_sets or eval_files, or wire input 'eval'")
 
-        table = ctx.read_input("samples")
-        rows = table.to_pylist()
+        import ray
+
+        from pipeline.streaming import ordered, parallelism
+
+        schema = ctx.input_schema("samples")
+        specs = {"clean": ctx.output_spec("clean", schema), "contaminated": ctx.output_spec("contaminated", REPORT_SCHEMA)}
+        index_ref = ray.put(index)  # the eval n-grams (small) go to every worker; the samples stream past
+        task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_check_piece)
+        shards: dict[str, list] = {"clean": [], "contaminated": []}
+        by_source: dict[str, int] = {}
+        nodes: dict[str, int] = {}
+        n = removed = 0
+        for _, res in ordered(ctx.input_pieces("samples"),
+                              lambda pc: task.remote(pc, index_ref, specs, p.check_completions), parallelism()):
+            for out in shards:
+                shards[out].extend(res[out])
+            for src, k in res["sources"].items():
+                by_source[src] = by_source.get(src, 0) + k
+            n += res["rows"]
+            removed += res["removed"]
+            nodes[res["node"]] = nodes.get(res["node"], 0) + res["rows"]
+        ctx.drop_counts("removed", {f"contaminated:{src}": k for src, k in by_source.items()})  # by eval set
+        stats = {"input_rows": n}
+        ctx.commit_shards("clean", shards["clean"], schema, stats=stats)
+        ctx.commit_shards("contaminated", shards["contaminated"], REPORT_SCHEMA, stats=stats)
+        ctx.metrics.update({"eval_items": index.items, "ngrams": len(index.grams), "input_rows": n,
+                            "removed": removed, "eval_rows_without_text": skipped, "rows_per_node": nodes})
+
+
+def _check_piece(piece, index: Index, specs: dict, check_completions: bool) -> dict:
+    """One piece of the samples against the eval n-grams: its clean rows and its report rows
+    written where it lies; back come shard lists and counts."""
+    from pipeline.streaming import iter_piece, node_id
+
+    clean, report_w = specs["clean"].writer(piece), specs["contaminated"].writer(piece)
+    sources: dict[str, int] = {}
+    i = piece.offset  # dataset row number (a row without sample_index is named by it)
+    removed = 0
+    for table in iter_piece(specs["clean"].storage, piece):
         keep, report = [], []
-        for i, r in enumerate(rows):
+        for j, r in enumerate(table.to_pylist()):
             hit = None
-            for role, field in (("user", "prompt"),) + ((("assistant", "completion"),) if p.check_completions else ()):
+            for role, field in (("user", "prompt"),) + ((("assistant", "completion"),) if check_completions else ()):
                 m = index.match(row_text(r, role, field))
                 if m:
                     hit = (field, *m)
                     break
             if hit is None:
-                keep.append(i)
-                continue
-            field, gram, (source, item_id, text) = hit
-            report.append({"prompt_id": r.get("prompt_id"), "sample_index": r.get("sample_index", i), "field": field,
-                           "eval_source": source, "eval_id": item_id, "eval_text": text[:2000], "ngram": gram})
-        ctx.drop_counts("removed", [f"contaminated:{r['eval_source']}" for r in report])  # by eval set
-        stats = {"input_rows": len(rows)}
-        ctx.write_dataset("clean", [table.take(keep)], table.schema, stats=stats)
-        ctx.write_dataset("contaminated", [pa.Table.from_pylist(report, schema=REPORT_SCHEMA)], stats=stats)
-        ctx.metrics.update({"eval_items": index.items, "ngrams": len(index.grams), "input_rows": len(rows),
-                            "removed": len(report), "eval_rows_without_text": skipped})
+                keep.append(j)
+            else:
+                field, gram, (source, item_id, text) = hit
+                report.append({"prompt_id": r.get("prompt_id"), "sample_index": r.get("sample_index", i + j),
+                               "field": field, "eval_source": source, "eval_id": item_id, "eval_text": text[:2000],
+                               "ngram": gram})
+                sources[source] = sources.get(source, 0) + 1
+        i += table.num_rows
+        removed += len(report)
+        clean.write(table.take(keep))
+        if report:
+            report_w.write(pa.Table.from_pylist(report, schema=REPORT_SCHEMA))
+    return {"clean": clean.finish(), "contaminated": report_w.finish(), "sources": sources,
+            "rows": i - piece.offset, "removed": removed, "node": node_id()}

@@ -37,6 +37,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.stage import Stage, StageContext, StageError
@@ -69,6 +70,8 @@ class Params(BaseModel):
     prefer: str = Field("shortest", pattern="^(shortest|first|diverse)$",
                         description="which traces survive the cap: shortest, first, or diverse (max-min Jaccard)")
     system_prompt: str | None = None
+    partitions: int | None = Field(None, ge=1, json_schema_extra={"fingerprint": False},
+                                   description="hash partitions of the global steps (default: one per 250k rows)")
 
 
 # -- near duplicates: MinHash LSH, vectorised ---------------------------------
@@ -233,83 +236,290 @@ class Dedupe(Stage):
         return {"samples": cols}
 
     def run(self, ctx: StageContext) -> None:
+        """Streams in four steps, each on the cluster's workers; the driver holds references,
+        shard lists and counts only (see the module docstring of ``stages.dedupe``'s plan)."""
+        import ray
+
+        from pipeline.streaming import ordered, parallelism
+
         p: Params = self.params
-        table = ctx.read_input("samples")
+        have = ctx.input_schema("samples").names
         needed = {"prompt_id", "prompt", p.completion_field} | ({"verdict"} if p.require_verdict else set())
-        missing = needed - set(table.column_names)
+        missing = needed - set(have)
         if missing:
-            raise StageError(f"input 'samples' lacks column(s) {sorted(missing)} (has {table.column_names})")
-        n = table.num_rows
-        pids = table.column("prompt_id").to_pylist()
-        given = table.column("sample_index").to_pylist() if "sample_index" in table.column_names else [None] * n
-        idx = [i if s is None else s for i, s in enumerate(given)]
-        reasons: dict[int, str] = {}  # row -> why it is dropped before the cap
-
-        alive = np.ones(n, bool)
-        if p.require_verdict:
-            ok = pc.fill_null(pc.equal(table.column("verdict"), p.require_verdict), False).to_numpy(zero_copy_only=False)
-            bad = np.flatnonzero(~ok)
-            why = table.column("reason").take(bad).to_pylist() if "reason" in table.column_names else [None] * len(bad)
-            for i, v, r in zip(bad.tolist(), table.column("verdict").take(bad).to_pylist(), why):
-                reasons[i] = f"verdict:{r or v}"
-            alive &= ok
-        completions = table.column(p.completion_field)
-        has_text = pc.fill_null(pc.greater(pc.binary_length(completions.cast(pa.string())), 0), False)
-        for i in np.flatnonzero(alive & ~has_text.to_numpy(zero_copy_only=False)).tolist():
-            reasons[i] = "empty_completion"
-        alive &= has_text.to_numpy(zero_copy_only=False)
-
-        rows = np.flatnonzero(alive)
-        take = pa.array(rows)
-        first = first_occurrences(*text_keys(table.column("prompt").take(take), completions.take(take)))
-        for i in rows[~first].tolist():
-            reasons[i] = "duplicate"
-        rows = rows[first]
-        norm_c = None
-        if p.near_dup.enabled and len(rows):
-            take = pa.array(rows)
-            norm_p, norm_c = normalize_texts(table.column("prompt").take(take)), normalize_texts(completions.take(take))
-            joined = pc.binary_join_element_wise(norm_p, norm_c, pa.scalar(" ", norm_c.type))
-            near = near_duplicates(joined, p.near_dup)
-            for i in rows[near].tolist():
-                reasons[i] = "near_duplicate"
-            rows, norm_c = rows[~near], norm_c.filter(pa.array(~near))
-
-        take = pa.array(rows)
-        raw = {c: table.column(c).take(take).to_pylist() for c in ("prompt", "source") if c in table.column_names}
-        raw_c = completions.take(take).cast(pa.string()).to_pylist()
-        if p.prefer == "diverse" and norm_c is None:
-            norm_c = normalize_texts(completions.take(take))
-        norm_cs = norm_c.to_pylist() if p.prefer == "diverse" else None
-        groups: dict[str, list[int]] = {}  # prompt_id -> positions in ``rows``
-        for j, i in enumerate(rows.tolist()):
-            groups.setdefault(pids[i], []).append(j)
-
-        dropped = [{"prompt_id": pids[i], "sample_index": idx[i], "reason": reasons[i]} for i in sorted(reasons)]
-        out = []
-        for pid, group in groups.items():
-            k = p.max_per_prompt if p.max_per_prompt is not None else len(group)
-            shortest = [(len(raw_c[j]), idx[rows[j]], j) for j in group]
-            if p.prefer == "first":
-                order = group
-            elif p.prefer == "diverse" and len(group) > k:
-                sets = [shingles(norm_cs[j], p.near_dup.ngram) for j in group]
-                picked = pick_diverse(shortest, sets, k)
-                order = [group[q] for q in picked] + [group[q] for q in sorted(set(range(len(group))) - set(picked))]
-            else:  # shortest (diverse too when nothing is dropped)
-                order = [j for *_, j in sorted(shortest)]
-            for j in order[k:]:
-                dropped.append({"prompt_id": pid, "sample_index": idx[rows[j]], "reason": "over_max_per_prompt"})
-            for j in order[:k]:
-                i = int(rows[j])
-                messages = ([{"role": "system", "content": p.system_prompt}] if p.system_prompt else []) + [
-                    {"role": "user", "content": raw["prompt"][j]},
-                    {"role": "assistant", "content": raw_c[j]},
-                ]
-                out.append({"prompt_id": pid, "source": raw["source"][j] if "source" in raw else None,
-                            "sample_index": idx[i], "messages": messages})
-        ctx.drop_counts("removed", [d["reason"] for d in dropped])
+            raise StageError(f"input 'samples' lacks column(s) {sorted(missing)} (has {have})")
+        n = ctx.input_rows("samples")
+        pieces = ctx.input_pieces("samples")
+        parts = p.partitions or max(1, min(16, -(-n // 250_000)))  # hash partitions of the global steps
+        storage = ctx.storage
+        cfg = p.model_dump()
+        # 1. scan: each piece's verdict/empty filter, 128-bit keys, band hashes and cap facts,
+        #    hash-partitioned by key (exact) and by prompt (cap)
+        scan = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD", num_returns=1 + 2 * parts)(_scan_piece)
+        scanned = [scan.remote(storage, pc, cfg, parts) for pc in pieces]
+        bands = [s[0] for s in scanned]
+        # 2. exact duplicates: the first row per key, per key partition
+        exact = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_exact_partition)
+        dups = [exact.remote(*[s[1 + q] for s in scanned]) for q in range(parts)]
+        # 3. near duplicates (a greedy pass in row order over band hashes), then the cap per prompt partition
+        near = (ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_near_pass).remote(cfg, dups, *bands)
+                if p.near_dup.enabled else None)
+        cap = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_cap_partition)
+        caps = [cap.remote(cfg, dups, near, *[s[1 + parts + q] for s in scanned]) for q in range(parts)]
+        # 4. write: each piece's kept rows as chat rows and its dropped rows, with their reasons
+        specs = {"sft": ctx.output_spec("sft", SFT_SCHEMA), "dropped": ctx.output_spec("dropped", DROPPED_SCHEMA)}
+        write = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_write_piece)
+        shards: dict[str, list] = {"sft": [], "dropped": []}
+        reasons: dict[str, int] = {}
+        nodes: dict[str, int] = {}
+        kept = 0
+        for _, res in ordered(pieces, lambda pc: write.remote(specs, pc, cfg, dups, near, caps), parallelism()):
+            for out in shards:
+                shards[out].extend(res[out])
+            for r, k in res["reasons"].items():
+                reasons[r] = reasons.get(r, 0) + k
+            kept += res["kept"]
+            nodes[res["node"]] = nodes.get(res["node"], 0) + res["rows"]
+        count = ray.remote(num_cpus=0.1)(_groups)
+        groups = sum(ray.get([count.remote(c) for c in caps]))
+        ctx.drop_counts("removed", reasons)
         stats = {"input_rows": n}
-        ctx.write_dataset("sft", [pa.Table.from_pylist(out, schema=SFT_SCHEMA)], stats=stats)
-        ctx.write_dataset("dropped", [pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA)], stats=stats)
-        ctx.metrics.update({"input_rows": n, "kept": len(out), "prompts_kept": len(groups)})
+        ctx.commit_shards("sft", shards["sft"], SFT_SCHEMA, stats=stats)
+        ctx.commit_shards("dropped", shards["dropped"], DROPPED_SCHEMA, stats=stats)
+        ctx.metrics.update({"input_rows": n, "kept": kept, "prompts_kept": groups, "pieces": len(pieces),
+                            "partitions": parts, "rows_per_node": nodes})
+
+
+# -- the streaming steps (Ray tasks) ----------------------------------------------------------------
+# Rows are named by their dataset row number. Between steps only compact facts travel (row numbers,
+# keys, hashes, lengths, prompt ids), through Ray's object store, never through the driver.
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def band_hashes(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
+    """uint64 [rows, b]: one 64-bit hash per LSH band of each signature (equal bands, equal hash)."""
+    out = np.zeros((len(sigs), b), np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(b):
+            h = np.full(len(sigs), np.uint64(k + 1))
+            for j in range(k * r, (k + 1) * r):
+                h = _mix64(h ^ sigs[:, j].astype(np.uint64))
+            out[:, k] = h
+    return out
+
+
+def _pre_reasons(table: pa.Table, p: Params) -> tuple[np.ndarray, list]:
+    """Per row: alive (passes the verdict filter and has a completion), and the reason of each
+    row that does not (None where alive)."""
+    n = table.num_rows
+    why: list = [None] * n
+    alive = np.ones(n, bool)
+    if p.require_verdict:
+        verdict = table.column("verdict")
+        ok = pc.fill_null(pc.equal(verdict, p.require_verdict), False).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~ok)
+        r = table.column("reason").take(bad).to_pylist() if "reason" in table.column_names else [None] * len(bad)
+        for i, v, rr in zip(bad.tolist(), verdict.take(bad).to_pylist(), r):
+            why[i] = f"verdict:{rr or v}"
+        alive &= ok
+    comp = table.column(p.completion_field)
+    has_text = pc.fill_null(pc.greater(pc.binary_length(comp.cast(pa.string())), 0), False)
+    has = has_text.to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(alive & ~has).tolist():
+        why[i] = "empty_completion"
+    return alive & has, why
+
+
+def _read_cols(p: Params, schema_names: list[str], extra: tuple = ()) -> list[str]:
+    want = ["prompt_id", "prompt", p.completion_field, "sample_index", "verdict", "reason", *extra]
+    return [c for c in dict.fromkeys(want) if c in schema_names]
+
+
+def _scan_piece(storage, piece, cfg: dict, parts: int):
+    from pipeline.streaming import read_piece
+
+    p = Params.model_validate(cfg)
+    with storage.fs.open(piece.path, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    table = read_piece(storage, piece, _read_cols(p, names))
+    alive, _ = _pre_reasons(table, p)
+    rows = np.flatnonzero(alive)
+    take = pa.array(rows)
+    prompts, comps = table.column("prompt").take(take), table.column(p.completion_field).take(take)
+    k1, k2 = text_keys(prompts, comps)
+    glob = rows.astype(np.int64) + piece.offset
+    bands = None
+    if p.near_dup.enabled and len(rows):
+        joined = pc.binary_join_element_wise(normalize_texts(prompts), normalize_texts(comps),
+                                             pa.scalar(" ", pa.large_string()))
+        index = LSHIndex(p.near_dup.threshold, p.near_dup.num_perm)
+        sigs = MinHasher(p.near_dup.num_perm, p.near_dup.seed, p.near_dup.ngram).signatures(joined)
+        bands = band_hashes(sigs, index.b, index.r)
+    given = (table.column("sample_index").take(take).to_pylist() if "sample_index" in table.column_names
+             else [None] * len(rows))
+    idx = np.array([g if s is None else s for g, s in zip(glob.tolist(), given)], np.int64)
+    pid_arr = table.column("prompt_id").take(take)
+    pids = pid_arr.to_pylist()
+    ph = np.fromiter((int.from_bytes(hashlib.blake2b((x or "").encode("utf-8", "surrogatepass"), digest_size=8)
+                                     .digest(), "little") for x in pids), np.uint64, len(pids))
+    facts = pa.table({"row": glob, "prompt_id": pid_arr.cast(pa.string()), "idx": idx,
+                      "clen": pc.utf8_length(comps.cast(pa.string())).cast(pa.int64())})
+    if p.prefer == "diverse":
+        facts = facts.append_column("norm", normalize_texts(comps))
+    out: list = [(glob, bands)]
+    kpart = (k1 % np.uint64(parts)).astype(np.int64)
+    for q in range(parts):
+        m = kpart == q
+        out.append((glob[m], k1[m], k2[m]))
+    ppart = (ph % np.uint64(parts)).astype(np.int64)
+    for q in range(parts):
+        out.append(facts.filter(pa.array(ppart == q)))
+    return tuple(out)
+
+
+def _exact_partition(*pieces) -> np.ndarray:
+    """Rows (sorted) whose key appeared at an earlier row: pieces come in row order."""
+    rows = np.concatenate([x[0] for x in pieces]) if pieces else np.zeros(0, np.int64)
+    if not len(rows):
+        return rows
+    first = first_occurrences(np.concatenate([x[1] for x in pieces]), np.concatenate([x[2] for x in pieces]))
+    return np.sort(rows[~first])
+
+
+def _near_pass(cfg: dict, dups: list, *pieces) -> np.ndarray:
+    """Rows (sorted) that share an LSH band with an earlier kept row, in row order."""
+    import ray
+
+    dup = np.concatenate([np.asarray(d) for d in ray.get(dups)]) if dups else np.zeros(0, np.int64)
+    tables: list[set] | None = None
+    out = []
+    for rows, bands in pieces:
+        if bands is None or not len(rows):
+            continue
+        live = ~np.isin(rows, dup)
+        if tables is None:
+            tables = [set() for _ in range(bands.shape[1])]
+        for row, keys in zip(rows[live].tolist(), bands[live].tolist()):
+            if any(k in t for k, t in zip(keys, tables)):
+                out.append(row)
+            else:
+                for k, t in zip(keys, tables):
+                    t.add(k)
+    return np.array(sorted(out), np.int64)
+
+
+def _cap_partition(cfg: dict, dups: list, near, *facts) -> dict:
+    """The per-prompt cap for the prompts of one partition: each surviving row's rank in its
+    prompt's order, and which rows fall over ``max_per_prompt``."""
+    import ray
+
+    p = Params.model_validate(cfg)
+    gone = [np.asarray(d) for d in ray.get(dups)] + ([np.asarray(near)] if near is not None else [])
+    removed = np.concatenate(gone) if gone else np.zeros(0, np.int64)
+    table = pa.concat_tables(facts) if facts else None
+    if table is None or not table.num_rows:
+        return {"rows": np.zeros(0, np.int64), "rank": np.zeros(0, np.int64), "over": np.zeros(0, bool), "groups": 0}
+    rows = table.column("row").to_numpy()
+    live = ~np.isin(rows, removed)
+    table = table.filter(pa.array(live))
+    rows = rows[live]
+    pids = table.column("prompt_id").to_pylist()
+    idx, clen = table.column("idx").to_numpy(), table.column("clen").to_numpy()
+    norms = table.column("norm").to_pylist() if "norm" in table.column_names else None
+    groups: dict[str, list[int]] = {}
+    for j, pid in enumerate(pids):
+        groups.setdefault(pid, []).append(j)
+    rank = np.zeros(len(rows), np.int64)
+    over = np.zeros(len(rows), bool)
+    for group in groups.values():
+        k = p.max_per_prompt if p.max_per_prompt is not None else len(group)
+        keys = [(int(clen[j]), int(idx[j]), int(rows[j])) for j in group]
+        if p.prefer == "first":
+            order = group
+        elif p.prefer == "diverse" and len(group) > k:
+            sets = [shingles(norms[j], p.near_dup.ngram) for j in group]
+            picked = pick_diverse(keys, sets, k)
+            order = [group[q] for q in picked] + [group[q] for q in sorted(set(range(len(group))) - set(picked))]
+        else:
+            order = [group[q] for q in sorted(range(len(group)), key=lambda q: keys[q])]
+        for r, j in enumerate(order):
+            rank[j], over[j] = r, r >= k
+    s = np.argsort(rows, kind="stable")
+    return {"rows": rows[s], "rank": rank[s], "over": over[s], "groups": len(groups)}
+
+
+def _groups(cap: dict) -> int:
+    return int(cap["groups"])
+
+
+def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list) -> dict:
+    """One piece's chat rows (kept) and dropped rows, in the order the in-memory form gives:
+    prompts by first surviving row, each prompt's rows by rank; drops before the cap by row."""
+    import ray
+
+    from pipeline.streaming import read_piece
+
+    p = Params.model_validate(cfg)
+    storage = specs["sft"].storage
+    with storage.fs.open(piece.path, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    table = read_piece(storage, piece, _read_cols(p, names, ("source",)))
+    lo, hi = piece.offset, piece.offset + table.num_rows
+    alive, why = _pre_reasons(table, p)
+
+    def within(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        return a[(a >= lo) & (a < hi)] - lo
+
+    for j in within(np.concatenate([np.asarray(d) for d in ray.get(dups)]) if dups else np.zeros(0, np.int64)):
+        why[j] = "duplicate"
+    if near is not None:
+        for j in within(near):
+            why[j] = "near_duplicate"
+    rank = np.full(table.num_rows, -1, np.int64)
+    over = np.zeros(table.num_rows, bool)
+    for c in ray.get(caps):
+        m = (c["rows"] >= lo) & (c["rows"] < hi)
+        rank[c["rows"][m] - lo], over[c["rows"][m] - lo] = c["rank"][m], c["over"][m]
+    pids = table.column("prompt_id").to_pylist()
+    given = table.column("sample_index").to_pylist() if "sample_index" in table.column_names else [None] * len(pids)
+    idx = [lo + j if s is None else s for j, s in enumerate(given)]
+    prompts = table.column("prompt").to_pylist()
+    comps = table.column(p.completion_field).cast(pa.string()).to_pylist()
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(pids)
+    dropped = [{"prompt_id": pids[j], "sample_index": idx[j], "reason": why[j]}
+               for j in range(len(pids)) if why[j] is not None]
+    groups: dict[str, list[int]] = {}
+    for j in range(len(pids)):
+        if why[j] is None:
+            groups.setdefault(pids[j], []).append(j)
+    out = []
+    for pid, group in groups.items():
+        order = sorted(group, key=lambda j: rank[j])
+        for j in order:
+            if over[j]:
+                dropped.append({"prompt_id": pid, "sample_index": idx[j], "reason": "over_max_per_prompt"})
+        for j in order:
+            if not over[j]:
+                messages = ([{"role": "system", "content": p.system_prompt}] if p.system_prompt else []) + [
+                    {"role": "user", "content": prompts[j]}, {"role": "assistant", "content": comps[j]}]
+                out.append({"prompt_id": pid, "source": sources[j], "sample_index": idx[j], "messages": messages})
+    sft, drop_w = specs["sft"].writer(piece), specs["dropped"].writer(piece)
+    if out:
+        sft.write(pa.Table.from_pylist(out, schema=SFT_SCHEMA))
+    if dropped:
+        drop_w.write(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA))
+    reasons: dict[str, int] = {}
+    for d in dropped:
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+    from pipeline.streaming import node_id
+
+    return {"sft": sft.finish(), "dropped": drop_w.finish(), "reasons": reasons, "kept": len(out),
+            "rows": table.num_rows, "node": node_id()}
