@@ -21,6 +21,16 @@ from .storage import Storage
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation pipelines for reasoning models, on Ray.")
 runs_app = typer.Typer(no_args_is_help=True, help="Read run manifests.")
 app.add_typer(runs_app, name="runs")
+
+
+@app.callback()
+def _redact_every_output() -> None:
+    """Every line a command prints (tables, --json, errors, logs) goes through one redactor."""
+    from .secrets import install_redacting_streams
+
+    install_redacting_streams()
+
+
 datasets_app = typer.Typer(no_args_is_help=True, help="Inspect committed datasets (local or s3://).")
 app.add_typer(datasets_app, name="datasets")
 

@@ -47,7 +47,17 @@ EXCLUDES = [
     ".venv", "venv", ".distill", ".git", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache",
     ".cache", ".ipynb_checkpoints", "node_modules", "*.egg-info", "build", "dist", ".tox",
     ".env", ".env.*", ".aws", ".ray", "auth_token", "credentials", "*.pem", "*.key",
+    ".ssh", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.ppk", ".netrc", "_netrc", ".pgpass", ".git-credentials",
+    ".pypirc", ".npmrc", ".dockercfg", ".docker", ".kube", ".gnupg", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.kdbx",
+    ".htpasswd", "*.gpg", "*.asc", "token", "*.token",
 ]
+# Files left out by what they hold, whatever their name: private keys, cloud credential files,
+# netrc entries, service-account keys (read: the first CONTENT_SCAN_BYTES of files up to 1 MiB).
+_CREDENTIAL_SHAPES = re.compile(
+    rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----|aws_secret_access_key\s*=|aws_session_token\s*=|"
+    rb"\"private_key\"\s*:|^\s*machine\s+\S+\s+login\s+\S+\s+password\s|(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])",
+    re.M | re.I)
+CONTENT_SCAN_BYTES = 1 << 20
 MAX_FILE_BYTES = 10 * 2**20  # larger files are left out (Ray warns at 10 MiB a file); --max-file-mb changes it
 _ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 _NO_AGENT_WAIT_S = 60.0  # a just-started head answers "No available agent" until its agent is up
@@ -322,6 +332,7 @@ class Submission:
     metadata: dict
     excluded_large: list[tuple[str, int]] = field(default_factory=list)
     replaces: dict | None = None  # the existing job a --rerun follows
+    excluded_credentials: list[str] = field(default_factory=list)  # left out for what they hold
 
     @property
     def dashboard_url(self) -> str:
@@ -335,7 +346,8 @@ class Submission:
                 "address": self.address.url, "address_source": self.address.source, "config": self.config,
                 "storage_root": self.storage_root, "dashboard_url": self.dashboard_url,
                 "run_manifest": self.manifest_uri(), "entrypoint": self.entrypoint,
-                "excluded_large_files": [p for p, _ in self.excluded_large], "replaces": self.replaces}
+                "excluded_large_files": [p for p, _ in self.excluded_large],
+                "excluded_credential_files": self.excluded_credentials, "replaces": self.replaces}
 
 
 def _escape(rel: str) -> str:
@@ -359,6 +371,30 @@ def large_files(root: Path, max_bytes: int) -> list[tuple[str, int]]:
                 continue
             if size > max_bytes and not p.is_symlink():
                 out.append((p.relative_to(root).as_posix(), size))
+    return sorted(out)
+
+
+def credential_files(root: Path, secrets: dict[str, str] | None = None) -> list[str]:
+    """Files under ``root`` (outside the excluded names) whose content looks like a key or a
+    credential file, or holds a secret value of this environment: never shipped."""
+    import fnmatch
+
+    values = [v.encode() for v in (secret_values() if secrets is None else secrets).values()]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not any(fnmatch.fnmatch(d, p) for p in EXCLUDES)]
+        for name in filenames:
+            if any(fnmatch.fnmatch(name, p) for p in EXCLUDES):
+                continue
+            p = Path(dirpath) / name
+            try:
+                if p.is_symlink() or p.stat().st_size > CONTENT_SCAN_BYTES:
+                    continue
+                data = p.read_bytes()
+            except OSError:
+                continue
+            if _CREDENTIAL_SHAPES.search(data) or any(v in data for v in values):
+                out.append(p.relative_to(root).as_posix())
     return sorted(out)
 
 
@@ -403,13 +439,19 @@ def prepare(config: str, address: Address, overrides: list[str] | None = None, r
             pass
     big = large_files(wd, max_file_bytes)
     excludes += [_escape(p) for p, _ in big]
+    held_back = credential_files(wd)
+    if rel_config in held_back:
+        raise ConfigProblem(f"{config}: holds a key, a credential or a secret value of this environment; it would be "
+                            "shipped to the cluster. Keep secrets out of the config (the cluster gets its own).")
+    excludes += [_escape(p) for p in held_back]
     argv = [python, "-m", "pipeline.cli", "run", rel_config, "--address", "auto", "--run-id", run_id]
     for item in overrides or []:
         argv += ["--set", item]
     metadata = {METADATA_TAG: "1", "pipeline": cfg.name, "run_id": run_id, "config": rel_config,
                 "storage_root": redact_uri(root)}
     sub = Submission(submission_id_for(cfg.name, run_id), run_id, cfg.name, address, rel_config, redact_uri(root),
-                     shlex.join(argv), {"working_dir": str(wd), "excludes": excludes}, metadata, big)
+                     shlex.join(argv), {"working_dir": str(wd), "excludes": excludes}, metadata, big,
+                     excluded_credentials=held_back)
     check_no_secrets({"entrypoint": sub.entrypoint, "metadata": sub.metadata, "runtime_env": sub.runtime_env})
     return sub
 
@@ -470,4 +512,4 @@ def _with_run_id(sub: Submission, run_id: str) -> Submission:
     argv[argv.index("--run-id") + 1] = run_id
     return Submission(submission_id_for(sub.pipeline, run_id), run_id, sub.pipeline, sub.address, sub.config,
                       sub.storage_root, shlex.join(argv), sub.runtime_env, {**sub.metadata, "run_id": run_id},
-                      sub.excluded_large)
+                      sub.excluded_large, excluded_credentials=sub.excluded_credentials)

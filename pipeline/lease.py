@@ -4,7 +4,18 @@ A lease is one small JSON object at ``leases/<schedule>`` (see :mod:`pipeline.la
 
     {"name": ..., "run_id": <fencing id of the holder's run>, "holder": "host:pid",
      "slot": <epoch seconds of the cron slot it runs>, "acquired": ..., "expires": <epoch seconds>,
-     "released": false, "generation": <count of writes>}
+     "ttl": <seconds>, "released": false, "generation": <count of writes>, "epoch": <count of grants>}
+
+**Time from the store.** Whether a lease is live is decided by the store's clock, never by the
+writer's or the reader's: a lease is live while the time since its last write, as the store
+measures it, is below its ``ttl``. On S3 that age is the response's ``Date`` minus the object's
+``Last-Modified`` (both the server's, to the second, so a lease counts as live one second
+longer); locally it is the lock file's mtime, touched at the read, minus the lease file's mtime
+(both set by the filesystem). ``expires`` stays in the object, for people to read.
+
+**Fencing epoch.** Each grant (a create or a take-over) carries ``epoch``, one more than the
+lease's previous one; renewals keep it. Pointers that a run publishes are written with it and
+refuse a write of an older epoch (:func:`fenced_replace`).
 
 Every write is conditional, so two contenders can never both believe they hold it:
 
@@ -28,6 +39,7 @@ at or before the recorded one fails with :class:`SlotTaken`.
 """
 from __future__ import annotations
 
+import email.utils
 import errno
 import fcntl
 import hashlib
@@ -44,6 +56,12 @@ from . import layout
 from .storage import Storage
 
 DEFAULT_TTL = 300.0
+_TRANSIENT = ("store_age", "store_resolution", "read_at")  # attached by read_lease, never written
+
+
+def _now() -> float:
+    """This machine's wall clock; only for the informational ``acquired``/``expires``."""
+    return time.time()
 
 
 class LeaseError(RuntimeError):
@@ -55,7 +73,7 @@ class LeaseHeld(LeaseError):
 
     def __init__(self, state: dict):
         self.state = state
-        left = max(0.0, state.get("expires", 0) - time.time())
+        left = remaining(state)
         super().__init__(f"lease {state.get('name')!r} is held by run {state.get('run_id')} "
                          f"({state.get('holder')}) for {left:.0f}s more")
 
@@ -84,7 +102,12 @@ def _holder() -> str:
 # -- conditional reads and writes -----------------------------------------------------------------
 
 class _Backend:
-    def read(self, path: str) -> tuple[bytes, str] | None: ...
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        got = self.read_aged(path)
+        return None if got is None else got[:2]
+
+    def read_aged(self, path: str) -> tuple[bytes, str, float, float] | None:
+        """(bytes, ETag, seconds since it was written by the store's clock, that clock's resolution)."""
     def create(self, path: str, data: bytes) -> str: ...
     def replace(self, path: str, data: bytes, etag: str) -> str: ...
 
@@ -114,10 +137,27 @@ class _LocalBackend(_Backend):
         except FileNotFoundError:
             return None
 
-    def read(self, path: str) -> tuple[bytes, str] | None:
-        with self._locked(path, fcntl.LOCK_SH):
-            data = self._read_file(path)
-        return None if data is None else (data, self._etag(data))
+    def read_aged(self, path: str) -> tuple[bytes, str, float, float] | None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                    written = os.fstat(f.fileno()).st_mtime
+            except FileNotFoundError:
+                return None
+            try:
+                os.utime(fd)  # the filesystem's own "now" (a network filesystem's server sets it)
+            except OSError:  # not the owner of the lock file: read its clock through a scratch file
+                with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".clock-") as t:
+                    store_now = os.fstat(t.fileno()).st_mtime
+            else:
+                store_now = os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+        return data, self._etag(data), max(0.0, store_now - written), 0.0
 
     def create(self, path: str, data: bytes) -> str:
         with self._locked(path, fcntl.LOCK_EX):
@@ -155,17 +195,23 @@ class _S3Backend(_Backend):
     def __init__(self, fs):
         self.fs = fs
 
-    def read(self, path: str) -> tuple[bytes, str] | None:
+    def read_aged(self, path: str) -> tuple[bytes, str, float, float] | None:
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(path)
 
-        async def get():  # body and ETag from one GET, so they belong to the same version
+        async def get():  # body, ETag and age from one GET, so they belong to the same version
             resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
             try:
-                return await resp["Body"].read(), resp["ETag"]
+                body = await resp["Body"].read()
             finally:
                 resp["Body"].close()
+            headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            server_now = email.utils.parsedate_to_datetime(headers["date"]) if headers.get("date") else None
+            if server_now is None or resp.get("LastModified") is None:
+                raise LeaseError(f"{path}: the store sent no Date or Last-Modified; lease age cannot be measured")
+            age = (server_now - resp["LastModified"]).total_seconds()
+            return body, resp["ETag"], max(0.0, age), 1.0  # both to the second
 
         try:
             return sync(self.fs.loop, get)
@@ -180,10 +226,10 @@ class _S3Backend(_Backend):
             except FileExistsError as e:
                 raise ConditionFailed() from e
             except OSError as e:
-                text = f"{e!r} {e.__cause__!r}"
-                if "PreconditionFailed" in text or "412" in text:
+                code, status = s3_error_code(e)
+                if code == "PreconditionFailed" or status == 412:
                     raise ConditionFailed() from e
-                if e.errno == errno.EBUSY or "ConditionalRequestConflict" in text or "409" in text:
+                if e.errno == errno.EBUSY or code in ("ConditionalRequestConflict", "OperationAborted") or status == 409:
                     time.sleep(0.05 * (attempt + 1))  # a concurrent write to the key: retry
                     continue
                 raise
@@ -194,6 +240,20 @@ class _S3Backend(_Backend):
 
     def replace(self, path: str, data: bytes, etag: str) -> str:
         return self._put(path, data, IfMatch=etag)
+
+
+def s3_error_code(e: BaseException) -> tuple[str | None, int | None]:
+    """(S3 error code, HTTP status) of a botocore ``ClientError`` in ``e`` or what it wraps (s3fs
+    re-raises them as ``OSError``), by the client's fields, not by the message text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and "Error" in resp:
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return resp["Error"].get("Code"), int(status) if status else None
+        e = e.__cause__ or e.__context__
+    return None, None
 
 
 def conditional_store(storage: Storage) -> _Backend:
@@ -226,6 +286,10 @@ class Lease:
     def run_id(self) -> str:
         return self.state["run_id"]
 
+    @property
+    def epoch(self) -> int:
+        return int(self.state.get("epoch") or 0)
+
     def _write(self, state: dict) -> None:
         state = {**state, "generation": self.state.get("generation", 0) + 1, "nonce": uuid.uuid4().hex}
         try:
@@ -239,28 +303,53 @@ class Lease:
     def renew(self, ttl: float | None = None) -> None:
         """Extend the expiry; raises :class:`LeaseLost` if someone took the lease over."""
         self.ttl = ttl or self.ttl
-        self._write({**self.state, "expires": time.time() + self.ttl, "renewed": time.time()})
+        now = _now()
+        self._write({**self.state, "expires": now + self.ttl, "ttl": self.ttl, "renewed": now})
 
     def release(self, **extra) -> None:
         """Mark the lease free (it stays, holding the slot it ran). ``extra`` is recorded in it."""
-        self._write({**self.state, **extra, "released": True, "expires": time.time()})
+        self._write({**self.state, **extra, "released": True, "expires": _now()})
 
 
 def _encode(state: dict) -> bytes:
-    return json.dumps(state, sort_keys=True).encode()
+    return json.dumps({k: v for k, v in state.items() if k not in _TRANSIENT}, sort_keys=True).encode()
 
 
 def read_lease(storage: Storage, name: str) -> tuple[dict, str] | None:
-    """The lease's state and ETag, or None when there is none."""
-    got = conditional_store(storage).read(layout.lease(storage, name))
+    """The lease's state and ETag, or None when there is none. The state carries ``store_age``
+    (seconds since its last write, by the store's clock) for :func:`is_live`."""
+    got = conditional_store(storage).read_aged(layout.lease(storage, name))
     if got is None:
         return None
-    data, etag = got
-    return json.loads(data.decode()), etag
+    data, etag, age, resolution = got
+    return {**json.loads(data.decode()), "store_age": age, "store_resolution": resolution,
+            "read_at": time.monotonic()}, etag
+
+
+def _elapsed(state: dict) -> float | None:
+    if "store_age" not in state or not state.get("ttl"):
+        return None
+    return state["store_age"] + max(0.0, time.monotonic() - state.get("read_at", time.monotonic()))
+
+
+def remaining(state: dict) -> float:
+    """Seconds the lease has left, by the store's clock (0 when released or expired)."""
+    if state.get("released"):
+        return 0.0
+    elapsed = _elapsed(state)
+    if elapsed is None:  # written before leases kept their ttl: the writer's expiry
+        return max(0.0, state.get("expires", 0) - _now())
+    return max(0.0, float(state["ttl"]) + state.get("store_resolution", 0.0) - elapsed)
 
 
 def is_live(state: dict, now: float | None = None) -> bool:
-    return not state.get("released") and state.get("expires", 0) > (time.time() if now is None else now)
+    """Whether the lease is held: not released and younger than its ttl by the store's clock
+    (``now`` only matters for a lease read without its age)."""
+    if state.get("released"):
+        return False
+    if _elapsed(state) is None:
+        return state.get("expires", 0) > (_now() if now is None else now)
+    return remaining(state) > 0
 
 
 def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, slot: float | None = None,
@@ -271,12 +360,12 @@ def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, 
     last ran. Exactly one of several concurrent contenders succeeds."""
     backend = conditional_store(storage)
     path = layout.lease(storage, name)
-    now = time.time()
+    now = _now()
     state = {"name": name, "run_id": run_id, "holder": _holder(), "slot": now if slot is None else slot,
-             "acquired": now, "expires": now + ttl, "released": False, **extra}
+             "acquired": now, "expires": now + ttl, "ttl": ttl, "released": False, **extra}
     current = read_lease(storage, name)
     if current is None:
-        state.update(generation=1, nonce=uuid.uuid4().hex)
+        state.update(generation=1, epoch=1, nonce=uuid.uuid4().hex)
         try:
             return Lease(storage, name, state, backend.create(path, _encode(state)), ttl)
         except ConditionFailed:
@@ -284,11 +373,13 @@ def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, 
             if current is None:
                 raise LeaseError(f"lease {name!r}: create conflicted but nothing is there")
     old, etag = current
-    if is_live(old, now):
+    if is_live(old):
         raise LeaseHeld(old)
     if slot is not None and old.get("slot") is not None and slot <= old["slot"]:
         raise SlotTaken(old, slot)
-    state.update(generation=old.get("generation", 0) + 1, nonce=uuid.uuid4().hex, previous_run_id=old.get("run_id"))
+    state.update(generation=old.get("generation", 0) + 1, nonce=uuid.uuid4().hex, previous_run_id=old.get("run_id"),
+                 previous_released=bool(old.get("released")),
+                 epoch=int(old.get("epoch") or old.get("generation") or 0) + 1)
     try:
         return Lease(storage, name, state, backend.replace(path, _encode(state), etag), ttl)
     except ConditionFailed:

@@ -23,6 +23,15 @@ a live lease (another run in progress) or a slot already run makes it record a `
 instead. While the job runs the lease is renewed every third of its TTL; a renewal that
 fails (the lease was lost) stops the job. The lease is released when the job ends.
 
+**The job dies with its lease.** A holder that cannot renew before ``ttl - margin`` (a paused
+or partitioned one) stops its job itself (``self_fenced``); a run longer than the schedule's
+``max_run_s`` is stopped (``timeout``). A local job runs under :mod:`pipeline.supervise`, which
+kills its whole process tree, Ray included, when the holder dies (parent-death signal) or the
+lease is no longer live by the store's clock, so a SIGKILLed scheduler leaves no orphan. The next
+holder records the run it took the lease from as ``abandoned`` when that run has no end event.
+The job gets ``DISTILL_FENCE`` (lease name, fencing epoch, run id): the pointers the run
+publishes refuse to go back to an older epoch (see :func:`pipeline.lease.fenced_put`).
+
 **The job.** Locally ``python -m pipeline.cli run CONFIG --run-id ID`` in a subprocess (its own
 process group, so a crash never takes the scheduler down), in the schedule's working directory
 (where it was added: a config's relative paths are relative to it); with an ``address``,
@@ -50,6 +59,7 @@ from croniter import croniter
 
 from . import layout
 from .lease import LeaseError, LeaseHeld, LeaseLost, SlotTaken, _holder, acquire, is_live, read_lease
+from .secrets import redact_obj
 from .storage import AlreadyCommitted, Storage
 
 log = logging.getLogger("distill.schedule")
@@ -73,8 +83,17 @@ class Schedule:
     lease_ttl_s: float = 300.0
     created: float = field(default_factory=time.time)
     workdir: str | None = None  # where the job runs: a config's relative paths are relative to it
+    max_run_s: float | None = None  # a run that lasts longer is stopped (status "timeout")
 
     def validate(self) -> "Schedule":
+        types = {"name": str, "cron": str, "config": str, "tz": str, "address": (str, type(None)),
+                 "workdir": (str, type(None)), "misfire_grace_s": (int, float), "lease_ttl_s": (int, float),
+                 "created": (int, float), "max_run_s": (int, float, type(None))}
+        for key, want in types.items():
+            value = getattr(self, key)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise ScheduleError(f"schedule {self.name!r}: {key}: {value!r} is not a "
+                                    f"{getattr(want, '__name__', None) or ' or '.join(t.__name__ for t in want)}")
         if not NAME_RE.match(self.name):
             raise ScheduleError(f"schedule name {self.name!r}: use letters, digits, '_', '.', '-' (at most 100)")
         if not croniter.is_valid(self.cron):
@@ -86,6 +105,15 @@ class Schedule:
             raise ScheduleError(f"schedule {self.name!r}: tz {self.tz!r} is not a known time zone") from e
         if self.misfire_grace_s <= 0 or self.lease_ttl_s <= 0:
             raise ScheduleError(f"schedule {self.name!r}: misfire_grace_s and lease_ttl_s must be positive")
+        if self.max_run_s is not None and self.max_run_s <= 0:
+            raise ScheduleError(f"schedule {self.name!r}: max_run_s must be positive")
+        if self.address:
+            from .jobs import JobsError, resolve_address
+
+            try:
+                resolve_address(self.address)
+            except JobsError as e:
+                raise ScheduleError(f"schedule {self.name!r}: address: {e}") from None
         return self
 
     # -- slots -------------------------------------------------------------
@@ -137,23 +165,51 @@ def add_schedule(st: Storage, sched: Schedule, replace: bool = False) -> Schedul
     return sched
 
 
+class NoSchedule(ScheduleError):
+    """There is no schedule of that name (it may have been removed: its history stays)."""
+
+
 def get_schedule(st: Storage, name: str) -> Schedule:
+    """The schedule, validated as ``schedule add`` validates it: a ``schedule.json`` that anyone
+    with write access to the storage changed is refused with the file and field named."""
+    if not NAME_RE.match(name):
+        raise ScheduleError(f"schedule name {name!r}: use letters, digits, '_', '.', '-' (at most 100)")
+    path = layout.schedule_file(st, name)
     try:
-        data = st.read_json(layout.schedule_file(st, name))
+        data = st.read_json(path)
     except FileNotFoundError as e:
-        raise ScheduleError(f"no schedule {name!r} under {st.uri(layout.schedules_root(st))}") from e
+        raise NoSchedule(f"no schedule {name!r} under {st.uri(layout.schedules_root(st))}") from e
+    except ValueError as e:
+        raise ScheduleError(f"{st.uri(path)}: not JSON ({e})") from None
+    where = st.uri(path)
+    if not isinstance(data, dict):
+        raise ScheduleError(f"{where}: not a JSON object")
     known = Schedule.__dataclass_fields__
-    return Schedule(**{k: v for k, v in data.items() if k in known})
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ScheduleError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    missing = sorted(k for k in ("name", "cron", "config") if k not in data)
+    if missing:
+        raise ScheduleError(f"{where}: missing field(s) {', '.join(missing)}")
+    if data["name"] != name:
+        raise ScheduleError(f"{where}: name: {data['name']!r} is not the schedule's folder name {name!r}")
+    try:
+        return Schedule(**data).validate()
+    except ScheduleError as e:
+        raise ScheduleError(f"{where}: {e}") from None
 
 
 def list_schedules(st: Storage) -> list[Schedule]:
+    """Every valid schedule; an invalid one is logged (file and field) and left out."""
     out = []
     for p in _fresh_ls(st, layout.schedules_root(st)):
         name = p.rstrip("/").rsplit("/", 1)[-1]
         try:
             out.append(get_schedule(st, name))
-        except ScheduleError:
+        except NoSchedule:
             continue  # removed: only its history remains
+        except ScheduleError as e:
+            log.error("schedule %s is not run: %s", name, e)
     return sorted(out, key=lambda s: s.name)
 
 
@@ -174,7 +230,7 @@ def _stamp(t: float) -> str:
 def record(st: Storage, name: str, event: str, ident: str, body: dict, at: float | None = None) -> dict:
     """Append one history event (exclusive create: events are never rewritten)."""
     at = time.time() if at is None else at
-    doc = {"event": event, "schedule": name, "at": iso(at), "by": _holder(), **body}
+    doc = {"event": event, "schedule": name, "at": iso(at), "by": _holder(), **redact_obj(body)}
     st.write_json(layout.history_event(st, name, f"{_stamp(at)}-{ident}", event), doc, exclusive=True)
     return doc
 
@@ -235,7 +291,8 @@ def summarize_run(st: Storage, run_id: str) -> dict:
         what = f"ran {', '.join(ran) or 'nothing'}; cached {', '.join(cached) or 'nothing'}"
     return {"manifest": st.uri(layout.run_manifest(st, run_id)), "pipeline_status": m.get("status"),
             "ran": ran, "cached": cached, "engines_started": engines, "datasets": datasets,
-            "rows": {s["name"]: s.get("rows") for s in stages if s.get("status") == "done"}, "summary": what}
+            "rows": {s["name"]: s.get("rows") for s in stages if s.get("status") == "done"}, "summary": what,
+            **({"fencing_refused": m["fencing_refused"]} if m.get("fencing_refused") else {})}
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -269,6 +326,7 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
                       {"slot": iso(slot), "reason": reason, "detail": str(e), "holder_run_id": e.state.get("run_id"),
                        "trigger": trigger})
     started = time.time()
+    _note_abandoned(st, sched, lease.state)
     record(st, sched.name, "start", run_id,
            {"run_id": run_id, "slot": iso(lease.state["slot"]), "first_slot": iso(first_slot if first_slot else slot),
             "coalesced": coalesced, "trigger": trigger, "started": iso(started), "holder": lease.state["holder"],
@@ -276,20 +334,37 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
     stop = stop or threading.Event()
     job_stop = threading.Event()
     lost: list[str] = []
+    ended: list[str] = []  # "self_fenced" or "timeout"
+    ttl = sched.lease_ttl_s
+    margin = ttl / 5
+    last_ok = [time.monotonic()]  # when the last write that succeeded began
 
     def renew() -> None:
-        while not job_stop.wait(sched.lease_ttl_s / 3):
+        wait = ttl / 3
+        while not job_stop.wait(wait):
+            began = time.monotonic()
             try:
                 lease.renew()
+                last_ok[0], wait = began, ttl / 3
             except LeaseLost as e:
                 lost.append(str(e))
                 job_stop.set()
-            except Exception as e:  # a storage hiccup: try again next period; expiry is a third away
+            except Exception as e:  # a storage hiccup: retry soon, and fence ourselves before expiry
                 log.warning("renewing lease of %s: %s", sched.name, e)
+                wait = max(0.05, ttl / 15)
+            if not job_stop.is_set() and time.monotonic() - last_ok[0] >= ttl - margin:
+                ended.append("self_fenced")
+                lost.append(f"self-fenced: the lease of {sched.name!r} could not be renewed for "
+                            f"{time.monotonic() - last_ok[0]:.1f}s (ttl {ttl:g}s - margin {margin:g}s); "
+                            "the job was stopped before anyone else could take the lease")
+                job_stop.set()
 
     def watch_stop() -> None:
         while not job_stop.is_set():
             if stop.wait(0.2):
+                job_stop.set()
+            elif sched.max_run_s is not None and time.time() - started > sched.max_run_s:
+                ended.append("timeout")
                 job_stop.set()
 
     threads = [threading.Thread(target=renew, daemon=True), threading.Thread(target=watch_stop, daemon=True)]
@@ -297,7 +372,10 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
         t.start()
     status, code, tail = "failed", None, ""
     try:
-        code, tail = (execute or execute_subprocess)(sched, run_id, job_stop)
+        if execute is None:
+            code, tail = execute_subprocess(sched, run_id, job_stop, st=st, lease=lease.state)
+        else:
+            code, tail = execute(sched, run_id, job_stop)
         status = "done" if code == 0 else "failed"
     except Exception as e:  # the job could not even start
         tail = f"{type(e).__name__}: {e}"
@@ -306,8 +384,12 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
         job_stop.set()
         for t in threads:
             t.join()
-    if lost:
+    if "self_fenced" in ended:
+        status, tail = "self_fenced", lost[0]
+    elif lost:
         status, tail = "lease_lost", lost[0]
+    elif "timeout" in ended and status != "done":
+        status, tail = "timeout", f"stopped after the maximum run time of {sched.max_run_s:g}s\n" + tail
     elif interrupted and status != "done":
         status = "interrupted"
     finished = time.time()
@@ -316,12 +398,29 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
     if status != "done":
         body["error_tail"] = tail[-2000:]
     end = record(st, sched.name, "end", run_id, body, at=finished)
-    if not lost:
+    if not lost or status == "self_fenced":
         try:
             lease.release(status=status)
         except LeaseError as e:
             log.warning("releasing lease of %s: %s", sched.name, e)
     return end
+
+
+def _note_abandoned(st: Storage, sched: Schedule, state: dict) -> None:
+    """The run this lease was taken over from, if it started and never ended (its holder died
+    or froze), gets an end event saying so."""
+    prev = state.get("previous_run_id")
+    if not prev or state.get("previous_released", True):
+        return
+    try:
+        events = [e for e in read_history(st, sched.name) if e.get("run_id") == prev]
+        if any(e["event"] == "start" for e in events) and not any(e["event"] == "end" for e in events):
+            record(st, sched.name, "end", prev,
+                   {"run_id": prev, "status": "abandoned", "exit_code": None, "finished": iso(time.time()),
+                    "error_tail": f"its holder stopped renewing the lease; run {state['run_id']} took it over",
+                    **summarize_run(st, prev)})
+    except Exception as e:  # the history is a record; the run goes on
+        log.warning("recording the abandoned run %s of %s: %s", prev, sched.name, e)
 
 
 def run_due(st: Storage, sched: Schedule, trigger: str = "cronjob", stop: threading.Event | None = None,
@@ -342,16 +441,33 @@ def run_due(st: Storage, sched: Schedule, trigger: str = "cronjob", stop: thread
     return run_slot(st, sched, slot, trigger, first, max(1, count), stop, execute)
 
 
-def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event) -> tuple[int, str]:
-    """Run the job in its own process group; stop it (the whole group) when ``stop`` is set.
-    Returns (exit code, the tail of its output)."""
+def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event, st: Storage | None = None,
+                       lease: dict | None = None) -> tuple[int, str]:
+    """Run the job in its own process group, under :mod:`pipeline.supervise` (which stops its
+    whole tree when this process dies or, given ``st`` and the ``lease`` state, when the lease is
+    no longer live); stop it (the whole group) when ``stop`` is set. Returns (exit code, the
+    tail of its output)."""
+    import json
     import tempfile
 
     if sched.workdir and not os.path.isdir(sched.workdir):
         return 2, f"schedule {sched.name!r}: its working directory {sched.workdir} does not exist on this machine"
+    sup = [sys.executable, "-m", "pipeline.supervise", "--parent", str(os.getpid()), "--ttl", str(sched.lease_ttl_s)]
+    root = (os.path.abspath(st.root) if st.is_local else st.root_uri) if st is not None else None
+    if root is not None:
+        sup += ["--root", root, "--lease", sched.name, "--run-id", run_id]
+    if sched.max_run_s is not None:
+        sup += ["--max-run-s", str(sched.max_run_s)]
+    env = dict(os.environ)
+    if lease is not None and st is not None:
+        env["DISTILL_FENCE"] = json.dumps({"root": root, "lease": sched.name, "epoch": lease.get("epoch"),
+                                           "run_id": run_id})
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pipeline.supervise importable anywhere
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(job_command(sched, run_id), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=sched.workdir or None)
+        proc = subprocess.Popen([*sup, "--", *job_command(sched, run_id)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=sched.workdir or None,
+                                env=env)
         while proc.poll() is None:
             if stop.wait(0.2):
                 _kill_group(proc)

@@ -1,5 +1,7 @@
 """Run leases: conditional create and conditional overwrite, locally and on (moto) S3, raced by
-separate processes."""
+separate processes; liveness by the store's clock (a skewed writer or reader changes nothing);
+a fencing epoch per grant. No wall-clock assertion: where a lease must expire, the test waits
+for the take-over to succeed, under a generous hang guard that says it is one."""
 import json
 import os
 import subprocess
@@ -10,7 +12,7 @@ import pytest
 from conftest import REPO
 
 from pipeline import layout
-from pipeline.lease import LeaseHeld, LeaseLost, SlotTaken, acquire, read_lease
+from pipeline.lease import LeaseHeld, LeaseLost, SlotTaken, acquire, is_live, read_lease
 from pipeline.storage import Storage
 
 # Each contender says it is ready, waits for "go" on stdin, then tries to take the lease once.
@@ -31,6 +33,18 @@ except LeaseError as e:
 """
 
 CONTENDERS = 4
+HANG_GUARD_S = 60  # a hang guard, not a timing assertion: expiry takes ~ttl (+1 s on S3)
+
+
+def _take_when_expired(st, name, run_id, ttl=30.0, **kw):
+    """Acquire as soon as the lease has expired (LeaseHeld until then)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while True:
+        try:
+            return acquire(st, name, run_id, ttl=ttl, **kw)
+        except LeaseHeld:
+            assert time.monotonic() < deadline, f"hang guard: the lease never expired in {HANG_GUARD_S}s"
+            time.sleep(0.2)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -70,7 +84,10 @@ def test_race_for_a_free_lease_has_one_winner(root):
 def test_expired_lease_is_taken_over_by_exactly_one(root):
     st = Storage(root)
     old = acquire(st, "nightly", "run-old", ttl=0.5)
-    time.sleep(1.0)
+    deadline = time.monotonic() + HANG_GUARD_S
+    while is_live(read_lease(st, "nightly")[0]):
+        assert time.monotonic() < deadline, f"hang guard: the lease never expired in {HANG_GUARD_S}s"
+        time.sleep(0.2)
     results = _race(root, "nightly")
     winners = [r for r in results if r["won"]]
     assert len(winners) == 1, results
@@ -82,12 +99,13 @@ def test_expired_lease_is_taken_over_by_exactly_one(root):
 
 def test_holder_that_lost_its_lease_cannot_renew_or_release(root):
     st = Storage(root)
-    a = acquire(st, "s", "run-a", ttl=0.5)
-    a.renew(ttl=0.5)  # a live holder renews
+    a = acquire(st, "s", "run-a", ttl=30)
+    a.renew()  # a live holder renews
     with pytest.raises(LeaseHeld, match="run-a"):
         acquire(st, "s", "run-b", ttl=30)
-    time.sleep(0.8)
-    b = acquire(st, "s", "run-b", ttl=30)
+    a.renew(ttl=0.5)  # from now on it lives half a second: it stops renewing
+    b = _take_when_expired(st, "s", "run-b")
+    assert b.epoch == a.epoch + 1
     with pytest.raises(LeaseLost):
         a.renew()
     with pytest.raises(LeaseLost):
@@ -127,3 +145,35 @@ def test_local_overwrite_compares_the_etag(tmp_path):
     with pytest.raises(ConditionFailed):
         backend.create(path, b"{}")
     assert json.loads(open(path, "rb").read())["run_id"] == "x"
+
+
+@pytest.mark.parametrize("skew", [60.0, -60.0])
+def test_a_skewed_clock_cannot_take_a_live_lease(root, monkeypatch, skew):
+    """Liveness is the store's age of the lease against its ttl, never a wall clock: a holder
+    whose clock runs 60 s ahead or behind neither takes a live lease nor writes one that others
+    see as expired."""
+    import pipeline.lease as lease_mod
+
+    st = Storage(root)
+    real = lease_mod._now
+    acquire(st, "s", "run-a", ttl=30)
+    monkeypatch.setattr(lease_mod, "_now", lambda: real() + skew)  # this process's clock is off by `skew`
+    with pytest.raises(LeaseHeld, match="run-a"):
+        acquire(st, "s", "run-b", ttl=30)
+    b_state = read_lease(st, "s")[0]
+    assert b_state["run_id"] == "run-a" and lease_mod.remaining(b_state) > 20
+    # the skewed process takes another lease; a process with the right clock sees it live
+    acquire(st, "t", "run-skewed", ttl=30)
+    monkeypatch.setattr(lease_mod, "_now", real)
+    with pytest.raises(LeaseHeld, match="run-skewed"):
+        acquire(st, "t", "run-c", ttl=30)
+
+
+def test_each_grant_has_a_higher_epoch(root):
+    st = Storage(root)
+    a = acquire(st, "e", "run-1", ttl=30)
+    a.renew()
+    assert a.epoch == 1 and read_lease(st, "e")[0]["epoch"] == 1  # a renewal keeps the epoch
+    a.release()
+    b = acquire(st, "e", "run-2", ttl=30)
+    assert b.epoch == 2 and read_lease(st, "e")[0]["epoch"] == 2
