@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DISTILL := $(BIN)/distill
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean mutate
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+# one-line breaks of the code, each in a scratch copy of HEAD, and the tests that must catch
+# them (tools/mutate.py); not part of `make test`
+mutate: $(STAMP)
+	$(BIN)/python tools/mutate.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py

@@ -1,4 +1,4 @@
-"""``fixture_rows``: a test-only source stage (``uses: fixture_rows_stage:FixtureRows``, with
+"""``fixture_rows``: a test double of a source stage (``uses: fixture_rows_stage:FixtureRowsDouble``, with
 ``tests/`` on the import path) that writes the rows of a JSONL file as a dataset of a named
 schema: ``eval`` (evaluate's ``samples`` columns) or ``sft`` (dedupe's ``sft`` columns). It
 stands in for an evaluate or dedupe stage whose rows a test writes by hand."""
@@ -23,7 +23,7 @@ class Params(BaseModel):
     schema_name: str = Field("eval", pattern="^(eval|sft)$")
 
 
-class FixtureRows(Stage):
+class FixtureRowsDouble(Stage):
     kind: ClassVar[str] = "fixture_rows"
     Params = Params
     outputs: ClassVar[dict] = {"samples": "dataset"}
@@ -41,3 +41,6 @@ class FixtureRows(Stage):
             rows = [json.loads(line) for line in f if line.strip()]
         full = [{name: r.get(name) for name in schema.names} for r in rows]
         ctx.write_dataset("samples", [pa.Table.from_pylist(full, schema=schema)])
+
+
+FixtureRows = FixtureRowsDouble  # the older name

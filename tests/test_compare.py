@@ -1,5 +1,5 @@
-"""The compare stage on hand-built evaluate samples (a matrix of fixture_rows stages through
-the runner: no engine), and the subsample and answer_only stages that make the ablation's data."""
+"""The compare stage on hand-built evaluate samples (a matrix of FixtureRowsDouble stages,
+test doubles of evaluate, through the runner: no engine), and the subsample and answer_only stages that make the ablation's data."""
 import json
 import statistics
 from pathlib import Path
@@ -47,13 +47,13 @@ name: cmp
 storage: {{root: {tmp_path}/root}}
 matrix: {{seed: [0, 1], data: [a, b, c]}}
 stages:
-  evaluate:
-    uses: "fixture_rows_stage:FixtureRows"
+  evaluate_rows_double:  # a test double of evaluate: hand-written sample rows, no engine
+    uses: "fixture_rows_stage:FixtureRowsDouble"
     matrix: [seed, data]
     params: {{path: "{tmp_path}/{{data}}-{{seed}}.jsonl"}}
   ablation:
     uses: compare
-    inputs: {{runs: evaluate.samples}}
+    inputs: {{runs: evaluate_rows_double.samples}}
     params: {compare_params}
 """)
     return cfg
@@ -195,8 +195,8 @@ def test_answer_only_removes_reasoning_and_counts_what_it_drops(tmp_path):
 name: a
 storage: {{root: {tmp_path}/root}}
 stages:
-  sft: {{uses: "fixture_rows_stage:FixtureRows", params: {{path: {src}, schema_name: sft}}}}
-  answer_only: {{inputs: {{data: sft.samples}}}}
+  sft_rows_double: {{uses: "fixture_rows_stage:FixtureRowsDouble", params: {{path: {src}, schema_name: sft}}}}
+  answer_only: {{inputs: {{data: sft_rows_double.samples}}}}
 """)
     stages, storage = run_stages(cfg)
     rows = output_rows(storage, stages["answer_only"], "data")

@@ -105,3 +105,13 @@ def test_a_margin_above_two_paired_ses_is_promoted_but_not_at_z_three():
     assert 2.2 < d["margin"] / d["se"] < 2.8, d
     assert d["promoted"] and "> 2 x paired SE" in d["reason"]
     assert not decide(best, new, z=3.0)["promoted"]
+
+
+def test_promote_keeps_best_on_a_tie_between_one_and_two_ses(tmp_path):
+    """promote's own default z (2), on the same 1.4-SE margin: the pointer stays put."""
+    st = Storage(str(tmp_path / "root"))
+    best, new = _signed(57, 43)
+    assert promote(st, "tie", {**best, "model": "m1"})["promoted"]
+    d = promote(st, "tie", {**new, "model": "m2"})
+    assert not d["promoted"] and d["best"] == "m1" and 1.2 < d["margin"] / d["se"] < 1.8
+    assert read_best(st, "tie")["model"] == "m1"

@@ -36,7 +36,7 @@ def test_pathological_battery(pool):
         row("<think>x</think> \\boxed{7}"),
         row("<think>x</think> \\boxed{8}"),
     ]
-    before = {w.proc.pid for w in pool.workers}
+    before, timeouts = {w.proc.pid for w in pool.workers}, pool.stats["timeouts"]
     t0 = time.monotonic()
     out = pool.check_rows(rows, FMT)
     elapsed = time.monotonic() - t0
@@ -49,7 +49,8 @@ def test_pathological_battery(pool):
     assert reasons[4] == "missing_think"
     assert reasons[5] == "no_boxed_answer"
     assert reasons[6:] == ["ok", "wrong_answer"]
-    assert elapsed < 60  # bounded: one timeout at most per distinct answer
+    assert elapsed < 300, "hang guard only (a generous deadline, not a speed check)"
+    assert pool.stats["timeouts"] == timeouts + 1  # bounded by a kill: one timeout, for the one pathological answer
     assert len(_children_alive(pool)) == 1  # a killed worker is replaced, never leaked
     replaced = before - {w.proc.pid for w in pool.workers}
     assert replaced and not any(pid_running(pid) for pid in replaced)  # the timed-out worker is gone
@@ -63,7 +64,7 @@ def test_hard_timeout_kills_and_replaces_the_worker():
         t0 = time.monotonic()
         res = p.equal_many([("1", "9^{9^{9^{9^{9}}}}")])
         assert res[("1", "9^{9^{9^{9^{9}}}}")] == (False, "timeout")
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 300, "hang guard only (a generous deadline, not a speed check)"
         assert p.workers[0].proc.pid != before
         assert p.stats["timeouts"] == 1
         # the pool keeps working after that
