@@ -72,11 +72,17 @@ class _Bar(StageProgress):
 
 @app.command()
 def plan(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional[list[str]] = SetOpt,
-         json_: bool = typer.Option(False, "--json")):
+         json_: bool = typer.Option(False, "--json"),
+         estimate_: bool = typer.Option(False, "--estimate", help="GPU-hours per stage (decode roofline, 6·N·D "
+                                        "training) instead of the DAG"),
+         price: Optional[float] = typer.Option(None, "--price-per-gpu-hour", min=0, help="with --estimate: money")):
     """Print the DAG with each stage's fingerprint and whether it would run or come from cache. Loads no model."""
     from .runner import Runner
 
     cfg = _load(config, set_)
+    if estimate_:  # pipeline/estimate.py
+        _print_estimate(cfg, price, json_)
+        return
     entries = Runner(cfg).plan()
     if json_:
         out.print_json(json.dumps([{"name": e.name, "kind": e.kind, "fingerprint": e.fingerprint, "inputs": e.inputs,
@@ -89,6 +95,34 @@ def plan(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional
         table.add_row(escape(e.name), e.kind, escape(", ".join(f"{k}<-{v}" for k, v in e.inputs.items())) or "-", e.fingerprint,
                       "[green]cached[/]" if e.cached else "[yellow]run[/]")
     out.print(table)
+
+
+def _print_estimate(cfg, price: float | None, json_: bool) -> None:
+    from .estimate import estimate
+
+    est = estimate(cfg, price)
+    if json_:
+        out.print_json(json.dumps(est))
+    else:
+        table = Table(title=f"{cfg.name}: estimate  ({cfg.path})")
+        for col in ("stage", "cost", "gpu", "gpus", "samples", "tokens/sample", "tokens", "hours", "GPU-hours",
+                    "calibration", *(["USD"] if price is not None else [])):
+            table.add_column(col)
+        for r in est["stages"]:
+            tokens = r["completion_tokens"] if r["cost"] == "decode" else r["train_tokens"]
+            table.add_row(escape(r["stage"]), r["cost"], r["gpu"], str(r["gpus"]), f"{r['samples'] or 0:,.0f}",
+                          f"{r['completion_tokens_per_sample']:,.0f}" if r["completion_tokens_per_sample"] else "-",
+                          f"{tokens or 0:,.0f}", f"{r['seconds'] / 3600:,.2f}", f"{r['gpu_hours']:,.1f}",
+                          f"{r['calibration']:.3g} ({escape(r['calibrated_from'])})",
+                          *([f"{r['cost_usd']:,.0f}"] if price is not None else []))
+        t = est["total"]
+        table.add_row("total", "", "", "", "", "", f"{t['completion_tokens']:,.0f}", f"{t['seconds'] / 3600:,.2f}",
+                      f"{t['gpu_hours']:,.1f}", "", *([f"{t['cost_usd']:,.0f}"] if price is not None else []))
+        out.print(table)
+    for p in est["problems"]:
+        console.print(f"[bold red]error[/] {escape(p)}", highlight=False)
+    if est["problems"]:
+        raise typer.Exit(1)
 
 
 @app.command()
