@@ -115,3 +115,10 @@ def test_promote_keeps_best_on_a_tie_between_one_and_two_ses(tmp_path):
     d = promote(st, "tie", {**new, "model": "m2"})
     assert not d["promoted"] and d["best"] == "m1" and 1.2 < d["margin"] / d["se"] < 1.8
     assert read_best(st, "tie")["model"] == "m1"
+
+
+def test_no_prompt_in_common_is_never_a_promotion():
+    best = _candidate("best", {"p1": 0.0, "p2": 0.0})
+    d = decide(best, _candidate("new", {"q1": 1.0, "q2": 1.0}))
+    assert not d["promoted"] and d["prompts"] == 0
+    assert d["reason"] == "no held-out prompt in common with the current best"

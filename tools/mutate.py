@@ -71,6 +71,9 @@ MUTATIONS: list[Mutation] = [
       "a truncated sample passes"),
     M("empty-reasoning", CHECK, "    if not reasoning.strip():", "    if False:", ("tests/test_checkers.py",),
       "an empty think block passes"),
+    M("generation-error", CHECK, '        return Verdict("error", "generation_error", error, None)',
+      '        return Verdict("rejected", "generation_error", error, None)', ("tests/test_checkers.py",),
+      "an engine error becomes a rejection (a wrong answer)"),
     # scoring
     M("scoring-errored", "stages/common/scoring.py", 'errored=r["verdict"] == "error"', "errored=False",
       SOLVER_TESTS, "errors are scored as wrong answers"),
