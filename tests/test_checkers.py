@@ -48,7 +48,8 @@ def test_verdicts_and_reasons():
     assert check_sample("<think>x</think> seven", "stop", "7", FMT).reason == "no_boxed_answer"
     # the boxed answer must be after the reasoning, not inside it
     assert check_sample("<think>\\boxed{7}</think> done", "stop", "7", FMT).reason == "no_boxed_answer"
-    assert check_sample("", "error", "7", FMT, error="prompt_too_long: 900 tokens").reason == "generation_error"
+    v = check_sample("", "error", "7", FMT, error="prompt_too_long: 900 tokens")
+    assert (v.verdict, v.reason) == ("error", "generation_error")  # an infrastructure fault, not a wrong answer
     assert check_sample("", "stop", "7", FMT).reason == "missing_think"
     assert check_sample("\\boxed{7}", "stop", "7", FormatSpec(require_think=False)).reason == "ok"
     assert check_sample("<think>x</think>\\boxed{7}", "stop", None, FMT).verdict == "error"
