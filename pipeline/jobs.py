@@ -114,6 +114,19 @@ class Address:
         note = f"; ignored {', '.join(ignored)} from the environment" if ignored else ""
         return f"Ray Jobs API {redact_uri(self.url)} (from {self.source}{note})"
 
+    def plain_http_warning(self) -> str | None:
+        """A warning when the token would cross the network unencrypted: plain http:// to a host
+        that is not loopback."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme != "http" or host in ("localhost", "::1") or host.startswith("127."):
+            return None
+        return (f"warning: {self.source} is plain http:// to {host}, not loopback: the Ray token and the shipped "
+                "code cross the network unencrypted. Use https:// (a TLS proxy in front of the dashboard) or an "
+                "SSH tunnel to 127.0.0.1.")
+
 
 def resolve_address(address: str | None, config: str | None = None) -> Address:
     """The Jobs API URL from ``--address``, else from the config's ``ray.address``. Never from

@@ -38,6 +38,8 @@ def _client(address: Optional[str], config: Optional[str]) -> JobsClient:
     try:
         target = resolve_address(address, config)
         console.print(f"using {target.describe()}", highlight=False, soft_wrap=True)
+        if target.plain_http_warning():
+            console.print(target.plain_http_warning(), highlight=False, soft_wrap=True, markup=False)
         return JobsClient(target)
     except JobsError as e:
         _fail(e)
@@ -75,6 +77,8 @@ def submit_cmd(
     try:
         target = resolve_address(address, None if address else config)
         console.print(f"using {target.describe()}", highlight=False, soft_wrap=True)
+        if target.plain_http_warning():
+            console.print(target.plain_http_warning(), highlight=False, soft_wrap=True, markup=False)
         sub = prepare(config, target, set_, run_id, working_dir, python, int(max_file_mb * 2**20))
         client = JobsClient(target)
         sub = submit(client, sub, rerun=rerun)

@@ -457,14 +457,15 @@ class Runner:
         verbose = os.environ.get("DISTILL_RAY_LOGS") == "1"
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": verbose,
                                   "logging_level": logging.INFO if verbose else logging.ERROR}
-        if self.address:
+        remote = self.address not in (None, "", "local")  # "local" takes the loopback path too
+        if remote:
             kwargs["address"] = self.address
         else:
             kwargs["include_dashboard"] = False
             if self.cfg.ray.num_cpus:
                 kwargs["num_cpus"] = self.cfg.ray.num_cpus
         log.info("starting Ray (%s)", self.address or "local")
-        if self.address:
+        if remote:
             ray.init(**kwargs)
         else:  # a Ray started here listens on 127.0.0.1 only
             from .local_ray import init_local_ray
