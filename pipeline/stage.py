@@ -18,6 +18,8 @@ A stage declares:
 - ``checkpoint_identity()``: for stages with row-level checkpoints, what determines a
   row's output (e.g. model hash, sampling settings, a format version), so checkpoints
   survive edits that change nothing a row depends on;
+- ``deterministic()``: False when a re-run on the same inputs may write other rows (sampling
+  without a seed): downstream stages then key on its fingerprint, not on its outputs' content;
 - ``external_fingerprint()``: hashes of anything outside the DAG it reads
   (source files, model folders), so the cache notices when they change;
 - ``check()``: problems found before Ray starts (missing files), as
@@ -27,8 +29,15 @@ A stage declares:
   each committed dataset's manifest as ``stats.dropped = {kind: {reason: count}}`` and in
   the stage record as ``dropped``.
 
-Params fields marked ``Field(..., json_schema_extra={"fingerprint": False})``
-(replica counts, resources, batch sizes) do not change a stage's fingerprint.
+Params fields carry one of two markers, ``Field(..., json_schema_extra=NOT_OUTPUT)`` or
+``NOT_SAMPLE``:
+- ``NOT_OUTPUT``: the field does not change the stage's output (replica counts, resources,
+  batch sizes, error budgets, a model *path* whose files key the stage through
+  ``external_fingerprint``): it keys neither the stage nor its row-level checkpoints;
+- ``NOT_SAMPLE``: it changes which rows or how many (adaptive stopping rules), never the
+  content of one row: it keys the stage, not its row-level checkpoints
+  (``sample_params``, from which a stage derives its ``checkpoint_identity``).
+Every other field keys both, so a new field is in every key unless it is marked out.
 """
 from __future__ import annotations
 
@@ -183,6 +192,12 @@ class Stage:
         ``checkpoint_ignores_inputs`` key the checkpoints either way."""
         return None
 
+    def deterministic(self) -> bool:
+        """Whether a re-run on the same inputs writes the same rows. Downstream stages key on
+        the content digests of a deterministic stage's outputs (a re-run that wrote the same
+        rows leaves them cached); on the fingerprint of a stage that is not (its record says so)."""
+        return True
+
     def needs(self) -> dict[str, dict[str, str]]:
         """Columns each dataset input must have (default: ``input_columns``)."""
         return self.input_columns
@@ -198,19 +213,51 @@ class Stage:
         raise NotImplementedError
 
 
-def fingerprint_params(params: BaseModel) -> dict:
-    """The params that define a stage's output: fields not marked ``fingerprint: False``,
-    recursing into nested models."""
+# Params markers (module docstring): ``Field(..., json_schema_extra=NOT_OUTPUT)``.
+NOT_OUTPUT = {"changes_output": False}  # keys neither the stage nor its row checkpoints
+NOT_SAMPLE = {"changes_sample": False}  # keys the stage, not its row checkpoints
+
+
+def _marks(f) -> dict:
+    extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+    return {"output": extra.get("changes_output", extra.get("fingerprint", True)),  # "fingerprint": the old spelling
+            "sample": extra.get("changes_sample", True)}
+
+
+def _keyed_params(params: BaseModel, skip: tuple[str, ...]) -> dict:
     out = {}
     for name, f in type(params).model_fields.items():
-        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
-        if not extra.get("fingerprint", True):
+        marks = _marks(f)
+        if any(not marks[m] for m in skip):
             continue
         value = getattr(params, name)
         if isinstance(value, BaseModel):
-            out[name] = fingerprint_params(value)
+            out[name] = _keyed_params(value, skip)
         else:
             out[name] = params.model_dump(mode="json", include={name})[name]
+    return out
+
+
+def fingerprint_params(params: BaseModel) -> dict:
+    """The params that define a stage's output: fields not marked ``NOT_OUTPUT``, recursing
+    into nested models."""
+    return _keyed_params(params, ("output",))
+
+
+def sample_params(params: BaseModel) -> dict:
+    """The params that determine one row of a stage's row-level checkpoints: fields marked
+    neither ``NOT_OUTPUT`` nor ``NOT_SAMPLE``, recursing into nested models."""
+    return _keyed_params(params, ("output", "sample"))
+
+
+def flat_params(params: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"sampling": {"n": 2}}`` -> ``{"sampling.n": 2}``: the names ``distill plan`` reports."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
