@@ -170,44 +170,69 @@ class Prompts(Stage):
         return {f: resources.file_fingerprint(f) for path in _paths(self.params) for f in resources.expand(path)}
 
     def run(self, ctx: StageContext) -> None:
+        """Streams: rows are read incrementally and written in batches; the driver keeps one
+        entry per distinct prompt (to name a repeated one's first occurrence), never the rows."""
         p: Params = self.params
         good, bad = [], []
+        kept = quarantined = 0
         seen: dict[str, str] = {}
         blank = 0
         files = [f for path in _paths(p) for f in resources.expand(path)]
         if not files:
             raise StageError(f"no prompt files found at {p.path}")
-        for file in files:
-            source = p.source or _source_name(file)
-            for n, row, err, raw in _read_rows(file, _fmt(file, p.format)):
-                if p.limit is not None and len(good) >= p.limit:
-                    break
-                if row is None and err is None:
-                    blank += 1
-                    continue
-                if err is None:
-                    err = self._problem(row, p)
-                if err is not None:
-                    bad.append({"source": source, "row_number": n, "reason": err,
-                                "raw": _clean(raw or json.dumps(row, default=str, ensure_ascii=False))[:20000]})
-                    continue
-                prompt = _clean(_as_text(row[p.prompt_field]))
-                if p.prompt_template:
-                    prompt = p.prompt_template.format(prompt=prompt)
-                pid = prompt_id(prompt)
-                if pid in seen:
-                    bad.append({"source": source, "row_number": n, "reason": f"duplicate prompt (same as {seen[pid]})",
-                                "raw": _clean(json.dumps(row, default=str, ensure_ascii=False))[:20000]})
-                    continue
-                seen[pid] = f"{source}#{n}"
-                meta = {k: v for k, v in row.items() if k not in (p.prompt_field, p.answer_field)}
-                good.append({"prompt_id": pid, "prompt": prompt, "answer": _clean(_as_text(row[p.answer_field])),
-                             "source": source, "metadata": _clean(json.dumps(meta, default=str, ensure_ascii=False))})
-        ctx.drop_counts("quarantined", [b["reason"].split(":")[0].split(" (")[0] for b in bad])
-        stats = {"input_rows": len(good) + len(bad)}
-        ctx.write_dataset("prompts", [pa.Table.from_pylist(good, schema=PROMPTS_SCHEMA)], stats=stats)
-        ctx.write_dataset("quarantine", [pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)], stats=stats)
-        ctx.metrics.update({"files": len(files), "input_rows": len(good) + len(bad), "blank_lines": blank,
+        writers = {"prompts": ctx.dataset_writer("prompts"), "quarantine": ctx.dataset_writer("quarantine")}
+
+        def flush(final: bool = False) -> None:
+            for out, rows, schema in (("prompts", good, PROMPTS_SCHEMA), ("quarantine", bad, QUARANTINE_SCHEMA)):
+                if rows and (final or len(rows) >= 4096):
+                    writers[out].write(pa.Table.from_pylist(rows, schema=schema))
+                    rows.clear()
+
+        try:
+            for file in files:
+                source = p.source or _source_name(file)
+                for n, row, err, raw in _read_rows(file, _fmt(file, p.format)):
+                    if p.limit is not None and kept >= p.limit:
+                        break
+                    if row is None and err is None:
+                        blank += 1
+                        continue
+                    if err is None:
+                        err = self._problem(row, p)
+                    if err is not None:
+                        bad.append({"source": source, "row_number": n, "reason": err,
+                                    "raw": _clean(raw or json.dumps(row, default=str, ensure_ascii=False))[:20000]})
+                        quarantined += 1
+                        ctx.drop("quarantined", err.split(":")[0].split(" (")[0])
+                        flush()
+                        continue
+                    prompt = _clean(_as_text(row[p.prompt_field]))
+                    if p.prompt_template:
+                        prompt = p.prompt_template.format(prompt=prompt)
+                    pid = prompt_id(prompt)
+                    if pid in seen:
+                        reason = f"duplicate prompt (same as {seen[pid]})"
+                        bad.append({"source": source, "row_number": n, "reason": reason,
+                                    "raw": _clean(json.dumps(row, default=str, ensure_ascii=False))[:20000]})
+                        quarantined += 1
+                        ctx.drop("quarantined", reason.split(":")[0].split(" (")[0])
+                        flush()
+                        continue
+                    seen[pid] = f"{source}#{n}"
+                    meta = {k: v for k, v in row.items() if k not in (p.prompt_field, p.answer_field)}
+                    good.append({"prompt_id": pid, "prompt": prompt, "answer": _clean(_as_text(row[p.answer_field])),
+                                 "source": source, "metadata": _clean(json.dumps(meta, default=str, ensure_ascii=False))})
+                    kept += 1
+                    flush()
+            flush(final=True)
+        except BaseException:
+            for w in writers.values():
+                w.close()  # publishes nothing
+            raise
+        stats = {"input_rows": kept + quarantined}
+        ctx.commit_dataset("prompts", writers["prompts"], PROMPTS_SCHEMA, stats=stats)
+        ctx.commit_dataset("quarantine", writers["quarantine"], QUARANTINE_SCHEMA, stats=stats)
+        ctx.metrics.update({"files": len(files), "input_rows": kept + quarantined, "blank_lines": blank,
                             # kept for readers of older records; the counts live in ``dropped``
                             "quarantine_reasons": dict(ctx.dropped.get("quarantined", {}))})
 
