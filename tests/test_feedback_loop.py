@@ -58,3 +58,27 @@ def test_hard_prompts_refuse_a_pool_that_overlaps_the_heldout_set(ray_local, tin
     result = Runner(load_config(_config(tmp_path, tiny_model, POOL + HELDOUT[:1]))).run()
     assert not result.ok
     assert "overlap the training data" in result.stage_errors["hard"]
+
+
+@pytest.mark.engine
+def test_hard_prompts_threshold_on_a_model_that_solves_some(ray_local, solver_model, solver_eval_rows, tmp_path):
+    """On the session's solver (it solves some toy problems, not all), each prompt lands on the
+    side of ``threshold`` its pass rate puts it: hard below, solved at or above; a prompt too
+    long for the engine errors on every sample and is counted as errored, never as hard."""
+    too_long = {"prompt": "Compute " + " + ".join(str(i % 10) for i in range(120)) + ".", "answer": "540"}
+    pool = [{"prompt": r["prompt"], "answer": r["answer"]} for r in solver_eval_rows[:24]] + [too_long]
+    cfg = _config(tmp_path, solver_model, pool)
+    text = cfg.read_text().replace("threshold: 0.5, sampling: {n: 2, max_tokens: 12, seed: 0}",
+                                   "threshold: 0.5, sampling: {n: 4, temperature: 1.0, max_tokens: 48, seed: 3}")
+    cfg.write_text(text.replace("kv_cache_gb: 0.25, batch_size: 8", "kv_cache_gb: 0.25, batch_size: 16"))
+    stages, st = run_stages(cfg)
+    rec = stages["hard"]
+    hard = output_rows(st, rec, "hard_prompts")
+    assert all(r["samples"] == 4 and r["pass_rate"] == r["correct"] / 4 < 0.5 for r in hard), hard
+    solved = rec["dropped"].get("removed", {}).get("solved", 0)
+    assert hard and solved, (len(hard), solved)  # the rule is exercised on both sides
+    assert rec["dropped"].get("errored") == {"all_samples_errored": 1}  # the too-long prompt
+    assert too_long["prompt"] not in {r["prompt"] for r in hard}
+    m = rec["metrics"]
+    assert (m["pool"], m["hard"]) == (25, len(hard)) and len(hard) + solved + 1 == 25
+    assert 0 < m["pool_pass@1"] < 1
