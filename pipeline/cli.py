@@ -76,25 +76,35 @@ def plan(config: str = typer.Argument(..., help="pipeline YAML"), set_: Optional
          estimate_: bool = typer.Option(False, "--estimate", help="GPU-hours per stage (decode roofline, 6·N·D "
                                         "training) instead of the DAG"),
          price: Optional[float] = typer.Option(None, "--price-per-gpu-hour", min=0, help="with --estimate: money")):
-    """Print the DAG with each stage's fingerprint and whether it would run or come from cache. Loads no model."""
+    """Print the DAG with each stage's fingerprint and whether it would run or come from cache,
+    and for each stage that would run the first reason: its code, a param, an external file, an
+    input digest. Downstream of a stage that runs, keys are provisional (marked ``~``): such a
+    stage is cached after all if that stage writes the same rows. Loads no model."""
     from .runner import Runner
 
     cfg = _load(config, set_)
     if estimate_:  # pipeline/estimate.py
         _print_estimate(cfg, price, json_)
         return
-    entries = Runner(cfg).plan()
+    entries = Runner(cfg).plan(explain=True)
     if json_:
         out.print_json(json.dumps([{"name": e.name, "kind": e.kind, "fingerprint": e.fingerprint, "inputs": e.inputs,
-                                    "action": "cached" if e.cached else "run"} for e in entries]))
+                                    "action": "cached" if e.cached else "run", "provisional": e.provisional,
+                                    **({"reason": e.reason} if e.reason else {})} for e in entries]))
         return
     table = Table(title=f"{cfg.name}  ({cfg.path})")
     for col in ("stage", "kind", "inputs", "fingerprint", "action"):
         table.add_column(col)
     for e in entries:
-        table.add_row(escape(e.name), e.kind, escape(", ".join(f"{k}<-{v}" for k, v in e.inputs.items())) or "-", e.fingerprint,
-                      "[green]cached[/]" if e.cached else "[yellow]run[/]")
+        table.add_row(escape(e.name), e.kind, escape(", ".join(f"{k}<-{v}" for k, v in e.inputs.items())) or "-",
+                      ("~" if e.provisional else "") + e.fingerprint, "[green]cached[/]" if e.cached else "[yellow]run[/]")
     out.print(table)
+    for e in entries:  # one line each, never wrapped: the reason is what a user greps for
+        if not e.cached:
+            out.print(f"{escape(e.name)}: would run ({escape(e.reason or '')})", soft_wrap=True, highlight=False)
+    if any(e.provisional for e in entries):
+        out.print("~ provisional: an input is not written yet; the stage is cached after all if the stage "
+                  "writing it writes the same rows", soft_wrap=True, highlight=False)
 
 
 def _print_estimate(cfg, price: float | None, json_: bool) -> None:

@@ -29,6 +29,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .ids import row_hash_sum
+
 MANIFEST = "_manifest.json"
 STAGE_RECORD = "_stage.json"  # a stage attempt's record, written last by the runner
 DATASET_FORMAT = "distill.dataset/1"
@@ -224,6 +226,8 @@ class ShardInfo:
     rows: int
     bytes: int
     sha256: str
+    # sum of the rows' sha256 (``ids.row_hash_sum``): shards combine into the dataset's content digest
+    content: str = ""
 
 
 class DatasetWriter:
@@ -274,12 +278,13 @@ class DatasetWriter:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-upload")
         while sum(not f.done() for f in self._uploads) >= 2:
             next(f for f in self._uploads if not f.done()).result()
-        self._uploads.append(self._pool.submit(self._upload, name, table.num_rows, data))
+        self._uploads.append(self._pool.submit(self._upload, name, table.num_rows, data, table))
 
-    def _upload(self, name: str, rows: int, data: pa.Buffer) -> ShardInfo:
+    def _upload(self, name: str, rows: int, data: pa.Buffer, table: pa.Table | None = None) -> ShardInfo:
         view = memoryview(data)
         self.storage.put_bytes(f"{self.path}/{name}", view if self.storage.is_local else data.to_pybytes())
-        return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest())
+        content = row_hash_sum(table) if table is not None else ""  # here: overlaps the next shard's encoding
+        return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest(), content)
 
     def close(self) -> None:
         """Wait for the shards already handed to the upload thread, publishing nothing (a

@@ -87,7 +87,10 @@ def sampling_settings(s: SamplingSpec) -> dict:
 
 class Evaluate(Stage):
     kind: ClassVar[str] = "evaluate"
+    # expensive (vLLM on every model): keyed by this version, bumped by hand when scoring or
+    # metrics change, not by a hash of the code (the checkers key it through checker_version)
     version: ClassVar[str] = "2"
+    code_hash: ClassVar[bool] = False
     Params = Params
     inputs: ClassVar[dict] = {"prompts": "dataset", "train": "dataset", "student": "model", "teacher": "model",
                               "base": "model"}

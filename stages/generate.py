@@ -48,9 +48,9 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import fit, resources
-from pipeline.stage import Stage, StageContext, StageError
+from pipeline.stage import NOT_SAMPLE, Stage, StageContext, StageError, sample_params
 from stages.common.checkers import FormatSpec
-from stages.common.engine import GENERATION_FORMAT, NO_FP, STOPPING_ONLY, EngineSpec, SamplingSpec, open_engines
+from stages.common.engine import GENERATION_FORMAT, NO_FP, EngineSpec, SamplingSpec, open_engines
 from stages.common.verifier import VerifierPool
 
 SAMPLES_SCHEMA = pa.schema(
@@ -102,15 +102,19 @@ def overhead(driver_cpu_s: float, driver_process_cpu_s: float, engine: dict) -> 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="teacher folder or URI (or wire input 'model')")
+    # the path keys nothing: the teacher's files key the stage (external_fingerprint, or the wired input's digest)
+    model: str | None = Field(None, json_schema_extra=NO_FP, description="teacher folder or URI (or wire input 'model')")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
     system_prompt: str | None = None
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     max_error_rate: float = Field(0.5, ge=0, le=1, json_schema_extra=NO_FP,
                                   description="fail the stage when more samples than this errored")
-    format: FormatSpec = Field(default_factory=FormatSpec, description="adaptive: what counts as verified")
-    verify_timeout_s: float = Field(5.0, gt=0, description="adaptive: hard limit per answer check")
+    # adaptive: which samples count as verified decides when a prompt stops, never what one sample is
+    format: FormatSpec = Field(default_factory=FormatSpec, json_schema_extra=NOT_SAMPLE,
+                               description="adaptive: what counts as verified")
+    verify_timeout_s: float = Field(5.0, gt=0, json_schema_extra=NOT_SAMPLE,
+                                    description="adaptive: hard limit per answer check")
 
 
 class Generate(Stage):
@@ -135,14 +139,12 @@ class Generate(Stage):
         return resources.model_params_fingerprint(self.params, ("model",))
 
     def checkpoint_identity(self) -> dict:
-        """What a sample depends on: the teacher's files (a wired teacher keys through its
-        input), chat template, system prompt, the sampling settings that change a sample,
-        the engine settings that change outputs, and ``GENERATION_FORMAT``."""
-        p: Params = self.params
-        sampling = p.sampling.model_dump(mode="json", exclude=set(STOPPING_ONLY))
-        return {"format": GENERATION_FORMAT, "teacher": self.external_fingerprint(),
-                "chat_template": p.chat_template, "system_prompt": p.system_prompt, "sampling": sampling,
-                "engine": p.engine.model_dump(mode="json", include={"max_model_len", "dtype"})}
+        """What a sample depends on, derived from the params markers: every param marked
+        neither NOT_OUTPUT nor NOT_SAMPLE (chat template, system prompt, the sampling settings
+        that change a sample, the engine's max_model_len, dtype and ``options``; a new field is
+        in the key unless it is marked out), the teacher's files (a wired teacher keys through
+        its input's digest) and ``GENERATION_FORMAT``."""
+        return {"format": GENERATION_FORMAT, "teacher": self.external_fingerprint(), **sample_params(self.params)}
 
     def run(self, ctx: StageContext) -> None:
         cpu0, pcpu0 = time.thread_time(), time.process_time()  # the driver's own CPU

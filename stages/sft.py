@@ -53,9 +53,9 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import fit, layout, resources
-from pipeline.stage import Stage, StageContext, StageError
+from pipeline.stage import NOT_OUTPUT, Stage, StageContext, StageError
 
-NO_FP = {"fingerprint": False}
+NO_FP = NOT_OUTPUT  # the params marker "does not change output" (``pipeline.stage``)
 
 # Dense peak FLOP/s used for MFU, by GPU name fragment (bf16 tensor cores / fp32).
 PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
@@ -77,7 +77,9 @@ class LoraSpec(BaseModel):
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="starting model folder or URI (or wire input 'model')")
+    # the path keys nothing: the model's files key the stage (external_fingerprint, or the wired input's digest)
+    model: str | None = Field(None, json_schema_extra=NOT_OUTPUT,
+                              description="starting model folder or URI (or wire input 'model')")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="overrides epochs when > 0")
     learning_rate: float = Field(2e-5, gt=0)

@@ -26,7 +26,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import Passthrough, Stage, StageContext
+from pipeline.stage import NOT_OUTPUT, Passthrough, Stage, StageContext
 from stages.common.checkers import CHECKER_VERSION, FormatSpec, check_code_rows, is_code_row
 from stages.common.sandbox import CodeSpec
 from stages.common.verifier import VerifierPool
@@ -41,10 +41,10 @@ class Params(BaseModel):
     checker: str = Field("auto", pattern="^(auto|math|code)$",
                          description="auto: rows with a `tests` field are code, the rest math")
     code: CodeSpec = Field(default_factory=CodeSpec, description="sandbox limits for code rows")
-    actors: int = Field(1, ge=1, json_schema_extra={"fingerprint": False}, description="verifier actors")
-    workers: int = Field(2, ge=1, json_schema_extra={"fingerprint": False}, description="check processes per actor")
-    chunk_size: int = Field(512, ge=1, json_schema_extra={"fingerprint": False})
-    num_cpus: float = Field(1, gt=0, json_schema_extra={"fingerprint": False}, description="Ray CPUs per actor")
+    actors: int = Field(1, ge=1, json_schema_extra=NOT_OUTPUT, description="verifier actors")
+    workers: int = Field(2, ge=1, json_schema_extra=NOT_OUTPUT, description="check processes per actor")
+    chunk_size: int = Field(512, ge=1, json_schema_extra=NOT_OUTPUT)
+    num_cpus: float = Field(1, gt=0, json_schema_extra=NOT_OUTPUT, description="Ray CPUs per actor")
 
 
 class VerifierActor:

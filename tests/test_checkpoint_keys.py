@@ -62,12 +62,12 @@ def test_engine_comment_edit_and_raised_error_budget_reuse_every_chunk(ray_local
     assert len(committed) == len(rows) * N
 
     # the fix a user makes: raise the error budget; meanwhile the project's engine module changed a comment
-    from stages.evaluate import Evaluate
     from stages.generate import Generate
+    from stages.hard_prompts import HardPrompts
 
-    before = (Evaluate.code_version(), Generate.code_version(), _key(cfg))
+    before = (HardPrompts.code_version(), Generate.code_version(), _key(cfg))
     _edit_comment_in("stages.common.engine", monkeypatch)
-    assert Evaluate.code_version() != before[0]  # the edit is seen by code-hashing stages
+    assert HardPrompts.code_version() != before[0]  # the edit is seen by code-hashing stages
     assert Generate.code_version() == before[1]  # generate is keyed by its explicit version
     cfg = _cfg(tmp_path, src, tiny_model, max_error_rate=0.75)
     assert _key(cfg) == before[2]
@@ -107,7 +107,8 @@ def test_checkpoint_key_depends_on_what_determines_a_sample(tiny_model, tmp_path
     # yes: sampling that changes a sample, the prompt rendering, output-changing engine settings
     other = {"sampling.temperature": 0.5, "sampling.top_p": 0.9, "sampling.max_tokens": 13, "sampling.seed": 8,
              "sampling.n": 3, "sampling.strategy": "adaptive", "chat_template": "'{{ messages }}'",
-             "system_prompt": "Be brief.", "engine.max_model_len": 100, "engine.dtype": "float32"}
+             "system_prompt": "Be brief.", "engine.max_model_len": 100, "engine.dtype": "float32",
+             "engine.options": "{quantization: fp8}"}
     keys = {k: _key(cfg, **{k: v}) for k, v in other.items()}
     assert base not in keys.values() and len(set(keys.values())) == len(other), keys
 
@@ -136,3 +137,34 @@ def test_checkpoint_key_depends_on_what_determines_a_sample(tiny_model, tmp_path
         assert _key(cfg) != base
     finally:
         gen.GENERATION_FORMAT = old
+
+
+def test_engine_options_key_generate_and_resources_do_not(tiny_model, tmp_path):
+    """The generate checkpoint key is derived from the params markers: ``EngineSpec.options``
+    (free-form vLLM options such as a quantization method, which change every sample) is in it,
+    as a new unmarked field would be; replicas and batch sizes are marked out. The stage key
+    follows the same markers."""
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": "Compute 1 + 1.", "answer": "2"}])
+    cfg = _cfg(tmp_path, src, tiny_model)
+
+    def keys(**overrides):
+        sets = [f"stages.generate.params.{k}={v}" for k, v in overrides.items()]
+        (gen,) = [e for e in Runner(load_config(cfg, sets)).plan() if e.name == "generate"]
+        return gen.checkpoint_key, gen.fingerprint
+
+    base = keys()
+    quant = keys(**{"engine.options": "{quantization: fp8}"})
+    other = keys(**{"engine.options": "{quantization: awq}"})
+    assert quant[0] != base[0] and other[0] not in (base[0], quant[0])
+    assert quant[1] != base[1]  # and the stage's own key
+    for k, v in {"engine.replicas": 4, "engine.batch_size": 7}.items():
+        assert keys(**{k: v}) == base, k
+    assert keys(**{"engine.replicas": 4, "engine.options": "{quantization: fp8}"}) == quant
+
+    from pipeline.stage import fingerprint_params, sample_params
+    from stages.common.engine import STOPPING_ONLY, EngineSpec, SamplingSpec
+
+    # derived, not hand-listed: every engine field not marked NOT_OUTPUT keys a sample
+    assert set(sample_params(EngineSpec())) == {"max_model_len", "dtype", "options"}
+    assert set(fingerprint_params(SamplingSpec())) - set(sample_params(SamplingSpec())) == STOPPING_ONLY
+    assert STOPPING_ONLY == {"target_correct", "max_tokens_per_prompt", "give_up_after"}

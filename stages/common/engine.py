@@ -35,7 +35,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-NO_FP = {"fingerprint": False}
+from pipeline.stage import NOT_OUTPUT, NOT_SAMPLE
+
+NO_FP = NOT_OUTPUT  # the params marker "does not change output" (``pipeline.stage``)
 
 # The version of what a generation request returns for given (model, prompt, sampling):
 # bump it by hand when a change here alters rows (seeding, prompt building, budget forcing,
@@ -43,8 +45,8 @@ NO_FP = {"fingerprint": False}
 GENERATION_FORMAT = "1"
 
 # Sampling settings that only decide when adaptive sampling stops asking for more samples:
-# no single sample depends on them, so they do not key checkpoints.
-STOPPING_ONLY = frozenset({"target_correct", "max_tokens_per_prompt", "give_up_after"})
+# no single sample depends on them, so they do not key checkpoints (marked NOT_SAMPLE on
+# ``SamplingSpec``; ``STOPPING_ONLY``, after it, lists them).
 
 
 def sample_row(prompt_id: str, sample_index: int, *, completion: str = "", prompt_tokens: int = 0,
@@ -82,7 +84,8 @@ class EngineSpec(BaseModel):
     resources: dict[str, float] = Field(default_factory=dict, json_schema_extra=NO_FP,
                                         description="custom Ray resources per replica, e.g. a node type")
     max_restarts: int = Field(2, ge=0, json_schema_extra=NO_FP, description="restarts of a crashed engine actor")
-    options: dict[str, Any] = Field(default_factory=dict, json_schema_extra=NO_FP, description="more vllm.LLM kwargs")
+    # vLLM options (quantization, ...) may change every sample: they key the stage and its checkpoints
+    options: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM kwargs")
     nice: int | None = Field(0, ge=-20, le=19, json_schema_extra=NO_FP,
                              description="CPU priority of the engine processes (Ray starts actors at 15; null keeps it)")
 
@@ -130,11 +133,17 @@ class SamplingSpec(BaseModel):
     # Adaptive rejection sampling: sample in rounds of ``n`` per prompt, verify as rounds
     # finish, stop a prompt at ``target_correct`` verified samples or at its budget.
     strategy: str = Field("fixed", pattern="^(fixed|adaptive)$")
-    target_correct: int = Field(1, ge=1, description="adaptive: stop a prompt at this many verified samples")
+    target_correct: int = Field(1, ge=1, json_schema_extra=NOT_SAMPLE,
+                                description="adaptive: stop a prompt at this many verified samples")
     max_samples: int = Field(16, ge=1, description="adaptive: most samples per prompt")
-    max_tokens_per_prompt: int | None = Field(None, ge=1, description="adaptive: completion-token budget per prompt")
-    give_up_after: int | None = Field(None, ge=1, description="adaptive: stop a prompt with no verified sample after this many")
+    max_tokens_per_prompt: int | None = Field(None, ge=1, json_schema_extra=NOT_SAMPLE,
+                                              description="adaptive: completion-token budget per prompt")
+    give_up_after: int | None = Field(None, ge=1, json_schema_extra=NOT_SAMPLE,
+                                      description="adaptive: stop a prompt with no verified sample after this many")
     budget: BudgetSpec | None = Field(None, description="budget forcing of the reasoning length (s1)")
+
+
+STOPPING_ONLY = frozenset(k for k, f in SamplingSpec.model_fields.items() if f.json_schema_extra == NOT_SAMPLE)
 
 
 def request_seed(seed: int, prompt_id: str) -> int:
