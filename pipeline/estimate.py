@@ -136,13 +136,17 @@ class Estimator:
 
     # -- figures -----------------------------------------------------------
     def _model_of(self, name: str, field_: str) -> str | None:
-        """A model param of stage ``name``, or (wired) the starting model of the stage it comes from."""
+        """A model param of stage ``name``; wired: the committed model, else the starting model
+        of the stage it comes from (same architecture), else None."""
         node = self.cfg.nodes[name]
         value = getattr(node.stage.params, field_, None)
         if value:
             return value
         if field_ in node.inputs:
-            up = node.inputs[field_][0]
+            up, out = node.inputs[field_]
+            rec = self.entries[up].record
+            if rec is not None and out in (rec.outputs or {}):
+                return rec.outputs[out]["uri"]
             return self._model_of(up, "model")
         return None
 
@@ -188,6 +192,9 @@ class Estimator:
         a_spec = self.spec.for_stage(name, node.base)
         g = _gpu_of(eng.resources, eng.num_gpus, self.spec)
         roles = [f for f in hub.MODEL_FIELDS if hasattr(p, f) and self._model_of(name, f)]
+        if not roles:
+            raise ValueError("its model is built upstream and not committed yet (no config.json to read): "
+                             "run the pipeline up to it first")
         sources: dict[str, str] = {}
         prompts = self._upstream_rows(name, "prompts")
         sources["prompts"] = "committed input"
@@ -254,7 +261,9 @@ class Estimator:
         uri = self._model_of(name, "model")
         a = self._arch(uri)
         if a is None:
-            raise ValueError(f"no config.json for model {uri} (not built yet?)")
+            raise ValueError(f"no config.json for model {uri}" if uri else
+                             "its model is built upstream and not committed yet (no config.json to read): "
+                             "run the pipeline up to it first")
         sources: dict[str, str] = {}
         examples, per_example = a_spec.train_examples, None
         if examples is not None:

@@ -5,8 +5,8 @@ The GPU is the one a stage asks Ray for: the resource ``accelerator_type:<TYPE>`
 engine's ``resources`` (generate, evaluate) or the trainer's ``resources`` (sft), with
 ``<TYPE>`` a key of ``pipeline/data/gpus.yaml`` (Ray's accelerator names: A100-80G, H100,
 H200, L4, ...). A stage without GPUs (``num_gpus: 0``) or without an accelerator type is not
-checked (its fit cannot be known); a model wired from an upstream stage is checked only when
-the upstream stage names its own starting model (the architecture is the same).
+checked (its fit cannot be known), nor is a model wired from an upstream stage (it may not
+exist yet at plan time).
 
 The architecture comes from the model's ``config.json`` (``arch``): layers, hidden size,
 attention and KV heads, head dim, intermediate size, vocabulary, tied embeddings, dtype,
@@ -160,11 +160,16 @@ def model_config(uri: str | None) -> dict | None:
         return None
     if hub.is_hub(uri):
         return hub.config(uri)
-    p = Path(uri) / "config.json"
-    if p.is_file():
-        with open(p) as f:
-            return json.load(f)
-    return None
+    if "://" not in uri:
+        p = Path(uri) / "config.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+    import fsspec
+
+    try:
+        with fsspec.open(f"{uri.rstrip('/')}/config.json", "rb") as f:  # a committed model artifact
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def _gib(b: float) -> str:

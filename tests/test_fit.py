@@ -148,3 +148,15 @@ def test_training_worker_overflow_fails_at_plan(tmp_path, hf_cache):
     with pytest.raises(ConfigError) as e:
         load_config(_teacher_config(tmp_path, engine, sft))
     assert "stages.sft.params.model" in str(e.value) and "Adam states" in str(e.value)
+
+
+def test_model_config_reads_local_folders_and_fsspec_uris(tmp_path):
+    import fsspec
+
+    cfg = CONFIGS["Qwen/Qwen2.5-0.5B-Instruct"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert fit.model_config(str(tmp_path)) == cfg
+    with fsspec.open("memory://models/m1/config.json", "w") as f:  # a committed artifact on object storage
+        f.write(json.dumps(cfg))
+    assert fit.model_config("memory://models/m1") == cfg
+    assert fit.model_config("memory://models/absent") is None and fit.model_config(str(tmp_path / "no")) is None
