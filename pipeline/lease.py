@@ -51,6 +51,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 from . import layout
 from .storage import Storage
@@ -387,3 +388,49 @@ def acquire(storage: Storage, name: str, run_id: str, ttl: float = DEFAULT_TTL, 
         if latest is not None and is_live(latest[0]):
             raise LeaseHeld(latest[0]) from None
         raise LeaseHeld(latest[0] if latest else old) from None
+
+
+# -- fencing: pointers that refuse an older epoch -------------------------------------------------
+
+FENCE_ENV = "DISTILL_FENCE"
+
+
+def current_fence(env: dict | None = None) -> dict | None:
+    """The fence a scheduled run was started with (``DISTILL_FENCE``: lease, epoch, run id), or
+    None for a run that no lease covers."""
+    raw = (os.environ if env is None else env).get(FENCE_ENV)
+    if not raw:
+        return None
+    try:
+        fence = json.loads(raw)
+        return {"lease": str(fence["lease"]), "epoch": int(fence["epoch"]), "run_id": str(fence.get("run_id")),
+                "root": fence.get("root")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise LeaseError(f"{FENCE_ENV}: not a fence ({e}); expected JSON with lease and epoch") from None
+
+
+def fenced_put(storage: Storage, path: str, data: bytes, fence: dict,
+               fence_of: Callable[[bytes], dict | None], tries: int = 20) -> dict | None:
+    """Write ``data`` at ``path`` unless what is there carries a newer epoch of the same lease
+    (``fence_of`` reads the fence of the current bytes). A compare-and-swap, so a newer run's
+    write that lands in between is seen. Returns None when written, else the newer fence that
+    refused it."""
+    backend = conditional_store(storage)
+    for _ in range(tries):
+        got = backend.read(path)
+        if got is not None:
+            try:
+                theirs = fence_of(got[0])
+            except Exception:  # unreadable or unfenced: not newer
+                theirs = None
+            if theirs and theirs.get("lease") == fence["lease"] and int(theirs.get("epoch") or 0) > fence["epoch"]:
+                return theirs
+        try:
+            if got is None:
+                backend.create(path, data)
+            else:
+                backend.replace(path, data, got[1])
+            return None
+        except ConditionFailed:
+            continue  # someone wrote in between: look again
+    raise LeaseError(f"{storage.uri(path)}: could not write after {tries} tries (concurrent writers)")

@@ -426,28 +426,85 @@ class Runner:
             record = StageRecord.from_json(self.storage.read_json(entry.record_path))
         return record
 
+    def _fence(self, run_id: str) -> dict | None:
+        """The lease fence of a scheduled run (``DISTILL_FENCE``), when it is this run's."""
+        from .lease import current_fence
+
+        fence = current_fence()
+        return fence if fence and fence.get("run_id") == run_id else None
+
     def _finish(self, state: _RunState) -> RunResult:
         manifest = state.manifest
+        fence = self._fence(state.run_id)
+        if fence:
+            manifest["fence"] = {k: fence[k] for k in ("lease", "epoch", "run_id")}
+        refused: list[dict] = []
         if state.failed is None:
-            self._update_latest(manifest)
+            refused += self._update_latest(manifest, fence)
+        if refused:
+            manifest["fencing_refused"] = refused
         manifest["status"] = "failed" if state.failed else "done"
         manifest["finished"] = now_iso()
         manifest["seconds"] = round(time.time() - state.started, 3)
         path = layout.run_manifest(self.storage, state.run_id)
         self.storage.write_json(path, manifest, exclusive=True)
-        self.storage.put_bytes(layout.latest_run(self.storage), state.run_id.encode())
+        if fence is None:
+            self.storage.put_bytes(layout.latest_run(self.storage), state.run_id.encode())
+        else:  # runs/_latest moves only forward in epochs: the fence of the run it names is in its manifest
+            from .lease import fenced_put
+
+            def run_fence(data: bytes) -> dict | None:
+                return self.storage.read_json(layout.run_manifest(self.storage, data.decode().strip())).get("fence")
+
+            newer = fenced_put(self.storage, layout.latest_run(self.storage), state.run_id.encode(), fence, run_fence)
+            if newer:
+                refused.append({"pointer": self.storage.uri(layout.latest_run(self.storage)), "newer": newer})
+        if refused:
+            self._record_refused(fence, state.run_id, refused)
         error = f"stage {state.failed!r} failed: {state.stage_errors[state.failed]}" if state.failed else None
         return RunResult(state.run_id, self.storage.uri(path), manifest, state.failed is None, error,
                          state.stage_errors)
 
-    def _update_latest(self, manifest: dict) -> None:
+    def _update_latest(self, manifest: dict, fence: dict | None = None) -> list[dict]:
         """``latest/<pipeline>/<stage>.<output>``: a pointer to the newest committed version of
-        each named output, replaced whole (atomic rename locally, a single PUT on S3)."""
+        each named output, replaced whole (atomic rename locally, a single PUT on S3). With a
+        ``fence`` (a scheduled run), a compare-and-swap that refuses to replace a pointer of a
+        newer epoch of the same lease: a zombie run cannot move ``latest/`` back. Returns the
+        refused writes."""
+        refused = []
         for s in manifest["stages"]:
             for out, uri in s["output"].items():
                 pointer = {"uri": uri, "fingerprint": s["fingerprint"], "run_id": manifest["run_id"],
                            "produced_by_run": s.get("produced_by_run") or manifest["run_id"]}
-                self.storage.write_json(layout.latest_pointer(self.storage, self.cfg.name, s["name"], out), pointer)
+                path = layout.latest_pointer(self.storage, self.cfg.name, s["name"], out)
+                if fence is None:
+                    self.storage.write_json(path, pointer)
+                    continue
+                import json
+
+                from .lease import fenced_put
+
+                pointer["fence"] = {k: fence[k] for k in ("lease", "epoch", "run_id")}
+                newer = fenced_put(self.storage, path, json.dumps(pointer, indent=2).encode(), fence,
+                                   lambda data: json.loads(data).get("fence"))
+                if newer:
+                    refused.append({"pointer": self.storage.uri(path), "newer": newer})
+        return refused
+
+    def _record_refused(self, fence: dict, run_id: str, refused: list[dict]) -> None:
+        """A zombie's refused writes: logged, and recorded in its schedule's history."""
+        log.warning("run %s (epoch %s of lease %s) is not the newest: %d pointer write(s) refused: %s",
+                    run_id, fence["epoch"], fence["lease"], len(refused), refused)
+        try:
+            from .schedule import record
+
+            root = Storage(fence["root"]) if fence.get("root") else self.storage
+            record(root, fence["lease"], "fenced", run_id,
+                   {"run_id": run_id, "epoch": fence["epoch"], "refused": refused,
+                    "detail": f"run {run_id} of epoch {fence['epoch']} finished after a newer run; "
+                              "its pointer writes were refused"})
+        except Exception as e:  # the record is best effort; the manifest has it too
+            log.warning("recording the refused writes of %s: %s", run_id, e)
 
     def _ensure_ray(self) -> None:
         import ray

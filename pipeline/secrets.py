@@ -186,10 +186,13 @@ class RedactingStream(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
-        if self._buf:
-            self.inner.write(redact(self._buf, self.secrets))
+        try:
+            if self._buf:
+                self.inner.write(redact(self._buf, self.secrets))
+                self._buf = ""
+            self.inner.flush()
+        except (ValueError, OSError):  # the stream underneath was closed (a test runner's capture)
             self._buf = ""
-        self.inner.flush()
 
     def isatty(self) -> bool:
         return self.inner.isatty()
@@ -202,6 +205,15 @@ class RedactingStream(io.TextIOBase):
         return getattr(self.inner, "encoding", "utf-8")
 
 
+_flush_at_exit: list[bool] = []
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, RedactingStream):
+            stream.flush()
+
+
 def install_redacting_streams() -> None:
     """Route ``sys.stdout`` and ``sys.stderr`` through :func:`redact` (once per stream)."""
     import atexit
@@ -211,6 +223,7 @@ def install_redacting_streams() -> None:
         stream = getattr(sys, name)
         if isinstance(stream, RedactingStream) or stream is None:
             continue
-        wrapped = RedactingStream(stream, secrets)
-        setattr(sys, name, wrapped)
-        atexit.register(wrapped.flush)
+        setattr(sys, name, RedactingStream(stream, secrets))
+    if not _flush_at_exit:
+        _flush_at_exit.append(True)
+        atexit.register(_flush_streams)

@@ -9,6 +9,10 @@ promoted. The pointer is written only by conditional writes (``If-None-Match: *`
 same mechanism as the run leases), so when two runs promote at once exactly one write
 lands; the other re-reads the new ``best`` and decides again against it. Every decision is
 also appended to ``best/<name>.history/``.
+
+In a scheduled run (``DISTILL_FENCE``), the pointer carries the lease's fencing epoch, and a
+run of an older epoch than the one that wrote ``best`` (a zombie) is refused: recorded as a
+decision ``fenced``, not promoted.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import json
 import time
 
 from pipeline import layout
-from pipeline.lease import conditional_store, ConditionFailed
+from pipeline.lease import conditional_store, ConditionFailed, current_fence
 from pipeline.storage import Storage, now_iso
 from stages.common.metrics import paired_difference
 
@@ -48,12 +52,21 @@ def promote(storage: Storage, name: str, candidate: dict, z: float = 2.0, tries:
     ``best`` it was judged against) and records it in the history."""
     backend = conditional_store(storage)
     path = layout.best_pointer(storage, name)
+    fence = current_fence()
+    if fence and candidate.get("run_id") not in (None, fence["run_id"]):
+        fence = None  # the fence of another run
     for _ in range(tries):
         got = backend.read(path)
         best = json.loads(got[0]) if got else None
         decision = decide(best, candidate, z)
+        theirs = (best or {}).get("fence") or {}
+        if fence and theirs.get("lease") == fence["lease"] and int(theirs.get("epoch") or 0) > fence["epoch"]:
+            decision = {**decision, "promoted": False, "fenced": True,
+                        "reason": f"fenced: run {fence['run_id']} (epoch {fence['epoch']}) is older than run "
+                                  f"{theirs.get('run_id')} (epoch {theirs.get('epoch')}), which wrote best"}
         if decision["promoted"]:
-            body = json.dumps({**candidate, "promoted_at": now_iso(), "previous": best and best.get("model")},
+            extra = {"fence": {k: fence[k] for k in ("lease", "epoch", "run_id")}} if fence else {}
+            body = json.dumps({**candidate, "promoted_at": now_iso(), "previous": best and best.get("model"), **extra},
                               indent=2).encode()
             try:
                 backend.create(path, body) if got is None else backend.replace(path, body, got[1])
