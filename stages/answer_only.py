@@ -42,23 +42,33 @@ class AnswerOnly(Stage):
     output_columns: ClassVar[dict] = {"data": Passthrough("data")}
 
     def run(self, ctx: StageContext) -> None:
+        """Streams the input batch by batch through one writer."""
         p: Params = self.params
-        table = ctx.read_input("data")
-        rows, why = [], []
-        for row in table.to_pylist():
-            messages, reason = [], "no_assistant_turn"
-            for m in row["messages"] or []:
-                if m["role"] == "assistant":
-                    content, reason = strip_reasoning(m["content"] or "", p.think_close)
+        schema = ctx.input_schema("data")
+        writer = ctx.dataset_writer("data")
+        n = kept = 0
+        try:
+            for table in ctx.iter_input("data"):
+                rows, why = [], []
+                for row in table.to_pylist():
+                    messages, reason = [], "no_assistant_turn"
+                    for m in row["messages"] or []:
+                        if m["role"] == "assistant":
+                            content, reason = strip_reasoning(m["content"] or "", p.think_close)
+                            if reason:
+                                break
+                            m = {**m, "content": content}
+                        messages.append(m)
                     if reason:
-                        break
-                    m = {**m, "content": content}
-                messages.append(m)
-            if reason:
-                why.append(reason)
-                continue
-            rows.append({**row, "messages": messages})
-        ctx.drop_counts("removed", why)
-        ctx.write_dataset("data", [pa.Table.from_pylist(rows, schema=table.schema)], table.schema,
-                          stats={"input_rows": table.num_rows})
-        ctx.metrics.update({"input_rows": table.num_rows, "kept": len(rows)})
+                        why.append(reason)
+                        continue
+                    rows.append({**row, "messages": messages})
+                ctx.drop_counts("removed", why)
+                n, kept = n + table.num_rows, kept + len(rows)
+                if rows:
+                    writer.write(pa.Table.from_pylist(rows, schema=schema))
+        except BaseException:
+            writer.close()
+            raise
+        ctx.commit_dataset("data", writer, schema, stats={"input_rows": n})
+        ctx.metrics.update({"input_rows": n, "kept": kept})

@@ -24,15 +24,21 @@ class Concat(Stage):
     output_columns: ClassVar[dict] = {"data": Passthrough("a")}
 
     def run(self, ctx: StageContext) -> None:
-        first = ctx.read_input("a")
-        tables = [first]
-        for name in ("b", "c", "d"):
-            if not ctx.has_input(name):
-                continue
-            t = ctx.read_input(name)
-            missing = [c for c in first.column_names if c not in t.column_names]
+        """Streams each input, batch by batch, through one writer."""
+        first = ctx.input_schema("a")
+        names = [n for n in ("a", "b", "c", "d") if ctx.has_input(n)]
+        for name in names[1:]:
+            have = ctx.input_schema(name).names
+            missing = [c for c in first.names if c not in have]
             if missing:
                 raise StageError(f"input {name!r} lacks columns of input 'a': {', '.join(missing)}")
-            tables.append(t.select(first.column_names).cast(first.schema))
-        ctx.write_dataset("data", tables, first.schema)
-        ctx.metrics["rows_per_input"] = [t.num_rows for t in tables]
+        writer = ctx.dataset_writer("data")
+        try:
+            for name in names:
+                for t in ctx.iter_input(name, columns=first.names):
+                    writer.write(t.select(first.names).cast(first))
+        except BaseException:
+            writer.close()
+            raise
+        ctx.commit_dataset("data", writer, first)
+        ctx.metrics["rows_per_input"] = [ctx.input_rows(n) for n in names]

@@ -36,22 +36,34 @@ class Subsample(Stage):
     output_columns: ClassVar[dict] = {"data": Passthrough("data")}
 
     def run(self, ctx: StageContext) -> None:
+        """Draws the row numbers from the manifest's count, then streams the input, keeping them."""
         p: Params = self.params
-        table = ctx.read_input("data")
+        total = ctx.input_rows("data")
+        schema = ctx.input_schema("data")
         if ctx.has_input("like"):
-            want = ctx.storage.dataset_manifest(ctx.inputs["like"].path)["rows"]
+            want = ctx.input_rows("like")
             what = "input 'like'"
         elif p.n is not None:
             want, what = p.n, "params.n"
         else:
-            want, what = table.num_rows, "all"
-        if want > table.num_rows:
+            want, what = total, "all"
+        if want > total:
             if not p.allow_fewer:
-                raise StageError(f"input 'data' has {table.num_rows} rows, fewer than the {want} asked for by {what} "
+                raise StageError(f"input 'data' has {total} rows, fewer than the {want} asked for by {what} "
                                  f"(set allow_fewer: true to keep them all)")
-            want = table.num_rows
-        keep = np.sort(np.random.default_rng(p.seed).choice(table.num_rows, size=want, replace=False))
-        ctx.drop("removed", "subsampled", table.num_rows - want)
-        ctx.write_dataset("data", [table.take(pa.array(keep, pa.int64()))], table.schema,
-                          stats={"input_rows": table.num_rows})
-        ctx.metrics.update({"input_rows": table.num_rows, "kept": int(want)})
+            want = total
+        keep = np.sort(np.random.default_rng(p.seed).choice(total, size=want, replace=False))
+        ctx.drop("removed", "subsampled", total - want)
+        writer = ctx.dataset_writer("data")
+        offset = 0
+        try:
+            for t in ctx.iter_input("data"):
+                lo, hi = np.searchsorted(keep, [offset, offset + t.num_rows])
+                if hi > lo:
+                    writer.write(t.take(pa.array(keep[lo:hi] - offset, pa.int64())))
+                offset += t.num_rows
+        except BaseException:
+            writer.close()
+            raise
+        ctx.commit_dataset("data", writer, schema, stats={"input_rows": total})
+        ctx.metrics.update({"input_rows": total, "kept": int(want)})

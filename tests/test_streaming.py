@@ -200,3 +200,30 @@ def test_stages_spread_over_three_nodes_and_survive_losing_one(tmp_path):
     assert r["verify_loss"]["keys_match"] and r["verify_loss"]["rows"] == r["verify_loss"]["manifest_rows"] == 480
     assert r["verify_loss"]["verdicts_match"]
     assert r["dedupe_loss"]["kept_match"] and r["dedupe_loss"]["dropped_match"]
+
+
+def test_small_stages_stream_the_same_rows(ray_local, tmp_path):
+    """subsample draws its rows from the manifest's count and keeps them while streaming; concat
+    appends its inputs batch by batch: the rows the whole-table forms gave."""
+    from conftest import run_stages, write_jsonl
+
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                               for i in range(20_000)])
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: small-stream
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  pick: {{uses: subsample, inputs: {{data: prompts.prompts}}, params: {{n: 777, seed: 3}}}}
+  both: {{uses: concat, inputs: {{a: pick.data, b: prompts.prompts}}}}
+""")
+    records, st = run_stages(cfg)
+    prompts = st.read_dataset(st.strip(records["prompts"]["output"]["prompts"]))
+    pick = st.read_dataset(st.strip(records["pick"]["output"]["data"]))
+    both = st.read_dataset(st.strip(records["both"]["output"]["data"]))
+    want = np.sort(np.random.default_rng(3).choice(prompts.num_rows, size=777, replace=False))
+    assert pick.column("prompt_id").to_pylist() == prompts.take(pa.array(want)).column("prompt_id").to_pylist()
+    assert both.column("prompt_id").to_pylist() == pick.column("prompt_id").to_pylist() + prompts.column(
+        "prompt_id").to_pylist()
+    assert records["pick"]["dropped"] == {"removed": {"subsampled": 20_000 - 777}}
