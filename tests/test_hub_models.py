@@ -113,3 +113,22 @@ def test_a_malformed_reference_names_the_field(tmp_path, hf_home, ref, problem):
 def test_normalize_params_only_touches_model_mappings():
     raw = {"model": {"repo": "a/b", "revision": "v1"}, "engine": {"repo": "x"}, "teacher": {"repo": "c/d"}}
     assert hub.normalize_params(raw) == {"model": "hf://a/b@v1", "engine": {"repo": "x"}, "teacher": "hf://c/d"}
+
+
+def test_a_trainer_loads_the_pinned_snapshot(tmp_path, hf_home, tiny_model):
+    """What sft and the engines do with a hub reference: localize it, then load it like a folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha = fake_sha("tiny")
+    snap = hf_home / "hub" / "models--local--tiny" / "snapshots" / sha
+    snap.mkdir(parents=True)
+    for p in Path(tiny_model).iterdir():
+        (snap / p.name).write_bytes(p.read_bytes())
+    (hf_home / "hub" / "models--local--tiny" / "refs").mkdir()
+    (hf_home / "hub" / "models--local--tiny" / "refs" / "main").write_text(sha)
+    pinned = hub.pin("hf://local/tiny")
+    local = resources.localize_model(pinned)
+    model = AutoModelForCausalLM.from_pretrained(local)
+    tok = AutoTokenizer.from_pretrained(local)
+    assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size
+    assert Path(local).name == sha
