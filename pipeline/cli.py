@@ -510,6 +510,10 @@ from .report_cli import register as _register_report  # noqa: E402  (distill rep
 
 _register_report(app)
 
+from .doctor import register as _register_doctor  # noqa: E402  (distill doctor)
+
+_register_doctor(app)
+
 
 def main() -> None:  # pragma: no cover - entry point
     app()

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import layout
-from .storage import Storage
+from .storage import Storage, s3_error_code  # noqa: F401  (s3_error_code re-exported)
 
 DEFAULT_TTL = 300.0
 _TRANSIENT = ("store_age", "store_resolution", "read_at")  # attached by read_lease, never written
@@ -241,20 +241,6 @@ class _S3Backend(_Backend):
 
     def replace(self, path: str, data: bytes, etag: str) -> str:
         return self._put(path, data, IfMatch=etag)
-
-
-def s3_error_code(e: BaseException) -> tuple[str | None, int | None]:
-    """(S3 error code, HTTP status) of a botocore ``ClientError`` in ``e`` or what it wraps (s3fs
-    re-raises them as ``OSError``), by the client's fields, not by the message text."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict) and "Error" in resp:
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return resp["Error"].get("Code"), int(status) if status else None
-        e = e.__cause__ or e.__context__
-    return None, None
 
 
 def conditional_store(storage: Storage) -> _Backend:

@@ -171,7 +171,14 @@ def scheduler(root: Optional[str] = RootOpt,
               verbose: bool = typer.Option(False, "-v", "--verbose")):
     """Run the schedules under a storage root; any number of schedulers may watch one root."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    s = Scheduler(_root(root), tick=tick)
+    from .doctor import StoreUnsafe, require_safe_store
+
+    st = _root(root)
+    try:
+        require_safe_store(st)  # leases are only as safe as the store's conditional writes
+    except StoreUnsafe as e:
+        _fail(e)
+    s = Scheduler(st, tick=tick)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: s.stop.set())
     s.serve(once=once)

@@ -42,6 +42,20 @@ class StorageError(RuntimeError):
     pass
 
 
+def s3_error_code(e: BaseException) -> tuple[str | None, int | None]:
+    """(S3 error code, HTTP status) of a botocore ``ClientError`` in ``e`` or what it wraps (s3fs
+    re-raises them as ``OSError``), read from the client's fields, never from the message text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and "Error" in resp:
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return resp["Error"].get("Code"), int(status) if status else None
+        e = e.__cause__ or e.__context__
+    return None, None
+
+
 class AlreadyCommitted(StorageError, FileExistsError):
     """Another writer committed this artifact first."""
 
@@ -127,8 +141,9 @@ class Storage:
                 self.fs.pipe_file(path, data, mode="create", **kwargs)
             except FileExistsError as e:
                 raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
-            except Exception as e:  # botocore ClientError PreconditionFailed
-                if "PreconditionFailed" in repr(e) or "412" in str(e):
+            except Exception as e:  # botocore ClientError PreconditionFailed (by its code, not its text)
+                code, status = s3_error_code(e)
+                if code == "PreconditionFailed" or status == 412:
                     raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
                 raise
         else:
