@@ -119,3 +119,16 @@ def test_recipe_estimate(tmp_path, hf_cache, name):
     assert kinds["generate"] == "decode" and kinds["student_sft"] == "train"
     assert all(s["gpu"] == "H100" and s["gpu_hours"] > 0 for s in est["stages"])
     assert est["total"]["cost_usd"] == pytest.approx(est["total"]["gpu_hours"] * 2.5, abs=0.1)
+
+
+@pytest.mark.parametrize("name", ["r1-distill-math", "gsm8k-small"])
+def test_r1_distill_format_accepts_a_prefilled_think(tmp_path, hf_cache, name):
+    """The R1-distill template pre-fills "<think>\\n": completions start inside the reasoning.
+    The recipes' format gates require the block to be closed, not opened by the model."""
+    from stages.common.checkers import format_gate
+
+    cfg = load_config(RECIPES / f"{name}.yaml", _overrides(tmp_path, name))
+    for stage in ("generate", "verify"):
+        fmt = cfg.nodes[stage].stage.params.format
+        assert format_gate("1 plus 1 is 2.\n</think>\n\\boxed{2}", "stop", fmt) == (None, "\n\\boxed{2}")
+        assert format_gate("1 plus 1 is 2. \\boxed{2}", "stop", fmt)[0][0] == "missing_think"  # never closed
