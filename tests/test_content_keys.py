@@ -195,13 +195,21 @@ def test_a_stage_that_is_not_deterministic_keys_downstream_by_its_fingerprint(ra
 
 
 def test_row_digest_ignores_shards_and_order_but_not_content():
-    t = pa.table({"a": list(range(10)), "b": [f"r{i}" for i in range(10)]})
+    msgs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(10)]
+    t = pa.table({"a": list(range(10)), "b": [f"r{i}" for i in range(10)], "m": msgs,
+                  "x": [None if i % 4 == 0 else i / 3 for i in range(10)]})
     whole = int(row_hash_sum(t), 16)
-    parts = sum(int(row_hash_sum(t.slice(i, 3)), 16) for i in range(0, 10, 3)) % (1 << 256)
+    parts = sum(int(row_hash_sum(t.slice(i, 3)), 16) for i in range(0, 10, 3)) % (1 << 64)
     assert parts == whole
     assert row_hash_sum(t.take(list(reversed(range(10))))) == row_hash_sum(t)
-    changed = pa.table({"a": list(range(10)), "b": [f"r{i}" for i in range(9)] + ["R9"]})
+    changed = t.set_column(1, "b", pa.array([f"r{i}" for i in range(9)] + ["R9"]))
     assert row_hash_sum(changed) != row_hash_sum(t)
+    swapped = [list(reversed(m)) if i == 3 else m for i, m in enumerate(msgs)]  # the turns of one row swapped
+    assert row_hash_sum(t.set_column(2, "m", pa.array(swapped, t.schema.field("m").type))) != row_hash_sum(t)
+    moved = t.set_column(1, "b", pa.array(["r1", "r0"] + [f"r{i}" for i in range(2, 10)]))  # values moved between rows
+    assert row_hash_sum(moved) != row_hash_sum(t)
+    nulled = t.set_column(3, "x", pa.array([None] * 10, pa.float64()))
+    assert row_hash_sum(nulled) != row_hash_sum(t)
     doubled = pa.concat_tables([t, t.slice(0, 1)])  # a duplicated row counts
     assert row_hash_sum(doubled) != row_hash_sum(t)
 
