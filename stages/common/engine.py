@@ -190,11 +190,11 @@ class EngineActor:
         # per-request streaming: units wait in _queue until the engine has room for their
         # sequences (at most max_inflight in it); finished ones wait in _outbox[client]
         self.max_inflight = max_inflight
-        self._queue: collections.deque = collections.deque()  # (client, ticket, n, start)
+        self._queue: collections.deque = collections.deque()  # (client, ticket, n, start, prompt_id)
         self._running = 0  # sequences of the units in the engine
         self._outbox: dict[str, list] = {}  # client -> [(ticket, rows)], for registered clients
         self._out_cv = threading.Condition()
-        self._events: collections.deque = collections.deque(maxlen=1 << 16)  # (seq, "enter"|"leave", ticket)
+        self._events: collections.deque = collections.deque(maxlen=1 << 16)  # (seq, "enter"|"leave", ticket, prompt_id)
         self._event_seq = itertools.count()
         self._token_cache: dict[str, list[int]] = {}
         # overhead accounting: wall seconds inside the engine (add_request, step) and CPU
@@ -252,9 +252,9 @@ class EngineActor:
                             self._cv.wait()
                         mark = cpu()
                     admit = self._admit()
-                for client, ticket, n, start in admit:  # a finished unit's slot is refilled before the next step
-                    self._events.append((next(self._event_seq), "enter", ticket))
-                    start(functools.partial(self._unit_done, client, ticket, n))
+                for client, ticket, n, start, pid in admit:  # a finished unit's slot is refilled before the next step
+                    self._events.append((next(self._event_seq), "enter", ticket, pid))
+                    start(functools.partial(self._unit_done, client, ticket, n, pid))
                 with self._cv:
                     inbox, self._inbox = self._inbox, []
                 for rid, ids, params, done in inbox:
@@ -286,11 +286,11 @@ class EngineActor:
             traceback.print_exc()
             os._exit(1)
 
-    def _unit_done(self, client: str, ticket, n: int, rows: list[dict]) -> None:
+    def _unit_done(self, client: str, ticket, n: int, pid: str, rows: list[dict]) -> None:
         """A unit's samples are all done: its slot is free, its rows go to its client's outbox."""
         with self._cv:
             self._running -= n
-        self._events.append((next(self._event_seq), "leave", ticket))
+        self._events.append((next(self._event_seq), "leave", ticket, pid))
         self._deliver(client, ticket, rows)
 
     def _deliver(self, client: str, ticket, rows: list[dict]) -> None:
@@ -316,7 +316,7 @@ class EngineActor:
                 if isinstance(prepared, list):  # errored rows: done without the engine
                     self._deliver(client, ticket, prepared)
                 else:
-                    queued.append((client, ticket, *prepared))
+                    queued.append((client, ticket, *prepared, row["prompt_id"]))
             with self._cv:
                 self._queue.extend(queued)
                 self._cv.notify()
@@ -347,7 +347,7 @@ class EngineActor:
         return dropped
 
     def events(self, since: int = 0) -> list[tuple]:
-        """The log of units entering and leaving the engine: ``(seq, "enter"|"leave", ticket)``."""
+        """The log of units entering and leaving the engine: ``(seq, "enter"|"leave", ticket, prompt_id)``."""
         return [e for e in list(self._events) if e[0] >= since]
 
     def _submit(self, ids: list[int], params, done: Callable) -> None:
