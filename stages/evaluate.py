@@ -119,11 +119,11 @@ class Evaluate(Stage):
         return models
 
     @staticmethod
-    def _train(ctx: StageContext) -> pa.Table:
-        """``train``'s prompt_id and prompt text columns (not the completions)."""
+    def _train(ctx: StageContext):
+        """``train``'s prompt_id and prompt text columns, as a stream of batches."""
         names = set(ctx.storage.dataset_manifest(ctx.inputs["train"].path)["schema"])
         cols = ["prompt_id"] + [c for c in ("prompt", "messages") if c in names][:1]
-        return ctx.read_input("train", columns=cols)
+        return ctx.iter_input("train", columns=cols)
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params

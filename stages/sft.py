@@ -170,21 +170,67 @@ def sft_config(p: Params, output_dir: str, save: bool = False):
     )
 
 
-def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, save: bool = False):
-    """The SFTTrainer for ``rows`` (dicts with ``messages``); rows that are not chat turns ending
-    with the assistant raise."""
+def training_dataset(files: list[str], cache_dir: str):
+    """The training rows of a dataset's shards (local Parquet files, in order) as TRL's
+    conversational prompt/completion, Arrow-backed and memory-mapped from ``datasets``' cache
+    files under ``cache_dir``: a worker streams the shards through, never holding the rows as
+    Python objects. A row that is not chat turns ending with the assistant raises."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    ds = Dataset.from_parquet(files, columns=["messages"], cache_dir=cache_dir)
+
+    def convert(batch: dict, idx: list[int]) -> dict:
+        out: dict[str, list] = {"prompt": [], "completion": []}
+        for i, msgs in zip(idx, batch["messages"]):
+            ex = to_prompt_completion(msgs or [])
+            if ex is None:
+                raise StageError(f"row {i} of the training data does not end with an assistant turn")
+            out["prompt"].append(ex["prompt"])
+            out["completion"].append(ex["completion"])
+        return out
+
+    return ds.map(convert, batched=True, batch_size=1024, with_indices=True, remove_columns=ds.column_names,
+                  cache_file_name=os.path.join(cache_dir, "prompt-completion.arrow"))
+
+
+def local_dataset_files(storage, path: str, dest: str) -> list[str]:
+    """Local paths of a committed dataset's shards, in order: the shards themselves on a local
+    root, else copies streamed into ``dest``."""
+    manifest = storage.dataset_manifest(path)
+    files = [f"{path.rstrip('/')}/{s['path']}" for s in manifest["shards"]]
+    if storage.is_local:
+        return files
+    os.makedirs(dest, exist_ok=True)
+    out = []
+    for i, f in enumerate(files):
+        local = os.path.join(dest, f"{i:06d}.parquet")
+        storage.fs.get(f, local)
+        out.append(local)
+    return out
+
+
+def build_trainer(model_dir: str, rows, p: Params, output_dir: str, save: bool = False):
+    """The SFTTrainer for ``rows``: a ``datasets.Dataset`` of prompt/completion
+    (``training_dataset``), or dicts with ``messages``; rows that are not chat turns ending with
+    the assistant raise."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    examples = []
-    for i, r in enumerate(rows):
-        ex = to_prompt_completion(r["messages"])
-        if ex is None:
-            raise StageError(f"row {i} of the training data does not end with an assistant turn")
-        examples.append(ex)
-    if not examples:
+    if isinstance(rows, Dataset):
+        train = rows
+    else:
+        examples = []
+        for i, r in enumerate(rows):
+            ex = to_prompt_completion(r["messages"])
+            if ex is None:
+                raise StageError(f"row {i} of the training data does not end with an assistant turn")
+            examples.append(ex)
+        train = Dataset.from_list(examples)
+    if not len(train):
         raise StageError("no training rows")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
@@ -195,7 +241,7 @@ def build_trainer(model_dir: str, rows: list[dict], p: Params, output_dir: str, 
         peft_config = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                  target_modules=p.lora.target_modules, task_type="CAUSAL_LM")
     trainer = trainer_class()(model=model, args=sft_config(p, output_dir, save),
-                              train_dataset=Dataset.from_list(examples), processing_class=tok, peft_config=peft_config)
+                              train_dataset=train, processing_class=tok, peft_config=peft_config)
     trainer.lm_head = p.resolved_lm_head(model.get_output_embeddings().weight.shape[0])
     # without tqdm, transformers prints every log dict to stdout; the stage draws its own progress
     trainer.remove_callback(PrinterCallback)
@@ -393,9 +439,10 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(max(1, int(p.num_cpus)))
     torch.manual_seed(p.seed)
     model_dir = resources.localize_model(config["model_uri"])
-    rows = storage.read_dataset(config["data_path"], columns=["messages"]).to_pylist()
     work = tempfile.mkdtemp(prefix="distill-sft-")
     try:
+        files = local_dataset_files(storage, config["data_path"], os.path.join(work, "data"))
+        rows = training_dataset(files, os.path.join(work, "datasets-cache"))
         trainer = build_trainer(model_dir, rows, p, work, save=True)
         tokens = count_tokens(trainer)
         resume, resumed_from = None, None

@@ -227,3 +227,35 @@ stages:
     assert both.column("prompt_id").to_pylist() == pick.column("prompt_id").to_pylist() + prompts.column(
         "prompt_id").to_pylist()
     assert records["pick"]["dropped"] == {"removed": {"subsampled": 20_000 - 777}}
+
+
+def test_sft_workers_read_the_data_memory_mapped(tmp_path):
+    """sft's workers build their training set from the shards through datasets' memory-mapped cache:
+    the same prompt/completion rows, in the same order, as the list the trainer used to get."""
+    from datasets import Dataset
+
+    from pipeline.stage import StageError
+    from pipeline.storage import Storage
+    from stages.dedupe import SFT_SCHEMA
+    from stages.sft import local_dataset_files, to_prompt_completion, training_dataset
+
+    st = Storage(str(tmp_path / "root"))
+    path = st.path("sft")
+    rows = [{"prompt_id": f"p{i}", "source": "s", "sample_index": 0,
+             "messages": ([{"role": "system", "content": "be brief"}] if i % 3 == 0 else [])
+             + [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(2500)]
+    w = st.dataset_writer(path, rows_per_shard=700)
+    w.write(pa.Table.from_pylist(rows, schema=SFT_SCHEMA))
+    w.commit()
+    files = local_dataset_files(st, path, str(tmp_path / "dl"))
+    assert len(files) == 4
+    ds = training_dataset(files, str(tmp_path / "cache"))
+    assert ds.cache_files  # memory-mapped from disk, not built in memory
+    want = Dataset.from_list([to_prompt_completion(r["messages"]) for r in rows])
+    assert ds.features == want.features and ds.to_list() == want.to_list()
+    bad = st.path("bad")
+    w = st.dataset_writer(bad)
+    w.write(pa.Table.from_pylist(rows[:5] + [{**rows[5], "messages": rows[5]["messages"][:-1]}], schema=SFT_SCHEMA))
+    w.commit()
+    with pytest.raises(StageError, match="row 5 of the training data does not end with an assistant turn"):
+        training_dataset(local_dataset_files(st, bad, str(tmp_path / "dl2")), str(tmp_path / "cache2"))

@@ -2,10 +2,12 @@
 that score models (evaluate, hard_prompts)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pyarrow as pa
 
 from pipeline.stage import StageError
-from stages.common.ngrams import row_text, shared_ngrams
+from stages.common.ngrams import ngrams, row_text
 
 
 def training_prompts(train: pa.Table) -> list[str]:
@@ -20,17 +22,34 @@ def training_prompts(train: pa.Table) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t))
 
 
-def refuse_overlap(prompts: list[dict], train: pa.Table, n: int) -> None:
+def refuse_overlap(prompts: list[dict], train: "pa.Table | Iterable[pa.Table]", n: int) -> None:
     """StageError if a held-out prompt (``prompt_id``, ``prompt``) shares a ``prompt_id`` or a
-    word ``n``-gram with the training rows."""
-    train_ids = set(train.column("prompt_id").to_pylist())
-    leaked = sorted({r["prompt_id"] for r in prompts} & train_ids)
+    word ``n``-gram with the training rows. ``train`` may be a stream of tables (a large training
+    set is read batch by batch; only the held-out prompts' n-grams are held)."""
+    tables = [train] if isinstance(train, pa.Table) else train
+    held = {r["prompt_id"] for r in prompts}
+    wanted: dict[str, list[int]] = {}
+    for i, r in enumerate(prompts):
+        for g in ngrams(r["prompt"] or "", n):
+            wanted.setdefault(g, []).append(i)
+    leaked: set[str] = set()
+    hits: dict[int, str] = {}
+    for t in tables:
+        leaked |= held & set(t.column("prompt_id").to_pylist())
+        if leaked or not wanted:
+            continue  # the prompt ids decide; the rest of the ids are still read, for the count
+        for text in training_prompts(t):
+            for g in ngrams(text, n):
+                owners = wanted.pop(g, None)
+                if owners:
+                    for i in owners:
+                        hits.setdefault(i, g)
     if leaked:
+        leaked_ = sorted(leaked)
         raise StageError(
-            f"held-out prompts overlap the training data: {len(leaked)} shared prompt_id(s), "
-            f"e.g. {', '.join(leaked[:5])}; refusing to score"
+            f"held-out prompts overlap the training data: {len(leaked_)} shared prompt_id(s), "
+            f"e.g. {', '.join(leaked_[:5])}; refusing to score"
         )
-    hits = shared_ngrams([r["prompt"] or "" for r in prompts], training_prompts(train), n)
     if hits:
         first = min(hits)
         ex = prompts[first]
