@@ -72,12 +72,15 @@ def test_same_loss_curve_on_one_and_two_workers(ray_local, tiny_model, tmp_path)
 
 
 def _run_in_thread(cfg):
-    runner = Runner(load_config(cfg))
-    fp = {e.name: e.fingerprint for e in runner.plan()}["sft"]
+    # sft's fingerprint (it names the state actor) is known once its input is committed: it is
+    # keyed by the content digest of that input, so it is taken from the runner's start event
+    fps: dict = {}
+    runner = Runner(load_config(cfg), on_stage=lambda name, event, info: fps.setdefault(name, info["fingerprint"])
+                    if event == "start" else None)
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(result=runner.run()), daemon=True)
     thread.start()
-    return runner, fp, thread, out
+    return runner, fps, thread, out
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -92,12 +95,12 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, tiny_model, tmp_
         root = f"s3://{bucket}/sft-kill-{tmp_path.name}"
     cfg = _config(tmp_path, root, f"kill-{where}", tiny_model, max_steps=150, checkpoint_every=25,
                   num_workers=2, max_failures=2)
-    runner, fp, thread, out = _run_in_thread(cfg)
+    runner, fps, thread, out = _run_in_thread(cfg)
     killed = None
     deadline = time.time() + 600
     while time.time() < deadline and thread.is_alive() and killed is None:
         try:
-            snap = ray.get(ray.get_actor(state_actor_name(fp)).snapshot.remote())
+            snap = ray.get(ray.get_actor(state_actor_name(fps.get("sft", "not-started"))).snapshot.remote())
         except ValueError:  # not created yet
             time.sleep(0.2)
             continue
