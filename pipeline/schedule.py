@@ -441,6 +441,17 @@ def run_due(st: Storage, sched: Schedule, trigger: str = "cronjob", stop: thread
     return run_slot(st, sched, slot, trigger, first, max(1, count), stop, execute)
 
 
+def run_dir(sched: Schedule) -> str | None:
+    """Where the job starts: the schedule's working directory; where that does not exist (a
+    pod whose image holds the same tree elsewhere), the current one if the config is there;
+    else None."""
+    if not sched.workdir or os.path.isdir(sched.workdir):
+        return sched.workdir or os.getcwd()
+    if not os.path.isabs(sched.config) and os.path.exists(sched.config):
+        return os.getcwd()
+    return None
+
+
 def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event, st: Storage | None = None,
                        lease: dict | None = None) -> tuple[int, str]:
     """Run the job in its own process group, under :mod:`pipeline.supervise` (which stops its
@@ -450,8 +461,10 @@ def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event, st: 
     import json
     import tempfile
 
-    if sched.workdir and not os.path.isdir(sched.workdir):
-        return 2, f"schedule {sched.name!r}: its working directory {sched.workdir} does not exist on this machine"
+    workdir = run_dir(sched)
+    if workdir is None:
+        return 2, (f"schedule {sched.name!r}: its working directory {sched.workdir} does not exist on this machine, "
+                   f"and {sched.config} is not under the current one ({os.getcwd()})")
     sup = [sys.executable, "-m", "pipeline.supervise", "--parent", str(os.getpid()), "--ttl", str(sched.lease_ttl_s)]
     root = (os.path.abspath(st.root) if st.is_local else st.root_uri) if st is not None else None
     if root is not None:
@@ -466,8 +479,7 @@ def execute_subprocess(sched: Schedule, run_id: str, stop: threading.Event, st: 
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen([*sup, "--", *job_command(sched, run_id)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=sched.workdir or None,
-                                env=env)
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir, env=env)
         while proc.poll() is None:
             if stop.wait(0.2):
                 _kill_group(proc)

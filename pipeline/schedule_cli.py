@@ -52,6 +52,8 @@ def add(name: str = typer.Argument(..., help="schedule name"),
         misfire_grace: float = typer.Option(3600.0, "--misfire-grace", help="seconds a late slot may still run"),
         lease_ttl: float = typer.Option(300.0, "--lease-ttl", help="seconds the run lease lives between renewals"),
         replace: bool = typer.Option(False, "--replace", help="overwrite a schedule of this name"),
+        max_run: Optional[float] = typer.Option(None, "--max-run", help="seconds a run may last; longer ones are "
+                                                "stopped (status timeout)"),
         workdir: Optional[str] = typer.Option(None, "--workdir", help="where runs start (default: the current "
                                               "folder; the config's relative paths are relative to it)"),
         root: Optional[str] = typer.Option(None, "--root", help="storage root (default: the config's)")):
@@ -66,8 +68,13 @@ def add(name: str = typer.Argument(..., help="schedule name"),
         raise typer.Exit(2)
     st = Storage(root or cfg.storage.root)
     try:
-        s = add_schedule(st, Schedule(name, cron, os.path.abspath(config), address, tz, misfire_grace, lease_ttl,
-                                      workdir=os.path.abspath(workdir or os.getcwd())), replace=replace)
+        wd = os.path.abspath(workdir or os.getcwd())
+        cfg_path = os.path.abspath(config)
+        # relative to the working directory when inside it, so a pod or node with the same tree
+        # under another path (a CronJob's image) finds it
+        rel = os.path.relpath(cfg_path, wd)
+        s = add_schedule(st, Schedule(name, cron, cfg_path if rel.startswith("..") else rel, address, tz,
+                                      misfire_grace, lease_ttl, workdir=wd, max_run_s=max_run), replace=replace)
     except ScheduleError as e:
         _fail(e)
     out.print(f"schedule {s.name}: {s.cron} ({s.tz}) runs {s.config}"

@@ -1,8 +1,12 @@
 """infra/: every YAML parses; Kubernetes manifests validate offline in strict mode
 (kubernetes-validate for core kinds; KubeRay's RayCluster/RayJob against
-infra/schemas/kuberay-v1.schema.json, their pod templates against Kubernetes' PodTemplateSpec);
-the cluster-launcher YAML against Ray's own schema; the Dockerfiles pass hadolint and install
-the project as the README's `make setup` does. Each check is also shown to reject a broken file."""
+infra/schemas/kuberay-v1.schema.json, a SUBSET schema this project wrote, not KubeRay's own CRD
+and not KubeRay's behaviour; their pod templates against Kubernetes' PodTemplateSpec); the
+cluster-launcher YAML against Ray's own schema; the Dockerfiles pass hadolint and install the
+project as the README's `make setup` does. What the subset cannot check is checked here: every
+container command and RayJob entrypoint parses with distill's own CLI (and the RayJob joins its
+cluster), and images, Ray versions and ports agree across files. Each check is also shown to
+reject a broken file."""
 import copy
 import json
 import re
@@ -53,7 +57,7 @@ def test_every_yaml_parses():
         assert _docs(p), f"{p} is empty"
 
 
-def test_kubernetes_manifests_validate_strictly():
+def test_manifests_validate_against_kubernetes_and_our_kuberay_subset_schema():
     kinds = {}
     for path, doc in _manifests():
         validate_manifest(doc)
@@ -151,3 +155,121 @@ def test_dockerfiles_pass_hadolint_and_install_like_the_readme(name, tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text(text.replace("--no-cache-dir ", "").replace("USER 10001\n", ""))
     assert subprocess.run([_hadolint(), str(bad)], capture_output=True).returncode != 0
+
+
+# -- what the subset schema cannot check -------------------------------------------------------
+
+def parse_cli(args: list[str]) -> tuple[str, dict]:
+    """(the leaf command's path, its parsed parameters) of ``distill ARGS``, parsed by the CLI's
+    own click objects without running anything; a usage error raises click's ``UsageError``
+    (of the click that typer uses)."""
+    import typer
+
+    from pipeline.cli import app
+
+    cmd = typer.main.get_command(app)
+    ctx = cmd.make_context("distill", list(args), resilient_parsing=False)
+    path = []
+    while hasattr(cmd, "resolve_command"):  # a group
+        rest = [*ctx._protected_args, *ctx.args] if hasattr(ctx, "_protected_args") else [*ctx.protected_args, *ctx.args]
+        name, cmd, rest = cmd.resolve_command(ctx, rest)
+        path.append(name)
+        ctx = cmd.make_context(name, rest, parent=ctx, resilient_parsing=False)
+    return " ".join(path), ctx.params
+
+
+def container_commands() -> list[tuple[str, list[str]]]:
+    """(where, distill's argv) of every container command and args, RayJob entrypoint and
+    Dockerfile CMD that runs distill."""
+    import shlex
+
+    found = []
+
+    def distill_argv(argv: list[str]) -> list[str] | None:
+        if argv[:1] == ["distill"]:
+            return argv[1:]
+        if "pipeline.cli" in argv and argv[argv.index("pipeline.cli") - 1] == "-m":
+            return argv[argv.index("pipeline.cli") + 1:]
+        return None
+
+    def walk(where: str, node) -> None:
+        if isinstance(node, dict):
+            if "image" in node and ("command" in node or "args" in node):
+                argv = distill_argv([*node.get("command", []), *node.get("args", [])])
+                assert argv is not None, f"{where}: container {node.get('name')} does not run distill"
+                found.append((f"{where}: container {node.get('name')}", argv))
+            if isinstance(node.get("entrypoint"), str):
+                argv = distill_argv(shlex.split(node["entrypoint"]))
+                assert argv is not None, f"{where}: entrypoint does not run distill"
+                found.append((f"{where}: entrypoint", argv))
+            for v in node.values():
+                walk(where, v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(where, v)
+
+    for path, doc in _manifests():
+        walk(path.name, doc)
+    for dockerfile in sorted((INFRA / "docker").glob("Dockerfile*")):
+        for m in re.finditer(r"^CMD (\[.*\])", dockerfile.read_text(), re.M):
+            argv = distill_argv(json.loads(m.group(1)))
+            if argv is not None:
+                found.append((f"{dockerfile.name}: CMD", argv))
+    return found
+
+
+def _raised(name: str, argv: list[str]) -> BaseException:
+    with pytest.raises(Exception) as e:
+        parse_cli(argv)
+    assert name in [c.__name__ for c in type(e.value).__mro__], repr(e.value)
+    return e.value
+
+
+def test_every_container_command_parses_with_the_cli():
+    commands = container_commands()
+    where = {w.split(":")[0] for w, _ in commands}
+    assert {"cronjob.yaml", "rayjob.yaml", "Dockerfile.cpu", "Dockerfile.gpu"} <= where, commands
+    for w, argv in commands:
+        if argv == ["--help"]:
+            assert _raised("Exit", argv).exit_code == 0, w  # --help exits 0 while parsing
+            continue
+        name, params = parse_cli(argv)
+        if w.startswith("rayjob.yaml"):
+            # the RayJob's entrypoint joins the cluster KubeRay started, and its config is in the image's tree
+            assert name == "run" and params["address"] == "auto", (w, params)
+            assert (REPO / params["config"]).is_file(), params["config"]
+        if w.startswith("cronjob.yaml"):
+            assert name == "schedule run-now" and params["due"] and params["root"].startswith("s3://"), params
+    # and a broken command is caught
+    _raised("UsageError", ["schedule", "run-now", "nightly", "--due", "--bogus"])
+    _raised("UsageError", ["run"])  # the config is required
+    _raised("UsageError", ["schedule", "run-later", "nightly"])  # no such command
+
+
+def test_images_ray_versions_and_ports_agree_across_files():
+    import tomllib
+
+    images: dict[str, set[str]] = {}
+    for path, doc in _manifests():
+        for m in re.finditer(r"image: (\S+)", yaml.safe_dump(doc)):
+            images.setdefault(m.group(1).rsplit(":", 1)[0], set()).add(m.group(1).rsplit(":", 1)[1])
+    assert set(images) == {"ghcr.io/example/distill-gpu", "ghcr.io/example/distill-cpu"}, images
+    tags = set().union(*images.values())
+    assert len(tags) == 1, f"the images' tags differ across manifests: {images}"
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_pin,) = [d for d in pins if d.startswith("ray[")]
+    ray_version = ray_pin.split("==")[1].split()[0]
+    versions = {doc.get("spec", {}).get("rayVersion") or doc.get("spec", {}).get("rayClusterSpec", {}).get("rayVersion")
+                for _, doc in _manifests() if doc["apiVersion"].startswith("ray.io/")}
+    assert versions == {ray_version}, (versions, ray_version)
+    # ports: the head's dashboard port is the Jobs API port every address uses; GCS as workers join it
+    cluster = yaml.safe_load((INFRA / "k8s" / "raycluster.yaml").read_text())
+    ports = {p["name"]: p["containerPort"] for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+             for p in c.get("ports", [])}
+    text = "\n".join(p.read_text() for p in [*INFRA.rglob("*.yaml"), INFRA / "README.md"])
+    jobs_ports = {int(m) for m in re.findall(r"--address http://[\w.\-]+:(\d+)", text)}
+    assert jobs_ports == {ports["dashboard"]}, (jobs_ports, ports)
+    launcher = (INFRA / "cluster-launcher" / "aws.yaml").read_text()
+    head_port = re.search(r"ray start --head --port=(\d+)", launcher).group(1)
+    assert re.findall(r"ray start --address=\$RAY_HEAD_IP:(\d+)", launcher) == [head_port]
+    assert int(head_port) == ports["gcs-server"]

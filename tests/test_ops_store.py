@@ -97,3 +97,30 @@ def test_schedule_json_is_validated_on_load(tmp_path, caplog):
         assert "schedule bad is not run" in caplog.text
     with pytest.raises(ScheduleError, match="schedule name"):
         get_schedule(st, "../etc")
+
+
+def test_schedules_store_the_config_relative_to_the_working_dir(tmp_path, monkeypatch):
+    """`schedule add` stores the config relative to the working directory; a machine without
+    that directory (a CronJob pod whose image holds the tree elsewhere) runs from its own."""
+    from pipeline.schedule import get_schedule, run_dir
+
+    proj = tmp_path / "proj"
+    (proj / "configs").mkdir(parents=True)
+    root = tmp_path / "root"
+    (proj / "configs" / "c.yaml").write_text(
+        f"name: rel\nstorage: {{root: {root}}}\nstages:\n  toy_task: {{params: {{seed: 0, train_size: 4}}}}\n")
+    monkeypatch.chdir(proj)
+    r = CliRunner().invoke(app, ["schedule", "add", "n", "--cron", "0 3 * * *", "--config", "configs/c.yaml",
+                                 "--max-run", "3600"])
+    assert r.exit_code == 0, r.output
+    sched = get_schedule(Storage(str(root)), "n")
+    assert (sched.config, sched.workdir, sched.max_run_s) == ("configs/c.yaml", str(proj), 3600)
+    assert run_dir(sched) == str(proj)
+    pod = tmp_path / "app"  # the same tree under another path; the stored workdir is not there
+    (pod / "configs").mkdir(parents=True)
+    (pod / "configs" / "c.yaml").write_text((proj / "configs" / "c.yaml").read_text())
+    sched.workdir = str(tmp_path / "gone")
+    monkeypatch.chdir(pod)
+    assert run_dir(sched) == str(pod)
+    monkeypatch.chdir(tmp_path)
+    assert run_dir(sched) is None  # neither there nor here: the job is not started blind
