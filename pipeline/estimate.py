@@ -25,7 +25,8 @@ Figures, in this order of preference:
 Calibration: when the same stage of the same pipeline has run under the root, its record's
 seconds (less engine start-up) over what this model predicts for that run's own figures is
 the stage's calibration factor, and the estimate is multiplied by it (``calibration`` in the
-output; 1.0 and ``"none"`` otherwise). ``--price-per-gpu-hour`` turns GPU-hours into money.
+output; 1.0 and ``"none"`` otherwise); that run's engine start-up is added once
+(``startup_seconds``), so ``seconds`` is the stage's wall time. ``--price-per-gpu-hour`` turns GPU-hours into money.
 The GPU is the stage's ``accelerator_type:<TYPE>`` resource (``pipeline/data/gpus.yaml``), else
 ``estimate.gpu``, else ``cpu`` for a stage without GPUs.
 """
@@ -81,6 +82,7 @@ class StageEstimate:
     completion_tokens: float | None = None
     train_tokens: float | None = None
     raw_seconds: float = 0.0
+    startup_seconds: float = 0.0  # engine start-up, as the last run measured it (decode)
     calibration: float = 1.0
     calibrated_from: str = "none"
     seconds: float = 0.0
@@ -248,9 +250,11 @@ class Estimator:
                                            tp=eng.tensor_parallel_size, replicas=eng.replicas,
                                            max_num_seqs=eng.max_num_seqs,
                                            utilization=eng.gpu_memory_utilization)["seconds"]
-                actual = last.seconds - float(m.get("engine_startup_seconds") or 0)
+                startup = float(m.get("engine_startup_seconds") or 0)
+                actual = last.seconds - startup
                 if pred > 0 and actual > 0:
                     est.calibration, est.calibrated_from = actual / pred, f"run {last.run_id}"
+                    est.startup_seconds = startup
         return self._finish(est)
 
     def train(self, name: str) -> StageEstimate:
@@ -307,7 +311,7 @@ class Estimator:
         return None
 
     def _finish(self, est: StageEstimate) -> StageEstimate:
-        est.seconds = est.raw_seconds * est.calibration
+        est.seconds = est.raw_seconds * est.calibration + est.startup_seconds
         est.gpu_hours = est.seconds * max(est.gpus, 1 if est.gpu != "cpu" else 0) / 3600
         if self.price is not None:
             est.cost_usd = round(est.gpu_hours * self.price, 2)
