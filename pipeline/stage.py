@@ -357,6 +357,71 @@ class StageContext:
             raise StageError(f"input {name!r} of stage {self.name!r} is a {art.type}, not a dataset")
         return self.storage.read_dataset(art.path, columns=columns)
 
+    def input_rows(self, name: str) -> int:
+        """Rows of a dataset input, from its manifest."""
+        return int(self.storage.dataset_manifest(self.inputs[name].path)["rows"])
+
+    def iter_input(self, name: str, columns: list[str] | None = None, batch_rows: int = 8192) -> Iterable[pa.Table]:
+        """A dataset input as a stream of tables of at most ``batch_rows`` rows, in order: what a
+        stage body reads in the driver without holding the whole input."""
+        art = self.inputs[name]
+        if art.type != "dataset":
+            raise StageError(f"input {name!r} of stage {self.name!r} is a {art.type}, not a dataset")
+        return self.storage.iter_dataset(art.path, columns=columns, batch_rows=batch_rows)
+
+    def input_pieces(self, name: str, target_bytes: int | None = None, max_rows: int | None = None) -> list:
+        """A dataset input cut into pieces for workers (``pipeline.streaming``): metadata only."""
+        from .streaming import plan_pieces
+
+        art = self.inputs[name]
+        if art.type != "dataset":
+            raise StageError(f"input {name!r} of stage {self.name!r} is a {art.type}, not a dataset")
+        return plan_pieces(self.storage, art.path, target_bytes, max_rows)
+
+    def input_schema(self, name: str) -> pa.Schema:
+        from .storage import manifest_schema
+
+        return manifest_schema(self.storage.dataset_manifest(self.inputs[name].path))
+
+    def output_spec(self, output: str, schema: pa.Schema | None = None):
+        """Where workers write their shards of ``output`` (``pipeline.streaming.ShardSpec``): rows
+        are conformed to ``schema``, else to the declared schema."""
+        from .streaming import ShardSpec
+
+        declared = self.output_columns.get(output)
+        if schema is None and isinstance(declared, pa.Schema):
+            schema = declared
+        return ShardSpec(self.storage, self.output_path(output), self.name, output, schema)
+
+    def map_pieces(self, input: str, fn: Callable, outputs: dict[str, pa.Schema],
+                   columns: list[str] | None = None) -> int:
+        """Stream ``input`` through ``fn`` on the cluster's workers (``pipeline.streaming.map_pieces``):
+        ``fn(table)`` returns ``({output: table}, {kind: {reason: count}})``."""
+        from .streaming import map_pieces
+
+        return map_pieces(self, input, fn, outputs, columns)
+
+    def commit_shards(self, output: str, shards: list[dict], schema: pa.Schema | None = None,
+                      stats: dict | None = None) -> dict:
+        """Publish an output from the shards workers wrote (in order), as ``commit_dataset`` does
+        for a driver-side writer: schema checked, drop counts and ``stats`` in the manifest."""
+        declared = self.output_columns.get(output)
+        if schema is None and isinstance(declared, pa.Schema):
+            schema = declared
+        if schema is None:
+            raise StageError(f"stage {self.name!r} output {output!r}: no schema to commit with")
+        self._check_schema(output, schema)
+        path = self.output_path(output)
+        if not shards:  # an empty dataset still carries its schema for readers
+            w = self.storage.dataset_writer(path, {})
+            w._flush(schema.empty_table())
+            shards = w.finish()
+        stats = {**(stats or {}), "dropped": {k: dict(v) for k, v in self.dropped.items()}}
+        manifest = self.storage.commit_shards(path, shards, schema, self.lineage(output), stats)
+        self.rows[output] = manifest["rows"]
+        self.written[output] = Artifact("dataset", path, self.storage.uri(path), self.fingerprint)
+        return manifest
+
     def model_uri(self, name: str, param: str | None) -> str:
         """The model wired as input ``name``, else the ``param`` path/URI of the same name."""
         if name in self.inputs:

@@ -178,8 +178,11 @@ class Storage:
         return [self.uri(f"{path.rstrip('/')}/{s['path']}") for s in manifest["shards"]]
 
     def read_dataset(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """The whole committed dataset as one table: for small inputs (eval sets, prompt lists).
+        Stages read large inputs as a stream (``iter_dataset``) or in pieces on workers
+        (``pipeline.streaming``)."""
         manifest = self.dataset_manifest(path)
-        schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(manifest["arrow_schema"])))
+        schema = manifest_schema(manifest)
         tables = []
         for shard in manifest["shards"]:
             with self.fs.open(f"{path.rstrip('/')}/{shard['path']}", "rb") as f:
@@ -187,6 +190,35 @@ class Storage:
         if not tables:
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         return pa.concat_tables(tables)
+
+    def iter_dataset(self, path: str, columns: list[str] | None = None,
+                     batch_rows: int = 8192) -> Iterable[pa.Table]:
+        """The committed rows in order, ``batch_rows`` at a time, one row group in memory at once."""
+        manifest = self.dataset_manifest(path)
+        for shard in manifest["shards"]:
+            with self.fs.open(f"{path.rstrip('/')}/{shard['path']}", "rb") as f:
+                pf = pq.ParquetFile(f)
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                    yield pa.Table.from_batches([batch])
+
+    def commit_shards(self, path: str, shards: list[dict], schema: pa.Schema, lineage: dict | None = None,
+                      stats: dict | None = None) -> dict:
+        """Publish shards that workers wrote under ``path`` (each ``{path, rows, bytes, sha256}``,
+        in dataset order): the manifest, written last with an exclusive create."""
+        manifest = {
+            "format": DATASET_FORMAT,
+            "rows": sum(s["rows"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "shards": list(shards),
+            "schema": {f.name: str(f.type) for f in schema},
+            "arrow_schema": schema.serialize().to_pybytes().hex(),
+            "lineage": lineage or {},
+            "created": now_iso(),
+        }
+        if stats:
+            manifest["stats"] = stats
+        self.write_json(f"{path.rstrip('/')}/{MANIFEST}", manifest, exclusive=True)
+        return manifest
 
     # -- model / file-tree artifacts --------------------------------------
     def put_tree(self, local_dir: str | Path, path: str, lineage: dict | None = None) -> dict:
@@ -245,18 +277,37 @@ class ShardInfo:
     content: str = ""
 
 
-class DatasetWriter:
-    """Writes uniquely named Parquet shards, then the manifest (exclusive create) last."""
+def manifest_schema(manifest: dict) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(manifest["arrow_schema"])))
 
-    def __init__(self, storage: Storage, path: str, lineage: dict, rows_per_shard: int):
+
+# A shard is cut at ``rows_per_shard`` rows or about this many bytes of Arrow data, whichever
+# comes first, and written in row groups of about ROW_GROUP_BYTES: the unit a streaming reader
+# holds in memory and ``pipeline.streaming`` hands to one task.
+SHARD_BYTES = 128 * 2**20
+ROW_GROUP_BYTES = 16 * 2**20
+
+
+class DatasetWriter:
+    """Writes uniquely named Parquet shards, then the manifest (exclusive create) last.
+
+    ``prefix`` names the shards (``<prefix>-NNNNN-<token>.parquet``): workers writing pieces of
+    one dataset use distinct prefixes and hand their shard list (``finish``) to the driver,
+    which commits them all (``Storage.commit_shards``)."""
+
+    def __init__(self, storage: Storage, path: str, lineage: dict, rows_per_shard: int, prefix: str = "part",
+                 shard_bytes: int = SHARD_BYTES):
         self.storage, self.path, self.lineage = storage, path.rstrip("/"), lineage
         self.rows_per_shard = rows_per_shard
+        self.shard_bytes = shard_bytes
+        self.prefix = prefix
         self.schema: pa.Schema | None = None
         self.shards: list[ShardInfo] = []
         self._uploads: list = []  # futures of ShardInfo, in shard order
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+        self._pending_bytes = 0
         self._token = uuid.uuid4().hex[:8]
         self.committed = False
 
@@ -272,11 +323,15 @@ class DatasetWriter:
             return
         self._pending.append(table)
         self._pending_rows += table.num_rows
-        while self._pending_rows >= self.rows_per_shard:
+        self._pending_bytes += table.nbytes
+        while self._pending_rows >= self.rows_per_shard or self._pending_bytes >= self.shard_bytes:
             merged = pa.concat_tables(self._pending)
-            self._flush(merged.slice(0, self.rows_per_shard))
-            rest = merged.slice(self.rows_per_shard)
+            per_row = max(1, merged.nbytes // max(1, merged.num_rows))
+            cut = max(1, min(self.rows_per_shard, self.shard_bytes // per_row, merged.num_rows))
+            self._flush(merged.slice(0, cut))
+            rest = merged.slice(cut)
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            self._pending_bytes = rest.nbytes if rest.num_rows else 0
 
     def write_many(self, tables: Iterable[pa.Table]) -> None:
         for t in tables:
@@ -286,9 +341,11 @@ class DatasetWriter:
         """Encode a shard here and upload it (and checksum it) on a background thread, so the
         next shard is encoded while this one is written; at most two shards wait in memory."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        per_row = max(1, table.nbytes // max(1, table.num_rows))
+        pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(table.num_rows or 1,
+                                                                                 ROW_GROUP_BYTES // per_row)))
         data = sink.getvalue()
-        name = f"part-{len(self._uploads):05d}-{self._token}.parquet"
+        name = f"{self.prefix}-{len(self._uploads):05d}-{self._token}.parquet"
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-upload")
         while sum(not f.done() for f in self._uploads) >= 2:
@@ -300,6 +357,15 @@ class DatasetWriter:
         self.storage.put_bytes(f"{self.path}/{name}", view if self.storage.is_local else data.to_pybytes())
         content = row_hash_sum(table) if table is not None else ""  # here: overlaps the next shard's encoding
         return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest(), content)
+
+    def finish(self) -> list[dict]:
+        """Write what is pending and wait for every upload, publishing nothing: the shard list
+        (``{path, rows, bytes, sha256}``, in order) for whoever commits the dataset."""
+        if self._pending:
+            self._flush(pa.concat_tables(self._pending))
+            self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        self._finish_uploads()
+        return [dict(s.__dict__) for s in self.shards]
 
     def close(self) -> None:
         """Wait for the shards already handed to the upload thread, publishing nothing (a
@@ -323,24 +389,9 @@ class DatasetWriter:
             self.schema = schema
         if self.schema is None:
             raise StorageError(f"cannot commit {self.path}: no rows and no schema given")
-        if self._pending:
-            self._flush(pa.concat_tables(self._pending))
-            self._pending, self._pending_rows = [], 0
-        if not self._uploads:  # an empty dataset still carries its schema for readers
+        if not self._uploads and not self._pending:  # an empty dataset still carries its schema for readers
             self._flush(self.schema.empty_table())
-        self._finish_uploads()
-        manifest = {
-            "format": DATASET_FORMAT,
-            "rows": sum(s.rows for s in self.shards),
-            "bytes": sum(s.bytes for s in self.shards),
-            "shards": [s.__dict__ for s in self.shards],
-            "schema": {f.name: str(f.type) for f in self.schema},
-            "arrow_schema": self.schema.serialize().to_pybytes().hex(),
-            "lineage": self.lineage,
-            "created": now_iso(),
-        }
-        if stats:
-            manifest["stats"] = stats
-        self.storage.write_json(f"{self.path}/{MANIFEST}", manifest, exclusive=True)
+        shards = self.finish()
+        manifest = self.storage.commit_shards(self.path, shards, self.schema, self.lineage, stats)
         self.committed = True
         return manifest

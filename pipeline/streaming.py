@@ -183,6 +183,65 @@ class ActorRing:
         return ordered(items, submit, self.per_actor * len(self.actors))
 
 
+def _map_piece(fn: Callable, piece: Piece, specs: dict, columns: list[str] | None) -> dict:
+    """One piece through ``fn``: its outputs written here, shard lists and counts sent back."""
+    writers = {out: spec.writer(piece) for out, spec in specs.items()}
+    dropped: dict[str, dict[str, int]] = {}
+    rows = 0
+    for table in iter_piece(next(iter(specs.values())).storage, piece, columns):
+        outs, drops = fn(table)
+        rows += table.num_rows
+        for out, t in outs.items():
+            writers[out].write(t)
+        for kind, by_reason in (drops or {}).items():
+            for reason, n in by_reason.items():
+                if n:
+                    dropped.setdefault(kind, {})[reason] = dropped.setdefault(kind, {}).get(reason, 0) + int(n)
+    return {"shards": {out: w.finish() for out, w in writers.items()}, "dropped": dropped, "rows": rows,
+            "node": node_id()}
+
+
+def _ship_by_value(fn: Callable) -> None:
+    """A stage module outside the project's packages (``uses: my_module:MyStage`` from a folder on
+    the driver's path) may not be importable on the workers: its code travels with ``fn``."""
+    import sys
+
+    from ray import cloudpickle
+
+    name = getattr(fn, "__module__", None) or ""
+    mod = sys.modules.get(name)
+    if mod is not None and name.split(".")[0] not in ("pipeline", "stages") and name != "__main__":
+        cloudpickle.register_pickle_by_value(mod)
+
+
+def map_pieces(ctx, input: str, fn: Callable, outputs: dict[str, pa.Schema], columns: list[str] | None = None,
+               num_cpus: float = 1) -> int:
+    """The common streaming stage body: ``fn(table) -> ({output: table}, {kind: {reason: n}})`` runs
+    on each piece of dataset input ``input`` in Ray tasks across the cluster (batches of a piece in
+    turn), its tables written where it runs and its drop counts added to ``ctx``; then every output
+    is committed, in input order, with ``input_rows`` in its stats. Returns the input's row count."""
+    import ray
+
+    specs = {out: ctx.output_spec(out, schema) for out, schema in outputs.items()}
+    _ship_by_value(fn)
+    task = ray.remote(num_cpus=num_cpus, max_retries=3, scheduling_strategy="SPREAD")(_map_piece)
+    shards: dict[str, list] = {out: [] for out in outputs}
+    nodes: dict[str, int] = {}
+    rows = 0
+    fn_ref = ray.put(fn)
+    for _, res in ordered(ctx.input_pieces(input), lambda pc: task.remote(fn_ref, pc, specs, columns), parallelism()):
+        for out, lst in res["shards"].items():
+            shards[out].extend(lst)
+        for kind, by_reason in res["dropped"].items():
+            ctx.drop_counts(kind, by_reason)
+        rows += res["rows"]
+        nodes[res["node"]] = nodes.get(res["node"], 0) + res["rows"]
+    for out, schema in outputs.items():
+        ctx.commit_shards(out, shards[out], schema, stats={"input_rows": rows})
+    ctx.metrics["rows_per_node"] = nodes
+    return rows
+
+
 def parallelism(per_cpu: float = 1.0, cap: int = 64) -> int:
     """How many pieces to keep in flight: the cluster's CPUs (times ``per_cpu``), at least 2."""
     import ray
