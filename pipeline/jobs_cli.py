@@ -33,6 +33,35 @@ def _detached(job: str, address: str) -> None:
     raise typer.Exit(130)
 
 
+def _signals_interrupt() -> None:
+    """SIGTERM and SIGHUP (a supervisor or pod stopping this command) interrupt like Ctrl-C."""
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
+def _stop_job(client: JobsClient, job: str, why: str) -> None:
+    """Stop the Ray job (``--stop-on-exit``), retrying for a while: the Jobs API may be what failed."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.stop(job)
+            status = client.wait(job, timeout=60, poll=0.5)
+            console.print(f"stopped job {job} ({status}): {why}", highlight=False, soft_wrap=True)
+            return
+        except (JobsError, KeyboardInterrupt) as e:
+            if time.monotonic() > deadline:
+                console.print(f"could not stop job {job} ({why}): {e}", highlight=False, soft_wrap=True)
+                return
+            time.sleep(2)
+
+
 def _client(address: Optional[str], config: Optional[str]) -> JobsClient:
     _quiet_ray()
     try:
@@ -70,6 +99,9 @@ def submit_cmd(
                                               "(default: the current one)"),
     python: str = typer.Option("python", "--python", help="python on the cluster that has distill installed"),
     max_file_mb: float = typer.Option(MAX_FILE_BYTES / 2**20, "--max-file-mb", help="leave out larger files"),
+    stop_on_exit: bool = typer.Option(False, "--stop-on-exit", help="with --wait: stop the Ray job when this "
+                                      "command is stopped (SIGTERM, SIGINT, SIGHUP), times out or loses the Jobs API "
+                                      "(what a schedule's holder runs, so the job dies with its lease)"),
     json_: bool = JsonOpt,
 ):
     """Submit a pipeline as a Ray job: `distill run` on the cluster, writing to the config's storage root."""
@@ -95,13 +127,20 @@ def submit_cmd(
         out.print(f"dashboard: {sub.dashboard_url}", highlight=False, soft_wrap=True)
         out.print(f"run manifest (when done): {sub.manifest_uri()}", highlight=False, soft_wrap=True)
     if wait:
+        if stop_on_exit:
+            _signals_interrupt()
         try:
             status = client.wait(sub.submission_id, timeout=timeout,
                                  on_status=lambda s: console.print(f"{sub.submission_id}: {s}", highlight=False))
         except JobsError as e:
+            if stop_on_exit:
+                _stop_job(client, sub.submission_id, f"{e}")
             _fail(e)
             return
         except KeyboardInterrupt:
+            if stop_on_exit:
+                _stop_job(client, sub.submission_id, "this command was stopped")
+                raise typer.Exit(143)
             _detached(sub.submission_id, client.address.url)
         result["status"] = status
         if not json_:

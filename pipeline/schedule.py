@@ -269,7 +269,7 @@ def new_run_id(name: str) -> str:
 def job_command(sched: Schedule, run_id: str) -> list[str]:
     if sched.address:
         return [sys.executable, "-m", "pipeline.cli", "submit", sched.config, "--address", sched.address,
-                "--run-id", run_id, "--wait"]
+                "--run-id", run_id, "--wait", "--stop-on-exit"]
     return [sys.executable, "-m", "pipeline.cli", "run", sched.config, "--run-id", run_id]
 
 
@@ -327,6 +327,8 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
                        "trigger": trigger})
     started = time.time()
     _note_abandoned(st, sched, lease.state)
+    if sched.address:
+        _stop_orphan_ray_jobs(st, sched, lease.state)
     record(st, sched.name, "start", run_id,
            {"run_id": run_id, "slot": iso(lease.state["slot"]), "first_slot": iso(first_slot if first_slot else slot),
             "coalesced": coalesced, "trigger": trigger, "started": iso(started), "holder": lease.state["holder"],
@@ -421,6 +423,31 @@ def _note_abandoned(st: Storage, sched: Schedule, state: dict) -> None:
                     **summarize_run(st, prev)})
     except Exception as e:  # the history is a record; the run goes on
         log.warning("recording the abandoned run %s of %s: %s", prev, sched.name, e)
+
+
+def _stop_orphan_ray_jobs(st: Storage, sched: Schedule, state: dict) -> None:
+    """Before a Ray-job run starts: any job of this schedule's earlier runs still running on the
+    cluster (its holder died without stopping it) is stopped, and that is recorded."""
+    prev = state.get("previous_run_id")
+    if not prev:
+        return
+    try:
+        from .jobs import JobsClient, resolve_address
+
+        client = JobsClient(resolve_address(sched.address))
+        for info in client.list():
+            md = info.metadata or {}
+            status = getattr(info.status, "value", str(info.status))
+            if md.get("run_id") == prev and status in ("PENDING", "RUNNING"):
+                client.stop(info.submission_id)
+                final = client.wait(info.submission_id, timeout=120, poll=0.5)
+                record(st, sched.name, "orphan_stopped", prev,
+                       {"run_id": prev, "submission_id": info.submission_id, "status": final,
+                        "by_run_id": state["run_id"],
+                        "detail": f"job {info.submission_id} of run {prev} was still {status}; stopped ({final})"})
+    except Exception as e:  # the run goes on; the supervisor of the new job is unaffected
+        log.warning("looking for running jobs of %s's earlier run %s: %s", sched.name, prev, e)
+        record(st, sched.name, "orphan_check_failed", prev, {"run_id": prev, "detail": f"{type(e).__name__}: {e}"})
 
 
 def run_due(st: Storage, sched: Schedule, trigger: str = "cronjob", stop: threading.Event | None = None,

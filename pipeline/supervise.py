@@ -30,7 +30,7 @@ import time
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-GRACE_S = 10.0
+GRACE_S = 30.0  # a `distill submit --stop-on-exit` stops its Ray job in this time
 
 
 def _prctl(option: int, value: int) -> bool:

@@ -132,3 +132,44 @@ def test_a_real_job_is_stopped_when_its_lease_is_taken_over(tmp_path):
     assert event["status"] == "lease_lost" and "thief" in event["error_tail"], event
     assert still_running(job, wait=60) == set()
     assert read_lease(st, "n")[0]["run_id"] == "thief"
+
+
+# -- the holder's own decisions, with a fake job (no process needed) ------------------------------
+
+def _fake_job(calls: list):
+    def execute(sched, run_id, stop):
+        calls.append(run_id)
+        stop.wait(HANG_GUARD_S)  # runs until stopped; the guard only bounds a broken test
+        return (130 if stop.is_set() else 0), ""
+    return execute
+
+
+def test_a_holder_that_cannot_renew_fences_itself(tmp_path, monkeypatch):
+    """Renewals fail (the store is unreachable, the lease not lost): the holder stops its job
+    before ttl - margin, records self_fenced, and its lease is never taken while the job runs."""
+    from pipeline.lease import Lease
+    from pipeline.schedule import Schedule, add_schedule, run_slot
+
+    st = Storage(str(tmp_path / "root"))
+    sched = add_schedule(st, Schedule("s", "0 3 * * *", "cfg.yaml", lease_ttl_s=1.5))
+
+    def unreachable(self, ttl=None):
+        raise OSError("store unreachable")
+
+    monkeypatch.setattr(Lease, "renew", unreachable)
+    calls: list = []
+    event = run_slot(st, sched, None, "run-now", execute=_fake_job(calls))
+    assert event["status"] == "self_fenced" and "self-fenced" in event["error_tail"], event
+    assert len(calls) == 1
+    state = read_lease(st, "s")[0]
+    assert state["run_id"] == event["run_id"]  # nobody took it while the job ran...
+    assert state["released"] and state["status"] == "self_fenced"  # ...and it was given back once stopped
+
+
+def test_a_run_past_its_maximum_time_is_stopped(tmp_path):
+    from pipeline.schedule import Schedule, add_schedule, run_slot
+
+    st = Storage(str(tmp_path / "root"))
+    sched = add_schedule(st, Schedule("s", "0 3 * * *", "cfg.yaml", max_run_s=1.0))
+    event = run_slot(st, sched, None, "run-now", execute=_fake_job([]))
+    assert event["status"] == "timeout" and "maximum run time of 1s" in event["error_tail"], event
