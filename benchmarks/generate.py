@@ -1,4 +1,5 @@
-"""benchmarks `generate`, `generate-startup`, `generate-variable` and `generate-variable-single`.
+"""benchmarks `generate`, `generate-startup`, `generate-variable`, `generate-variable-single` and
+`generate-longtail` (with `-chunked` and `-async`).
 
 Every side runs on a warm engine, ``BENCH_RUNS`` (default 3) times, interleaved (rounds
 alternate which side goes first); each line gives the ratio of medians, the worst/best pairing
@@ -25,9 +26,24 @@ alternate which side goes first); each line gives the ratio of medians, the wors
   the stage's per-prompt seeds and prompt tokens, so all sides generate the same tokens
   (``tokens`` per side).
 
-Run: ``python benchmarks/generate.py [generate] [generate-variable]`` (both by default).
+- `generate-longtail`: R1-like long tails. A Llama built so that each output ends at a natural
+  EOS after a geometric number of tokens whose mean is drawn per output from a lognormal
+  (``build_longtail_model``): p50 about half the mean, p99 over 8x p50 (``lengths``).
+  ``8 x BENCH_LONGTAIL_WINDOW`` prompts; every engine caps running sequences at the window
+  (``max_num_seqs``) and the stage keeps ``max_inflight`` = the window per replica, refilled
+  per request. Against one ``LLM.generate`` over all prompts (`generate-longtail`), chunked
+  ``LLM.generate`` with chunks of the window (`generate-longtail-chunked`: distilabel's and
+  open-r1's pattern), and vLLM's ``AsyncLLM`` driven by an asyncio loop of the window's
+  concurrency (`generate-longtail-async`: NeMo-Skills' pattern). ``mean_running``: completion
+  tokens per engine iteration, per side.
+
+Run: ``python benchmarks/generate.py [generate] [generate-variable] [generate-longtail]`` (all by
+default).
 Settings through the environment: ``BENCH_RUNS``; ``BENCH_PROMPTS``, ``BENCH_TOKENS`` (`generate`);
-``BENCH_VARIABLE_PROMPTS``, ``BENCH_MEAN_LEN``, ``BENCH_VARIABLE_MAX_TOKENS``; ``BENCH_LAYERS``,
+``BENCH_VARIABLE_PROMPTS``, ``BENCH_MEAN_LEN``, ``BENCH_VARIABLE_MAX_TOKENS``; ``BENCH_LONGTAIL_WINDOW``
+(16), ``BENCH_LONGTAIL_PROMPTS`` (8 x the window), ``BENCH_LONGTAIL_MEDIAN`` (30),
+``BENCH_LONGTAIL_SIGMA`` (0.7), ``BENCH_LONGTAIL_MAX_MODEL_LEN`` (2048), ``BENCH_LONGTAIL_HIDDEN``
+(512, at least the vocabulary); ``BENCH_LAYERS``,
 ``BENCH_HIDDEN`` (the built models); ``BENCH_MODEL`` (a model folder for `generate` instead of
 the built one); ``BENCH_ENGINE`` (JSON merged into the engine settings, for both sides).
 
@@ -41,6 +57,16 @@ has no vLLM)::
 
 (two engines share the GPU: the raw one in this process and the stage's in its actor, hence
 0.45 each; or set ``BENCH_MODEL=/models/Qwen2.5-7B-Instruct`` for `generate`).
+
+The long-tail case on a GPU, at NeMo-Skills' concurrency (three engines share the GPU: the raw
+``LLM``, the ``AsyncLLM`` and the stage's actor, hence 0.3 each), R1-like lengths scaled to the
+context (median class length 1,500 tokens, sigma 0.7: mean about 1,850, p99 over 13,000 is
+truncated at 16k)::
+
+    BENCH_ENGINE='{"num_gpus": 1, "dtype": "bfloat16", "enforce_eager": false,
+                   "gpu_memory_utilization": 0.3, "kv_cache_gb": null}' \
+    BENCH_LONGTAIL_WINDOW=512 BENCH_LONGTAIL_MEDIAN=1500 BENCH_LONGTAIL_MAX_MODEL_LEN=16384 \
+    BENCH_LAYERS=24 python benchmarks/generate.py generate-longtail
 
 Roofline. Decoding is bound by memory traffic: each engine step reads every weight once and
 each running sequence's KV cache, so tokens/s <= B x HBM_bandwidth / (weight_bytes + B x
@@ -132,13 +158,13 @@ class Raw:
     """``vllm.LLM`` in this process, with the engine settings the stage's actor gets, fed the
     token ids the stage's actor builds (chat template, then the tokenizer)."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, engine: dict | None = None):
         t0 = time.time()  # importing vLLM counts, as it does in the stage's actor
         from vllm import LLM
 
         from stages.common.engine import EngineSpec
 
-        self.llm = LLM(model=model, **EngineSpec(**ENGINE).llm_kwargs())
+        self.llm = LLM(model=model, **EngineSpec(**(engine or ENGINE)).llm_kwargs())
         self.startup = time.time() - t0
         self.tok = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
@@ -191,8 +217,9 @@ class Raw:
 class Stage:
     """The generate stage through the DAG runner, each run in a fresh storage root."""
 
-    def __init__(self, tmp: Path, name: str, model: str, src: Path, sampling: dict):
+    def __init__(self, tmp: Path, name: str, model: str, src: Path, sampling: dict, engine: dict | None = None):
         self.tmp, self.name, self.model, self.src, self.sampling = tmp, name, model, src, sampling
+        self.engine = engine or {**ENGINE, "batch_size": BATCH_SIZE}  # 8 chunks' worth in flight (default)
         self.records: list[dict] = []
 
     def run(self) -> dict:
@@ -208,7 +235,7 @@ class Stage:
                 "prompts": {"params": {"path": str(self.src)}},
                 "generate": {"inputs": {"prompts": "prompts.prompts"}, "params": {
                     "model": self.model, "sampling": {"n": 1, "temperature": 1.0, "seed": 0, **self.sampling},
-                    "engine": {**ENGINE, "batch_size": BATCH_SIZE}}},  # 8 chunks in flight (default)
+                    "engine": self.engine}},
             },
         }))
         result = Runner(load_config(cfg)).run()
@@ -311,12 +338,218 @@ def bench_variable(tmp: Path) -> None:
                  baseline_is="one LLM.generate over all prompts", **common)
 
 
+LT_WINDOW = int(os.environ.get("BENCH_LONGTAIL_WINDOW", "16"))
+LT_PROMPTS = int(os.environ.get("BENCH_LONGTAIL_PROMPTS", str(8 * LT_WINDOW)))
+LT_MEDIAN = float(os.environ.get("BENCH_LONGTAIL_MEDIAN", "30"))  # median of the per-class mean lengths
+LT_SIGMA = float(os.environ.get("BENCH_LONGTAIL_SIGMA", "0.7"))
+LT_MAX_LEN = int(os.environ.get("BENCH_LONGTAIL_MAX_MODEL_LEN", "2048"))
+LT_HIDDEN = int(os.environ.get("BENCH_LONGTAIL_HIDDEN", "512"))
+
+
+def build_longtail_model(out: Path, median: float, sigma: float) -> str:
+    """A Llama whose outputs end at a natural EOS after a long-tailed number of tokens.
+
+    The residual stream is the current token's one-hot embedding (attention and MLP outputs
+    zeroed, their compute still done; ``hidden`` >= the vocabulary). After the prompt the first
+    token is uniform over the vocabulary; from then on every token repeats itself, and ends with
+    probability 1/L_t per step, with L_t drawn once per token from a lognormal (median
+    ``median``, ``sigma``): each output is geometric with its first token's mean length, and the
+    mixture has p50 about half its mean and p99 over 8x its p50 (``lengths`` in the line)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    build_model(out, layers=LAYERS, hidden=LT_HIDDEN, max_pos=LT_MAX_LEN)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = LlamaForCausalLM.from_pretrained(out)
+    cfg = model.config
+    vocab, hidden = cfg.vocab_size, cfg.hidden_size
+    if hidden < vocab:
+        raise SystemExit(f"BENCH_LONGTAIL_HIDDEN {hidden} < vocabulary {vocab}: embeddings cannot be one-hot")
+    cfg.tie_word_embeddings = False
+    fresh = LlamaForCausalLM(cfg)
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    templated = tok.apply_chat_template([{"role": "user", "content": "1 + 1"}], add_generation_prompt=True, tokenize=False)
+    tail = set(tok(templated, add_special_tokens=False)["input_ids"][-2:])  # what precedes the first output token
+    uniform = tail | {tok.eos_token_id, tok.pad_token_id} - {None}
+    rng = np.random.default_rng(0)
+    mean_len = np.maximum(1.5, np.exp(np.log(median) + sigma * rng.standard_normal(vocab)))
+    stay = 30.0  # logit of repeating: every other token (EOS aside) has logit 0, e^-30 apart
+    scale = math.sqrt(hidden)  # a one-hot row after RMSNorm: sqrt(hidden) in its dimension
+    with torch.no_grad():
+        fresh.model.embed_tokens.weight.zero_()
+        fresh.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        for layer in fresh.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        fresh.model.norm.weight.fill_(1.0)
+        head = fresh.lm_head.weight
+        head.zero_()
+        for t in range(vocab):
+            if t in uniform:
+                continue  # zero logits: uniform next token
+            h = 1.0 / mean_len[t]
+            head[t, t] = stay / scale
+            head[tok.eos_token_id, t] = (stay + math.log(h / (1 - h))) / scale
+    fresh.save_pretrained(out)
+    return str(out)
+
+
+class AsyncSide:
+    """vLLM's own async engine (``AsyncLLM``) in this process, driven by an asyncio loop that
+    keeps ``concurrency`` requests in flight, starting one as each ends (NeMo-Skills' pattern)."""
+
+    def __init__(self, model: str, engine: dict):
+        import asyncio
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from stages.common.engine import EngineSpec
+
+        self.loop = asyncio.new_event_loop()
+        kw = EngineSpec(**engine).llm_kwargs()
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **kw))
+
+    def run(self, ps: list, sps: list, concurrency: int) -> tuple[float, list[int]]:
+        import asyncio
+
+        from vllm.sampling_params import RequestOutputKind
+
+        async def main() -> list[int]:
+            sem = asyncio.Semaphore(concurrency)
+            run_id = time.time_ns()
+
+            async def one(i: int) -> int:
+                async with sem:
+                    sp = sps[i].clone()
+                    sp.output_kind = RequestOutputKind.FINAL_ONLY
+                    final = None
+                    async for out in self.llm.generate(ps[i], sp, request_id=f"{run_id}-{i}"):
+                        final = out
+                    return len(final.outputs[0].token_ids)
+
+            return list(await asyncio.gather(*(one(i) for i in range(len(ps)))))
+
+        t0 = time.perf_counter()
+        lengths = self.loop.run_until_complete(main())
+        return time.perf_counter() - t0, lengths
+
+    def close(self) -> None:
+        self.llm.shutdown()
+        self.loop.close()
+
+
+def iterations() -> tuple[float, float]:
+    """vLLM's own count of engine iterations (and tokens) in this process, from its Prometheus
+    histogram ``vllm:iteration_tokens_total`` (engines made with ``disable_log_stats: false``)."""
+    from vllm.v1.metrics.reader import Histogram, get_metrics_snapshot
+
+    count = total = 0.0
+    for m in get_metrics_snapshot():
+        if isinstance(m, Histogram) and m.name == "vllm:iteration_tokens_total":
+            count, total = count + m.count, total + m.sum
+    return count, total
+
+
+def bench_longtail(tmp: Path) -> None:
+    """`generate-longtail`: the stage (per-request refill, ``max_inflight`` = the window) against
+    one ``LLM.generate`` over all prompts, ``LLM.generate`` per chunk of the window, and vLLM's
+    async engine with an asyncio loop of the window's concurrency. Every engine caps running
+    sequences at the window (``max_num_seqs``); all sides send the same token ids with the
+    stage's seeds, so they generate the same tokens. ``mean_running`` per side: completion
+    tokens ÷ engine iterations (the mean running sequences per decode step); the iterations
+    of the async engine and of the stage's engine actor from vLLM's own stats (Prometheus
+    ``vllm:iteration_tokens_total``), those of ``LLM.generate`` (whose offline engine records
+    none) from its ``step`` calls. ``engine_seconds``: the stage's time inside its engine."""
+    import ray
+
+    model = build_longtail_model(tmp / "longtail-model", LT_MEDIAN, LT_SIGMA)
+    prompts = write_prompts(tmp / "lt-prompts.jsonl", LT_PROMPTS, seed=13)
+    engine = {**ENGINE, "max_model_len": LT_MAX_LEN, "max_num_seqs": LT_WINDOW,
+              "options": {**ENGINE.get("options", {}), "disable_log_stats": False}}
+    max_tokens = LT_MAX_LEN - 64
+    stage = Stage(tmp, "longtail", model, tmp / "lt-prompts.jsonl", {"max_tokens": max_tokens},
+                  engine={**engine, "max_inflight": LT_WINDOW, "batch_size": BATCH_SIZE})
+    from stages.common.engine import _KEPT
+
+    stage_its: list[float] = []
+
+    def actor_iterations() -> float:
+        pool = next(iter(_KEPT.values()))
+        stats = ray.get(pool.actors[0].vllm_stats.remote())
+        return stats.get("vllm:iteration_tokens_total", {}).get("count", 0.0)
+
+    stage.run()  # starts the engine actor (kept), and warms it
+    raw = Raw(model, engine)
+    ps, sps = raw.requests(prompts, max_tokens, ignore_eos=False)
+    raw.run(ps[:LT_WINDOW], sps[:LT_WINDOW])  # warm up
+    asy = AsyncSide(model, engine)
+    asy.run(ps[:LT_WINDOW], sps[:LT_WINDOW], LT_WINDOW)  # warm up
+    lengths: dict[str, list[int]] = {}
+    its: dict[str, list[float]] = {"single": [], "chunked": [], "async": []}
+
+    def raw_side(chunk: int | None, name: str):
+        def run() -> float:
+            steps = raw.steps  # LLM.generate's engine steps (its Prometheus stats stay empty offline)
+            secs, lens = raw.run(ps, sps, chunk)
+            its[name].append(raw.steps - steps)
+            lengths[name] = lens
+            return sum(lens) / secs
+        return run
+
+    def async_side() -> float:
+        c0, _ = iterations()
+        secs, lens = asy.run(ps, sps, LT_WINDOW)
+        its["async"].append(iterations()[0] - c0)
+        lengths["async"] = lens
+        return sum(lens) / secs
+
+    def ours() -> float:
+        before = actor_iterations()
+        s = stage.run()
+        stage_its.append(actor_iterations() - before)
+        return s["metrics"]["completion_tokens"] / s["busy_seconds"]
+
+    r = interleaved({"single": raw_side(None, "single"), "ours": ours, "chunked": raw_side(LT_WINDOW, "chunked"),
+                     "async": async_side}, alternate=True)
+    asy.close()
+    raw.close()
+    from stages.common.engine import shutdown_kept
+
+    shutdown_kept()
+    runs = stage.records[1:]
+    tokens = {"ours": runs[-1]["metrics"]["completion_tokens"],
+              **{k: sum(v) for k, v in lengths.items()}}
+
+    def mean_running(tok: int, it: list[float]) -> list[float | None]:
+        return [round(tok / i, 2) if i else None for i in it]
+
+    running = {"ours": mean_running(tokens["ours"], stage_its),
+               **{k: mean_running(tokens[k], its[k]) for k in its}}
+    q = quantiles(lengths["single"])
+    q["p99"] = sorted(lengths["single"])[min(len(prompts) - 1, int(0.99 * len(prompts)))]
+    q["p50_over_mean"] = round(q["p50"] / q["mean"], 2)
+    q["p99_over_p50"] = round(q["p99"] / max(1, q["p50"]), 1)
+    common = {"sequences": len(prompts), "window": LT_WINDOW, "max_tokens": max_tokens, "lengths": q,
+              "tokens": tokens, "truncated": sum(n >= max_tokens for n in lengths["single"]),
+              "mean_running": running, "overhead_fraction": [s["metrics"]["overhead"]["fraction"] for s in runs],
+              "engine_seconds": [s["metrics"]["overhead"]["engine_s"] for s in runs],
+              "busy_seconds": [round(s["busy_seconds"], 3) for s in runs]}
+    emit_medians("generate-longtail", r["ours"], r["single"], "tok/s",
+                 baseline_is="one LLM.generate over all prompts (max_num_seqs = window)", **common)
+    emit_medians("generate-longtail-chunked", r["ours"], r["chunked"], "tok/s",
+                 baseline_is=f"LLM.generate per chunk of {LT_WINDOW} (the window)", **common)
+    emit_medians("generate-longtail-async", r["ours"], r["async"], "tok/s",
+                 baseline_is=f"vLLM AsyncLLM driven by an asyncio loop of {LT_WINDOW} concurrent requests", **common)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["DISTILL_KEEP_ENGINES"] = "1"  # the stage's engine stays warm across runs
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # stdout: the JSON lines, mostly
-    which = sys.argv[1:] or ["generate", "generate-variable"]
+    which = sys.argv[1:] or ["generate", "generate-variable", "generate-longtail"]
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -326,6 +559,8 @@ def main() -> None:
                 bench_generate(Path(tmp))
             if "generate-variable" in which:
                 bench_variable(Path(tmp))
+            if "generate-longtail" in which:
+                bench_longtail(Path(tmp))
     finally:
         ray.shutdown()
 

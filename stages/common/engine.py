@@ -346,6 +346,19 @@ class EngineActor:
             self._outbox.pop(client, None)
         return dropped
 
+    def vllm_stats(self) -> dict:
+        """vLLM's own Prometheus metrics in this process (with ``disable_log_stats: false`` in the
+        engine options): histograms as ``{"sum", "count"}``, counters and gauges as values."""
+        from vllm.v1.metrics.reader import Histogram, get_metrics_snapshot
+
+        out: dict = {}
+        for m in get_metrics_snapshot():
+            if isinstance(m, Histogram):
+                out[m.name] = {"sum": m.sum, "count": m.count}
+            elif hasattr(m, "value"):
+                out[m.name] = m.value
+        return out
+
     def events(self, since: int = 0) -> list[tuple]:
         """The log of units entering and leaving the engine: ``(seq, "enter"|"leave", ticket, prompt_id)``."""
         return [e for e in list(self._events) if e[0] >= since]
