@@ -74,9 +74,6 @@ MUTATIONS: list[Mutation] = [
     M("generation-error", CHECK, '        return Verdict("error", "generation_error", error, None)',
       '        return Verdict("rejected", "generation_error", error, None)', ("tests/test_checkers.py",),
       "an engine error becomes a rejection (a wrong answer)"),
-    # scoring
-    M("scoring-errored", "stages/common/scoring.py", 'errored=r["verdict"] == "error"', "errored=False",
-      SOLVER_TESTS, "errors are scored as wrong answers"),
     # metrics
     M("pass-at-k-edge", METRICS, "if n - c < k:", "if n - c <= k:", ("tests/test_metrics.py",),
       "pass@k's shortcut taken one too early"),
@@ -95,7 +92,13 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_verifier.py",), "timeouts not counted"),
     M("verifier-cache-errors", VERIFIER, 'if err is None or err == "timeout":', "if True:",
       ("tests/test_verifier.py",), "infrastructure faults cached as answers"),
-    # held-out overlap
+    # text normalisation and the sandbox
+    M("textnorm-case", "stages/common/textnorm.py", "low = chr(c).lower()", "low = chr(c)",
+      ("tests/test_textnorm.py",), "case folding dropped"),
+    M("sandbox-outputs", "stages/common/sandbox.py", "return _lines(got) == _lines(expected)",
+      "return _lines(got)[:len(_lines(expected))] == _lines(expected)", ("tests/test_sandbox.py::test_outputs_match_trims_trailing_whitespace_only",),
+      "a prefix of the expected output passes"),
+    # slower: Ray, engines (the solver model)
     M("heldout-ids", "stages/common/heldout.py",
       'leaked = sorted({r["prompt_id"] for r in prompts} & train_ids)', "leaked = []",
       ("tests/test_feedback_loop.py::test_hard_prompts_refuse_a_pool_that_overlaps_the_heldout_set",),
@@ -103,12 +106,8 @@ MUTATIONS: list[Mutation] = [
     M("ngram-default", "stages/common/ngrams.py", "DEFAULT_NGRAM = 13", "DEFAULT_NGRAM = 14",
       ("tests/test_eval_contamination.py::test_evaluate_refuses_ngram_overlap_before_engines",),
       "the documented 13-gram rule changed"),
-    # text normalisation and the sandbox
-    M("textnorm-case", "stages/common/textnorm.py", "low = chr(c).lower()", "low = chr(c)",
-      ("tests/test_textnorm.py",), "case folding dropped"),
-    M("sandbox-outputs", "stages/common/sandbox.py", "return _lines(got) == _lines(expected)",
-      "return _lines(got)[:len(_lines(expected))] == _lines(expected)", ("tests/test_sandbox.py::test_outputs_match_trims_trailing_whitespace_only",),
-      "a prefix of the expected output passes"),
+    M("scoring-errored", "stages/common/scoring.py", 'errored=r["verdict"] == "error"', "errored=False",
+      SOLVER_TESTS, "errors are scored as wrong answers"),
 ]
 
 
