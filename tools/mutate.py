@@ -136,6 +136,14 @@ def _pytest(tree: Path, tests: tuple[str, ...], log: Path, timeout: float) -> in
             return -1
 
 
+def _failed(log: Path) -> bool:
+    """Whether pytest's summary counts a failed test (not only errors at setup or collection)."""
+    import re
+
+    tail = log.read_text(errors="replace")[-4000:]
+    return bool(re.search(r"\b\d+ failed\b", tail))
+
+
 def run(mutations: list[Mutation], timeout: float, keep: bool, baseline: bool) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="distill-mutate-"))
     tree = _scratch(root)
@@ -163,7 +171,8 @@ def run(mutations: list[Mutation], timeout: float, keep: bool, baseline: bool) -
                     rc = _pytest(tree, m.tests, log, timeout)
                 finally:
                     path.write_text(text)
-                result = "caught" if rc == 1 else "survived" if rc == 0 else "timeout" if rc == -1 else "error"
+                result = "caught" if rc == 1 and _failed(log) else "survived" if rc == 0 else \
+                    "timeout" if rc == -1 else "error"  # an error at setup (e.g. Ray did not start) is no catch
                 res = {"name": m.name, "result": result, "rc": rc, "seconds": round(time.monotonic() - t0, 1),
                        "path": m.path, "tests": list(m.tests), "why": m.why}
                 if result != "caught":
