@@ -53,10 +53,10 @@ EXCLUDES = [
 ]
 # Files left out by what they hold, whatever their name: private keys, cloud credential files,
 # netrc entries, service-account keys (read: the first CONTENT_SCAN_BYTES of files up to 1 MiB).
-_CREDENTIAL_SHAPES = re.compile(
-    rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----|aws_secret_access_key\s*=|aws_session_token\s*=|"
-    rb"\"private_key\"\s*:|^\s*machine\s+\S+\s+login\s+\S+\s+password\s|(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])",
-    re.M | re.I)
+_CREDENTIAL_SHAPES = re.compile(  # case-sensitive: the shapes of key and credential files, not docs naming them
+    rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----|aws_secret_access_key\s*=\s*[^\s$<{]|aws_session_token\s*=\s*[^\s$<{]|"
+    rb"\"private_key\"\s*:\s*\"-----BEGIN|^\s*machine\s+\S+\s+login\s+\S+\s+password\s|"
+    rb"(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])", re.M)
 CONTENT_SCAN_BYTES = 1 << 20
 MAX_FILE_BYTES = 10 * 2**20  # larger files are left out (Ray warns at 10 MiB a file); --max-file-mb changes it
 _ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")

@@ -195,7 +195,14 @@ class RedactingStream(io.TextIOBase):
             self._buf = ""
 
     def isatty(self) -> bool:
-        return self.inner.isatty()
+        try:
+            return self.inner.isatty()
+        except (ValueError, OSError):
+            return False
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self.inner, "closed", False)
 
     def fileno(self) -> int:
         return self.inner.fileno()
