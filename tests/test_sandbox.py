@@ -132,6 +132,8 @@ def test_outputs_match_trims_trailing_whitespace_only():
     assert outputs_match("1 2  \n3\t\n\n\n", "1 2\n3")
     assert outputs_match("a\r\nb\r\n", "a\nb\n")
     assert not outputs_match("1\n2", "1\n2\n3")  # a prefix of the expected lines
+    assert not outputs_match("1\n2\n3", "1\n2")  # more lines than expected
+    assert not outputs_match("1\n2\n\n3", "1\n2\n")  # more after an empty line
     assert not outputs_match(" 1", "1")  # leading whitespace counts
     assert not outputs_match("1\n\n2", "1\n2")  # inner empty lines count
 

@@ -71,8 +71,9 @@ MUTATIONS: list[Mutation] = [
       "a truncated sample passes"),
     M("empty-reasoning", CHECK, "    if not reasoning.strip():", "    if False:", ("tests/test_checkers.py",),
       "an empty think block passes"),
-    M("generation-error", CHECK, '        return Verdict("error", "generation_error", error, None)',
-      '        return Verdict("rejected", "generation_error", error, None)', ("tests/test_checkers.py",),
+    M("generation-error", CHECK, 'parts``."""\n    if error:\n        return Verdict("error", "generation_error", error, None)',
+      'parts``."""\n    if error:\n        return Verdict("rejected", "generation_error", error, None)',
+      ("tests/test_checkers.py",),
       "an engine error becomes a rejection (a wrong answer)"),
     # metrics
     M("pass-at-k-edge", METRICS, "if n - c < k:", "if n - c <= k:", ("tests/test_metrics.py",),
@@ -100,7 +101,7 @@ MUTATIONS: list[Mutation] = [
       "a prefix of the expected output passes"),
     # slower: Ray, engines (the solver model)
     M("heldout-ids", "stages/common/heldout.py",
-      'leaked = sorted({r["prompt_id"] for r in prompts} & train_ids)', "leaked = []",
+      'leaked |= held & set(t.column("prompt_id").to_pylist())', "leaked |= set()",
       ("tests/test_feedback_loop.py::test_hard_prompts_refuse_a_pool_that_overlaps_the_heldout_set",),
       "a shared prompt_id is not refused"),
     M("ngram-default", "stages/common/ngrams.py", "DEFAULT_NGRAM = 13", "DEFAULT_NGRAM = 14",
