@@ -1,10 +1,14 @@
 """benchmarks `verify`, `verify-scaling` and `verify-agreement`.
 
 `verify`: verifier-service checks/s with one worker process ÷ raw single-process
-math-verify (`parse` + `verify`) on the same unique (gold, answer) pairs.
-`verify-scaling`: two workers ÷ one worker on fresh unique pairs.
-Pairs are unique and never string-equal, so neither side's caches or fast paths help; each
-round draws fresh pairs (the same ones for `verify`'s two sides). Each side runs ``BENCH_RUNS``
+math-verify (`parse` + `verify`) on the same unique (gold, answer) pairs, the raw side given the
+service's exact-string shortcut (both answers equal after ``checkers._normalize``: settled
+without parsing; ``shortcut_share`` is the share of pairs it settles).
+`verify-scaling`: two workers ÷ one worker, on the same pairs.
+`verify-pool`: two workers ÷ a ``multiprocessing.Pool(2)`` of raw math-verify (the same
+shortcut), started and warmed before the timing as the service's workers are, same pairs.
+Pairs are unique and never string-equal, so no cache helps; each round draws fresh pairs, the
+same ones for every side. Each side runs ``BENCH_RUNS``
 (default 3) times, interleaved; lines give the ratio of medians with its spread.
 
 `verify-agreement`: the share of (gold, completion) pairs on which the project's verdict
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, emit, emit_medians, interleaved  # noqa: E402
+from _common import REPO, RUNS, emit, emit_medians, interleaved  # noqa: E402
 
 N = 400
 DATA = REPO.parent / "shared" / "data"
@@ -52,14 +56,43 @@ def pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def raw(ps) -> float:
+def raw_check(pair: tuple[str, str]) -> bool:
+    """Raw math-verify on one pair, given the same exact-string shortcut the service takes
+    (``checkers._normalize`` of both sides equal: settled without parsing)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+    from stages.common.checkers import _normalize
+
+    g, p = pair
+    if _normalize(g) == _normalize(p):
+        return True
     cfg = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    return bool(verify(parse("\\boxed{" + g + "}", extraction_config=cfg), parse("\\boxed{" + p + "}", extraction_config=cfg)))
+
+
+def raw(ps) -> float:
     t0 = time.perf_counter()
-    for g, p in ps:
-        verify(parse("\\boxed{" + g + "}", extraction_config=cfg), parse("\\boxed{" + p + "}", extraction_config=cfg))
+    for pair in ps:
+        raw_check(pair)
     return len(ps) / (time.perf_counter() - t0)
+
+
+def raw_pool(ps, workers: int) -> float:
+    """A ``multiprocessing.Pool`` of raw math-verify (the same shortcut), started and warmed
+    before the timing, as the service's workers are."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(raw_check, pairs(workers * 4, seed=999))  # imports
+        t0 = time.perf_counter()
+        pool.map(raw_check, ps)
+        return len(ps) / (time.perf_counter() - t0)
+
+
+def shortcut_share(ps) -> float:
+    from stages.common.checkers import _normalize
+
+    return sum(_normalize(g) == _normalize(p) for g, p in ps) / len(ps)
 
 
 def service(ps, workers: int) -> float:
@@ -271,17 +304,25 @@ def main() -> None:
     which = sys.argv[1:] or ["verify", "verify-agreement"]
     if "verify" in which:
         raw(pairs(20, seed=998))  # import + first-call costs out of the timing
-        rounds = {"raw": 0, "one": 0, "two": 0}
+        rounds = {"raw": 0, "one": 0, "two": 0, "raw_pool": 0}
 
-        def fresh(side: str, offset: int) -> list:  # new pairs every round; raw and one share them
+        def fresh(side: str, offset: int) -> list:  # new pairs every round, the same for every side
             rounds[side] += 1
             return pairs(N, seed=offset + rounds[side])
 
-        r = interleaved({"raw": lambda: raw(fresh("raw", 100)),  # caches are per process:
-                         "one": lambda: service(fresh("one", 100), 1),  # the service's workers are new
-                         "two": lambda: service(fresh("two", 200), 2)}, alternate=True)
-        emit_medians("verify", r["one"], r["raw"], "checks/s", pairs=N)
-        emit_medians("verify-scaling", r["two"], r["one"], "checks/s", workers=2, pairs=N)
+        # every side checks the same pairs in the same round (caches are per process: the
+        # service's workers and the pool's are new each run)
+        r = interleaved({"raw": lambda: raw(fresh("raw", 100)),
+                         "one": lambda: service(fresh("one", 100), 1),
+                         "two": lambda: service(fresh("two", 100), 2),
+                         "raw_pool": lambda: raw_pool(fresh("raw_pool", 100), 2)}, alternate=True)
+        share = round(sum(shortcut_share(pairs(N, seed=100 + i)) for i in range(1, RUNS + 1)) / RUNS, 3)
+        emit_medians("verify", r["one"], r["raw"], "checks/s", pairs=N, shortcut_share=share,
+                     baseline_is="raw math-verify in one process, given the service's exact-string shortcut")
+        emit_medians("verify-scaling", r["two"], r["one"], "checks/s", workers=2, pairs=N,
+                     note="both sides on the same pairs")
+        emit_medians("verify-pool", r["two"], r["raw_pool"], "checks/s", workers=2, pairs=N, shortcut_share=share,
+                     baseline_is="multiprocessing.Pool(2) of raw math-verify with the same shortcut, same pairs")
     if "verify-agreement" in which:
         agreement()
 
