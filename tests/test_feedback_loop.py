@@ -58,6 +58,7 @@ def test_hard_prompts_refuse_a_pool_that_overlaps_the_heldout_set(ray_local, tin
     result = Runner(load_config(_config(tmp_path, tiny_model, POOL + HELDOUT[:1]))).run()
     assert not result.ok
     assert "overlap the training data" in result.stage_errors["hard"]
+    assert "1 shared prompt_id(s)" in result.stage_errors["hard"]  # found by its id (the same prompt)
 
 
 @pytest.mark.engine
