@@ -1,5 +1,6 @@
 """The run report (``distill report``): its numbers against the manifests of a small real run
-(prompts -> vLLM generate -> verify -> dedupe -> decontaminate -> evaluate with vLLM), its
+(prompts -> vLLM generate -> verify -> dedupe -> decontaminate -> evaluate with vLLM, whose
+student is the session's solver, so its figures are not all zero), its
 sections, its errors, and the one-line ``distill datasets ls``."""
 from __future__ import annotations
 
@@ -49,24 +50,25 @@ stages:
   decontaminate:
     inputs: {{samples: dedupe.sft, eval: eval_prompts.prompts}}
     params: {{ngram: 8}}
-  evaluate:
+  evaluate:  # the student is the session's solver (it solves some held-out problems), the teacher untrained
     inputs: {{prompts: eval_prompts.prompts, train: decontaminate.clean}}
     params:
-      student: {model}
+      student: {solver}
       teacher: {model}
-      sampling: {{n: {n}, temperature: 1.0, max_tokens: 16, seed: 2}}
+      sampling: {{n: {n}, temperature: 1.0, max_tokens: 48, seed: 2}}
       ks: [1, 2]
-      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 4}}  # as test_pipeline_e2e: its kept engine serves here
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 16}}  # as test_evaluate_metrics: its kept engine
 """
 
 
 @pytest.fixture(scope="module")
-def real_run(ray_local, tiny_model, tmp_path_factory):
+def real_run(ray_local, tiny_model, solver_model, solver_eval_rows, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report-run")
     src = write_jsonl(tmp / "src.jsonl", TRAIN + [{"q": LEAK, "a": "17"}, {"q": "no answer here"}])
-    eval_src = write_jsonl(tmp / "eval.jsonl", EVAL)
+    eval_src = write_jsonl(tmp / "eval.jsonl", EVAL + [{"q": r["prompt"], "a": r["answer"]} for r in solver_eval_rows[:12]])
     cfg = tmp / "p.yaml"
-    cfg.write_text(CONFIG.format(root=tmp / "root", src=src, eval_src=eval_src, model=tiny_model, n=N))
+    cfg.write_text(CONFIG.format(root=tmp / "root", src=src, eval_src=eval_src, model=tiny_model, solver=solver_model,
+                                 n=N))
     runner = Runner(load_config(cfg))
     result = runner.run()
     assert result.ok, result.error
@@ -147,6 +149,10 @@ def test_report_numbers_match_the_manifests(real_run, tmp_path):
     (ev,) = data["evaluation"]
     assert set(ev["roles"]) == set(roles) >= {"teacher", "student"}
     samples = _rows(st, stages["evaluate"]["output"]["samples"], ["role", "verdict"])
+    # figures that can differ: the solver student scores above the untrained teacher, so a report
+    # showing one role's figure for the other, or 0.000 for everything, is caught below
+    assert roles["student"]["pass@1"] > roles["teacher"]["pass@1"] >= 0
+    assert f"{roles['student']['pass@1']:.3f}" != f"{roles['teacher']['pass@1']:.3f}"
     for role, m in roles.items():
         assert ev["roles"][role]["pass@1"] == m["pass@1"]
         scored = [r["verdict"] == "correct" for r in samples if r["role"] == role and r["verdict"] != "error"]
@@ -267,3 +273,23 @@ def test_datasets_ls_fits_80_columns(tmp_path, monkeypatch):
     long = runner.invoke(app, ["datasets", "ls", st.root_uri, "--long"])
     assert long.exit_code == 0 and "path" in long.output.split("\n")[0]
     assert all(d["uri"] in long.output for d in listed) and "20260101-000000-demo-fake01" in long.output
+
+
+def test_report_open_hands_the_page_to_the_browser(tmp_path, monkeypatch):
+    """``--open``: the page's file:// URI goes to the browser the standard ``$BROWSER`` names
+    (here a script that records what it was asked to open)."""
+    import webbrowser
+
+    seen = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\nprintf "%s" "$1" > {seen}\n')
+    browser.chmod(0o755)
+    monkeypatch.setenv("BROWSER", f"{browser} %s")
+    monkeypatch.setattr(webbrowser, "_browsers", {})  # read $BROWSER afresh
+    monkeypatch.setattr(webbrowser, "_tryorder", None)
+    st, run_id = fake_demo_run(tmp_path / "root")
+    result = CliRunner().invoke(app, ["report", run_id, "--root", st.root_uri, "--out", str(tmp_path / "r"), "--open"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "report.html").resolve()
+    assert seen.read_text() == page.as_uri() and page.exists()
+    assert "could not start a browser" not in result.output
