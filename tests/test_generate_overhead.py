@@ -65,8 +65,19 @@ def test_generate_reports_overhead(ray_local, tiny_model, tmp_path):
     from stages.common.engine import _KEPT
 
     pool = next(p for p in _KEPT.values() if p.model_uri == tiny_model and p.spec.batch_size == 4)
-    lifetime = _engine_seconds(pool.usage())
+    usage = [u for u in pool.usage() if u]
+    lifetime = _engine_seconds(usage)
     assert o["engine_s"] + m2["overhead"]["engine_s"] <= lifetime + 1e-2
+    # the parts are CPU outside the engine: the actor's own CPU and its CPU inside the engine calls
+    # are disjoint parts of its process's CPU (counting the engine's CPU as overhead too would
+    # overlap them), and a thread's CPU inside the engine calls is at most their wall time
+    for u in usage:
+        assert u["cpu_s"] > 0 and u["engine_cpu_s"] > 0, u
+        assert u["cpu_s"] + u["engine_cpu_s"] <= u["process_cpu_s"] + 1e-3, u
+        assert u["engine_cpu_s"] <= u["engine_s"] + 1e-3, u
+    assert o["actor_cpu_s"] + m2["overhead"]["actor_cpu_s"] <= sum(u["cpu_s"] for u in usage) + 2e-3
+    for run in (o, m2["overhead"]):  # per run: the actor's own CPU is within its process's CPU less the engine calls'
+        assert run["actor_cpu_s"] <= run["actor_process_cpu_s"] + 1e-3, run
 
 
 def _engine_seconds(usage: list) -> float:
