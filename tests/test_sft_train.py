@@ -57,7 +57,9 @@ def _sft(records: dict) -> dict:
 
 
 def test_same_loss_curve_on_one_and_two_workers(ray_local, tiny_model, tmp_path):
-    one = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r1", "w1", tiny_model))[0])
+    records, st = run_stages(_config(tmp_path, f"{tmp_path}/r1", "w1", tiny_model))
+    one = _sft(records)
+    _assert_model_lineage(records, st)
     two = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r2", "w2", tiny_model, num_workers=2))[0])
     assert one["num_workers"] == 1 and two["num_workers"] == 2
     assert one["steps"] == two["steps"] == 12
@@ -69,6 +71,20 @@ def test_same_loss_curve_on_one_and_two_workers(ray_local, tiny_model, tmp_path)
     # the same seed and worker count gives the same run
     again = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r3", "w3", tiny_model))[0])
     assert again["loss_curve"] == one["loss_curve"]
+
+
+def _assert_model_lineage(records: dict, st) -> None:
+    """README: the committed model's lineage lists the dataset manifest it trained on (URI,
+    fingerprint, the manifest's sha256), as read from storage here."""
+    import hashlib
+
+    data_uri = records["chat"]["output"]["sft"]
+    raw = st.fs.cat_file(f"{st.strip(data_uri)}/_manifest.json")
+    lineage = st.tree_manifest(st.strip(records["sft"]["output"]["model"]))["lineage"]
+    (trained_on,) = lineage["trained_on"]
+    assert trained_on["uri"] == data_uri and trained_on["fingerprint"] == records["chat"]["fingerprint"]
+    assert trained_on["manifest_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert trained_on["rows"] == records["chat"]["rows"]["sft"]
 
 
 def _run_in_thread(cfg):
