@@ -14,7 +14,9 @@ plain loop is forward with labels, backward, AdamW step, on 2 threads.
 - `sft-fused-head`: the stage's trainer with `lm_head: fused` (TRL's chunked fused LM head,
   what `auto` picks for large vocabularies, which never materializes the logits) ÷ the plain loop.
 - `sft-padding-free`, `sft-group-by-length`: the stage's trainer with that `batching` ÷ the
-  plain loop on padded batches: which batching is fastest here (the stage's default is `padded`).
+  plain loop on the same batches (the trainer's own, with that batching); ``vs_plain_padded``
+  gives it ÷ the plain loop on padded batches: which batching is fastest here (the stage's
+  default is `padded`).
 
 Each side runs `RUNS` times, interleaved; lines carry the ratio of medians with min/max.
 """
@@ -44,13 +46,15 @@ def params(model: str, **kw):
                   checkpoint_every=10_000, **kw)
 
 
-def trl_batches(model: str, rows: list[dict]):
+def trl_batches(model: str, rows: list[dict], batching: str = "padded"):
+    """The batches the stage's trainer makes with that ``batching`` (padding-free ones carry
+    ``position_ids`` and no padding), for the plain loop to train on the same batches."""
     from stages.sft import build_trainer
 
-    trainer = build_trainer(model, rows, params(model), tempfile.mkdtemp())
+    trainer = build_trainer(model, rows, params(model, batching=batching), tempfile.mkdtemp())
     batches = []
     for b in trainer.get_train_dataloader():
-        batches.append({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")})
+        batches.append({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")})
         if len(batches) == STEPS:
             break
     return batches
@@ -71,7 +75,7 @@ def plain_loop(model_dir: str, batches) -> float:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += int(b["attention_mask"].sum())
+        tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
     return tokens / (time.time() - t0)
 
 
@@ -119,6 +123,8 @@ def main() -> None:
         model = build_model(tmp / "model")
         rows = messages(toy_rows(STEPS * BATCH, seed=3))
         batches = trl_batches(model, rows)
+        pf_batches = trl_batches(model, rows, "padding_free")
+        gbl_batches = trl_batches(model, rows, "group_by_length")
         st = Storage(str(tmp / "root"))
         chat = st.path("chat")
         w = st.dataset_writer(chat)
@@ -134,6 +140,8 @@ def main() -> None:
             "fused_head": lambda: stage_trainer(model, rows, lm_head="fused"),
             "padding_free": lambda: stage_trainer(model, rows, "padding_free"),
             "group_by_length": lambda: stage_trainer(model, rows, "group_by_length"),
+            "plain_padding_free": lambda: plain_loop(model, pf_batches),
+            "plain_group_by_length": lambda: plain_loop(model, gbl_batches),
         }, runs=RUNS)
         ray.shutdown()
         common = {"steps": STEPS, "batch_size": BATCH}
@@ -143,8 +151,13 @@ def main() -> None:
                      note="2 workers x 1 CPU vs 1 worker x 2 CPUs on a 2-core machine", **common)
         emit_medians("sft-fused-head", r["fused_head"], r["plain"], "tok/s",
                      note="lm_head: fused (TRL's chunked LM head) instead of the model's own forward", **common)
-        emit_medians("sft-padding-free", r["padding_free"], r["plain"], "tok/s", **common)
-        emit_medians("sft-group-by-length", r["group_by_length"], r["plain"], "tok/s", **common)
+        # each batching mode against the plain loop on that mode's own batches
+        emit_medians("sft-padding-free", r["padding_free"], r["plain_padding_free"], "tok/s",
+                     baseline_is="the plain loop on the same padding-free batches",
+                     vs_plain_padded=round(r["padding_free"]["median"] / r["plain"]["median"], 4), **common)
+        emit_medians("sft-group-by-length", r["group_by_length"], r["plain_group_by_length"], "tok/s",
+                     baseline_is="the plain loop on the same length-grouped batches",
+                     vs_plain_padded=round(r["group_by_length"]["median"] / r["plain"]["median"], 4), **common)
 
 
 if __name__ == "__main__":
