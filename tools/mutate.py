@@ -98,7 +98,7 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_textnorm.py",), "case folding dropped"),
     M("sandbox-outputs", "stages/common/sandbox.py", "return _lines(got) == _lines(expected)",
       "return _lines(got)[:len(_lines(expected))] == _lines(expected)", ("tests/test_sandbox.py::test_outputs_match_trims_trailing_whitespace_only",),
-      "a prefix of the expected output passes"),
+      "output with lines beyond the expected ones passes"),
     # slower: Ray, engines (the solver model)
     M("heldout-ids", "stages/common/heldout.py",
       'leaked |= held & set(t.column("prompt_id").to_pylist())', "leaked |= set()",
