@@ -6,6 +6,8 @@ import json
 import re
 from typing import Any
 
+import numpy as np
+
 _WS = re.compile(r"\s+")
 
 
@@ -49,6 +51,45 @@ def _mix(h, salt):
     return hash_array(np.asarray(h, dtype=np.uint64) ^ salt)
 
 
+def _hash_spans_py(data, offsets, out):  # the kernel, compiled by numba when it is there
+    for i in range(len(out)):
+        h = _FNV_BASIS
+        for j in range(offsets[i], offsets[i + 1]):
+            h = (h ^ np.uint64(data[j])) * _FNV_PRIME
+        out[i] = h ^ np.uint64(offsets[i + 1] - offsets[i])
+
+
+_HASH_SPANS = None
+_FNV_BASIS, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def _bytes_hashes(arr):
+    """FNV-1a (64-bit) of each value's bytes, over the array's own buffers (no Python object per
+    row), then ``_mix``ed: strings and binaries, a null hashed as empty (masked by the caller)."""
+    import numpy as np
+    import pyarrow as pa
+
+    global _HASH_SPANS
+    if _HASH_SPANS is None:
+        try:
+            import numba
+
+            _HASH_SPANS = numba.njit(cache=True, nogil=True)(_hash_spans_py)
+        except ImportError:  # pragma: no cover - numba is a dependency
+            _HASH_SPANS = _hash_spans_py
+    n = len(arr)
+    if not n:
+        return np.zeros(0, np.uint64)
+    wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], np.int64 if wide else np.int32)[arr.offset: arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    out = np.empty(n, np.uint64)
+    with np.errstate(over="ignore"):
+        _HASH_SPANS(data, offsets, out)
+    return _mix(out, 0x5354)
+
+
 def _column_hashes(arr):
     """One 64-bit hash per value of an Arrow array, by type, vectorised: strings and scalars are
     hashed as values, struct fields and list items (with their position) recursively."""
@@ -78,8 +119,7 @@ def _column_hashes(arr):
         np.add.at(h, parent, items)
         h = _mix(h, lengths + 1)
     elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        values = pc.fill_null(arr, "" if not pa.types.is_binary(t) and not pa.types.is_large_binary(t) else b"")
-        h = hash_array(np.asarray(values.to_numpy(zero_copy_only=False), dtype=object), categorize=False)
+        h = _bytes_hashes(arr)
     elif pa.types.is_null(t):
         h = np.zeros(n, np.uint64)
     elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
