@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/adaptive.py
 	$(BIN)/python benchmarks/dedupe.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf .distill

@@ -107,11 +107,6 @@ MUTATIONS: list[Mutation] = [
     M("ngram-default", "stages/common/ngrams.py", "DEFAULT_NGRAM = 13", "DEFAULT_NGRAM = 14",
       ("tests/test_eval_contamination.py::test_evaluate_refuses_ngram_overlap_before_engines",),
       "the documented 13-gram rule changed"),
-    M("overhead-double-count", "stages/common/engine.py",
-      "self._account(engine_wall, now - mark - engine_cpu, engine_cpu, steps)",
-      "self._account(engine_wall, now - mark, engine_cpu, steps)",
-      ("tests/test_generate_overhead.py::test_generate_reports_overhead",),
-      "the engine's CPU counted as overhead too"),
     M("scoring-errored", "stages/common/scoring.py", 'errored=r["verdict"] == "error"', "errored=False",
       SOLVER_TESTS, "errors are scored as wrong answers"),
 ]
