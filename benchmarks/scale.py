@@ -137,22 +137,9 @@ def _rss(pid: int) -> int:
 
 def _ray_pids(driver: int) -> list[int]:
     """The driver and its descendants: the local Ray it started (GCS, raylet, workers, actors)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [driver]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    from pipeline.supervise import descendants
+
+    return [driver, *descendants(driver)]
 
 
 class Sampler(threading.Thread):
