@@ -27,6 +27,13 @@ def prompt_id(prompt: str) -> str:
     return sha256_hex(normalize_text(prompt))[:16]
 
 
+def hashes64(values: list) -> np.ndarray:
+    """A 64-bit hash per string (blake2b; None hashes as ""): per-prompt counters and partition
+    keys travel as numbers, not strings."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b((v or "").encode("utf-8", "surrogatepass"), digest_size=8)
+                                       .digest(), "little") for v in values), np.uint64, len(values))
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

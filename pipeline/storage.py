@@ -358,9 +358,12 @@ class DatasetWriter:
         content = row_hash_sum(table) if table is not None else ""  # here: overlaps the next shard's encoding
         return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest(), content)
 
-    def finish(self) -> list[dict]:
+    def finish(self, schema: pa.Schema | None = None) -> list[dict]:
         """Write what is pending and wait for every upload, publishing nothing: the shard list
-        (``{path, rows, bytes, sha256}``, in order) for whoever commits the dataset."""
+        (``{path, rows, bytes, sha256}``, in order) for whoever commits the dataset. With no
+        rows written, ``schema`` (if given) makes one empty shard that carries it for readers."""
+        if schema is not None and not self._uploads and not self._pending:
+            self._flush(schema.empty_table())
         if self._pending:
             self._flush(pa.concat_tables(self._pending))
             self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
@@ -389,9 +392,7 @@ class DatasetWriter:
             self.schema = schema
         if self.schema is None:
             raise StorageError(f"cannot commit {self.path}: no rows and no schema given")
-        if not self._uploads and not self._pending:  # an empty dataset still carries its schema for readers
-            self._flush(self.schema.empty_table())
-        shards = self.finish()
+        shards = self.finish(self.schema)  # an empty dataset still carries its schema for readers
         manifest = self.storage.commit_shards(self.path, shards, self.schema, self.lineage, stats)
         self.committed = True
         return manifest

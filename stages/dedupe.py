@@ -37,9 +37,9 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.ids import hashes64
 from pipeline.stage import Stage, StageContext, StageError
 from stages.common.textnorm import first_occurrences, normalize_texts, string_buffers, text_keys
 
@@ -256,7 +256,7 @@ class Dedupe(Stage):
         # 1. scan: each piece's verdict/empty filter, 128-bit keys, band hashes and cap facts,
         #    hash-partitioned by key (exact) and by prompt (cap)
         scan = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD", num_returns=1 + 2 * parts)(_scan_piece)
-        scanned = [scan.remote(storage, pc, cfg, parts) for pc in pieces]
+        scanned = [scan.remote(storage, pc, cfg, parts, have) for pc in pieces]
         bands = [s[0] for s in scanned]
         # 2. exact duplicates: the first row per key, per key partition
         exact = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_exact_partition)
@@ -273,7 +273,7 @@ class Dedupe(Stage):
         reasons: dict[str, int] = {}
         nodes: dict[str, int] = {}
         kept = 0
-        for _, res in ordered(pieces, lambda pc: write.remote(specs, pc, cfg, dups, near, caps), parallelism()):
+        for _, res in ordered(pieces, lambda pc: write.remote(specs, pc, cfg, dups, near, caps, have), parallelism()):
             for out in shards:
                 shards[out].extend(res[out])
             for r, k in res["reasons"].items():
@@ -342,12 +342,10 @@ def _read_cols(p: Params, schema_names: list[str], extra: tuple = ()) -> list[st
     return [c for c in dict.fromkeys(want) if c in schema_names]
 
 
-def _scan_piece(storage, piece, cfg: dict, parts: int):
+def _scan_piece(storage, piece, cfg: dict, parts: int, names: list[str]):
     from pipeline.streaming import read_piece
 
     p = Params.model_validate(cfg)
-    with storage.fs.open(piece.path, "rb") as f:
-        names = pq.ParquetFile(f).schema_arrow.names
     table = read_piece(storage, piece, _read_cols(p, names))
     alive, _ = _pre_reasons(table, p)
     rows = np.flatnonzero(alive)
@@ -367,8 +365,7 @@ def _scan_piece(storage, piece, cfg: dict, parts: int):
     idx = np.array([g if s is None else s for g, s in zip(glob.tolist(), given)], np.int64)
     pid_arr = table.column("prompt_id").take(take)
     pids = pid_arr.to_pylist()
-    ph = np.fromiter((int.from_bytes(hashlib.blake2b((x or "").encode("utf-8", "surrogatepass"), digest_size=8)
-                                     .digest(), "little") for x in pids), np.uint64, len(pids))
+    ph = hashes64(pids)
     facts = pa.table({"row": glob, "prompt_id": pid_arr.cast(pa.string()), "idx": idx,
                       "clen": pc.utf8_length(comps.cast(pa.string())).cast(pa.int64())})
     if p.prefer == "diverse":
@@ -459,7 +456,7 @@ def _groups(cap: dict) -> int:
     return int(cap["groups"])
 
 
-def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list) -> dict:
+def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list, names: list[str]) -> dict:
     """One piece's chat rows (kept) and dropped rows, in the order the in-memory form gives:
     prompts by first surviving row, each prompt's rows by rank; drops before the cap by row."""
     import ray
@@ -468,8 +465,6 @@ def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list) ->
 
     p = Params.model_validate(cfg)
     storage = specs["sft"].storage
-    with storage.fs.open(piece.path, "rb") as f:
-        names = pq.ParquetFile(f).schema_arrow.names
     table = read_piece(storage, piece, _read_cols(p, names, ("source",)))
     lo, hi = piece.offset, piece.offset + table.num_rows
     alive, why = _pre_reasons(table, p)

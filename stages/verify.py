@@ -21,13 +21,13 @@ asserts) run after the program in the same sandbox run. A ``test_kind`` column
 """
 from __future__ import annotations
 
-import hashlib
 from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.ids import hashes64
 from pipeline.stage import NOT_OUTPUT, Passthrough, Stage, StageContext
 from stages.common.checkers import CHECKER_VERSION, FormatSpec, check_code_rows, is_code_row
 from stages.common.sandbox import CodeSpec
@@ -50,12 +50,6 @@ class Params(BaseModel):
     piece_rows: int = Field(8192, ge=1, json_schema_extra=NOT_OUTPUT,
                             description="at most this many input rows per piece sent to an actor")
     num_cpus: float = Field(1, gt=0, json_schema_extra=NOT_OUTPUT, description="Ray CPUs per actor")
-
-
-def prompt_hashes(pids: list[str]) -> np.ndarray:
-    """A 64-bit hash per prompt id (blake2b): per-prompt counters travel as numbers, not strings."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(p.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                       "little") for p in pids), np.uint64, len(pids))
 
 
 class VerifierActor:
@@ -104,7 +98,7 @@ class VerifierActor:
                 if v["verdict"] != "correct":
                     kind = drops.setdefault("errored" if v["verdict"] == "error" else "rejected", {})
                     kind[v["reason"]] = kind.get(v["reason"], 0) + 1
-            hashes.append(prompt_hashes([r["prompt_id"] for r in rows]))
+            hashes.append(hashes64([r["prompt_id"] for r in rows]))
             correct.append(np.array([v["verdict"] == "correct" for v in verdicts], bool))
         h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         c = np.concatenate(correct) if correct else np.zeros(0, bool)

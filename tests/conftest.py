@@ -168,7 +168,8 @@ def pid_running(pid: int) -> bool:
 
 
 def process_tree(pid: int) -> set[int]:
-    """pid and all its descendants, from /proc."""
+    """pid and all its descendants, from /proc. Walked here, not by ``pipeline.supervise``:
+    the tests that check supervise stops a whole tree need a walk of their own to check with."""
     import os
 
     children: dict[int, list[int]] = {}
@@ -402,3 +403,38 @@ def pytest_make_collect_report(collector):
         why = ci_skip_failure(_skip_reason(rep.longrepr))
         if why:
             rep.outcome, rep.longrepr = "failed", why
+
+
+def run_stage_on_rows(root: Path, stage_cls, params: dict, inputs: dict[str, list[dict]],
+                      rows_per_shard: int = 50_000):
+    """A stage's run() on committed input datasets made of ``inputs`` (name -> rows) under
+    ``root``, without a pipeline around it: ``(the StageContext, the stage)``."""
+    import pyarrow as pa
+
+    from pipeline.stage import Artifact, StageContext
+    from pipeline.storage import Storage
+
+    st = Storage(str(root))
+    arts = {}
+    for name, rows in inputs.items():
+        src = st.path("in", name)
+        w = st.dataset_writer(src, rows_per_shard=rows_per_shard)
+        w.write(pa.Table.from_pylist(rows))
+        w.commit()
+        arts[name] = Artifact("dataset", src, st.uri(src), f"f-{name}")
+    stage = stage_cls(stage_cls.kind, stage_cls.Params(**params))
+    ctx = StageContext(name=stage_cls.kind, kind=stage_cls.kind, fingerprint="f", run_id="r", storage=st,
+                       inputs=arts, output_root=st.path("out"), output_types=dict(stage_cls.outputs))
+    stage.run(ctx)
+    return ctx, stage
+
+
+def run_dedupe_stage(root: Path, rows: list[dict], rows_per_shard: int = 50_000, **params):
+    """The dedupe stage's run() on a committed input dataset of ``rows`` under ``root`` (rows
+    that share a prompt_id cannot come from the prompts stage, which drops repeated prompts):
+    ``(sft table, dropped table, the StageContext, the stage's params)``."""
+    from stages.dedupe import Dedupe
+
+    ctx, stage = run_stage_on_rows(root, Dedupe, params, {"samples": rows}, rows_per_shard)
+    sft, dropped = (ctx.storage.read_dataset(ctx.written[out].path) for out in ("sft", "dropped"))
+    return sft, dropped, ctx, stage.params

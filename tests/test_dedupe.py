@@ -1,6 +1,6 @@
 """dedupe: near duplicates (MinHash LSH) of a lightly edited trace are dropped with a reason."""
 import pytest
-from conftest import output_rows, prompts_then, run_stages
+from conftest import output_rows, prompts_then, run_dedupe_stage, run_stages
 
 
 TRACE = ("<think> First we add the two numbers of apples that Janet has in her basket, which gives twelve, "
@@ -36,26 +36,9 @@ def test_near_duplicate_of_a_lightly_edited_trace(ray_local, tmp_path, near):
 # -- which traces survive max_per_prompt ---------------------------------------------
 
 def _run_stage(tmp_path, rows: list[dict], **params):
-    """The dedupe stage's run() on a committed input dataset (rows that share a prompt_id cannot come
-    from the prompts stage, which drops repeated prompts)."""
-    import pyarrow as pa
-
-    from pipeline.stage import Artifact, StageContext
-    from pipeline.storage import Storage
-    from stages.dedupe import Dedupe, Params
-
-    st = Storage(str(tmp_path / "root"))
-    src = st.path("in", "samples")
-    w = st.dataset_writer(src)
-    w.write(pa.Table.from_pylist(rows))
-    w.commit()
-    stage = Dedupe("dedupe", Params(**params))
-    ctx = StageContext(name="dedupe", kind="dedupe", fingerprint="f", run_id="r", storage=st,
-                       inputs={"samples": Artifact("dataset", src, st.uri(src), "f0")},
-                       output_root=st.path("out"), output_types=dict(Dedupe.outputs))
-    stage.run(ctx)
-    sft, dropped = (st.read_dataset(ctx.written[out].path).to_pylist() for out in ("sft", "dropped"))
-    stats = st.dataset_manifest(ctx.written["sft"].path)["stats"]
+    sft, dropped, ctx, _ = run_dedupe_stage(tmp_path / "root", rows, **params)
+    sft, dropped = sft.to_pylist(), dropped.to_pylist()
+    stats = ctx.storage.dataset_manifest(ctx.written["sft"].path)["stats"]
     assert stats == {"input_rows": len(rows), "dropped": ctx.dropped}
     assert sum(ctx.dropped.get("removed", {}).values()) == len(dropped) and set(ctx.dropped) <= {"removed"}
     return sft, dropped, {**ctx.metrics, "dropped": ctx.dropped}

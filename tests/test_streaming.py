@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import run_dedupe_stage
 
 
 def reference_dedupe(table: pa.Table, p) -> tuple[set, set]:
@@ -99,23 +100,7 @@ def _samples(n_prompts: int = 40, per_prompt: int = 6, seed: int = 0) -> list[di
 
 
 def _run_dedupe(tmp_path, rows, rows_per_shard: int, **params):
-    from pipeline.stage import Artifact, StageContext
-    from pipeline.storage import Storage
-    from stages.dedupe import Dedupe, Params
-
-    st = Storage(str(tmp_path / f"root-{rows_per_shard}-{params.get('partitions')}"))
-    src = st.path("in", "samples")
-    w = st.dataset_writer(src, rows_per_shard=rows_per_shard)
-    w.write(pa.Table.from_pylist(rows))
-    w.commit()
-    stage = Dedupe("dedupe", Params(**params))
-    ctx = StageContext(name="dedupe", kind="dedupe", fingerprint="f", run_id="r", storage=st,
-                       inputs={"samples": Artifact("dataset", src, st.uri(src), "f0")},
-                       output_root=st.path("out"), output_types=dict(Dedupe.outputs))
-    stage.run(ctx)
-    sft = st.read_dataset(ctx.written["sft"].path)
-    dropped = st.read_dataset(ctx.written["dropped"].path)
-    return sft, dropped, ctx, stage.params
+    return run_dedupe_stage(tmp_path / f"root-{rows_per_shard}-{params.get('partitions')}", rows, rows_per_shard, **params)
 
 
 @pytest.mark.parametrize("params", [

@@ -7,7 +7,7 @@ exact copies are caught too.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 
 DEFAULT_NGRAM = 13
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -43,26 +43,6 @@ class Index:
             if hit is not None:
                 return g, hit
         return None
-
-
-def shared_ngrams(queries: Sequence[str], corpus: Iterable[str], n: int) -> dict[int, str]:
-    """For each query sharing an n-gram with some corpus text: its position -> one shared n-gram.
-
-    Only the queries' n-grams are held in memory; the corpus is streamed once."""
-    wanted: dict[str, list[int]] = {}
-    for i, q in enumerate(queries):
-        for g in ngrams(q, n):
-            wanted.setdefault(g, []).append(i)
-    hits: dict[int, str] = {}
-    for text in corpus:
-        if not wanted:
-            break
-        for g in ngrams(text, n):
-            owners = wanted.pop(g, None)
-            if owners:
-                for i in owners:
-                    hits.setdefault(i, g)
-    return hits
 
 
 def row_text(row: dict, role: str, field: str) -> str:
