@@ -38,6 +38,9 @@ Params fields carry one of two markers, ``Field(..., json_schema_extra=NOT_OUTPU
   content of one row: it keys the stage, not its row-level checkpoints
   (``sample_params``, from which a stage derives its ``checkpoint_identity``).
 Every other field keys both, so a new field is in every key unless it is marked out.
+A field added later with ``json_schema_extra=KEYED_WHEN_SET`` (it may be merged into either
+marker) keys only when it differs from its default: switched off, it leaves the keys of
+stages and checkpoints made before it existed as they were.
 """
 from __future__ import annotations
 
@@ -216,6 +219,7 @@ class Stage:
 # Params markers (module docstring): ``Field(..., json_schema_extra=NOT_OUTPUT)``.
 NOT_OUTPUT = {"changes_output": False}  # keys neither the stage nor its row checkpoints
 NOT_SAMPLE = {"changes_sample": False}  # keys the stage, not its row checkpoints
+KEYED_WHEN_SET = {"keyed_when_set": True}  # a later option: at its default it keys nothing
 
 
 def _marks(f) -> dict:
@@ -231,6 +235,9 @@ def _keyed_params(params: BaseModel, skip: tuple[str, ...]) -> dict:
         if any(not marks[m] for m in skip):
             continue
         value = getattr(params, name)
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if extra.get("keyed_when_set") and value == f.get_default(call_default_factory=True):
+            continue
         if isinstance(value, BaseModel):
             out[name] = _keyed_params(value, skip)
         else:
@@ -413,9 +420,7 @@ class StageContext:
         self._check_schema(output, schema)
         path = self.output_path(output)
         if not shards:  # an empty dataset still carries its schema for readers
-            w = self.storage.dataset_writer(path, {})
-            w._flush(schema.empty_table())
-            shards = w.finish()
+            shards = self.storage.dataset_writer(path, {}).finish(schema)
         stats = {**(stats or {}), "dropped": {k: dict(v) for k, v in self.dropped.items()}}
         manifest = self.storage.commit_shards(path, shards, schema, self.lineage(output), stats)
         self.rows[output] = manifest["rows"]

@@ -28,13 +28,13 @@ they are left out of every score and counted as ``errored``.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import fit, resources
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import KEYED_WHEN_SET, Stage, StageContext
 from stages.common.checkers import CHECKER_VERSION, FormatSpec
 from stages.common.engine import BudgetSpec, EngineSpec, SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap
@@ -71,6 +71,9 @@ class Params(BaseModel):
     format: FormatSpec = Field(default_factory=FormatSpec)
     chat_template: str | None = None
     system_prompt: str | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
+                                                 description="variables for the chat template, e.g. "
+                                                             "{enable_thinking: true} for Qwen3")
     engine: EngineSpec = Field(default_factory=EngineSpec)
     checker_version: str = CHECKER_VERSION
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
@@ -137,7 +140,7 @@ class Evaluate(Stage):
         sweep: dict[str, list] = {}
         try:
             for role, uri in models.items():
-                with open_engines(uri, p.engine, p.chat_template, p.system_prompt) as pool:
+                with open_engines(uri, p.engine, p.chat_template, p.system_prompt, p.chat_template_kwargs) as pool:
                     scores[role] = self._score(ctx, p, role, pool, prompts, p.sampling, writer, verifier)
                     for cap in p.budgets:
                         budget = (p.sampling.budget or BudgetSpec()).model_copy(update={"max_thinking_tokens": cap})

@@ -41,14 +41,14 @@ from __future__ import annotations
 import collections
 import time
 import uuid
-from typing import ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import fit, resources
-from pipeline.stage import NOT_SAMPLE, Stage, StageContext, StageError, sample_params
+from pipeline.stage import KEYED_WHEN_SET, NOT_SAMPLE, Stage, StageContext, StageError, sample_params
 from stages.common.checkers import FormatSpec
 from stages.common.engine import GENERATION_FORMAT, NO_FP, EngineSpec, SamplingSpec, open_engines
 from stages.common.verifier import VerifierPool
@@ -100,6 +100,64 @@ def overhead(driver_cpu_s: float, driver_process_cpu_s: float, engine: dict) -> 
             "fraction_upper": round((driver_process_cpu_s + actor_process) / e, 4) if e > 0 else None}
 
 
+class BudgetCap(BaseModel):
+    """A spending cap: no request is sent that could take the stage past it. What was generated
+    is committed, the stage records ``budget_exhausted`` with the figures, and a re-run with a
+    larger cap resumes from the checkpoints and generates only what is missing."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int | None = Field(None, ge=1, description="completion tokens of the stage's output, resumed samples "
+                                                            "included; a request reserves n x max_tokens until it returns")
+    max_gpu_hours: float | None = Field(None, gt=0, description="this run's engine time: wall hours since the engines "
+                                                                "started x replicas x GPUs each (a CPU replica counts as 1)")
+
+
+class _BudgetGate:
+    """Admits requests (one per prompt in flight) while what they could cost fits the cap."""
+
+    def __init__(self, cap: BudgetCap, spent_tokens: int, n: int, per_sample: int, devices: int):
+        self.cap, self.spent, self.n, self.per_sample, self.devices = cap, spent_tokens, n, per_sample, devices
+        self.reserved: dict[str, int] = {}  # prompt_id -> tokens its request in flight may take
+        self.t0: float | None = None  # when the engines were up
+        self.exhausted: str | None = None
+
+    def hours(self) -> float:
+        return 0.0 if self.t0 is None else self.devices * (time.monotonic() - self.t0) / 3600
+
+    def _blocked(self, need: int) -> str | None:
+        c = self.cap
+        if c.max_tokens is not None and self.spent + sum(self.reserved.values()) + need > c.max_tokens:
+            return "max_tokens"
+        if c.max_gpu_hours is not None and self.hours() >= c.max_gpu_hours:
+            return "max_gpu_hours"
+        return None
+
+    def gate(self, requests: Iterable[dict | None]) -> Iterator[dict | None]:
+        for req in requests:
+            if req is None:
+                yield None
+                continue
+            need = req.get("n", self.n) * self.per_sample
+            while (why := self._blocked(need)) is not None:
+                if not self.reserved:  # nothing in flight will free anything: the cap is reached
+                    self.exhausted = why
+                    return
+                yield None  # wait for the requests in flight to return their reservations
+            self.reserved[req["prompt_id"]] = need
+            yield req
+
+    def returned(self, rows: list[dict]) -> None:
+        """A committed batch: its prompts' reservations become what they actually took."""
+        for r in rows:
+            self.spent += r["completion_tokens"] or 0
+            self.reserved.pop(r["prompt_id"], None)
+
+    def figures(self, prompts: int, done: int) -> dict:
+        return {"reason": self.exhausted, "max_tokens": self.cap.max_tokens, "spent_tokens": self.spent,
+                "max_gpu_hours": self.cap.max_gpu_hours, "gpu_hours": round(self.hours(), 6),
+                "prompts_done": done, "prompts_left": prompts - done}
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # the path keys nothing: the teacher's files key the stage (external_fingerprint, or the wired input's digest)
@@ -115,6 +173,12 @@ class Params(BaseModel):
                                description="adaptive: what counts as verified")
     verify_timeout_s: float = Field(5.0, gt=0, json_schema_extra=NOT_SAMPLE,
                                     description="adaptive: hard limit per answer check")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
+                                                 description="variables for the chat template, e.g. "
+                                                             "{enable_thinking: true} for Qwen3")
+    # keys the stage (a larger cap re-runs it) but not its samples (the re-run resumes them)
+    budget: BudgetCap | None = Field(None, json_schema_extra={**NOT_SAMPLE, **KEYED_WHEN_SET},
+                                     description="stop sending requests before this cap would be passed")
 
 
 class Generate(Stage):
@@ -156,28 +220,44 @@ class Generate(Stage):
             for pid in t.column("prompt_id").to_pylist():
                 order.setdefault(pid, len(order))
         committed: set[tuple[str, int]] = set()
+        spent = 0  # completion tokens of the committed samples of these prompts (for a budget)
         for path in ctx.committed_checkpoints():  # the key columns only, never the text
-            t = ctx.storage.read_dataset(path, columns=["prompt_id", "sample_index"])
-            committed.update(k for k in zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist())
-                             if k[0] in order)
+            t = ctx.storage.read_dataset(path, columns=["prompt_id", "sample_index", "completion_tokens"])
+            for k, tokens in zip(zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist()),
+                                 t.column("completion_tokens").to_pylist()):
+                if k[0] in order and k not in committed:
+                    committed.add(k)
+                    spent += tokens or 0
         resumed = {pid for pid, _ in committed}
+        gate = None
+        if p.budget is not None:
+            e = p.engine
+            gate = _BudgetGate(p.budget, spent, p.sampling.n, p.sampling.max_tokens,
+                               e.replicas * e.tensor_parallel_size * max(1, int(-(-e.num_gpus // 1))))
         bar = ctx.progress("generating", len(order))
         state = {"tokens": 0, "pool": None, "usage": None}
 
         def sample(requests: Iterable[dict | None]) -> Iterator[list[dict]]:
             """Generate; commit each batch of finished prompts as a checkpoint, then yield it."""
             if state["pool"] is None:
-                state["pool"] = pool = open_engines(model_uri, p.engine, p.chat_template, p.system_prompt)
+                state["pool"] = pool = open_engines(model_uri, p.engine, p.chat_template, p.system_prompt,
+                                                    p.chat_template_kwargs)
                 if pool.reused:  # kept from an earlier stage (DISTILL_KEEP_ENGINES): nothing started
                     ctx.metrics["engine_reused"] = True
                 else:
                     ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
                 state["usage"] = pool.usage()
+                if gate is not None:
+                    gate.t0 = time.monotonic()
+            if gate is not None:
+                requests = gate.gate(requests)
             for batch in state["pool"].generate(requests, p.sampling, keep=PROMPT_COLUMNS[1:]):
                 part = ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
                 part.write(pa.Table.from_pylist(batch, schema=SAMPLES_SCHEMA))
                 part.commit(SAMPLES_SCHEMA)
                 state["tokens"] += sum(r["completion_tokens"] for r in batch)
+                if gate is not None:
+                    gate.returned(batch)
                 yield batch
 
         try:
@@ -197,7 +277,7 @@ class Generate(Stage):
                 ctx.metrics["requeued_requests"] = state["pool"].requeued_requests
                 state["pool"].shutdown()
             bar.close()
-        self._write(ctx, order, stats, state["tokens"], len(resumed))
+        self._write(ctx, order, stats, state["tokens"], len(resumed), gate)
         if "engine" in state:
             ctx.metrics["overhead"] = overhead(time.thread_time() - cpu0, time.process_time() - pcpu0, state["engine"])
 
@@ -264,7 +344,8 @@ class Generate(Stage):
                         again.append(request(r))
         return stats
 
-    def _write(self, ctx: StageContext, order: dict[str, int], stats: dict, generated: int, resumed: int) -> None:
+    def _write(self, ctx: StageContext, order: dict[str, int], stats: dict, generated: int, resumed: int,
+               gate: _BudgetGate | None = None) -> None:
         """The output from the committed checkpoints (Arrow columns, never Python rows): one row
         per key of this input's prompts, in input order, then sample index."""
         p: Params = self.params
@@ -291,10 +372,12 @@ class Generate(Stage):
         errors = errored.num_rows
         tokens = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
         ctx.drop_counts("errored", reasons)  # passed on, with their error
-        if p.sampling.strategy == "fixed" and n_out != len(order) * p.sampling.n:
-            raise StageError(f"expected {len(order) * p.sampling.n} samples, assembled {n_out}")
         per = table.group_by("prompt_id", use_threads=False).aggregate([("sample_index", "count"),
                                                                           ("completion_tokens", "sum")])
+        exhausted = gate is not None and gate.exhausted is not None
+        want = per.num_rows if exhausted else len(order)  # past a budget: whole prompts, fewer of them
+        if p.sampling.strategy == "fixed" and n_out != want * p.sampling.n:
+            raise StageError(f"expected {want * p.sampling.n} samples, assembled {n_out}")
         per_prompt = {pid: (n, t) for pid, n, t in zip(per.column("prompt_id").to_pylist(),
                                                        per.column("sample_index_count").to_pylist(),
                                                        per.column("completion_tokens_sum").to_pylist())}
@@ -307,7 +390,7 @@ class Generate(Stage):
                 rows.append({"prompt_id": pid, "samples": n, "completion_tokens": t or 0,
                              "correct": st["correct"] if st else None,
                              "est_pass_rate": st["correct"] / st["samples"] if st and st["samples"] else None,
-                             "exhausted_unsolved": (st["correct"] == 0) if st else None})
+                             "exhausted_unsolved": (st["correct"] == 0) if st and st["samples"] else None})
                 if len(rows) >= 65536:
                     yield pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
                     rows = []
@@ -317,12 +400,16 @@ class Generate(Stage):
         ctx.metrics.update({"prompts": len(order), "samples": n_out, "completion_tokens": tokens,
                             "generated_tokens_this_attempt": generated, "resumed_prompts": resumed,
                             "errored_samples": errors})
+        if exhausted:
+            ctx.metrics["budget_exhausted"] = figures = gate.figures(len(order), per.num_rows)
+            ctx.log(f"budget exhausted ({figures['reason']}): {figures['prompts_done']} of {len(order)} prompts "
+                    f"sampled, {figures['spent_tokens']} completion tokens; a larger budget resumes from here")
         if stats:
             ctx.metrics.update({
                 "strategy": "adaptive",
                 "verified_samples": sum(st["correct"] for st in stats.values()),
                 "prompts_reaching_target": sum(st["correct"] >= p.sampling.target_correct for st in stats.values()),
-                "prompts_exhausted_unsolved": sum(st["correct"] == 0 for st in stats.values()),
+                "prompts_exhausted_unsolved": sum(st["correct"] == 0 and st["samples"] > 0 for st in stats.values()),
             })
         if p.sampling.budget is not None:
             ok = table.filter(pc.is_null(table.column("error")))

@@ -13,13 +13,13 @@ are the prompt columns generate reads, so it wires straight into the next round'
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import resources
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import KEYED_WHEN_SET, Stage, StageContext
 from stages.common.checkers import FormatSpec
 from stages.common.engine import EngineSpec, SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap
@@ -40,6 +40,9 @@ class Params(BaseModel):
     format: FormatSpec = Field(default_factory=FormatSpec)
     chat_template: str | None = None
     system_prompt: str | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
+                                                 description="variables for the chat template, e.g. "
+                                                             "{enable_thinking: true} for Qwen3")
     engine: EngineSpec = Field(default_factory=EngineSpec)
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
     overlap_ngram: int = Field(DEFAULT_NGRAM, ge=1)
@@ -73,7 +76,7 @@ class HardPrompts(Stage):
         verifier = VerifierPool(workers=1, timeout=p.timeout_s)
         bar = ctx.progress("scoring the training pool", len(pool))
         try:
-            with open_engines(ctx.model_uri("model", p.model), p.engine, p.chat_template, p.system_prompt) as engines:
+            with open_engines(ctx.model_uri("model", p.model), p.engine, p.chat_template, p.system_prompt, p.chat_template_kwargs) as engines:
                 acc = score(engines, pool, p.sampling, verifier, p.format, progress=bar)
         finally:
             verifier.close()

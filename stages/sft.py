@@ -48,6 +48,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -133,6 +134,54 @@ def to_prompt_completion(messages: list[dict]) -> dict | None:
     return {"prompt": msgs[:-1], "completion": msgs[-1:]}
 
 
+_REASONING_PROBE = "<think>\nreasoning to keep\n</think>\nanswer"
+
+
+def template_rewrites_reasoning(tok) -> bool:
+    """Whether the tokenizer's chat template changes an assistant turn that holds a think
+    block, as the DeepSeek-R1-distill template does (it keeps only what follows ``</think>``,
+    meant for earlier turns, but TRL renders the trained turn through it too)."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _REASONING_PROBE}]
+    try:
+        return _REASONING_PROBE not in tok.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that cannot render this probe: leave the rows to TRL
+        return False
+
+
+def rendered_prompt_completion(tok) -> Callable[[list[dict]], dict | None]:
+    """Rows as text for a template that rewrites reasoning (``template_rewrites_reasoning``):
+    the prompt rendered by the template with its generation prompt (what the engine sends,
+    pre-filled ``<think>`` included), the completion the assistant turn as it is (less any
+    opening the generation prompt already holds). TRL then appends EOS, trains on the whole
+    completion, think block included, and the model sees the context it sees at inference."""
+    bos = tok.bos_token if tok.bos_token and tok("x")["input_ids"][:1] == [tok.bos_token_id] else None
+
+    def convert(messages: list[dict]) -> dict | None:
+        ex = to_prompt_completion(messages)
+        if ex is None:
+            return None
+        prompt = tok.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+        if bos and prompt.startswith(bos):  # the tokenizer adds it again
+            prompt = prompt[len(bos):]
+        content = ex["completion"][0]["content"]
+        overlap = next((k for k in range(min(len(prompt), len(content), 64), 0, -1) if prompt.endswith(content[:k])), 0)
+        return {"prompt": prompt, "completion": content[overlap:]}
+
+    return convert
+
+
+def _converter(tokenizer_dir: str | None):
+    """How chat rows become TRL examples for this model's template: conversational by default,
+    rendered text where the template would drop the trained reasoning."""
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if template_rewrites_reasoning(tok):
+            return rendered_prompt_completion(tok)
+    return to_prompt_completion
+
+
 def sft_config(p: Params, output_dir: str, save: bool = False):
     import torch
     from trl import SFTConfig
@@ -170,21 +219,24 @@ def sft_config(p: Params, output_dir: str, save: bool = False):
     )
 
 
-def training_dataset(files: list[str], cache_dir: str):
+def training_dataset(files: list[str], cache_dir: str, tokenizer_dir: str | None = None):
     """The training rows of a dataset's shards (local Parquet files, in order) as TRL's
     conversational prompt/completion, Arrow-backed and memory-mapped from ``datasets``' cache
     files under ``cache_dir``: a worker streams the shards through, never holding the rows as
-    Python objects. A row that is not chat turns ending with the assistant raises."""
+    Python objects. A row that is not chat turns ending with the assistant raises. With
+    ``tokenizer_dir`` whose template rewrites reasoning, rows are rendered as text instead
+    (``rendered_prompt_completion``)."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
     ds = Dataset.from_parquet(files, columns=["messages"], cache_dir=cache_dir)
+    split = _converter(tokenizer_dir)
 
     def convert(batch: dict, idx: list[int]) -> dict:
         out: dict[str, list] = {"prompt": [], "completion": []}
         for i, msgs in zip(idx, batch["messages"]):
-            ex = to_prompt_completion(msgs or [])
+            ex = split(msgs or [])
             if ex is None:
                 raise StageError(f"row {i} of the training data does not end with an assistant turn")
             out["prompt"].append(ex["prompt"])
@@ -224,8 +276,9 @@ def build_trainer(model_dir: str, rows, p: Params, output_dir: str, save: bool =
         train = rows
     else:
         examples = []
+        split = _converter(model_dir)
         for i, r in enumerate(rows):
-            ex = to_prompt_completion(r["messages"])
+            ex = split(r["messages"])
             if ex is None:
                 raise StageError(f"row {i} of the training data does not end with an assistant turn")
             examples.append(ex)
@@ -442,7 +495,7 @@ def train_loop(config: dict) -> None:
     work = tempfile.mkdtemp(prefix="distill-sft-")
     try:
         files = local_dataset_files(storage, config["data_path"], os.path.join(work, "data"))
-        rows = training_dataset(files, os.path.join(work, "datasets-cache"))
+        rows = training_dataset(files, os.path.join(work, "datasets-cache"), model_dir)
         trainer = build_trainer(model_dir, rows, p, work, save=True)
         tokens = count_tokens(trainer)
         resume, resumed_from = None, None

@@ -54,17 +54,23 @@ def test_generate_reports_overhead(ray_local, tiny_model, tmp_path):
     assert o["fraction_upper"] == pytest.approx(upper, abs=rounding(upper))
     assert len(output_rows(st, records["generate"], "samples")) == 48
 
-    # a second run of the same settings in another root reuses the kept engine: no start-up
+    # a second run in another root reuses the kept engine, no start-up, though it commits in
+    # batches of another size (a client's setting, not the engine's)
     other = tmp_path / "again"
     other.mkdir()
-    records2, _ = run_stages(generate_config(other, "overhead", src, tiny_model, sampling, engine))
+    records2, st2 = run_stages(generate_config(other, "overhead", src, tiny_model, sampling,
+                                               engine.replace("batch_size: 4", "batch_size: 6")))
     m2 = records2["generate"]["metrics"]
     assert m2["engine_reused"] is True and "engine_startup_seconds" not in m2  # not started again
+    assert len(output_rows(st2, records2["generate"], "samples")) == 48
     assert m2["overhead"]["engine_s"] > 0
     # each run counts its own share of the engine's lifetime (deltas of the actor's counters)
+    import ray
+
     from stages.common.engine import _KEPT
 
-    pool = next(p for p in _KEPT.values() if p.model_uri == tiny_model and p.spec.batch_size == 4)
+    pool = next(p for p in _KEPT.values() if p.model_uri == tiny_model and p.spec.batch_size == 6)
+    assert ray.get(pool.actors[0].window.remote()) == 6 * pool.spec.chunks_in_flight  # the last client's
     usage = [u for u in pool.usage() if u]
     lifetime = _engine_seconds(usage)
     assert o["engine_s"] + m2["overhead"]["engine_s"] <= lifetime + 1e-2

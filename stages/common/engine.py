@@ -166,7 +166,7 @@ class EngineActor:
     """
 
     def __init__(self, model_uri: str, llm_kwargs: dict, chat_template: str | None, system_prompt: str | None,
-                 nice: int | None = None, max_inflight: int = 256):
+                 nice: int | None = None, max_inflight: int = 256, chat_template_kwargs: dict | None = None):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         if nice is not None:  # before vLLM starts its processes, which inherit it
             try:  # Ray runs workers at niceness 15: the engine would lose the CPU to anything else
@@ -183,6 +183,7 @@ class EngineActor:
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.chat_template = chat_template
         self.system_prompt = system_prompt
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})  # e.g. Qwen3's enable_thinking
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
         self._pending: dict[str, Callable] = {}
@@ -208,6 +209,10 @@ class EngineActor:
 
     def ready(self) -> int:
         return self.max_len
+
+    def window(self) -> int:
+        """Sequences kept in the engine at once (the last client's ``max_inflight``)."""
+        return self.max_inflight
 
     def stats(self) -> dict:
         """Cumulative since the actor started: ``engine_s`` (wall seconds in ``add_request`` and
@@ -300,8 +305,10 @@ class EngineActor:
                 box.append((ticket, rows))
                 self._out_cv.notify_all()
 
-    def submit(self, client: str, units: list[tuple], sampling: dict) -> int:
-        """Queue units ``(ticket, row)`` for ``client``; returns how many. A row may carry ``n``
+    def submit(self, client: str, units: list[tuple], sampling: dict, window: int | None = None) -> int:
+        """Queue units ``(ticket, row)`` for ``client``; returns how many. ``window``: the
+        sequences to keep in the engine from now on (the client's ``max_inflight``; a kept
+        engine serves clients of other batch sizes). A row may carry ``n``
         (samples wanted, default ``sampling["n"]``) and ``offset`` (index of its first sample,
         for later rounds of adaptive sampling; each round of a prompt gets its own seed). A
         row that cannot be sent (a prompt too long or that does not tokenize) is finished at
@@ -310,6 +317,9 @@ class EngineActor:
         try:
             with self._out_cv:
                 self._outbox.setdefault(client, [])
+            if window:
+                with self._cv:
+                    self.max_inflight = window
             queued = []
             for ticket, row in units:
                 prepared = self._prepare(row, sampling)
@@ -386,7 +396,8 @@ class EngineActor:
             {"role": "user", "content": prompt}
         ]
         kwargs = {"chat_template": self.chat_template} if self.chat_template else {}
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  **self.chat_template_kwargs, **kwargs)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _prepare(self, row: dict, sampling: dict):
@@ -396,7 +407,7 @@ class EngineActor:
         try:
             ids = self._prompt_ids(row["prompt"])
         except Exception as e:  # a prompt the template or tokenizer cannot take
-            return _error_rows(pid, n, offset, 0, f"prompt could not be tokenized: {type(e).__name__}: {e}")
+            return _error_rows(pid, n, offset, 0, f"prompt_untokenizable: {type(e).__name__}: {str(e)[:500]}")
         if len(ids) >= self.max_len:
             return _error_rows(pid, n, offset, len(ids), f"prompt_too_long: {len(ids)} tokens >= model context {self.max_len}")
         if not sampling.get("budget"):
@@ -533,19 +544,23 @@ _KEPT: dict[str, "EnginePool"] = {}
 
 
 MAX_KEPT = 3
+# EngineSpec fields the pool reads as a client (sent with each submit), not the engine's
+CLIENT_SETTINGS = ("batch_size", "commit_seconds", "max_inflight", "chunks_in_flight")
 
 
 def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = None,
-                 system_prompt: str | None = None) -> "EnginePool":
+                 system_prompt: str | None = None, chat_template_kwargs: dict | None = None) -> "EnginePool":
     """Start engines for a model. With ``DISTILL_KEEP_ENGINES=1`` (long-lived drivers, test
     sessions) engines for the same model files and settings are kept and reused across
     stages and runs in this process; ``shutdown_kept()`` stops them."""
     if os.environ.get("DISTILL_KEEP_ENGINES") != "1":
-        return EnginePool(model_uri, spec, chat_template, system_prompt)
+        return EnginePool(model_uri, spec, chat_template, system_prompt, chat_template_kwargs)
     from pipeline.ids import fingerprint
     from pipeline.resources import model_fingerprint
 
-    key = fingerprint([model_fingerprint(model_uri), spec.model_dump(mode="json"), chat_template, system_prompt])
+    # the client's own settings (commit unit, window) do not need another engine
+    engine = spec.model_dump(mode="json", exclude=set(CLIENT_SETTINGS))
+    key = fingerprint([model_fingerprint(model_uri), engine, chat_template, system_prompt, chat_template_kwargs or {}])
     pool = _KEPT.pop(key, None)
     if pool is None or not pool.alive():
         # at most MAX_KEPT pools: each holds its actors' resources, and kept idle engines
@@ -554,10 +569,11 @@ def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = N
             old = _KEPT.pop(next(iter(_KEPT)))
             old.kept = False
             old.shutdown()
-        pool = EnginePool(model_uri, spec, chat_template, system_prompt)
+        pool = EnginePool(model_uri, spec, chat_template, system_prompt, chat_template_kwargs)
         pool.kept = True
     else:
         pool.reused = True
+        pool.spec = spec  # this caller's batch size, window and commit time
     _KEPT[key] = pool  # most recently used last
     return pool
 
@@ -575,7 +591,8 @@ class EnginePool:
     kept = False
     reused = False  # an engine kept from an earlier stage: no start-up this time
 
-    def __init__(self, model_uri: str, spec: EngineSpec, chat_template: str | None = None, system_prompt: str | None = None):
+    def __init__(self, model_uri: str, spec: EngineSpec, chat_template: str | None = None, system_prompt: str | None = None,
+                 chat_template_kwargs: dict | None = None):
         import ray
 
         # A crashed engine actor is restarted by Ray (max_restarts); its calls in flight fail
@@ -599,7 +616,7 @@ class EnginePool:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_capture_child_tasks=True)
             self.actors.append(actor_cls.options(**opts).remote(model_uri, spec.llm_kwargs(), chat_template, system_prompt,
-                                                                spec.nice, spec.window()))
+                                                                spec.nice, spec.window(), chat_template_kwargs))
         t0 = time.time()
         try:
             self.max_len = ray.get([a.ready.remote() for a in self.actors])[0]
@@ -681,7 +698,7 @@ class EnginePool:
                         seqs[idx] += n
                         units.append((ticket, row))
                     if units:
-                        self.actors[idx].submit.remote(client, units, sp)  # a lost actor shows in its poll
+                        self.actors[idx].submit.remote(client, units, sp, window)  # a lost actor shows in its poll
                     if outstanding[idx] and idx not in polls.values():
                         polls[self.actors[idx].poll.remote(client, 2.0)] = idx
                 if not polls:
