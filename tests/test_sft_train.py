@@ -122,7 +122,9 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, tiny_model, tmp_
             continue
         except ray.exceptions.RayActorError:  # training is over
             break
-        if snap["checkpoints"] and _registered(runner.storage) is not None:
+        registered = _registered(runner.storage) if snap["checkpoints"] else None
+        # a few steps past the checkpoint, so the resumed group trains them again
+        if registered is not None and snap["last_step"] >= registered + 3:
             rank1 = [s["pid"] for s in snap["starts"] if s["rank"] == 1 and s["attempt"] == 0]
             os.kill(rank1[0], signal.SIGKILL)
             killed = _registered(runner.storage)
@@ -139,6 +141,17 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, tiny_model, tmp_
     assert resumed is not None and resumed >= killed and resumed % 25 == 0
     assert second["first_step"] == resumed + 1  # not step 1
     assert second["last_step"] == m["steps"] == m["planned_steps"] == 150  # the planned number of optimizer steps
+    # the same data order after the resume: the steps both groups trained (from the checkpoint
+    # to the kill) saw the same batches from the same weights, so they logged the same losses
+    first_losses: dict = {}
+    again = []
+    for step, loss in m["loss_curve"]:
+        if step in first_losses:
+            again.append((step, first_losses[step], loss))
+        first_losses.setdefault(step, loss)
+    assert again and again[0][0] == resumed + 1, m["loss_curve"]
+    for step, before, after in again:
+        assert after == pytest.approx(before, rel=LOSS_RTOL), f"step {step}: {before} before the kill, {after} after"
     st = runner.storage
     model = st.strip(m["checkpoint_dir"])
     assert any(re.search(r"checkpoint_\d+$", p) for p in st.ls(model))
