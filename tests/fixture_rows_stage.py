@@ -1,7 +1,7 @@
 """``fixture_rows``: a test double of a source stage (``uses: fixture_rows_stage:FixtureRowsDouble``, with
 ``tests/`` on the import path) that writes the rows of a JSONL file as a dataset of a named
-schema: ``eval`` (evaluate's ``samples`` columns) or ``sft`` (dedupe's ``sft`` columns). It
-stands in for an evaluate or dedupe stage whose rows a test writes by hand."""
+schema: ``eval`` (evaluate's ``samples`` columns), ``sft`` (dedupe's ``sft`` columns) or ``pairs``
+(preference_pairs' ``pairs``). It stands in for a stage whose rows a test writes by hand."""
 from __future__ import annotations
 
 import json
@@ -13,14 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.stage import Stage, StageContext
 from stages.dedupe import SFT_SCHEMA
 from stages.evaluate import EVAL_SCHEMA
+from stages.preference_pairs import PAIRS_SCHEMA
 
-SCHEMAS = {"eval": EVAL_SCHEMA, "sft": SFT_SCHEMA}
+SCHEMAS = {"eval": EVAL_SCHEMA, "sft": SFT_SCHEMA, "pairs": PAIRS_SCHEMA}
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
-    schema_name: str = Field("eval", pattern="^(eval|sft)$")
+    schema_name: str = Field("eval", pattern="^(eval|sft|pairs)$")
 
 
 class FixtureRowsDouble(Stage):

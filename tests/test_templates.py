@@ -40,7 +40,7 @@ def _with_template(model_dir: str, template: str) -> str:
 def test_reasoning_rewrite_is_detected_only_where_the_template_does_it(tiny_model):
     from transformers import AutoTokenizer
 
-    from stages.sft import _converter, template_rewrites_reasoning, to_prompt_completion
+    from stages.sft import _converter, template_rewrites_reasoning, to_prompt_completion  # noqa: F401
 
     assert not template_rewrites_reasoning(AutoTokenizer.from_pretrained(tiny_model))
     assert _converter(tiny_model) is to_prompt_completion  # the toy template's rows go to TRL unchanged

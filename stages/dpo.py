@@ -1,0 +1,186 @@
+"""dpo: TRL's ``DPOTrainer`` on Ray Train, on preference pairs (``preference_pairs.pairs``).
+
+Inputs: ``data`` (``prompt``, ``chosen``, ``rejected`` in TRL's conversational form: lists of
+turns) and the starting model (``params.model`` or an input ``model``), usually the SFT
+student; the frozen reference is a copy of it. Output ``model``, committed as ``sft`` commits
+its model, with the same workers, checkpoints, resume after a lost worker or a killed driver,
+progress and stage record (``stages.common.training``); the record adds the trainer's reward
+curves (``curves``: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracies`` per logging step).
+
+``max_length`` has no default: TRL's 1,024 tokens silently cut reasoning traces, and it drops a
+pair whose prompt alone fills it. Before any worker starts, the stage measures every pair
+(prompt + chosen, prompt + rejected, as the template renders them) and records
+``truncated_fraction``: the share of pairs that would be cut. Past ``max_truncated_fraction``
+(default 0) it fails, naming the setting and the longest pair.
+
+``beta``, ``loss_type`` and ``precompute_ref_log_probs`` go to TRL as they are. A template that
+drops reasoning from assistant turns (DeepSeek-R1-distill's) gets the pairs rendered as text, as
+``sft`` does (``stages.common.chat``).
+"""
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+from pydantic import ConfigDict, Field
+
+from pipeline import resources
+from pipeline.stage import NOT_OUTPUT, Stage, StageContext, StageError
+from stages.common.chat import TextRenderer, template_rewrites_reasoning
+from stages.common.training import TrainResources, run_training
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class Params(TrainResources):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, json_schema_extra=NOT_OUTPUT,
+                              description="starting model folder or URI (or wire input 'model'); also the reference")
+    max_length: int = Field(..., ge=8, description="prompt + completion tokens; required: TRL's default of 1,024 "
+                                                   "silently cuts reasoning traces")
+    max_truncated_fraction: float = Field(0.0, ge=0, le=1, json_schema_extra=NOT_OUTPUT,
+                                          description="fail when more pairs than this would be cut by max_length")
+    beta: float = Field(0.1, gt=0)
+    loss_type: str | list[str] = "sigmoid"
+    precompute_ref_log_probs: bool = False
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="overrides epochs when > 0")
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="global batch of pairs per optimizer step")
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+
+    def per_device_batch(self) -> int:
+        return self.batch_size // (self.num_workers * self.grad_accum)
+
+
+def _text_pairs(tok):
+    """The pairs as text for a template that drops reasoning; None when TRL can render them."""
+    if not template_rewrites_reasoning(tok):
+        return None
+    render = TextRenderer(tok)
+
+    def convert(batch: dict) -> dict:
+        out: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
+        for prompt, chosen, rejected in zip(*(batch[c] for c in PAIR_COLUMNS)):
+            text = render.prompt(prompt)
+            out["prompt"].append(text)
+            out["chosen"].append(render.completion(text, chosen[-1]["content"]))
+            out["rejected"].append(render.completion(text, rejected[-1]["content"]))
+        return out
+
+    return convert
+
+
+def pair_lengths(tok, batch: dict) -> list[int]:
+    """Per pair, the longer of prompt + chosen and prompt + rejected in tokens, as rendered for
+    training (EOS included)."""
+    text = _text_pairs(tok)
+    eos = 1 if tok.eos_token_id is not None else 0
+    if text is not None:
+        t = text(batch)
+        chosen = tok([p + c for p, c in zip(t["prompt"], t["chosen"])], add_special_tokens=True)["input_ids"]
+        rejected = tok([p + r for p, r in zip(t["prompt"], t["rejected"])], add_special_tokens=True)["input_ids"]
+        return [max(len(a), len(b)) + eos for a, b in zip(chosen, rejected)]
+    out = []
+    for prompt, chosen, rejected in zip(*(batch[c] for c in PAIR_COLUMNS)):
+        out.append(max(len(tok.apply_chat_template(list(prompt) + list(chosen), tokenize=True)),
+                       len(tok.apply_chat_template(list(prompt) + list(rejected), tokenize=True))))
+    return out
+
+
+def dpo_config(p: Params, output_dir: str):
+    import torch
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=output_dir, num_train_epochs=p.epochs, max_steps=p.max_steps, learning_rate=p.learning_rate,
+        lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio, weight_decay=p.weight_decay,
+        per_device_train_batch_size=p.per_device_batch(), gradient_accumulation_steps=p.grad_accum,
+        max_length=p.max_length, beta=p.beta, loss_type=p.loss_type,
+        precompute_ref_log_probs=p.precompute_ref_log_probs, seed=p.seed, data_seed=p.seed,
+        gradient_checkpointing=p.gradient_checkpointing, bf16=p.bf16, fp16=False,
+        use_cpu=p.num_gpus == 0 or not torch.cuda.is_available(), logging_steps=p.logging_steps,
+        save_strategy="steps", save_steps=p.checkpoint_every, save_total_limit=1, report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
+    """The recipe ``stages.common.training.train_loop`` calls on each worker."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import DPOTrainer
+
+    disable_progress_bar()
+    p = Params.model_validate(params)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cache = os.path.join(work, "datasets-cache")
+    data = Dataset.from_parquet(files, columns=list(PAIR_COLUMNS), cache_dir=cache)
+    text = _text_pairs(tok)
+    if text is not None:
+        data = data.map(text, batched=True, batch_size=1024, remove_columns=data.column_names,
+                        cache_file_name=os.path.join(cache, "pairs-text.arrow"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    trainer = DPOTrainer(model=model, args=dpo_config(p, work), train_dataset=data, processing_class=tok)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class DPO(Stage):
+    kind: ClassVar[str] = "dpo"
+    version: ClassVar[str] = "1"
+    code_hash: ClassVar[bool] = False
+    Params = Params
+    inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
+    optional_inputs: ClassVar[frozenset] = frozenset({"model"})
+    input_columns: ClassVar[dict] = {"data": {"prompt": "messages", "chosen": "messages", "rejected": "messages"}}
+    outputs: ClassVar[dict] = {"model": "model"}
+
+    def check(self) -> list[tuple[str, str]]:
+        p: Params = self.params
+        out = resources.model_params_problems(p, ("model",))
+        if p.batch_size % (p.num_workers * p.grad_accum):
+            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
+                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
+        return out
+
+    def external_fingerprint(self) -> dict:
+        return resources.model_params_fingerprint(self.params, ("model",))
+
+    def run(self, ctx: StageContext) -> None:
+        p: Params = self.params
+        truncation = self._measure(ctx, p)
+        run_training(ctx, p, "stages.dpo:worker_trainer", metrics={"truncation": truncation})
+
+    @staticmethod
+    def _measure(ctx: StageContext, p: Params) -> dict:
+        """Every pair's length as trained, batch by batch: the share max_length would cut."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(resources.localize_model(ctx.model_uri("model", p.model)))
+        pairs = cut = longest = 0
+        for t in ctx.iter_input("data", columns=list(PAIR_COLUMNS), batch_rows=1024):
+            lengths = pair_lengths(tok, t.to_pydict())
+            pairs += len(lengths)
+            cut += sum(n > p.max_length for n in lengths)
+            longest = max([longest, *lengths])
+        if not pairs:
+            raise StageError("no preference pairs to train on")
+        fraction = cut / pairs
+        figures = {"pairs": pairs, "truncated": cut, "truncated_fraction": round(fraction, 4),
+                   "longest_tokens": longest, "max_length": p.max_length}
+        if fraction > p.max_truncated_fraction:
+            raise StageError(
+                f"{cut}/{pairs} preference pairs ({fraction:.1%}) are longer than max_length {p.max_length} tokens "
+                f"(prompt + chosen or rejected; the longest is {longest}): TRL would cut their reasoning, or drop "
+                f"them. Raise params.max_length (to {longest} to keep every pair), or allow it with "
+                f"params.max_truncated_fraction (now {p.max_truncated_fraction})")
+        return figures
