@@ -21,12 +21,12 @@ drops reasoning from assistant turns (DeepSeek-R1-distill's) gets the pairs rend
 from __future__ import annotations
 
 import os
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field
 
 from pipeline import resources
-from pipeline.stage import NOT_OUTPUT, Stage, StageContext, StageError
+from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, Stage, StageContext, StageError
 from stages.common.chat import TextRenderer, template_rewrites_reasoning
 from stages.common.training import TrainResources, run_training
 
@@ -44,6 +44,9 @@ class Params(TrainResources):
     beta: float = Field(0.1, gt=0)
     loss_type: str | list[str] = "sigmoid"
     precompute_ref_log_probs: bool = False
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
+                                                 description="template variables, as generation used them "
+                                                             "(e.g. {enable_thinking: true} for Qwen3)")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="overrides epochs when > 0")
     learning_rate: float = Field(1e-6, gt=0)
@@ -60,11 +63,11 @@ class Params(TrainResources):
         return self.batch_size // (self.num_workers * self.grad_accum)
 
 
-def _text_pairs(tok):
+def _text_pairs(tok, kwargs: dict | None = None):
     """The pairs as text for a template that drops reasoning; None when TRL can render them."""
-    if not template_rewrites_reasoning(tok):
+    if not template_rewrites_reasoning(tok, kwargs):
         return None
-    render = TextRenderer(tok)
+    render = TextRenderer(tok, kwargs)
 
     def convert(batch: dict) -> dict:
         out: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
@@ -78,21 +81,20 @@ def _text_pairs(tok):
     return convert
 
 
-def pair_lengths(tok, batch: dict) -> list[int]:
+def pair_lengths(tok, batch: dict, kwargs: dict | None = None) -> list[int]:
     """Per pair, the longer of prompt + chosen and prompt + rejected in tokens, as rendered for
     training (EOS included)."""
-    text = _text_pairs(tok)
+    text = _text_pairs(tok, kwargs)
     eos = 1 if tok.eos_token_id is not None else 0
     if text is not None:
         t = text(batch)
         chosen = tok([p + c for p, c in zip(t["prompt"], t["chosen"])], add_special_tokens=True)["input_ids"]
         rejected = tok([p + r for p, r in zip(t["prompt"], t["rejected"])], add_special_tokens=True)["input_ids"]
         return [max(len(a), len(b)) + eos for a, b in zip(chosen, rejected)]
-    out = []
-    for prompt, chosen, rejected in zip(*(batch[c] for c in PAIR_COLUMNS)):
-        out.append(max(len(tok.apply_chat_template(list(prompt) + list(chosen), tokenize=True)),
-                       len(tok.apply_chat_template(list(prompt) + list(rejected), tokenize=True))))
-    return out
+    texts = [tok.apply_chat_template(list(prompt) + list(turn), tokenize=False, **(kwargs or {}))
+             for prompt, chosen, rejected in zip(*(batch[c] for c in PAIR_COLUMNS)) for turn in (chosen, rejected)]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return [max(len(ids[i]), len(ids[i + 1])) for i in range(0, len(ids), 2)]
 
 
 def dpo_config(p: Params, output_dir: str):
@@ -124,10 +126,14 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     tok = AutoTokenizer.from_pretrained(model_dir)
     cache = os.path.join(work, "datasets-cache")
     data = Dataset.from_parquet(files, columns=list(PAIR_COLUMNS), cache_dir=cache)
-    text = _text_pairs(tok)
+    text = _text_pairs(tok, p.chat_template_kwargs)
     if text is not None:
         data = data.map(text, batched=True, batch_size=1024, remove_columns=data.column_names,
                         cache_file_name=os.path.join(cache, "pairs-text.arrow"))
+    elif p.chat_template_kwargs:  # TRL passes an example's own chat_template_kwargs to the template
+        kw = dict(p.chat_template_kwargs)
+        data = data.map(lambda b: {"chat_template_kwargs": [kw] * len(b["prompt"])}, batched=True,
+                        cache_file_name=os.path.join(cache, "pairs-kwargs.arrow"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     trainer = DPOTrainer(model=model, args=dpo_config(p, work), train_dataset=data, processing_class=tok)
     trainer.remove_callback(PrinterCallback)
@@ -168,7 +174,7 @@ class DPO(Stage):
         tok = AutoTokenizer.from_pretrained(resources.localize_model(ctx.model_uri("model", p.model)))
         pairs = cut = longest = 0
         for t in ctx.iter_input("data", columns=list(PAIR_COLUMNS), batch_rows=1024):
-            lengths = pair_lengths(tok, t.to_pydict())
+            lengths = pair_lengths(tok, t.to_pydict(), p.chat_template_kwargs)
             pairs += len(lengths)
             cut += sum(n > p.max_length for n in lengths)
             longest = max([longest, *lengths])

@@ -43,12 +43,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import fit, resources
-from pipeline.stage import NOT_OUTPUT, Stage, StageContext, StageError
+from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, Stage, StageContext, StageError
 from stages.common.chat import TextRenderer, template_rewrites_reasoning
 from stages.common.training import (  # noqa: F401 (the training names tests and benchmarks read from here)
     PEAK_FLOPS,
@@ -102,6 +102,9 @@ class Params(TrainResources):
         "[batch, length, vocab] logits (what large vocabularies need); full: the model's own forward with labels, "
         "faster for small vocabularies (same loss value, other float rounding)")
     lora: LoraSpec | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
+                                                 description="template variables, as generation used them "
+                                                             "(e.g. {enable_thinking: true} for Qwen3)")
     # where and how it runs (num_workers, num_cpus, ..., checkpoint_every): TrainResources
 
     def per_device_batch(self) -> int:
@@ -126,11 +129,11 @@ def to_prompt_completion(messages: list[dict]) -> dict | None:
     return {"prompt": msgs[:-1], "completion": msgs[-1:]}
 
 
-def rendered_prompt_completion(tok) -> Callable[[list[dict]], dict | None]:
+def rendered_prompt_completion(tok, kwargs: dict | None = None) -> Callable[[list[dict]], dict | None]:
     """Rows as text for a template that rewrites reasoning (``stages.common.chat``): the
     prompt rendered with the generation prompt, the completion the assistant turn as it is;
     TRL trains on the whole completion, think block included, then EOS."""
-    render = TextRenderer(tok)
+    render = TextRenderer(tok, kwargs)
 
     def convert(messages: list[dict]) -> dict | None:
         ex = to_prompt_completion(messages)
@@ -142,15 +145,19 @@ def rendered_prompt_completion(tok) -> Callable[[list[dict]], dict | None]:
     return convert
 
 
-def _converter(tokenizer_dir: str | None):
-    """How chat rows become TRL examples for this model's template: conversational by default,
-    rendered text where the template would drop the trained reasoning."""
+def _converter(tokenizer_dir: str | None, kwargs: dict | None = None):
+    """How chat rows become TRL examples for this model's template (with ``kwargs``, the
+    template variables generation used): conversational by default, rendered text where the
+    template would drop the trained reasoning."""
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if template_rewrites_reasoning(tok):
-            return rendered_prompt_completion(tok)
+        if template_rewrites_reasoning(tok, kwargs):
+            return rendered_prompt_completion(tok, kwargs)
+    if kwargs:  # TRL passes an example's own chat_template_kwargs to the template
+        return lambda messages: (None if (ex := to_prompt_completion(messages)) is None
+                                 else {**ex, "chat_template_kwargs": dict(kwargs)})
     return to_prompt_completion
 
 
@@ -191,7 +198,8 @@ def sft_config(p: Params, output_dir: str, save: bool = False):
     )
 
 
-def training_dataset(files: list[str], cache_dir: str, tokenizer_dir: str | None = None):
+def training_dataset(files: list[str], cache_dir: str, tokenizer_dir: str | None = None,
+                     template_kwargs: dict | None = None):
     """The training rows of a dataset's shards (local Parquet files, in order) as TRL's
     conversational prompt/completion, Arrow-backed and memory-mapped from ``datasets``' cache
     files under ``cache_dir``: a worker streams the shards through, never holding the rows as
@@ -203,16 +211,16 @@ def training_dataset(files: list[str], cache_dir: str, tokenizer_dir: str | None
 
     disable_progress_bar()
     ds = Dataset.from_parquet(files, columns=["messages"], cache_dir=cache_dir)
-    split = _converter(tokenizer_dir)
+    split = _converter(tokenizer_dir, template_kwargs)
 
     def convert(batch: dict, idx: list[int]) -> dict:
-        out: dict[str, list] = {"prompt": [], "completion": []}
+        out: dict[str, list] = {}
         for i, msgs in zip(idx, batch["messages"]):
             ex = split(msgs or [])
             if ex is None:
                 raise StageError(f"row {i} of the training data does not end with an assistant turn")
-            out["prompt"].append(ex["prompt"])
-            out["completion"].append(ex["completion"])
+            for k, v in ex.items():
+                out.setdefault(k, []).append(v)
         return out
 
     return ds.map(convert, batched=True, batch_size=1024, with_indices=True, remove_columns=ds.column_names,
@@ -232,7 +240,7 @@ def build_trainer(model_dir: str, rows, p: Params, output_dir: str, save: bool =
         train = rows
     else:
         examples = []
-        split = _converter(model_dir)
+        split = _converter(model_dir, p.chat_template_kwargs)
         for i, r in enumerate(rows):
             ex = split(r["messages"])
             if ex is None:
@@ -310,8 +318,8 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     """The recipe ``stages.common.training.train_loop`` calls on each worker: the SFTTrainer
     over the dataset's local shards."""
     p = Params.model_validate(params)
-    trainer = build_trainer(model_dir, training_dataset(files, os.path.join(work, "datasets-cache"), model_dir),
-                            p, work, save=True)
+    trainer = build_trainer(model_dir, training_dataset(files, os.path.join(work, "datasets-cache"), model_dir,
+                                                        p.chat_template_kwargs), p, work, save=True)
     trainer.merge_adapters = p.lora is not None and p.lora.merge
     trainer.stage_metrics = {"lm_head": trainer.lm_head}
     return trainer

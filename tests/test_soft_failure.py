@@ -2,7 +2,6 @@
 loudly with a summary of the reasons. The reasons are the real engine's: a prompt longer than
 the context, a prompt the chat template refuses, and a request the engine itself rejects."""
 import json
-from pathlib import Path
 
 import pytest
 from conftest import generate_config, write_jsonl
@@ -17,7 +16,9 @@ def _refusing_template(model: str) -> str:
     """The tiny model's own chat template, except that it raises on a prompt holding
     UNTOKENIZABLE and renders nothing (an empty prompt, which vLLM's add_request rejects) for
     one holding EMPTY-PROMPT."""
-    own = json.loads((Path(model) / "tokenizer_config.json").read_text())["chat_template"]
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(model).chat_template
     return ("{% for m in messages %}{% if 'UNTOKENIZABLE' in m['content'] %}"
             "{{ raise_exception('this template refuses the prompt') }}{% endif %}{% endfor %}"
             "{% if 'EMPTY-PROMPT' not in messages[-1]['content'] %}" + own + "{% endif %}")

@@ -83,8 +83,9 @@ stages:
     tok = AutoTokenizer.from_pretrained(localize_model(solver_model))
     for r in verified:
         msgs = [{"role": "user", "content": r["prompt"]}]
-        on = tok.apply_chat_template(msgs, chat_template=R1_LIKE, add_generation_prompt=True, enable_thinking=True)
-        off = tok.apply_chat_template(msgs, chat_template=R1_LIKE, add_generation_prompt=True)
+        on, off = (tok(tok.apply_chat_template(msgs, chat_template=R1_LIKE, add_generation_prompt=True, tokenize=False,
+                                               **kw), add_special_tokens=False)["input_ids"]
+                   for kw in ({"enable_thinking": True}, {}))
         assert r["prompt_tokens"] == len(on) != len(off)
     assert all(not r["completion"].lstrip().startswith("<think>") for r in verified)  # pre-filled, not generated
     correct = [r for r in verified if r["verdict"] == "correct"]
@@ -97,12 +98,16 @@ stages:
     student = _with_template(tiny_model, R1_LIKE)
     files = [f"{st.strip(stages['dedupe']['output']['sft'])}/{s['path']}"
              for s in st.dataset_manifest(st.strip(stages["dedupe"]["output"]["sft"]))["shards"]]
-    data = training_dataset(files, str(tmp_path / "cache"), student)
-    trainer = build_trainer(student, data, Params(model=student, max_steps=1, batch_size=4), tempfile.mkdtemp())
+    kw = {"enable_thinking": True}  # as generation rendered the prompts
+    data = training_dataset(files, str(tmp_path / "cache"), student, kw)
+    trainer = build_trainer(student, data, Params(model=student, max_steps=1, batch_size=4, chat_template_kwargs=kw),
+                            tempfile.mkdtemp())
     stok = trainer.processing_class
-    for ex, row in zip(trainer.train_dataset, sft_rows):
-        ids, mask = ex["input_ids"], ex["completion_mask"]
-        prompt = stok.decode([t for t, m in zip(ids, mask) if not m])
-        target = stok.decode([t for t, m in zip(ids, mask) if m])
+    targets = {row["messages"][-1]["content"] + "<|end|>" for row in sft_rows}
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        ids, labels = ids[mask.bool()], labels[mask.bool()]
+        prompt = stok.decode(ids[labels == -100])
+        target = stok.decode(ids[labels != -100])
         assert prompt.endswith("<|assistant|><think>\n")  # the context the engine gave the teacher
-        assert target == row["messages"][-1]["content"] + "<|end|>"  # the whole reasoning, then EOS
+        assert target in targets  # the whole reasoning, then EOS

@@ -11,11 +11,12 @@ from __future__ import annotations
 _REASONING_PROBE = "<think>\nreasoning to keep\n</think>\nanswer"
 
 
-def template_rewrites_reasoning(tok) -> bool:
-    """Whether the tokenizer's chat template changes an assistant turn that holds a think block."""
+def template_rewrites_reasoning(tok, kwargs: dict | None = None) -> bool:
+    """Whether the tokenizer's chat template (with ``kwargs``, e.g. ``enable_thinking``) changes
+    an assistant turn that holds a think block."""
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _REASONING_PROBE}]
     try:
-        return _REASONING_PROBE not in tok.apply_chat_template(probe, tokenize=False)
+        return _REASONING_PROBE not in tok.apply_chat_template(probe, tokenize=False, **(kwargs or {}))
     except Exception:  # a template that cannot render this probe: leave the rows to TRL
         return False
 
@@ -25,14 +26,14 @@ class TextRenderer:
     a pre-filled ``<think>`` included); an assistant turn as text, less any opening the
     generation prompt already holds. TRL appends EOS to a text completion."""
 
-    def __init__(self, tok):
-        self.tok = tok
+    def __init__(self, tok, kwargs: dict | None = None):
+        self.tok, self.kwargs = tok, dict(kwargs or {})
         # a BOS the template writes and the tokenizer adds again is left to the tokenizer
         ids = tok("x")["input_ids"]
         self.bos = tok.bos_token if tok.bos_token and ids[:1] == [tok.bos_token_id] else None
 
     def prompt(self, turns: list[dict]) -> str:
-        text = self.tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        text = self.tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **self.kwargs)
         return text[len(self.bos):] if self.bos and text.startswith(self.bos) else text
 
     @staticmethod
