@@ -25,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_model, emit, summary, toy_rows  # noqa: E402
 
-# measured with this script on the developer's machine (2-core AMD EPYC, AVX-512, 24 GiB),
-# idle, on the day the README's demo times were taken; see the README's demo paragraph
-REFERENCE = {"train": 3913.0, "generate": 3325.0, "demo_minutes": 20.6}
+# measured with this script on the developer's machine (2 cores, 24 GiB), idle, medians of 3 runs
+# (train 4,617-5,013, generate 4,067-4,447 tok/s), 2026-12-02; demo_minutes: a fresh clone's
+# `make demo` there, install included (20 min 36 s, 2026-12-02)
+REFERENCE = {"train": 4845.0, "generate": 4270.0, "demo_minutes": 20.6}
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 
 
