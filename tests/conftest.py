@@ -15,6 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ["DISTILL_KEEP_ENGINES"] = "1"
+# the session's engines: the toy model's and the solver's, with and without a max_num_seqs and a
+# test's own template; with 3 kept the least recent was often started again (~28 s each)
+os.environ.setdefault("DISTILL_MAX_KEPT_ENGINES", "5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISTILL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"distill-test-cache-{os.getpid()}"))
 

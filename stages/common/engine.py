@@ -543,7 +543,7 @@ def _error_rows(prompt_id: str, n: int, offset: int, prompt_tokens: int, reason:
 _KEPT: dict[str, "EnginePool"] = {}
 
 
-MAX_KEPT = 3
+MAX_KEPT = int(os.environ.get("DISTILL_MAX_KEPT_ENGINES", "3"))  # kept pools (DISTILL_KEEP_ENGINES), LRU
 # EngineSpec fields the pool reads as a client (sent with each submit), not the engine's
 CLIENT_SETTINGS = ("batch_size", "commit_seconds", "max_inflight", "chunks_in_flight")
 
@@ -565,7 +565,7 @@ def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = N
     if pool is None or not pool.alive():
         # at most MAX_KEPT pools: each holds its actors' resources, and kept idle engines
         # must not starve the tasks of later stages (the least recently used one goes)
-        while len(_KEPT) >= MAX_KEPT:
+        while len(_KEPT) >= max(1, MAX_KEPT):
             old = _KEPT.pop(next(iter(_KEPT)))
             old.kept = False
             old.shutdown()

@@ -158,7 +158,9 @@ def state_actor_name(fingerprint: str) -> str:
     return f"distill-train-{fingerprint}"
 
 
-CURVE_PREFIXES = ("rewards/", "logps/")  # logged figures kept per step beside the loss (DPO's)
+# logged figures kept per step beside the loss: DPO's rewards and log-probs; GRPO's mean reward,
+# completion lengths and truncation rate, and the share of each verification reason
+CURVE_PREFIXES = ("rewards/", "logps/", "reward", "completions/mean_length", "completions/clipped_ratio", "verify/")
 
 
 def _report_callback(state, rank: int, resumed_from: int | None, tokens: dict):

@@ -1,0 +1,183 @@
+"""grpo: TRL's ``GRPOTrainer`` on Ray Train, rewarded by the pipeline's own verifier.
+
+Inputs: ``data`` (prompts with gold answers: ``prompt``, ``answer``; ``prompt_id`` when
+present) and the starting model (``params.model`` or an input ``model``), usually the SFT
+student. Output ``model``, committed as ``sft`` commits its model, with the same workers,
+checkpoints, resume, progress and stage record (``stages.common.training``).
+
+The reward is ``verify``'s verdict on each completion: the same format gate (``format``), the
+same math-verify comparison in the verifier's worker processes with the same hard per-check
+deadline (``timeout_s``), so a pathological answer costs at most the deadline, is ``rejected``
+with reason ``timeout`` (reward 0) and the step goes on. math-verify's own ``signal.alarm``
+timeout works only in a main thread, which is why TRL's reward functions usually run it
+without one; here it never runs in the trainer's thread. Reward 1 for ``correct``, 0 for
+anything else; an ``error`` verdict (a checker crash) is reward 0 and counted. With
+``format_reward`` > 0, a completion that passes the format gate earns that much even when its
+answer is wrong. A completion cut at ``max_completion_length`` has finish reason ``length``
+(``format.reject_truncated`` then rejects it).
+
+Per logging step the record's ``curves`` hold TRL's ``reward`` (the mean),
+``completions/mean_length`` and ``completions/clipped_ratio`` (the truncation rate), and
+``verify/<reason>``: the share of each verification reason among that step's completions.
+
+``num_generations``, ``beta``, ``loss_type``, ``max_completion_length``, ``temperature`` and
+``scale_rewards`` go to TRL as they are. Completions come from the trainer's own generation;
+on GPUs ``vllm_mode`` (``colocate`` or ``server``) hands them to vLLM as TRL provides.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from pipeline import resources
+from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, Stage, StageContext, StageError
+from stages.common.checkers import FormatSpec
+from stages.common.training import TrainResources, run_training
+
+
+class Params(TrainResources):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, json_schema_extra=NOT_OUTPUT,
+                              description="starting model folder or URI (or wire input 'model')")
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group)")
+    max_completion_length: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model)")
+    loss_type: str = "dapo"
+    scale_rewards: str | bool = "group"
+    format: FormatSpec = Field(default_factory=FormatSpec)
+    format_reward: float = Field(0.0, ge=0, description="reward for a well-formed completion, even a wrong one")
+    timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET)
+    vllm_mode: Literal["none", "colocate", "server"] = Field("none", json_schema_extra=NOT_OUTPUT,
+                                                             description="GPUs only: TRL's vLLM generation")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="overrides epochs when > 0")
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(16, ge=2, description="completions per optimizer step, all workers: a multiple of "
+                                                  "num_generations")
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    bf16: bool = False
+
+    def per_device_batch(self) -> int:
+        return self.batch_size // (self.num_workers * self.grad_accum)
+
+
+class VerifierReward:
+    """A TRL reward function: ``verify``'s verdict per completion, from the verifier's worker
+    processes (``stages.common.verifier.VerifierPool``), with each reason's share logged."""
+
+    __name__ = "verify"
+
+    def __init__(self, fmt: FormatSpec, timeout_s: float, max_completion_length: int, format_reward: float = 0.0):
+        self.fmt, self.timeout_s = fmt, timeout_s
+        self.max_completion_length, self.format_reward = max_completion_length, format_reward
+        self._pool = None
+
+    def pool(self):
+        if self._pool is None:
+            from stages.common.verifier import VerifierPool
+
+            self._pool = VerifierPool(workers=1, timeout=self.timeout_s)
+        return self._pool
+
+    def verdicts(self, completions: list, answers: list, completion_ids: list | None = None) -> list[dict]:
+        rows = []
+        for i, (c, a) in enumerate(zip(completions, answers)):
+            text = c[-1]["content"] if isinstance(c, list) else c
+            n = len(completion_ids[i]) if completion_ids is not None else 0
+            rows.append({"completion": text, "answer": a,
+                         "finish_reason": "length" if n >= self.max_completion_length else "stop"})
+        return self.pool().check_rows(rows, self.fmt)
+
+    def __call__(self, prompts, completions, completion_ids=None, answer=None, log_metric=None, **kw) -> list[float]:
+        verdicts = self.verdicts(completions, answer, completion_ids)
+        if log_metric is not None:
+            reasons: dict[str, int] = {}
+            for v in verdicts:
+                reasons[v["reason"]] = reasons.get(v["reason"], 0) + 1
+            for reason, n in reasons.items():
+                log_metric(f"verify/{reason}", n / len(verdicts))
+        return [1.0 if v["verdict"] == "correct" else
+                (self.format_reward if self.format_reward and v["reason"] in FORMAT_OK_REASONS else 0.0)
+                for v in verdicts]
+
+
+# reasons of a completion that passed the format gate (its answer was compared)
+FORMAT_OK_REASONS = frozenset({"ok", "wrong_answer", "hedged_answer", "timeout"})
+
+
+def grpo_config(p: Params, output_dir: str):
+    import torch
+    from trl import GRPOConfig
+
+    gpu = p.num_gpus > 0 and torch.cuda.is_available()
+    return GRPOConfig(
+        output_dir=output_dir, num_train_epochs=p.epochs, max_steps=p.max_steps, learning_rate=p.learning_rate,
+        lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
+        per_device_train_batch_size=p.per_device_batch(), gradient_accumulation_steps=p.grad_accum,
+        num_generations=p.num_generations, max_completion_length=p.max_completion_length,
+        temperature=p.temperature, beta=p.beta, loss_type=p.loss_type, scale_rewards=p.scale_rewards,
+        use_vllm=gpu and p.vllm_mode != "none", vllm_mode=p.vllm_mode if p.vllm_mode != "none" else "colocate",
+        chat_template_kwargs=dict(p.chat_template_kwargs) or None,
+        seed=p.seed, data_seed=p.seed, bf16=p.bf16, fp16=False, use_cpu=not gpu, logging_steps=p.logging_steps,
+        save_strategy="steps", save_steps=p.checkpoint_every, save_total_limit=1, report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
+    """The recipe ``stages.common.training.train_loop`` calls on each worker."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import GRPOTrainer
+
+    disable_progress_bar()
+    p = Params.model_validate(params)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cache = os.path.join(work, "datasets-cache")
+    data = Dataset.from_parquet(files, columns=["prompt", "answer"], cache_dir=cache)
+    data = data.map(lambda b: {"prompt": [[{"role": "user", "content": q}] for q in b["prompt"]]}, batched=True,
+                    cache_file_name=os.path.join(cache, "prompts-chat.arrow"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    reward = VerifierReward(p.format, p.timeout_s, p.max_completion_length, p.format_reward)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_config(p, work), train_dataset=data,
+                          processing_class=tok)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class GRPO(Stage):
+    kind: ClassVar[str] = "grpo"
+    version: ClassVar[str] = "1"
+    code_hash: ClassVar[bool] = False
+    Params = Params
+    inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
+    optional_inputs: ClassVar[frozenset] = frozenset({"model"})
+    input_columns: ClassVar[dict] = {"data": {"prompt": "string", "answer": "string"}}
+    outputs: ClassVar[dict] = {"model": "model"}
+
+    def check(self) -> list[tuple[str, str]]:
+        p: Params = self.params
+        out = resources.model_params_problems(p, ("model",))
+        if p.batch_size % (p.num_workers * p.grad_accum):
+            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
+                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
+        if p.batch_size % p.num_generations:
+            out.append(("batch_size", f"{p.batch_size} completions per step is not a whole number of groups of "
+                                      f"num_generations {p.num_generations}"))
+        return out
+
+    def external_fingerprint(self) -> dict:
+        return resources.model_params_fingerprint(self.params, ("model",))
+
+    def run(self, ctx: StageContext) -> None:
+        if not ctx.input_rows("data"):
+            raise StageError("no prompts to train on")
+        run_training(ctx, self.params, "stages.grpo:worker_trainer")
