@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, ProcessWatch, generate_config, write_jsonl
 
-N_PROMPTS, N = 48, 2
+N_PROMPTS, N = 32, 2
 
 
 @pytest.mark.engine

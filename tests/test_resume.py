@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.runner import Runner
 from pipeline.storage import Storage
 
-N_PROMPTS, N = 48, 2
+N_PROMPTS, N = 24, 2
 
 
 @pytest.mark.engine
