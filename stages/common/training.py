@@ -65,10 +65,10 @@ def count_tokens(trainer) -> dict:
     orig = trainer.training_step
 
     def counting_step(model, inputs, *a, **kw):
-        mask = inputs.get("attention_mask")
-        ids = inputs.get("input_ids")
-        if ids is None:  # a batch of another shape (no input_ids): not counted
+        if not hasattr(inputs, "get") or inputs.get("input_ids") is None:  # GRPO's examples: not counted here
             return orig(model, inputs, *a, **kw)
+        mask = inputs.get("attention_mask")
+        ids = inputs["input_ids"]
         if mask is not None and mask.shape == ids.shape:
             tokens["n"] += int(mask.sum())
         else:  # padding-free batches carry no mask: every token is real
