@@ -109,6 +109,22 @@ MUTATIONS: list[Mutation] = [
       "the documented 13-gram rule changed"),
     M("scoring-errored", "stages/common/scoring.py", 'errored=r["verdict"] == "error"', "errored=False",
       SOLVER_TESTS, "errors are scored as wrong answers"),
+    M("sft-data-order", "stages/sft.py", "        data_seed=p.seed,\n", "        data_seed=p.seed,\n        ignore_data_skip=True,\n",
+      ("tests/test_sft_train.py::test_worker_sigkill_resumes_from_last_checkpoint[local]",),
+      "a resumed group replays the epoch from its start (another data order)"),
+    M("budget-reservation", "stages/generate.py", 'need = req.get("n", self.n) * self.per_sample', "need = 0",
+      ("tests/test_budget_cap.py",), "a request reserves nothing, so the cap can be passed"),
+    M("pairs-errored", "stages/preference_pairs.py", 'usable = [i for i, v in enumerate(verdicts) if v != "error"]',
+      "usable = list(range(len(verdicts)))", ("tests/test_preference_pairs.py",), "errored samples used in pairs"),
+    M("grpo-reward-errors", "stages/grpo.py", 'return [1.0 if v["verdict"] == "correct" else',
+      'return [1.0 if v["verdict"] != "rejected" else', ("tests/test_grpo.py::test_reward_is_verify_verdict_for_every_reason",),
+      "a checker timeout or error rewarded"),
+    M("dpo-truncation", "stages/dpo.py", "if fraction > p.max_truncated_fraction:", "if fraction > 1:",
+      ("tests/test_dpo.py::test_too_short_max_length_fails_before_training_naming_the_setting",),
+      "pairs cut by max_length train silently"),
+    M("engine-window", "stages/common/engine.py", "                    self.max_inflight = window\n",
+      "                    pass\n", ("tests/test_generate_overhead.py::test_generate_reports_overhead",),
+      "a kept engine keeps its first client's window"),
 ]
 
 
