@@ -441,3 +441,23 @@ def run_dedupe_stage(root: Path, rows: list[dict], rows_per_shard: int = 50_000,
     ctx, stage = run_stage_on_rows(root, Dedupe, params, {"samples": rows}, rows_per_shard)
     sft, dropped = (ctx.storage.read_dataset(ctx.written[out].path) for out in ("sft", "dropped"))
     return sft, dropped, ctx, stage.params
+
+
+# A chat template that behaves as DeepSeek-R1-distill's and Qwen3's do (tests/test_templates.py):
+# every assistant turn keeps only what follows </think>; the generation prompt pre-fills <think>,
+# or an empty think block unless enable_thinking is passed. For tests/test_soft_failure.py it
+# also refuses a prompt holding UNTOKENIZABLE and renders nothing for one holding EMPTY-PROMPT
+# (vLLM's add_request rejects an empty prompt). One template, so both tests share one engine.
+R1_LIKE_TEMPLATE = (
+    "{% for m in messages %}{% if 'UNTOKENIZABLE' in m['content'] %}"
+    "{{ raise_exception('this template refuses the prompt') }}{% endif %}{% endfor %}"
+    "{% if 'EMPTY-PROMPT' not in messages[-1]['content'] %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}{% set c = m['content'] %}{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+    "<|assistant|>{{ c }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and enable_thinking %}<think>\n{% else %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}{% endif %}"
+)

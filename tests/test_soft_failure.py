@@ -1,40 +1,40 @@
 """Soft failure: a bad request becomes an errored row; past max_error_rate the stage fails
 loudly with a summary of the reasons. The reasons are the real engine's: a prompt longer than
-the context, a prompt the chat template refuses, and a request the engine itself rejects."""
+the context, a prompt the chat template refuses, and a request vLLM itself rejects (an empty
+prompt). The template (conftest's R1_LIKE_TEMPLATE) and engine are test_templates.py's."""
 import json
 
 import pytest
-from conftest import generate_config, write_jsonl
+from conftest import R1_LIKE_TEMPLATE, write_jsonl
 
 from pipeline.config import load_config
 from pipeline.runner import Runner
 
-ENGINE = "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}"
-
-
-def _refusing_template(model: str) -> str:
-    """The tiny model's own chat template, except that it raises on a prompt holding
-    UNTOKENIZABLE and renders nothing (an empty prompt, which vLLM's add_request rejects) for
-    one holding EMPTY-PROMPT."""
-    from transformers import AutoTokenizer
-
-    own = AutoTokenizer.from_pretrained(model).chat_template
-    return ("{% for m in messages %}{% if 'UNTOKENIZABLE' in m['content'] %}"
-            "{{ raise_exception('this template refuses the prompt') }}{% endif %}{% endfor %}"
-            "{% if 'EMPTY-PROMPT' not in messages[-1]['content'] %}" + own + "{% endif %}")
-
 
 @pytest.mark.engine
-def test_error_rate_over_threshold_fails_with_reasons(ray_local, tiny_model, tmp_path):
+def test_error_rate_over_threshold_fails_with_reasons(ray_local, solver_model, tmp_path):
     long = "Compute " + " + ".join(["1"] * 300) + "."
     rows = ([{"prompt": f"{long} #{i}", "answer": "300"} for i in range(3)]
             + [{"prompt": "Compute 2 + 2. UNTOKENIZABLE", "answer": "4"},
                {"prompt": "Compute 3 + 3. EMPTY-PROMPT", "answer": "6"},
                {"prompt": "Compute 1 + 1.", "answer": "2"}])
     src = write_jsonl(tmp_path / "src.jsonl", rows)
-    path = generate_config(tmp_path, "errors", src, tiny_model, "{n: 2, max_tokens: 8, seed: 1}", ENGINE)
-    extra = f", max_error_rate: 0.5, chat_template: {json.dumps(_refusing_template(tiny_model))}"
-    path.write_text(path.read_text().replace(f"engine: {ENGINE}}}", f"engine: {ENGINE}{extra}}}"))
+    path = tmp_path / "errors.yaml"
+    path.write_text(f"""
+name: errors
+storage: {{root: {tmp_path}/root}}
+stages:
+  prompts: {{params: {{path: {src}}}}}
+  generate:
+    inputs: {{prompts: prompts.prompts}}
+    params:
+      model: {solver_model}
+      chat_template: {json.dumps(R1_LIKE_TEMPLATE)}
+      chat_template_kwargs: {{enable_thinking: true}}
+      sampling: {{n: 2, max_tokens: 8, seed: 1}}
+      engine: {{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2}}
+      max_error_rate: 0.5
+""")
     result = Runner(load_config(path)).run()
     assert not result.ok
     message = result.stage_errors["generate"]

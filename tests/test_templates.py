@@ -14,16 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import output_rows, run_stages, write_jsonl
 
-R1_LIKE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
-    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% else %}{% set c = m['content'] %}{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
-    "<|assistant|>{{ c }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>"
-    "{% if enable_thinking is defined and enable_thinking %}<think>\n{% else %}<think>\n\n</think>\n\n{% endif %}"
-    "{% endif %}"
-)
+from conftest import R1_LIKE_TEMPLATE as R1_LIKE
 
 
 def _with_template(model_dir: str, template: str) -> str:

@@ -110,7 +110,7 @@ MUTATIONS: list[Mutation] = [
     M("scoring-errored", "stages/common/scoring.py", 'errored=r["verdict"] == "error"', "errored=False",
       SOLVER_TESTS, "errors are scored as wrong answers"),
     M("sft-data-order", "stages/sft.py", "        data_seed=p.seed,\n", "        data_seed=p.seed,\n        ignore_data_skip=True,\n",
-      ("tests/test_sft_train.py::test_worker_sigkill_resumes_from_last_checkpoint[local]",),
+      ("tests/test_sft_train.py::test_worker_sigkill_resumes_from_last_checkpoint[s3]",),
       "a resumed group replays the epoch from its start (another data order)"),
     M("budget-reservation", "stages/generate.py", 'need = req.get("n", self.n) * self.per_sample', "need = 0",
       ("tests/test_budget_cap.py",), "a request reserves nothing, so the cap can be passed"),
