@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 from pydantic import ConfigDict, Field
 
 from pipeline import resources
-from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, Stage, StageContext, StageError
+from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from stages.common.chat import TextRenderer, template_rewrites_reasoning
-from stages.common.training import TrainResources, run_training
+from stages.common.training import TrainingStage, TrainResources, run_training
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -140,26 +140,11 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     return trainer
 
 
-class DPO(Stage):
+class DPO(TrainingStage):
     kind: ClassVar[str] = "dpo"
     version: ClassVar[str] = "1"
-    code_hash: ClassVar[bool] = False
     Params = Params
-    inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
-    optional_inputs: ClassVar[frozenset] = frozenset({"model"})
     input_columns: ClassVar[dict] = {"data": {"prompt": "messages", "chosen": "messages", "rejected": "messages"}}
-    outputs: ClassVar[dict] = {"model": "model"}
-
-    def check(self) -> list[tuple[str, str]]:
-        p: Params = self.params
-        out = resources.model_params_problems(p, ("model",))
-        if p.batch_size % (p.num_workers * p.grad_accum):
-            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
-                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
-        return out
-
-    def external_fingerprint(self) -> dict:
-        return resources.model_params_fingerprint(self.params, ("model",))
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params

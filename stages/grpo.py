@@ -31,10 +31,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
-from pipeline import resources
-from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, Stage, StageContext, StageError
+from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from stages.common.checkers import FormatSpec
-from stages.common.training import TrainResources, run_training
+from stages.common.training import TrainingStage, TrainResources, run_training
 
 
 class Params(TrainResources):
@@ -153,29 +152,18 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     return trainer
 
 
-class GRPO(Stage):
+class GRPO(TrainingStage):
     kind: ClassVar[str] = "grpo"
     version: ClassVar[str] = "1"
-    code_hash: ClassVar[bool] = False
     Params = Params
-    inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
-    optional_inputs: ClassVar[frozenset] = frozenset({"model"})
     input_columns: ClassVar[dict] = {"data": {"prompt": "string", "answer": "string"}}
-    outputs: ClassVar[dict] = {"model": "model"}
 
-    def check(self) -> list[tuple[str, str]]:
+    def more_problems(self) -> list[tuple[str, str]]:
         p: Params = self.params
-        out = resources.model_params_problems(p, ("model",))
-        if p.batch_size % (p.num_workers * p.grad_accum):
-            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
-                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
         if p.batch_size % p.num_generations:
-            out.append(("batch_size", f"{p.batch_size} completions per step is not a whole number of groups of "
-                                      f"num_generations {p.num_generations}"))
-        return out
-
-    def external_fingerprint(self) -> dict:
-        return resources.model_params_fingerprint(self.params, ("model",))
+            return [("batch_size", f"{p.batch_size} completions per step is not a whole number of groups of "
+                                   f"num_generations {p.num_generations}")]
+        return []
 
     def run(self, ctx: StageContext) -> None:
         if not ctx.input_rows("data"):

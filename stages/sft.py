@@ -54,6 +54,7 @@ from stages.common.training import (  # noqa: F401 (the training names tests and
     PEAK_FLOPS,
     SNAPSHOT,
     TrainResources,
+    TrainingStage,
     TrainState,
     count_tokens,
     local_dataset_files,
@@ -325,26 +326,14 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     return trainer
 
 
-class SFT(Stage):
+class SFT(TrainingStage):
     kind: ClassVar[str] = "sft"
     version: ClassVar[str] = "2"  # keyed by this version, bumped by hand, not by a hash of the code
-    code_hash: ClassVar[bool] = False
     Params = Params
-    inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
     input_columns: ClassVar[dict] = {"data": {"messages": "messages"}}
-    optional_inputs: ClassVar[frozenset] = frozenset({"model"})
-    outputs: ClassVar[dict] = {"model": "model"}
 
-    def check(self) -> list[tuple[str, str]]:
-        p: Params = self.params
-        out = resources.model_params_problems(p, ("model",)) + fit.training_problems(p.model, p)
-        if p.batch_size % (p.num_workers * p.grad_accum):
-            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
-                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
-        return out
-
-    def external_fingerprint(self) -> dict:
-        return resources.model_params_fingerprint(self.params, ("model",))
+    def more_problems(self) -> list[tuple[str, str]]:
+        return fit.training_problems(self.params.model, self.params)
 
     def run(self, ctx: StageContext) -> None:
         run_training(ctx, self.params, "stages.sft:worker_trainer")

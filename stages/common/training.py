@@ -18,8 +18,10 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import layout
-from pipeline.stage import NOT_OUTPUT, StageContext, StageError
+from typing import ClassVar
+
+from pipeline import layout, resources
+from pipeline.stage import NOT_OUTPUT, Stage, StageContext, StageError
 
 
 class TrainResources(BaseModel):
@@ -39,6 +41,33 @@ class TrainResources(BaseModel):
 
 
 # Dense peak FLOP/s used for MFU, by GPU name fragment (bf16 tensor cores / fp32).
+class TrainingStage(Stage):
+    """What the training stages (sft, dpo, grpo) share: inputs ``data`` and an optional ``model``
+    (else ``params.model``), output ``model``, keyed by the starting model's files, and the
+    checks of a global batch split over workers. Params need ``model``, ``batch_size``,
+    ``grad_accum`` and ``TrainResources``."""
+
+    code_hash: ClassVar[bool] = False
+    inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
+    optional_inputs: ClassVar[frozenset] = frozenset({"model"})
+    outputs: ClassVar[dict] = {"model": "model"}
+
+    def check(self) -> list[tuple[str, str]]:
+        p = self.params
+        out = resources.model_params_problems(p, ("model",)) + self.more_problems()
+        if p.batch_size % (p.num_workers * p.grad_accum):
+            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
+                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
+        return out
+
+    def more_problems(self) -> list[tuple[str, str]]:
+        """A stage's own problems found at plan, besides the shared ones."""
+        return []
+
+    def external_fingerprint(self) -> dict:
+        return resources.model_params_fingerprint(self.params, ("model",))
+
+
 PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
               "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10G": (125e12, 31.2e12)}
 
