@@ -11,7 +11,9 @@ deadline (``timeout_s``), so a pathological answer costs at most the deadline, i
 with reason ``timeout`` (reward 0) and the step goes on. math-verify's own ``signal.alarm``
 timeout works only in a main thread, which is why TRL's reward functions usually run it
 without one; here it never runs in the trainer's thread. Reward 1 for ``correct``, 0 for
-anything else; an ``error`` verdict (a checker crash) is reward 0 and counted. With
+anything else; an ``error`` verdict (a checker crash) is reward 0 and counted. Code rows (a
+``tests`` column, or ``checker: code``) run their last fenced code block against the tests in
+the sandbox (limits in ``code``), as ``verify`` runs them. With
 ``format_reward`` > 0, a completion that passes the format gate earns that much even when its
 answer is wrong. A completion cut at ``max_completion_length`` has finish reason ``length``
 (``format.reject_truncated`` then rejects it).
@@ -33,6 +35,7 @@ from pydantic import ConfigDict, Field
 
 from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from stages.common.checkers import FormatSpec
+from stages.common.sandbox import CodeSpec
 from stages.common.training import TrainingStage, TrainResources, run_training
 
 
@@ -47,6 +50,10 @@ class Params(TrainResources):
     loss_type: str = "dapo"
     scale_rewards: str | bool = "group"
     format: FormatSpec = Field(default_factory=FormatSpec)
+    checker: str = Field("auto", pattern="^(auto|math|code)$",
+                         description="as verify's: auto: rows with a `tests` field are code, the rest math")
+    code: CodeSpec = Field(default_factory=CodeSpec, description="sandbox limits for code rows")
+    code_workers: int = Field(2, ge=1, json_schema_extra=NOT_OUTPUT, description="sandbox runs at a time")
     format_reward: float = Field(0.0, ge=0, description="reward for a well-formed completion, even a wrong one")
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET)
@@ -68,14 +75,19 @@ class Params(TrainResources):
 
 
 class VerifierReward:
-    """A TRL reward function: ``verify``'s verdict per completion, from the verifier's worker
-    processes (``stages.common.verifier.VerifierPool``), with each reason's share logged."""
+    """A TRL reward function: ``verify``'s verdict per completion. Math rows are checked in the
+    verifier's worker processes (``stages.common.verifier.VerifierPool``), code rows (a ``tests``
+    column, or ``checker: code``) run against their tests in the sandbox, as ``verify`` runs
+    them; each reason's share is logged."""
 
     __name__ = "verify"
 
-    def __init__(self, fmt: FormatSpec, timeout_s: float, max_completion_length: int, format_reward: float = 0.0):
+    def __init__(self, fmt: FormatSpec, timeout_s: float, max_completion_length: int, format_reward: float = 0.0,
+                 checker: str = "auto", code: CodeSpec | None = None, code_workers: int = 2):
         self.fmt, self.timeout_s = fmt, timeout_s
         self.max_completion_length, self.format_reward = max_completion_length, format_reward
+        self.checker, self.code, self.code_workers = checker, code or CodeSpec(), code_workers
+        self.code_cache: dict = {}
         self._pool = None
 
     def pool(self):
@@ -85,17 +97,27 @@ class VerifierReward:
             self._pool = VerifierPool(workers=1, timeout=self.timeout_s)
         return self._pool
 
-    def verdicts(self, completions: list, answers: list, completion_ids: list | None = None) -> list[dict]:
+    def verdicts(self, completions: list, answers: list, completion_ids: list | None = None,
+                 tests: list | None = None, test_kind: list | None = None) -> list[dict]:
+        from stages.common.verifier import check_mixed_rows
+
         rows = []
         for i, (c, a) in enumerate(zip(completions, answers)):
             text = c[-1]["content"] if isinstance(c, list) else c
             n = len(completion_ids[i]) if completion_ids is not None else 0
-            rows.append({"completion": text, "answer": a,
-                         "finish_reason": "length" if n >= self.max_completion_length else "stop"})
-        return self.pool().check_rows(rows, self.fmt)
+            row = {"completion": text, "answer": a,
+                   "finish_reason": "length" if n >= self.max_completion_length else "stop"}
+            if tests is not None:
+                row["tests"] = tests[i]
+            if test_kind is not None:
+                row["test_kind"] = test_kind[i]
+            rows.append(row)
+        return check_mixed_rows(self.pool(), rows, self.fmt, self.checker, self.code, self.code_workers,
+                                self.code_cache)
 
-    def __call__(self, prompts, completions, completion_ids=None, answer=None, log_metric=None, **kw) -> list[float]:
-        verdicts = self.verdicts(completions, answer, completion_ids)
+    def __call__(self, prompts, completions, completion_ids=None, answer=None, log_metric=None, tests=None,
+                 test_kind=None, **kw) -> list[float]:
+        verdicts = self.verdicts(completions, answer, completion_ids, tests, test_kind)
         if log_metric is not None:
             reasons: dict[str, int] = {}
             for v in verdicts:
@@ -107,8 +129,9 @@ class VerifierReward:
                 for v in verdicts]
 
 
-# reasons of a completion that passed the format gate (its answer was compared)
-FORMAT_OK_REASONS = frozenset({"ok", "wrong_answer", "hedged_answer", "timeout"})
+# reasons of a completion that passed the format gate (its answer was compared, or its program run)
+FORMAT_OK_REASONS = frozenset({"ok", "wrong_answer", "hedged_answer", "timeout", "wrong_output", "runtime_error",
+                               "memory_limit", "file_size_limit", "output_limit", "time_limit", "cpu_limit"})
 
 
 def grpo_config(p: Params, output_dir: str):
@@ -141,11 +164,16 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     p = Params.model_validate(params)
     tok = AutoTokenizer.from_pretrained(model_dir)
     cache = os.path.join(work, "datasets-cache")
-    data = Dataset.from_parquet(files, columns=["prompt", "answer"], cache_dir=cache)
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(files[0]).names)
+    columns = ["prompt", "answer"] + [c for c in ("tests", "test_kind") if c in names]  # code rows' tests
+    data = Dataset.from_parquet(files, columns=columns, cache_dir=cache)
     data = data.map(lambda b: {"prompt": [[{"role": "user", "content": q}] for q in b["prompt"]]}, batched=True,
                     cache_file_name=os.path.join(cache, "prompts-chat.arrow"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    reward = VerifierReward(p.format, p.timeout_s, p.max_completion_length, p.format_reward)
+    reward = VerifierReward(p.format, p.timeout_s, p.max_completion_length, p.format_reward, p.checker, p.code,
+                            p.code_workers)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_config(p, work), train_dataset=data,
                           processing_class=tok)
     trainer.remove_callback(PrinterCallback)

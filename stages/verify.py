@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.ids import hashes64
 from pipeline.stage import NOT_OUTPUT, Passthrough, Stage, StageContext
-from stages.common.checkers import CHECKER_VERSION, FormatSpec, check_code_rows, is_code_row
+from stages.common.checkers import CHECKER_VERSION, FormatSpec, is_code_row
 from stages.common.sandbox import CodeSpec
-from stages.common.verifier import VerifierPool
+from stages.common.verifier import VerifierPool, check_mixed_rows
 
 VERDICT_FIELDS = [("verdict", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("extracted", pa.string())]
 
@@ -60,20 +60,9 @@ class VerifierActor:
         self.code_checks = 0
 
     def check(self, rows: list[dict], fmt: dict, checker: str = "auto", code: dict | None = None) -> list[dict]:
-        fmt_ = FormatSpec.model_validate(fmt)
-        code_idx = [i for i, r in enumerate(rows) if is_code_row(r, checker)]
-        if not code_idx:
-            return self.pool.check_rows(rows, fmt_)
-        out: list[dict | None] = [None] * len(rows)
-        code_set = set(code_idx)
-        math_idx = [i for i in range(len(rows)) if i not in code_set]
-        for i, v in zip(math_idx, self.pool.check_rows([rows[i] for i in math_idx], fmt_) if math_idx else []):
-            out[i] = v
-        spec = CodeSpec.model_validate(code or {})
-        for i, v in zip(code_idx, check_code_rows([rows[i] for i in code_idx], fmt_, spec, checker, self.workers,
-                                                  self.code_cache)):
-            out[i] = v
-        self.code_checks += len(code_idx)
+        out = check_mixed_rows(self.pool, rows, FormatSpec.model_validate(fmt), checker,
+                               CodeSpec.model_validate(code or {}), self.workers, self.code_cache)
+        self.code_checks += sum(is_code_row(r, checker) for r in rows)
         return out
 
     def process(self, piece, spec, fmt: dict, checker: str, code: dict, chunk_size: int) -> dict:

@@ -3,6 +3,7 @@ their hard deadline (a pathological answer gets 0 with reason timeout and the st
 on a model that solves some prompts it trains on Ray Train and records the reward curves."""
 import pytest
 from conftest import run_stage_on_rows, write_jsonl
+from test_verify_code_stage import sandbox_here  # noqa: F401  (a fixture)
 
 from stages.common.checkers import FormatSpec
 from stages.grpo import VerifierReward
@@ -49,33 +50,105 @@ def test_format_reward_pays_a_well_formed_wrong_answer_only():
     assert got == [1.0, 0.2, 0.0]
 
 
+def test_code_rows_are_rewarded_by_the_sandbox_as_verify_checks_them(sandbox_here):
+    """Code rows (a tests column) run in the sandbox, math rows beside them go to the verifier's
+    workers: each reward is [verdict == correct] of verify's checks on the same rows (the
+    verdicts the verify stage gives them in tests/test_verify_code_stage.py)."""
+    from test_verify_code_stage import ROWS
+
+    from stages.common.sandbox import CodeSpec
+
+    reward = VerifierReward(FormatSpec(), timeout_s=2.0, max_completion_length=MAXLEN,
+                            code=CodeSpec(timeout_s=2, cpu_seconds=10))
+    math = ("<think>x</think> \\boxed{7}", "7")
+    completions = [c for c, *_ in ROWS] + [math[0]]
+    logged: dict = {}
+    got = reward(prompts=[[]] * len(completions), completions=completions, completion_ids=[[1]] * len(completions),
+                 answer=[""] * len(ROWS) + [math[1]], tests=[t for _, t, *_ in ROWS] + [None],
+                 test_kind=[k for _, _, k, *_ in ROWS] + [None], log_metric=lambda k, v: logged.__setitem__(k, v))
+    assert got == [1.0 if v == "correct" else 0.0 for *_, v, _ in ROWS] + [1.0]
+    reasons = [r for *_, r in ROWS] + ["ok"]
+    assert logged == {f"verify/{r}": reasons.count(r) / len(reasons) for r in set(reasons)}
+    # a format reward pays a program that ran and failed, never one with no code block
+    paid = VerifierReward(FormatSpec(), timeout_s=2.0, max_completion_length=MAXLEN, format_reward=0.25,
+                          code=CodeSpec(timeout_s=2, cpu_seconds=10))
+    got = paid(prompts=[[]] * 3, completions=[ROWS[0][0], ROWS[1][0], ROWS[8][0]], completion_ids=[[1]] * 3,
+               answer=[""] * 3, tests=[ROWS[0][1], ROWS[1][1], ROWS[8][1]], test_kind=["function_call"] * 3)
+    assert got == [1.0, 0.25, 0.0]
+
+
 @pytest.mark.engine
-def test_grpo_trains_on_the_solver_and_records_rewards(solver_model, solver_eval_rows, tmp_path):
-    from conftest import run_stages
+def test_grpo_trains_on_the_solver_then_a_killed_driver_resumes(ray_local, solver_model, solver_eval_rows, tmp_path):
+    """GRPO on a model that solves some prompts: a driver killed mid-training (its process group,
+    with the Ray it started) leaves checkpoints; the re-run resumes from the last one Ray Train
+    registered and trains the remaining steps with the same step numbers, recording the reward
+    curves as it goes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, ProcessWatch, run_stages
+
+    from pipeline import layout
+    from pipeline.storage import Storage
+    from stages.common.training import registered_checkpoint_step
 
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}
-                                               for r in solver_eval_rows[:8]])
+                                               for r in solver_eval_rows[:16]])
+    root = tmp_path / "root"
+    steps, every = 12, 3
     cfg = tmp_path / "grpo.yaml"
     cfg.write_text(f"""
 name: grpo-test
-storage: {{root: {tmp_path}/root}}
+storage: {{root: {root}}}
+ray: {{num_cpus: 2}}
 stages:
   prompts: {{params: {{path: {src}}}}}
   grpo:
     inputs: {{data: prompts.prompts}}
-    params: {{model: {solver_model}, num_generations: 4, batch_size: 8, max_steps: 2, max_completion_length: 48,
-             temperature: 1.0, learning_rate: 1.0e-5, logging_steps: 1, checkpoint_every: 1, num_cpus: 1, seed: 0}}
+    params: {{model: {solver_model}, num_generations: 4, batch_size: 8, max_steps: {steps}, max_completion_length: 48,
+             temperature: 1.0, learning_rate: 1.0e-5, logging_steps: 1, checkpoint_every: {every}, num_cpus: 1,
+             seed: 0}}
 """)
-    stages, _ = run_stages(cfg)
-    m = stages["grpo"]["metrics"]
-    assert m["steps"] == 2 and [s for s, _ in m["loss_curve"]] == [1, 2]
+    st = Storage(str(root))
+
+    def registered():
+        st.fs.invalidate_cache()
+        runs = [p.rsplit("/", 1)[0] for p in st.fs.glob(layout.train_run_glob(st))]
+        return registered_checkpoint_step(st, runs[0]) if runs else None
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    watch = ProcessWatch(proc.pid)
+    try:
+        deadline = time.time() + 600  # hang guard, not a timing claim
+        while time.time() < deadline and proc.poll() is None and not registered():
+            time.sleep(0.1)
+        assert proc.poll() is None, "the first run finished before its driver could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert watch.survivors(wait=60) == []
+    step = registered()
+    assert step and step % every == 0 and step < steps, f"registered step {step}"
+
+    records, _ = run_stages(cfg)
+    m = records["grpo"]["metrics"]
+    [start] = m["worker_starts"]
+    assert start["resumed_from_step"] == step, m["worker_starts"]  # the last checkpoint the killed run registered
+    assert start["first_step"] == step + 1 and start["last_step"] == m["steps"] == steps
+    rerun = list(range(step + 1, steps + 1))  # the same step numbers, continued
+    assert [s for s, _ in m["loss_curve"]] == rerun
     curves = m["curves"]
-    assert [s for s, _ in curves["reward"]] == [1, 2]
+    assert [s for s, _ in curves["reward"]] == rerun
     assert all(0 <= v <= 1 for _, v in curves["reward"])
     assert any(v > 0 for _, v in curves["reward"])  # the solver solves some: some completions are rewarded
     shares = {k: v for k, v in curves.items() if k.startswith("verify/")}
     assert "verify/ok" in shares
-    for step in (1, 2):  # each step's reasons cover all its completions
-        assert sum(v for c in shares.values() for s, v in c if s == step) == pytest.approx(1.0)
+    for s in rerun:  # each step's reasons cover all its completions
+        assert sum(v for c in shares.values() for t, v in c if t == s) == pytest.approx(1.0)
     assert {"completions/mean_length", "completions/clipped_ratio"} <= set(curves)
-    assert m["checkpoints"] == [1, 2]
+    assert [c for c in m["checkpoints"] if c > step] == list(range(step + every, steps + 1, every))

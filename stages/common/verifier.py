@@ -19,7 +19,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Iterable
 
-from .checkers import CHECKER_VERSION, FormatSpec, check_sample, math_verdict
+from .checkers import CHECKER_VERSION, FormatSpec, check_code_rows, check_sample, is_code_row, math_verdict
 
 
 def _worker(conn: Connection) -> None:  # pragma: no cover - runs in a child process
@@ -187,6 +187,25 @@ class VerifierPool:
             else:
                 verdicts[i] = math_verdict(reason or err, gold, pred, self.timeout)
         return [{"verdict": v.verdict, "reason": v.reason, "detail": v.detail, "extracted": v.extracted} for v in verdicts]
+
+
+def check_mixed_rows(pool: VerifierPool, rows: list[dict], fmt: FormatSpec, checker: str = "auto", code=None,
+                     workers: int = 2, code_cache: dict | None = None) -> list[dict]:
+    """Verdict columns for sample rows of either kind, as ``verify`` gives them: math rows
+    through ``pool`` (its worker processes and hard deadline), code rows (``is_code_row``) run
+    against their tests in the sandbox under ``code`` (a ``sandbox.CodeSpec``), ``workers`` at
+    a time, repeated programs once through ``code_cache``."""
+    code_idx = [i for i, r in enumerate(rows) if is_code_row(r, checker)]
+    if not code_idx:
+        return pool.check_rows(rows, fmt)
+    out: list = [None] * len(rows)
+    code_set = set(code_idx)
+    math_idx = [i for i in range(len(rows)) if i not in code_set]
+    for i, v in zip(math_idx, pool.check_rows([rows[i] for i in math_idx], fmt) if math_idx else []):
+        out[i] = v
+    for i, v in zip(code_idx, check_code_rows([rows[i] for i in code_idx], fmt, code, checker, workers, code_cache)):
+        out[i] = v
+    return out
 
 
 def default_workers() -> int:
