@@ -15,6 +15,9 @@ reason, and ``completion_tokens``, for the length histograms). Sections:
   standard errors, paired comparisons, accuracy against tokens (budget sweep) and the
   promotion decision, when the run has them. Both metric shapes are read: ``roles.<role>``
   and the older flat ``teacher`` / ``student``.
+- **Training**: per training stage (``sft``, ``dpo``, ``grpo``), its loss curve and the
+  trainer's other curves: GRPO's mean reward, each verification reason's share, completion
+  length and truncation rate; DPO's reward margins and accuracies.
 - **Performance**: stage timings and throughput (generated tokens/s, training tokens/s).
 - **Lineage**: every dataset and model the run read and wrote, with URIs and versions.
 
@@ -389,6 +392,35 @@ def _evaluation(run: _Run) -> list[dict]:
     return out
 
 
+# the trainer curves the report draws, by group (a stage record's ``curves``)
+REWARD_CURVES = ("reward", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+LENGTH_CURVES = ("completions/mean_length", "completions/clipped_ratio")
+
+
+def _points(c: Any) -> list[list[float]]:
+    return [[p[0], p[1]] for p in c or [] if isinstance(p, (list, tuple)) and len(p) == 2
+            and all(isinstance(x, (int, float)) for x in p)] if isinstance(c, list) else []
+
+
+def _training(run: _Run) -> list[dict]:
+    out = []
+    for name in run.order:
+        s = run.stages[name]
+        m = s.get("metrics") or {}
+        loss = _points(m.get("loss_curve"))
+        if not loss:
+            continue
+        curves = m.get("curves") if isinstance(m.get("curves"), dict) else {}
+        rewards = {k: _points(curves.get(k)) for k in REWARD_CURVES if _points(curves.get(k))}
+        reasons = {k.split("/", 1)[1]: _points(v) for k, v in sorted(curves.items())
+                   if k.startswith("verify/") and _points(v)}
+        lengths = {k: _points(curves.get(k)) for k in LENGTH_CURVES if _points(curves.get(k))}
+        out.append({"stage": name, "kind": s.get("kind"), "status": s.get("status"), "steps": m.get("steps"),
+                    "loss": loss, "rewards": rewards, "reasons": reasons, "lengths": lengths,
+                    "worker_starts": [w for w in m.get("worker_starts") or [] if isinstance(w, dict)]})
+    return out
+
+
 def _performance(run: _Run) -> dict:
     timings = [{"stage": n, "status": run.stages[n].get("status"), "seconds": run.stages[n].get("seconds") or 0.0}
                for n in run.order]
@@ -439,6 +471,9 @@ def collect(run: _Run) -> dict:
     evaluation = _evaluation(run)
     if evaluation:
         data["evaluation"] = evaluation
+    training = _training(run)
+    if training:
+        data["training"] = training
     data["performance"] = _performance(run)
     data["lineage"] = _lineage(run)
     return data
@@ -607,6 +642,28 @@ def _fig_budget(ev: dict, folder: Path, i: int) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, folder, f"budget-{i}.png")
+
+
+def _fig_training(tr: dict, folder: Path, i: int) -> str:
+    groups = [("loss", {"loss": tr["loss"]})]
+    if tr["rewards"]:
+        groups.append(("reward", tr["rewards"]))
+    if tr["reasons"]:
+        groups.append(("share of completions", tr["reasons"]))
+    if tr["lengths"].get("completions/mean_length"):
+        groups.append(("mean completion tokens", {"mean length": tr["lengths"]["completions/mean_length"]}))
+    fig = _figure(3.2 * len(groups) + 1, 3.0)
+    for j, (label, series) in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), j + 1)
+        for k, (key, pts) in enumerate(series.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker="." if len(pts) < 40 else None,
+                    color=PALETTE[k % len(PALETTE)], label=key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    return _save(fig, folder, f"training-{i}.png")
 
 
 def _fig_timings(perf: dict, folder: Path) -> str:
@@ -787,6 +844,25 @@ def _html_evaluation(evs: list[dict], figs: list[dict]) -> str:
     return "".join(parts)
 
 
+def _html_training(trs: list[dict], figs: list[str]) -> str:
+    parts = ["<h2 id='training'>Training</h2>"]
+    for tr, fig in zip(trs, figs):
+        parts.append(f"<h3>{_e(tr['stage'])} ({_e(tr['kind'])}, {_e(tr['status'])}, {_fmt(tr['steps'])} steps)</h3>")
+        parts.append(_img(fig, f"{tr['stage']}: loss and trainer curves per optimizer step"))
+        rows = []
+        for key, pts in [("loss", tr["loss"]), *tr["rewards"].items(),
+                         *((f"verify/{k}", v) for k, v in tr["reasons"].items()), *tr["lengths"].items()]:
+            rows.append([_e(key), _fmt(pts[0][0]), _fmt(pts[0][1]), _fmt(pts[-1][0]), _fmt(pts[-1][1]),
+                         _fmt(max(p[1] for p in pts)), _fmt(len(pts))])
+        parts.append(_table(["curve", "first step", "first", "last step", "last", "max", "points"], rows,
+                            {1, 2, 3, 4, 5, 6}))
+        resumed = [w for w in tr["worker_starts"] if w.get("resumed_from_step") is not None]
+        if resumed:
+            parts.append("<p class='muted'>resumed: " + ", ".join(
+                f"from step {_e(w['resumed_from_step'])}" for w in resumed) + "</p>")
+    return "".join(parts)
+
+
 def _html_performance(perf: dict, fig: str) -> str:
     rows = [[_e(t["stage"]), _e(t["what"]), _fmt(t.get("tokens")), _fmt(t.get("seconds"), 1),
              _fmt(t.get("tokens_per_second"), 1), _fmt(t.get("tokens_per_second_after_startup"), 1)]
@@ -836,6 +912,10 @@ def render(data: dict, folder: Path) -> str:
                  "budget": _fig_budget(ev, figdir, i)} for i, ev in enumerate(data["evaluation"])]
         sections.append(_html_evaluation(data["evaluation"], figs))
         nav.append("evaluation")
+    if "training" in data:
+        sections.append(_html_training(data["training"],
+                                       [_fig_training(tr, figdir, i) for i, tr in enumerate(data["training"])]))
+        nav.append("training")
     sections.append(_html_performance(data["performance"],
                                       _fig_timings(data["performance"], figdir) if data["dag"] else None))
     sections.append(_html_lineage(data["lineage"]))

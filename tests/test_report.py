@@ -211,6 +211,45 @@ def test_sections_and_both_metric_shapes(tmp_path):
     assert "id='evaluation'" not in text and "id='funnel'" in text and "curves-0.png" not in text
 
 
+def test_training_section_draws_loss_and_reward_curves(tmp_path):
+    """A GRPO stage's reward curves (mean reward, each verification reason's share, completion
+    length) and a DPO stage's margins are in the report's Training section, with their first and
+    last values; a run without training curves has no such section."""
+    st, run_id = fake_demo_run(tmp_path / "root")
+    path = layout.run_manifest(st, run_id)
+    m = st.read_json(path)
+    reward = [[s, 0.2 + 0.01 * s] for s in range(5, 65, 5)]
+    m["stages"].append({"name": "student_grpo", "kind": "grpo", "fingerprint": "f" * 20, "status": "done",
+                        "seconds": 300.0, "inputs": {}, "output": {}, "rows": {}, "metrics": {
+                            "steps": 60, "loss_curve": [[s, 0.01] for s in range(5, 65, 5)],
+                            "worker_starts": [{"resumed_from_step": None}, {"resumed_from_step": 40}],
+                            "curves": {"reward": reward, "verify/ok": reward,
+                                       "verify/wrong_answer": [[s, 0.8 - 0.01 * s] for s in range(5, 65, 5)],
+                                       "completions/mean_length": [[s, 60.0] for s in range(5, 65, 5)],
+                                       "completions/clipped_ratio": [[s, 0.0] for s in range(5, 65, 5)]}}})
+    m["stages"].append({"name": "student_dpo", "kind": "dpo", "fingerprint": "d" * 20, "status": "done",
+                        "seconds": 90.0, "inputs": {}, "output": {}, "rows": {}, "metrics": {
+                            "steps": 4, "loss_curve": [[2, 0.69], [4, 0.61]],
+                            "curves": {"rewards/margins": [[2, 0.0], [4, 0.125]]}}})
+    st.write_json(path, m)
+    page = build(run_id, st.root_uri, tmp_path / "rl")
+    text = page.read_text()
+    assert "id='training'" in text and "href='#training'" in text
+    data = json.loads((page.parent / "report.json").read_text())
+    grpo, dpo = data["training"]
+    assert grpo["stage"] == "student_grpo" and grpo["rewards"] == {"reward": reward}
+    assert set(grpo["reasons"]) == {"ok", "wrong_answer"} and grpo["lengths"]["completions/mean_length"][0] == [5, 60.0]
+    assert dpo["rewards"] == {"rewards/margins": [[2, 0.0], [4, 0.125]]}
+    assert (page.parent / "figures" / "training-0.png").stat().st_size > 1000
+    section = text[text.index("id='training'"):text.index("id='performance'")]
+    assert "0.250" in section and "0.800" in section  # the reward's first (step 5) and last (step 60) values
+    assert "0.125" in section and "from step 40" in section
+    # the fake demo's own sft stages carry no loss curve: without the added stages, no section
+    m["stages"] = m["stages"][:-2]
+    st.write_json(path, m)
+    assert "id='training'" not in build(run_id, st.root_uri, tmp_path / "plain").read_text()
+
+
 def test_missing_or_corrupt_manifests_are_named(tmp_path):
     st, run_id = fake_demo_run(tmp_path / "root")
     with pytest.raises(ReportError, match=r"no runs under .*missing .*_latest"):
