@@ -15,10 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ["DISTILL_KEEP_ENGINES"] = "1"
-# the session's engines: the toy model's and the solver's, with and without a max_num_seqs and a
-# test's own template; with 3 kept the least recent was often started again (~28 s each)
+# the session's engines: the toy model's (one for every single-replica test: a test that needs fewer
+# sequences in the engine sets the client's max_inflight, not the engine's max_num_seqs), the
+# solver's, the solver's with the R1-like template, and test_pipeline_e2e's student; with 3 kept the
+# least recent was often started again (~28 s each)
 os.environ.setdefault("DISTILL_MAX_KEPT_ENGINES", "5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller checks on its workers every 2 s by default, so every training run (sft, dpo,
+# grpo, the solver) is seen to finish up to 2 s late; a check a worker misses is only an error after
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), so a shorter interval fails nothing sooner
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("DISTILL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"distill-test-cache-{os.getpid()}"))
 
 

@@ -20,9 +20,12 @@ N_PROMPTS, N = 40, 2
 def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"Compute {i} * 2.", "answer": str(2 * i)}
                                                for i in range(N_PROMPTS)])
+    # four sequences in the engine at once, set by the client's max_inflight rather than the
+    # engine's max_num_seqs: the same engine as the other tiny-model tests', kept across tests
+    # (each start costs ~30 s), and generation still paced to be running at the kill
     cfg = generate_config(tmp_path, "crash", src, tiny_model,
                           f"{{n: {N}, max_tokens: 100, ignore_eos: true, seed: 9}}",
-                          "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_num_seqs: 4}")
+                          "{max_model_len: 128, kv_cache_gb: 0.25, batch_size: 2, max_inflight: 4}")
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", Runner(load_config(cfg)).run()))
     t.start()
