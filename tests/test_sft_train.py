@@ -111,9 +111,10 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, tiny_model, tmp_
     if where == "s3":
         bucket = request.getfixturevalue("moto_s3_bucket")
         root = f"s3://{bucket}/sft-kill-{tmp_path.name}"
-    # checkpoints every 10 steps: the kill comes a few steps past the first one, with 30+ steps
-    # still to go (it was 100 steps, every 25: 50 two-worker steps more, each ~0.3-0.5 s here)
-    cfg = _config(tmp_path, root, f"kill-{where}", tiny_model, max_steps=50, checkpoint_every=10,
+    # checkpoints every 20 steps: the kill comes a few steps past the first, inside the second
+    # epoch (16 steps each), with 30+ steps still to go. A resume inside the first epoch did not
+    # tell the data orders apart (make mutate's sft-data-order break survived at every 10)
+    cfg = _config(tmp_path, root, f"kill-{where}", tiny_model, max_steps=60, checkpoint_every=20,
                   num_workers=2, max_failures=2)
     runner, fps, thread, out = _run_in_thread(cfg)
     killed = None
@@ -142,9 +143,9 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_local, tiny_model, tmp_
     first, second = m["worker_starts"]
     assert first["resumed_from_step"] is None and first["first_step"] == 1
     resumed = second["resumed_from_step"]
-    assert resumed is not None and resumed >= killed and resumed % 10 == 0
+    assert resumed is not None and resumed >= killed and resumed % 20 == 0
     assert second["first_step"] == resumed + 1  # not step 1
-    assert second["last_step"] == m["steps"] == m["planned_steps"] == 50  # the planned number of optimizer steps
+    assert second["last_step"] == m["steps"] == m["planned_steps"] == 60  # the planned number of optimizer steps
     # the same data order after the resume: the steps both groups trained (from the checkpoint
     # to the kill) saw the same batches from the same weights, so they logged the same losses
     first_losses: dict = {}
