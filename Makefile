@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DISTILL := $(BIN)/distill
 
-.PHONY: setup demo test bench clean mutate
+.PHONY: setup demo demo-rl test bench clean mutate
 
 setup: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 # teacher, distils it and evaluates both
 demo: $(STAMP)
 	$(DISTILL) run configs/demo.yaml
+	$(DISTILL) report latest --root .distill
+
+# after `make demo`: DPO and GRPO on its SFT student (configs/demo-rl.yaml; the demo's stages come
+# from cache)
+demo-rl: $(STAMP)
+	$(DISTILL) run configs/demo-rl.yaml
 	$(DISTILL) report latest --root .distill
 
 test: $(STAMP)

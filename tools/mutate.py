@@ -125,6 +125,9 @@ MUTATIONS: list[Mutation] = [
     M("engine-window", "stages/common/engine.py", "                    self.max_inflight = window\n",
       "                    pass\n", ("tests/test_generate_overhead.py::test_generate_reports_overhead",),
       "a kept engine keeps its first client's window"),
+    M("grpo-code-rows", "stages/grpo.py", '                row["tests"] = tests[i]\n', "                pass\n",
+      ("tests/test_grpo.py::test_code_rows_are_rewarded_by_the_sandbox_as_verify_checks_them",),
+      "code rows rewarded as math (their tests never run)"),
 ]
 
 
