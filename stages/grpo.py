@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
-from stages.common.checkers import FormatSpec
+from stages.common.checkers import FORMAT_PASSED_REASONS, FormatSpec
 from stages.common.sandbox import CodeSpec
 from stages.common.training import TrainingStage, TrainResources, run_training
 
@@ -125,13 +125,9 @@ class VerifierReward:
             for reason, n in reasons.items():
                 log_metric(f"verify/{reason}", n / len(verdicts))
         return [1.0 if v["verdict"] == "correct" else
-                (self.format_reward if self.format_reward and v["reason"] in FORMAT_OK_REASONS else 0.0)
+                (self.format_reward if self.format_reward and v["reason"] in FORMAT_PASSED_REASONS else 0.0)
                 for v in verdicts]
 
-
-# reasons of a completion that passed the format gate (its answer was compared, or its program run)
-FORMAT_OK_REASONS = frozenset({"ok", "wrong_answer", "hedged_answer", "timeout", "wrong_output", "runtime_error",
-                               "memory_limit", "file_size_limit", "output_limit", "time_limit", "cpu_limit"})
 
 
 def grpo_config(p: Params, output_dir: str):

@@ -92,6 +92,11 @@ from pydantic import BaseModel, ConfigDict
 
 CHECKER_VERSION = "2"
 
+# reasons of a sample that passed the format gate (``format_gate``): its answer was compared
+# (math) or its program run (code), whatever came of it
+FORMAT_PASSED_REASONS = frozenset({"ok", "wrong_answer", "hedged_answer", "timeout", "wrong_output", "runtime_error",
+                                   "memory_limit", "file_size_limit", "output_limit", "time_limit", "cpu_limit"})
+
 
 class FormatSpec(BaseModel):
     """The reasoning/answer structure a completion must follow."""
