@@ -219,6 +219,22 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant at once, as a crashed machine would lose them: the
+    tree is frozen (SIGSTOP) first, so no Ray worker (each leads a process group of its own, out
+    of reach of ``killpg``) trains or registers another step while the rest die."""
+    import os
+    import signal
+
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for _ in range(3):  # walk again: a process may have forked before it was stopped
+            for p in process_tree(pid):
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
+
+
 class ProcessWatch:
     """Every process seen in the tree under ``root`` (walked through /proc, not by process
     group: a Ray worker or actor leads a process group of its own, and a vLLM engine core is
