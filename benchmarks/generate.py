@@ -29,7 +29,7 @@ alternate which side goes first); each line gives the ratio of medians, the wors
 - `generate-longtail`: R1-like long tails. A Llama built so that each output ends at a natural
   EOS after a geometric number of tokens whose mean is drawn per output from a lognormal
   (``build_longtail_model``): p50 about half the mean, p99 over 8x p50 (``lengths``).
-  ``8 x BENCH_LONGTAIL_WINDOW`` prompts; every engine caps running sequences at the window
+  ``16 x BENCH_LONGTAIL_WINDOW`` prompts; every engine caps running sequences at the window
   (``max_num_seqs``) and the stage keeps ``max_inflight`` = the window per replica, refilled
   per request. Against one ``LLM.generate`` over all prompts (`generate-longtail`), chunked
   ``LLM.generate`` with chunks of the window (`generate-longtail-chunked`: distilabel's and
@@ -41,7 +41,7 @@ Run: ``python benchmarks/generate.py [generate] [generate-variable] [generate-lo
 default).
 Settings through the environment: ``BENCH_RUNS``; ``BENCH_PROMPTS``, ``BENCH_TOKENS`` (`generate`);
 ``BENCH_VARIABLE_PROMPTS``, ``BENCH_MEAN_LEN``, ``BENCH_VARIABLE_MAX_TOKENS``; ``BENCH_LONGTAIL_WINDOW``
-(16), ``BENCH_LONGTAIL_PROMPTS`` (8 x the window), ``BENCH_LONGTAIL_MEDIAN`` (30),
+(16), ``BENCH_LONGTAIL_PROMPTS`` (16 x the window), ``BENCH_LONGTAIL_RUNS`` (5), ``BENCH_LONGTAIL_MEDIAN`` (30),
 ``BENCH_LONGTAIL_SIGMA`` (0.7), ``BENCH_LONGTAIL_MAX_MODEL_LEN`` (2048), ``BENCH_LONGTAIL_HIDDEN``
 (512, at least the vocabulary); ``BENCH_LAYERS``,
 ``BENCH_HIDDEN`` (the built models); ``BENCH_MODEL`` (a model folder for `generate` instead of
@@ -339,7 +339,10 @@ def bench_variable(tmp: Path) -> None:
 
 
 LT_WINDOW = int(os.environ.get("BENCH_LONGTAIL_WINDOW", "16"))
-LT_PROMPTS = int(os.environ.get("BENCH_LONGTAIL_PROMPTS", str(8 * LT_WINDOW)))
+# 16 x the window and 5 runs per side: at 8 x and 3 runs (about 5 s a run here) the round
+# ratios of one idle invocation spread over 0.76-1.04, too wide to read a 5% difference from
+LT_PROMPTS = int(os.environ.get("BENCH_LONGTAIL_PROMPTS", str(16 * LT_WINDOW)))
+LT_RUNS = int(os.environ.get("BENCH_LONGTAIL_RUNS", str(max(RUNS, 5))))
 LT_MEDIAN = float(os.environ.get("BENCH_LONGTAIL_MEDIAN", "30"))  # median of the per-class mean lengths
 LT_SIGMA = float(os.environ.get("BENCH_LONGTAIL_SIGMA", "0.7"))
 LT_MAX_LEN = int(os.environ.get("BENCH_LONGTAIL_MAX_MODEL_LEN", "2048"))
@@ -512,7 +515,7 @@ def bench_longtail(tmp: Path) -> None:
         return s["metrics"]["completion_tokens"] / s["busy_seconds"]
 
     r = interleaved({"single": raw_side(None, "single"), "ours": ours, "chunked": raw_side(LT_WINDOW, "chunked"),
-                     "async": async_side}, alternate=True)
+                     "async": async_side}, runs=LT_RUNS, alternate=True)
     asy.close()
     raw.close()
     from stages.common.engine import shutdown_kept
