@@ -6,6 +6,7 @@ a kept engine never blocks a training task from being scheduled.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from pathlib import Path
@@ -26,6 +27,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), so a shorter interval fails nothing sooner
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("DISTILL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"distill-test-cache-{os.getpid()}"))
+
+
+# A crash of the pytest process itself (a fatal signal in native code: Ray, torch, numba, Arrow)
+# names its test: with DISTILL_TEST_CRASH_LOG set (`make test` sets it, and turns pytest's own
+# faulthandler off), that file holds the test last started and, after a crash, every thread's stack
+# ("Current thread" is the one that crashed). `make test` prints both when pytest dies of a signal.
+_CRASH_LOG = open(os.environ["DISTILL_TEST_CRASH_LOG"], "w") if os.environ.get("DISTILL_TEST_CRASH_LOG") else None
+if _CRASH_LOG is not None:
+    faulthandler.enable(_CRASH_LOG, all_threads=True)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _CRASH_LOG is not None:
+        _CRASH_LOG.seek(0)
+        _CRASH_LOG.truncate()
+        _CRASH_LOG.write(f"last test started: {nodeid}\n")
+        _CRASH_LOG.flush()
 
 
 def _free_port() -> int:
