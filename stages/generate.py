@@ -20,8 +20,9 @@ by request (``EngineSpec.max_inflight`` sequences per replica, refilled as each 
 finishes); finished prompts are committed in batches (``batch_size`` prompts or
 ``commit_seconds``) as small checkpoint datasets. The driver holds metadata: the input's
 prompt ids, the committed keys (read from the checkpoints' key columns only) and, with
-adaptive sampling, per-prompt counts. The output is assembled from the checkpoints as Arrow
-columns (no Python rows), in input order. With adaptive sampling a prompt's next round is
+adaptive sampling, per-prompt counts. The output is planned on the checkpoints' key columns,
+then gathered from them a slice at a time (a few checkpoints open at once, no Python rows), in
+input order. With adaptive sampling a prompt's next round is
 sent as soon as its previous round is verified.
 
 Exactly-once resume: every finished batch is committed at once as a small
@@ -43,6 +44,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
@@ -346,23 +348,13 @@ class Generate(Stage):
 
     def _write(self, ctx: StageContext, order: dict[str, int], stats: dict, generated: int, resumed: int,
                gate: _BudgetGate | None = None) -> None:
-        """The output from the committed checkpoints (Arrow columns, never Python rows): one row
-        per key of this input's prompts, in input order, then sample index."""
+        """The output from the committed checkpoints, in bounded memory: one row per key of this
+        input's prompts (the first committed), in input order, then sample index. The order is
+        planned on the key columns alone (``_plan``); the rows are then gathered a slice of the
+        output at a time from the checkpoints that hold them (a few at a time in memory)."""
         p: Params = self.params
-        ids = pa.array(list(order), pa.string())
-        parts = []
-        for path in ctx.committed_checkpoints():
-            t = ctx.storage.read_dataset(path).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
-            parts.append(t.filter(pc.is_in(t.column("prompt_id"), value_set=ids)))
-        table = pa.concat_tables(parts) if parts else SAMPLES_SCHEMA.empty_table()
-        if table.num_rows:  # one row per key (the first committed), in input order
-            table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-            firsts = table.group_by(["prompt_id", "sample_index"], use_threads=False).aggregate([("_row", "min")])
-            table = table.take(firsts.column("_row_min"))
-            table = table.append_column("_pos", pc.index_in(table.column("prompt_id"), value_set=ids))
-            table = table.sort_by([("_pos", "ascending"), ("sample_index", "ascending")]).drop_columns(["_row", "_pos"])
-        writer = ctx.dataset_writer("samples")
-        writer.write(table)
+        plan, paths = _plan(ctx, order)
+        table = plan  # the key columns of every output row, in output order
         n_out = table.num_rows
         errored = table.filter(pc.is_valid(table.column("error")))
         reasons: dict[str, int] = {}
@@ -378,6 +370,16 @@ class Generate(Stage):
         want = per.num_rows if exhausted else len(order)  # past a budget: whole prompts, fewer of them
         if p.sampling.strategy == "fixed" and n_out != want * p.sampling.n:
             raise StageError(f"expected {want * p.sampling.n} samples, assembled {n_out}")
+        writer = ctx.dataset_writer("samples")
+        forcing = {"forced_answers": 0, "waits": 0, "thinking_tokens": 0, "ok": 0}
+        for chunk in _gather(ctx, plan, paths):
+            writer.write(chunk)
+            ok = chunk.filter(pc.is_null(chunk.column("error")))
+            forcing["ok"] += ok.num_rows
+            forcing["forced_answers"] += int(pc.sum(pc.cast(pc.fill_null(ok.column("forced_answer"), False),
+                                                             pa.int64())).as_py() or 0)
+            forcing["waits"] += int(pc.sum(ok.column("waits")).as_py() or 0)
+            forcing["thinking_tokens"] += int(pc.sum(ok.column("thinking_tokens")).as_py() or 0)
         per_prompt = {pid: (n, t) for pid, n, t in zip(per.column("prompt_id").to_pylist(),
                                                        per.column("sample_index_count").to_pylist(),
                                                        per.column("completion_tokens_sum").to_pylist())}
@@ -412,11 +414,9 @@ class Generate(Stage):
                 "prompts_exhausted_unsolved": sum(st["correct"] == 0 and st["samples"] > 0 for st in stats.values()),
             })
         if p.sampling.budget is not None:
-            ok = table.filter(pc.is_null(table.column("error")))
             ctx.metrics["budget_forcing"] = {
-                "forced_answers": int(pc.sum(pc.cast(pc.fill_null(ok.column("forced_answer"), False), pa.int64())).as_py() or 0),
-                "waits": int(pc.sum(ok.column("waits")).as_py() or 0),
-                "mean_thinking_tokens": round(int(pc.sum(ok.column("thinking_tokens")).as_py() or 0) / max(1, ok.num_rows), 1),
+                "forced_answers": forcing["forced_answers"], "waits": forcing["waits"],
+                "mean_thinking_tokens": round(forcing["thinking_tokens"] / max(1, forcing["ok"]), 1),
             }
         if n_out and errors / n_out > p.max_error_rate:
             raise StageError(error_summary(errored.select(["prompt_id", "error"]).to_pylist(), p.max_error_rate, n_out))
@@ -424,6 +424,60 @@ class Generate(Stage):
 
 
 PROMPT_COLUMNS = ["prompt_id", "prompt", "answer", "source"]
+PLAN_COLUMNS = ["prompt_id", "sample_index", "completion_tokens", "error"]
+GATHER_ROWS = 8192  # output rows gathered and written at a time
+OPEN_CHECKPOINTS = 8  # checkpoint tables held at once while gathering (each one commit batch)
+
+
+def _plan(ctx: StageContext, order: dict[str, int]) -> tuple[pa.Table, list[str]]:
+    """Which committed row makes each output row, from the checkpoints' key columns alone:
+    ``PLAN_COLUMNS`` plus ``_ck`` (the checkpoint's index in the returned paths) and ``_row`` (the
+    row in it), one row per key of this input's prompts (the first committed: the first
+    checkpoint in listing order, then the first row), sorted by input order, then sample index."""
+    ids = pa.array(list(order), pa.string())
+    schema = pa.schema([SAMPLES_SCHEMA.field(c) for c in PLAN_COLUMNS])
+    paths = ctx.committed_checkpoints()
+    parts = []
+    for ci, path in enumerate(paths):
+        t = ctx.storage.read_dataset(path, columns=PLAN_COLUMNS).cast(schema)
+        t = t.append_column("_ck", pa.array(np.full(t.num_rows, ci, np.int32)))
+        t = t.append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+        parts.append(t.filter(pc.is_in(t.column("prompt_id"), value_set=ids)))
+    empty = schema.append(pa.field("_ck", pa.int32())).append(pa.field("_row", pa.int64())).empty_table()
+    plan = pa.concat_tables(parts) if parts else empty
+    if not plan.num_rows:
+        return empty, paths
+    plan = plan.append_column("_seq", pa.array(np.arange(plan.num_rows, dtype=np.int64)))
+    firsts = plan.group_by(["prompt_id", "sample_index"], use_threads=False).aggregate([("_seq", "min")])
+    plan = plan.take(firsts.column("_seq_min")).drop_columns(["_seq"])
+    plan = plan.append_column("_pos", pc.index_in(plan.column("prompt_id"), value_set=ids))
+    return plan.sort_by([("_pos", "ascending"), ("sample_index", "ascending")]).drop_columns(["_pos"]), paths
+
+
+def _gather(ctx: StageContext, plan: pa.Table, paths: list[str]) -> Iterator[pa.Table]:
+    """The output rows of ``plan``, ``GATHER_ROWS`` at a time, in plan order: each slice takes its
+    rows from the checkpoints that hold them (the ``OPEN_CHECKPOINTS`` most recently used kept
+    open; output order follows input order, so a slice's rows sit in a few checkpoints)."""
+    open_: collections.OrderedDict[int, pa.Table] = collections.OrderedDict()
+
+    def checkpoint(ci: int) -> pa.Table:
+        if ci in open_:
+            open_.move_to_end(ci)
+        else:
+            open_[ci] = ctx.storage.read_dataset(paths[ci]).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+            if len(open_) > OPEN_CHECKPOINTS:
+                open_.popitem(last=False)
+        return open_[ci]
+
+    for lo in range(0, plan.num_rows, GATHER_ROWS):
+        piece = plan.slice(lo, GATHER_ROWS)
+        cks, rows = piece.column("_ck").to_numpy(), piece.column("_row").to_numpy()
+        taken, where = [], []
+        for ci in dict.fromkeys(cks.tolist()):  # each checkpoint once, in first-use order
+            sel = np.flatnonzero(cks == ci)
+            taken.append(checkpoint(ci).take(pa.array(rows[sel])))
+            where.append(sel)
+        yield pa.concat_tables(taken).take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
 
 
 def _iter(ctx: StageContext, columns: list[str]) -> Iterator[pa.Table]:
