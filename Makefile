@@ -31,14 +31,11 @@ demo-rl: $(STAMP)
 	$(DISTILL) run configs/demo-rl.yaml
 	$(DISTILL) report latest --root .distill
 
-# a crash of pytest itself (a fatal signal) prints the test it was in and the stack that crashed
-# (tests/conftest.py writes them to .pytest-crash.log)
+# a crash of pytest itself (a fatal signal in native code) prints the test it was in and the stack
+# that crashed, then runs the suite once more from that test (tools/run_tests.py)
 TESTS ?= tests
 test: $(STAMP)
-	@rm -f .pytest-crash.log
-	DISTILL_TEST_CRASH_LOG=.pytest-crash.log $(BIN)/python -m pytest -p no:faulthandler -q -x --durations=15 $(TESTS) \
-	  || { rc=$$?; if [ $$rc -gt 128 ] && [ -s .pytest-crash.log ]; then echo "pytest died of signal $$((rc - 128))"; \
-	       head -n 1 .pytest-crash.log; awk '/^Current thread/,/^$$/' .pytest-crash.log | head -n 60; fi; exit $$rc; }
+	$(BIN)/python tools/run_tests.py -q -x --durations=15 $(TESTS)
 
 # one-line breaks of the code, each in a scratch copy of HEAD, and the tests that must catch
 # them (tools/mutate.py); not part of `make test`
