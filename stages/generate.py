@@ -20,7 +20,8 @@ by request (``EngineSpec.max_inflight`` sequences per replica, refilled as each 
 finishes); finished prompts are committed in batches (``batch_size`` prompts or
 ``commit_seconds``) as small checkpoint datasets. The driver holds metadata: the input's
 prompt ids, the committed keys (read from the checkpoints' key columns only) and, with
-adaptive sampling, per-prompt counts. The output is planned on the checkpoints' key columns,
+adaptive sampling, per-prompt counts; adaptive rounds are verified in a Ray actor
+(``stages.common.verifier.RowChecker``), not in the driver. The output is planned on the checkpoints' key columns,
 then gathered from them a slice at a time (a few checkpoints open at once, no Python rows), in
 input order. With adaptive sampling a prompt's next round is
 sent as soon as its previous round is verified.
@@ -53,7 +54,7 @@ from pipeline import fit, resources
 from pipeline.stage import KEYED_WHEN_SET, NOT_SAMPLE, Stage, StageContext, StageError, sample_params
 from stages.common.checkers import FormatSpec
 from stages.common.engine import GENERATION_FORMAT, NO_FP, EngineSpec, SamplingSpec, open_engines
-from stages.common.verifier import VerifierPool
+from stages.common.verifier import RowChecker
 
 SAMPLES_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt", pa.string()), ("answer", pa.string()),
@@ -287,15 +288,24 @@ class Generate(Stage):
         """Rounds of ``n`` samples per unfinished prompt; a prompt's next round is sent as soon as
         its previous round is verified (not when every prompt's round ends). A prompt stops at
         ``target_correct`` verified samples, ``max_samples`` samples or its token budget."""
+        import ray
+
         s = self.params.sampling
         stats = {pid: {"samples": 0, "correct": 0, "tokens": 0} for pid in order}
         seen: set[tuple[str, int]] = set()
-        with VerifierPool(workers=1, timeout=self.params.verify_timeout_s) as verifier:
+        fmt = self.params.format.model_dump()
+        # the checks run in a Ray actor on the cluster (no CPU reserved: it must never wait for
+        # the engines' CPUs), not in the driver
+        verifier = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(RowChecker).remote(
+            1, self.params.verify_timeout_s)
+        try:
 
             def count(rows: list[dict]) -> None:
                 """Verify rows and add them to their prompts' counts (each key once)."""
                 rows = [r for r in rows if r["prompt_id"] in stats and (r["prompt_id"], r["sample_index"]) not in seen]
-                for r, v in zip(rows, verifier.check_rows(rows, self.params.format)):
+                if not rows:
+                    return
+                for r, v in zip(rows, ray.get(verifier.check.remote(rows, fmt, "math"))):
                     seen.add((r["prompt_id"], r["sample_index"]))
                     st = stats[r["prompt_id"]]
                     st["samples"] += 1
@@ -344,6 +354,8 @@ class Generate(Stage):
                     else:
                         out.add(r["prompt_id"])
                         again.append(request(r))
+        finally:
+            ray.kill(verifier)
         return stats
 
     def _write(self, ctx: StageContext, order: dict[str, int], stats: dict, generated: int, resumed: int,

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.ids import hashes64
 from pipeline.stage import NOT_OUTPUT, Passthrough, Stage, StageContext
-from stages.common.checkers import CHECKER_VERSION, FormatSpec, is_code_row
+from stages.common.checkers import CHECKER_VERSION, FormatSpec
 from stages.common.sandbox import CodeSpec
-from stages.common.verifier import VerifierPool, check_mixed_rows
+from stages.common.verifier import RowChecker
 
 VERDICT_FIELDS = [("verdict", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("extracted", pa.string())]
 
@@ -52,18 +52,8 @@ class Params(BaseModel):
     num_cpus: float = Field(1, gt=0, json_schema_extra=NOT_OUTPUT, description="Ray CPUs per actor")
 
 
-class VerifierActor:
-    def __init__(self, workers: int, timeout: float):
-        self.pool = VerifierPool(workers=workers, timeout=timeout)
-        self.workers = workers
-        self.code_cache: dict = {}
-        self.code_checks = 0
-
-    def check(self, rows: list[dict], fmt: dict, checker: str = "auto", code: dict | None = None) -> list[dict]:
-        out = check_mixed_rows(self.pool, rows, FormatSpec.model_validate(fmt), checker,
-                               CodeSpec.model_validate(code or {}), self.workers, self.code_cache)
-        self.code_checks += sum(is_code_row(r, checker) for r in rows)
-        return out
+class VerifierActor(RowChecker):
+    """``RowChecker`` (``check``, ``stats``) plus ``process``: a whole piece verified where it lies."""
 
     def process(self, piece, spec, fmt: dict, checker: str, code: dict, chunk_size: int) -> dict:
         """Verify one piece of the input where it lies and write its verified rows: what comes
@@ -97,8 +87,6 @@ class VerifierActor:
         return {"shards": writer.finish(), "rows": writer.rows, "reasons": reasons, "dropped": drops,
                 "prompts": uniq, "solved": solved, "node": node_id()}
 
-    def stats(self) -> dict:
-        return {**self.pool.stats, "code_checks": self.code_checks}
     checker_version: str = CHECKER_VERSION
 
 

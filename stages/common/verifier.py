@@ -208,5 +208,29 @@ def check_mixed_rows(pool: VerifierPool, rows: list[dict], fmt: FormatSpec, chec
     return out
 
 
+class RowChecker:
+    """Verdict columns for sample rows of either kind, in one place: math through a
+    ``VerifierPool`` (worker processes, hard deadline), code in the sandbox. Stages run it as a
+    Ray actor (``verify``'s actors; ``generate``'s adaptive rounds), so the checking happens on
+    the cluster, not in the driver."""
+
+    def __init__(self, workers: int, timeout: float):
+        self.pool = VerifierPool(workers=workers, timeout=timeout)
+        self.workers = workers
+        self.code_cache: dict = {}
+        self.code_checks = 0
+
+    def check(self, rows: list[dict], fmt: dict, checker: str = "auto", code: dict | None = None) -> list[dict]:
+        from .sandbox import CodeSpec
+
+        out = check_mixed_rows(self.pool, rows, FormatSpec.model_validate(fmt), checker,
+                               CodeSpec.model_validate(code or {}), self.workers, self.code_cache)
+        self.code_checks += sum(is_code_row(r, checker) for r in rows)
+        return out
+
+    def stats(self) -> dict:
+        return {**self.pool.stats, "code_checks": self.code_checks}
+
+
 def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
