@@ -152,7 +152,7 @@ def row_hash_sum(table) -> str:
     missing row changes it. Computed column by column, vectorised (no Python loop per row), with
     FNV-1a over each value's bytes (a numba kernel on the Arrow buffers) and splitmix64 to mix,
     deterministic across processes, machines and library versions. Cost: about half of the
-    Parquet encoding of the same rows, in the writer's upload thread."""
+    Parquet encoding of the same rows, on a thread of its own beside that encoding."""
     import numpy as np
 
     if table.num_rows == 0:

@@ -304,7 +304,8 @@ class DatasetWriter:
         self.schema: pa.Schema | None = None
         self.shards: list[ShardInfo] = []
         self._uploads: list = []  # futures of ShardInfo, in shard order
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None  # uploads, in shard order
+        self._hasher: ThreadPoolExecutor | None = None  # row-hash sums, beside the encoding
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -340,23 +341,25 @@ class DatasetWriter:
     def _flush(self, table: pa.Table) -> None:
         """Encode a shard here and upload it (and checksum it) on a background thread, so the
         next shard is encoded while this one is written; at most two shards wait in memory."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-upload")
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-hash")
+        # the rows' content sum, on its own thread beside this shard's encoding (both release the GIL)
+        content = self._hasher.submit(row_hash_sum, table)
         sink = pa.BufferOutputStream()
         per_row = max(1, table.nbytes // max(1, table.num_rows))
         pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(table.num_rows or 1,
                                                                                  ROW_GROUP_BYTES // per_row)))
         data = sink.getvalue()
         name = f"{self.prefix}-{len(self._uploads):05d}-{self._token}.parquet"
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-upload")
         while sum(not f.done() for f in self._uploads) >= 2:
             next(f for f in self._uploads if not f.done()).result()
-        self._uploads.append(self._pool.submit(self._upload, name, table.num_rows, data, table))
+        self._uploads.append(self._pool.submit(self._upload, name, table.num_rows, data, content))
 
-    def _upload(self, name: str, rows: int, data: pa.Buffer, table: pa.Table | None = None) -> ShardInfo:
+    def _upload(self, name: str, rows: int, data: pa.Buffer, content) -> ShardInfo:
         view = memoryview(data)
         self.storage.put_bytes(f"{self.path}/{name}", view if self.storage.is_local else data.to_pybytes())
-        content = row_hash_sum(table) if table is not None else ""  # here: overlaps the next shard's encoding
-        return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest(), content)
+        return ShardInfo(name, rows, len(view), hashlib.sha256(view).hexdigest(), content.result())
 
     def finish(self, schema: pa.Schema | None = None) -> list[dict]:
         """Write what is pending and wait for every upload, publishing nothing: the shard list
@@ -381,7 +384,8 @@ class DatasetWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-                self._pool = None
+                self._hasher.shutdown(wait=True)
+                self._pool = self._hasher = None
 
     def commit(self, schema: pa.Schema | None = None, stats: dict | None = None) -> dict:
         """Publish the dataset: the manifest, written last with an exclusive create. ``stats``
