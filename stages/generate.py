@@ -21,10 +21,10 @@ finishes); finished prompts are committed in batches (``batch_size`` prompts or
 ``commit_seconds``) as small checkpoint datasets. The driver holds metadata: the input's
 prompt ids, the committed keys (read from the checkpoints' key columns only) and, with
 adaptive sampling, per-prompt counts; adaptive rounds are verified in a Ray actor
-(``stages.common.verifier.RowChecker``), not in the driver. The output is planned on the checkpoints' key columns,
-then gathered from them a slice at a time (a few checkpoints open at once, no Python rows), in
-input order. With adaptive sampling a prompt's next round is
-sent as soon as its previous round is verified.
+(``stages.common.verifier.RowChecker``), not in the driver. The output is planned on the
+checkpoints' key columns, then gathered from them a slice at a time (a few checkpoints open at
+once, no Python rows), in input order. With adaptive sampling a prompt's next round is sent as
+soon as its previous round is verified.
 
 Exactly-once resume: every finished batch is committed at once as a small
 checkpoint dataset. Checkpoints are keyed by what determines a sample
@@ -365,19 +365,18 @@ class Generate(Stage):
         planned on the key columns alone (``_plan``); the rows are then gathered a slice of the
         output at a time from the checkpoints that hold them (a few at a time in memory)."""
         p: Params = self.params
-        plan, paths = _plan(ctx, order)
-        table = plan  # the key columns of every output row, in output order
-        n_out = table.num_rows
-        errored = table.filter(pc.is_valid(table.column("error")))
+        plan, paths = _plan(ctx, order)  # the key columns of every output row, in output order
+        n_out = plan.num_rows
+        errored = plan.filter(pc.is_valid(plan.column("error")))
         reasons: dict[str, int] = {}
         for e in errored.column("error").to_pylist():
             code = e.split(":")[0]
             reasons[code] = reasons.get(code, 0) + 1
         errors = errored.num_rows
-        tokens = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
+        tokens = int(pc.sum(plan.column("completion_tokens")).as_py() or 0)
         ctx.drop_counts("errored", reasons)  # passed on, with their error
-        per = table.group_by("prompt_id", use_threads=False).aggregate([("sample_index", "count"),
-                                                                          ("completion_tokens", "sum")])
+        per = plan.group_by("prompt_id", use_threads=False).aggregate([("sample_index", "count"),
+                                                                         ("completion_tokens", "sum")])
         exhausted = gate is not None and gate.exhausted is not None
         want = per.num_rows if exhausted else len(order)  # past a budget: whole prompts, fewer of them
         if p.sampling.strategy == "fixed" and n_out != want * p.sampling.n:

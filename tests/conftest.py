@@ -30,9 +30,10 @@ os.environ.setdefault("DISTILL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")
 
 
 # A crash of the pytest process itself (a fatal signal in native code: Ray, torch, numba, Arrow)
-# names its test: with DISTILL_TEST_CRASH_LOG set (`make test` sets it, and turns pytest's own
-# faulthandler off), that file holds the test last started and, after a crash, every thread's stack
-# ("Current thread" is the one that crashed). `make test` prints both when pytest dies of a signal.
+# names its test: with DISTILL_TEST_CRASH_LOG set (tools/run_tests.py, which `make test` runs, sets
+# it and turns pytest's own faulthandler off), that file holds the test last started and, after a
+# crash, every thread's stack ("Current thread" is the one that crashed); tools/run_tests.py prints
+# both when pytest dies of a signal.
 _CRASH_LOG = open(os.environ["DISTILL_TEST_CRASH_LOG"], "w") if os.environ.get("DISTILL_TEST_CRASH_LOG") else None
 if _CRASH_LOG is not None:
     faulthandler.enable(_CRASH_LOG, all_threads=True)

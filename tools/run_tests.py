@@ -75,9 +75,8 @@ def main(argv: list[str]) -> int:
     rest = ids[ids.index(nodeid):]
     print(f"running the {len(rest)} tests from {nodeid} on again, once", flush=True)
     rc2 = _pytest([*options, *rest])
-    if crash_report(rc2) is not None or rc2 < 0:
-        return 128 - rc2
-    return rc2
+    crash_report(rc2)
+    return 128 - rc2 if rc2 < 0 else rc2
 
 
 if __name__ == "__main__":
