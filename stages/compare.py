@@ -20,6 +20,12 @@ group's seeds are its variants along ``across``. Per group:
   (``diff_se_seeds``, seeds paired by value); ``significant`` when ``|diff|`` exceeds
   ``z`` times both.
 
+With ``ratio_to`` (a role, e.g. ``teacher``), each variant's ``ratio_to`` rows are scored the
+same way, and each seed's score of ``role`` is divided by that seed's score of ``ratio_to`` (how
+much of its teacher a student recovers): per group ``ratio`` (the mean of the per-seed
+ratios), ``ratio_se_seeds``, ``ratio_min`` and ``ratio_per_seed``, and ``ratio_to_per_seed``
+(the other role's per-seed scores).
+
 Output ``table``: one row per group. Metrics: the same numbers keyed by group label
 (``data=verified``), plus ``per_seed`` scores and the settings.
 """
@@ -42,7 +48,9 @@ TABLE_SCHEMA = pa.schema(
      ("prompts", pa.int32()), ("mean", pa.float64()), ("se_seeds", pa.float64()), ("se_prompts", pa.float64()),
      ("per_seed", pa.list_(pa.float64())), ("errored", pa.int64()), ("baseline", pa.string()),
      ("diff", pa.float64()), ("diff_se", pa.float64()), ("diff_se_seeds", pa.float64()),
-     ("significant", pa.bool_())]
+     ("significant", pa.bool_()), ("ratio_to", pa.string()), ("ratio", pa.float64()),
+     ("ratio_se_seeds", pa.float64()), ("ratio_min", pa.float64()), ("ratio_per_seed", pa.list_(pa.float64())),
+     ("ratio_to_per_seed", pa.list_(pa.float64()))]
 )
 
 
@@ -54,11 +62,13 @@ class Params(BaseModel):
     role: str = "student"
     metric: str = Field("pass@1", pattern=r"^(pass|maj)@[1-9][0-9]*$")
     z: float = Field(2.0, gt=0, description="a difference is significant past this many standard errors")
+    ratio_to: str | None = Field(None, description="another role (e.g. teacher): each seed's score of role divided "
+                                                   "by its score of this one")
 
 
 class Compare(Stage):
     kind: ClassVar[str] = "compare"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: ratio_to
     Params = Params
     inputs: ClassVar[dict] = {"runs": "dataset"}
     variadic_inputs: ClassVar[frozenset] = frozenset({"runs"})
@@ -112,15 +122,18 @@ class Compare(Stage):
         return []
 
     # -- scoring -------------------------------------------------------------------------------
-    def _score(self, ctx: StageContext, key: str) -> tuple[dict[str, float], int]:
+    def _score(self, ctx: StageContext, key: str, role: str | None = None) -> tuple[dict[str, float], int]:
         p: Params = self.params
-        table = ctx.read_input(key)
-        mask = pc.equal(table.column("role"), p.role)
+        role = role or p.role
+        table = ctx.read_input(key, columns=[c for c in ("role", "prompt_id", "sample_index", "verdict", "extracted",
+                                                         "max_thinking_tokens")
+                                             if c in ctx.input_schema(key).names])
+        mask = pc.equal(table.column("role"), role)
         if "max_thinking_tokens" in table.column_names:
             mask = pc.and_(mask, pc.is_null(table.column("max_thinking_tokens")))
         rows = table.filter(pc.fill_null(mask, False))
         if not rows.num_rows:
-            raise StageError(f"input {key!r}: no rows of role {p.role!r} at the main evaluation "
+            raise StageError(f"input {key!r}: no rows of role {role!r} at the main evaluation "
                              f"(roles present: {', '.join(sorted(set(table.column('role').to_pylist()))) or 'none'})")
         acc = ReasoningMetrics(ks=(1,))
         extracted = rows.column("extracted").to_pylist() if "extracted" in rows.column_names else [None] * rows.num_rows
@@ -143,6 +156,7 @@ class Compare(Stage):
         except ValueError as e:
             raise StageError(f"params.{e.args[0]}: {e.args[1]}") from e
         scored = {key: self._score(ctx, key) for key in keys}
+        other = {key: self._score(ctx, key, p.ratio_to)[0] for key in keys} if p.ratio_to else {}
         out: dict[str, dict] = {}
         for label, members in groups.items():
             members = sorted(members, key=lambda m: _sortable(m[0]))
@@ -154,13 +168,22 @@ class Compare(Stage):
                           "se_prompts": mean_se(list(avg.values()))[1], "prompts": len(avg),
                           "errored": sum(scored[k][1] for _, k in members), "avg": avg,
                           "by_seed": dict(zip([s for s, _ in members], seed_means))}
+            if p.ratio_to:
+                to = [mean_se(list(other[k].values()))[0] for _, k in members]
+                ratios = [a / b if b else float("nan") for a, b in zip(seed_means, to)]
+                out[label].update(ratio_per_seed=ratios, ratio_to_per_seed=to)
         rows, metrics = [], {}
         for label, g in out.items():
             row = {"variant": label, "axes": json.dumps(parse_variant(f"x[{label}]")[1] if label != "all" else {}),
                    "metric": p.metric, "seeds": len(g["seeds"]), "prompts": g["prompts"], "mean": g["mean"],
                    "se_seeds": g["se_seeds"], "se_prompts": g["se_prompts"], "per_seed": g["per_seed"],
                    "errored": g["errored"], "baseline": baseline, "diff": None, "diff_se": None,
-                   "diff_se_seeds": None, "significant": None}
+                   "diff_se_seeds": None, "significant": None, "ratio_to": p.ratio_to, "ratio": None,
+                   "ratio_se_seeds": None, "ratio_min": None, "ratio_per_seed": g.get("ratio_per_seed"),
+                   "ratio_to_per_seed": g.get("ratio_to_per_seed")}
+            if p.ratio_to:
+                row["ratio"], row["ratio_se_seeds"] = mean_se(g["ratio_per_seed"])
+                row["ratio_min"] = min(g["ratio_per_seed"])
             if baseline is not None and label != baseline:
                 b = out[baseline]
                 d = paired_difference(g["avg"], b["avg"])
@@ -170,7 +193,8 @@ class Compare(Stage):
                            significant=abs(d["diff"]) > p.z * max(d["se"], se_seeds))
             rows.append(row)
             metrics[label] = {k: row[k] for k in ("mean", "se_seeds", "se_prompts", "seeds", "prompts", "errored",
-                                                  "diff", "diff_se", "diff_se_seeds", "significant")
+                                                  "diff", "diff_se", "diff_se_seeds", "significant", "ratio",
+                                                  "ratio_se_seeds", "ratio_min", "ratio_per_seed", "ratio_to_per_seed")
                               if row[k] is not None}
         ctx.write_dataset("table", [pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)])
         ctx.metrics.update({**metrics, "metric": p.metric, "role": p.role, "across": p.across, "group_by": group_by,
@@ -180,8 +204,11 @@ class Compare(Stage):
             diff = "" if row["diff"] is None else (
                 f"; {row['diff']:+.3f} vs {baseline} (paired SE {row['diff_se']:.3f}, seeds SE "
                 f"{row['diff_se_seeds']:.3f}{', beyond ' + format(p.z, 'g') + ' SE' if row['significant'] else ''})")
+            ratio = "" if row["ratio"] is None else (
+                f"; ÷ {p.ratio_to}: {row['ratio']:.3f} ± {row['ratio_se_seeds']:.3f} (min {row['ratio_min']:.3f}; "
+                f"per {p.across}: {', '.join(format(r, '.3f') for r in row['ratio_per_seed'])})")
             ctx.log(f"{row['variant']}: {p.metric} {row['mean']:.3f} ± {row['se_seeds']:.3f} over {row['seeds']} "
-                    f"{p.across}s{diff}")
+                    f"{p.across}s{diff}{ratio}")
 
 
 def _sortable(label: str):

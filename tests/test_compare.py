@@ -32,7 +32,9 @@ def _rows(data: str, seed: int) -> list[dict]:
         for i, v in enumerate(verdicts):
             rows.append({"role": "student", "prompt_id": pid, "sample_index": i, "verdict": VERDICT[v]})
         # rows compare must leave out: another role, and a budget-forcing run
-        rows.append({"role": "teacher", "prompt_id": pid, "sample_index": 0, "verdict": "correct"})
+        # (the teacher fails p3 in seed 1: its seed scores differ, for ratio_to)
+        rows.append({"role": "teacher", "prompt_id": pid, "sample_index": 0,
+                     "verdict": "wrong" if (pid, seed) == ("p3", 1) else "correct"})
         rows.append({"role": "student", "prompt_id": pid, "sample_index": 9, "verdict": "correct",
                      "max_thinking_tokens": 16})
     return rows
@@ -95,6 +97,7 @@ def test_compare_tabulates_variants_against_the_baseline(tmp_path):
         for k in ("mean", "se_seeds", "se_prompts"):
             assert r[k] == pytest.approx(exp[data][k]), (data, k)
         assert r["per_seed"] == pytest.approx(exp[data]["seeds"])
+        assert r["ratio"] is None and r["ratio_per_seed"] is None  # no ratio_to
     assert rows["data=a"]["diff"] is None and rows["data=a"]["significant"] is None
     for data in "bc":
         for k in ("diff", "diff_se", "diff_se_seeds"):
@@ -121,6 +124,28 @@ def test_compare_without_student_rows_fails_clearly(tmp_path):
     result = Runner(load_config(cfg)).run()
     assert not result.ok
     assert "no rows of role 'base_student'" in result.error and "roles present: student, teacher" in result.error
+
+
+def test_compare_ratio_to_the_teacher_per_seed(tmp_path):
+    """ratio_to: each seed's student score divided by the same seed's teacher score (not the ratio
+    of the means), with mean, SE across seeds and the worst seed."""
+    stages, storage = run_stages(_config(tmp_path, "{group_by: [data], across: seed, ratio_to: teacher}"))
+    rec = stages["ablation"]
+    rows = {r["variant"]: r for r in output_rows(storage, rec, "table")}
+    exp = _expected()
+    teacher = [1.0, 2 / 3]  # per seed: p3 wrong in seed 1
+    for data in "abc":
+        r = rows[f"data={data}"]
+        ratios = [exp[data]["seeds"][i] / teacher[i] for i in (0, 1)]
+        assert r["ratio_to"] == "teacher"
+        assert r["ratio_to_per_seed"] == pytest.approx(teacher)
+        assert r["ratio_per_seed"] == pytest.approx(ratios)
+        assert r["ratio"] == pytest.approx(statistics.mean(ratios))
+        assert r["ratio_se_seeds"] == pytest.approx(statistics.stdev(ratios) / 2 ** 0.5)
+        assert r["ratio_min"] == pytest.approx(min(ratios))
+        assert rec["metrics"][f"data={data}"]["ratio_min"] == pytest.approx(min(ratios))
+    # a's seed 1 beats its teacher (5/6 against 2/3): a ratio, not a capped share
+    assert rows["data=a"]["ratio_per_seed"][1] == pytest.approx(1.25)
 
 
 def test_cli_prints_the_table(tmp_path):

@@ -181,6 +181,31 @@ def test_ablation_config_plans(monkeypatch):
     assert entries["student_init_seed[seed=0]"].fingerprint == entries["student_init"].fingerprint
 
 
+def test_demo_seeds_config_is_the_demo_at_seed_0():
+    """configs/demo-seeds.yaml: one chain per seed, and seed 0's chain is the demo's own (the same
+    fingerprints, so it comes from cache after `make demo`): a param of the demo changed without
+    its twin here fails this."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo-seeds.yaml")
+    entries = {e.name: e for e in Runner(cfg).plan()}
+    twins = {"teacher_init": "teacher_init_seeds", "teacher_sft": "teacher_seeds", "generate": "generate_seeds",
+             "verify": "verify_seeds", "dedupe": "dedupe_seeds", "decontaminate": "decontaminate_seeds",
+             "student_init": "student_init_seeds", "student_sft": "student_seeds"}
+    for demo, seeds in twins.items():
+        assert entries[f"{seeds}[seed=0]"].fingerprint == entries[demo].fingerprint, demo
+        fps = {entries[f"{seeds}[seed={s}]"].fingerprint for s in (0, 1, 2)}
+        assert len(fps) == 3, seeds  # each seed its own chain
+    for role in ("teacher_seeds", "student_seeds", "teacher_init_seeds", "student_init_seeds"):
+        assert [cfg.nodes[f"{role}[seed={s}]"].stage.params.seed for s in (0, 1, 2)] == [0, 1, 2]
+    # evaluate differs from the demo's only by its promotion pointer (none across seeds)
+    ev = {s: cfg.nodes[f"evaluate_seeds[seed={s}]"].stage.params for s in (0, 1, 2)}
+    assert all(p.promote is None for p in ev.values())
+    assert ev[0].model_dump(exclude={"promote"}) == cfg.nodes["evaluate"].stage.params.model_dump(exclude={"promote"})
+    for name in ("seeds", "seeds_teacher"):
+        assert sorted(up for up, _ in cfg.nodes[name].inputs.values()) == [f"evaluate_seeds[seed={s}]"
+                                                                           for s in (0, 1, 2)]
+    assert cfg.nodes["seeds"].stage.params.ratio_to == "teacher"
+
+
 def test_unknown_kind_of_an_expanded_stage_is_reported_once(tmp_path, src):
     path = _write(tmp_path, _body(src, "  x: {uses: nosuchkind, matrix: [seed, data]}\n"))
     problems = [p for p in _problems(path) if "nosuchkind" in p]
