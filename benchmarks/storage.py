@@ -7,6 +7,11 @@ server's work does not share this process's interpreter. ``s3fs_serial_mb_s``: t
 baseline (serial writes through s3fs), for reference.
 After one warm-up write per side, each side runs ``BENCH_RUNS`` (default 3) times, interleaved;
 the lines give the ratio of medians with its spread (``_common.emit_medians``).
+The table is ``BENCH_STORAGE_ROWS`` rows (default 40,000) of trace-like completions of about
+2 KB drawn from a 2,000-word vocabulary (so zstd compresses them as it does text, about 3x), in
+shards of an eighth of the rows: about 80 MB of text per write, enough that a few percent of
+difference is larger than the run-to-run spread (the earlier 1.5 MB table took ~30 ms a write,
+mostly fixed costs).
 """
 from __future__ import annotations
 
@@ -21,15 +26,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit_medians, interleaved  # noqa: E402
 
-ROWS, SHARD_ROWS = 200_000, 50_000
+ROWS = int(os.environ.get("BENCH_STORAGE_ROWS", "40000"))
+SHARD_ROWS = max(1, ROWS // 8)
+WORDS_PER_ROW = 320
 
 
 def table():
+    import numpy as np
     import pyarrow as pa
 
+    rng = np.random.default_rng(0)
+    vocab = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9)))
+                      for _ in range(2000)])
+    words = vocab[rng.integers(0, len(vocab), size=(ROWS, WORDS_PER_ROW))]
+    completions = [f"<think>{' '.join(w)}</think> \\boxed{{{i}}}" for i, w in enumerate(words)]
     return pa.table({
         "prompt_id": [f"{i:016x}" for i in range(ROWS)],
-        "completion": [f"<think>step {i} of the reasoning, with some words</think> \\boxed{{{i}}}" for i in range(ROWS)],
+        "completion": completions,
         "completion_tokens": list(range(ROWS)),
     })
 
