@@ -8,8 +8,8 @@ baseline (serial writes through s3fs), for reference.
 After one warm-up write per side, each side runs ``BENCH_RUNS`` (default 3) times, interleaved;
 the lines give the ratio of medians with its spread (``_common.emit_medians``).
 The table is ``BENCH_STORAGE_ROWS`` rows (default 40,000) of trace-like completions of about
-2 KB drawn from a 2,000-word vocabulary (so zstd compresses them as it does text, about 3x), in
-shards of an eighth of the rows: about 80 MB of text per write, enough that a few percent of
+2 KB drawn from a 2,000-word vocabulary (so zstd compresses them as it does text: 77 MB to 31.5 MB), in
+shards of an eighth of the rows: about 77 MB of text per write, enough that a few percent of
 difference is larger than the run-to-run spread (the earlier 1.5 MB table took ~30 ms a write,
 mostly fixed costs).
 """

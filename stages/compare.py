@@ -122,31 +122,37 @@ class Compare(Stage):
         return []
 
     # -- scoring -------------------------------------------------------------------------------
-    def _score(self, ctx: StageContext, key: str, role: str | None = None) -> tuple[dict[str, float], int]:
+    def _score(self, ctx: StageContext, key: str) -> dict[str, tuple[dict[str, float], int]]:
+        """Per scored role (``role``, and ``ratio_to`` when set): (per-prompt scores, errored
+        samples), from one read of the input. Errored samples of ``ratio_to`` are counted under
+        their own reason."""
         p: Params = self.params
-        role = role or p.role
         table = ctx.read_input(key, columns=[c for c in ("role", "prompt_id", "sample_index", "verdict", "extracted",
                                                          "max_thinking_tokens")
                                              if c in ctx.input_schema(key).names])
-        mask = pc.equal(table.column("role"), role)
-        if "max_thinking_tokens" in table.column_names:
-            mask = pc.and_(mask, pc.is_null(table.column("max_thinking_tokens")))
-        rows = table.filter(pc.fill_null(mask, False))
-        if not rows.num_rows:
-            raise StageError(f"input {key!r}: no rows of role {role!r} at the main evaluation "
-                             f"(roles present: {', '.join(sorted(set(table.column('role').to_pylist()))) or 'none'})")
-        acc = ReasoningMetrics(ks=(1,))
-        extracted = rows.column("extracted").to_pylist() if "extracted" in rows.column_names else [None] * rows.num_rows
-        for pid, idx, verdict, ans in zip(rows.column("prompt_id").to_pylist(), rows.column("sample_index").to_pylist(),
-                                          rows.column("verdict").to_pylist(), extracted):
-            acc.add(pid, idx, verdict == "correct", answer_key(ans), 0, False, errored=verdict == "error")
-        errored = acc.summary()["errored"]
-        if errored:
-            ctx.drop("errored", "verdict_error", errored)
-        try:
-            return acc.per_prompt(p.metric), errored
-        except ValueError as e:
-            raise StageError(f"input {key!r}: {e}") from e
+        main = pc.is_null(table.column("max_thinking_tokens")) if "max_thinking_tokens" in table.column_names else None
+        out = {}
+        for role in [p.role] + ([p.ratio_to] if p.ratio_to else []):
+            mask = pc.equal(table.column("role"), role)
+            rows = table.filter(pc.fill_null(mask if main is None else pc.and_(mask, main), False))
+            if not rows.num_rows:
+                raise StageError(f"input {key!r}: no rows of role {role!r} at the main evaluation (roles present: "
+                                 f"{', '.join(sorted(set(table.column('role').to_pylist()))) or 'none'})")
+            acc = ReasoningMetrics(ks=(1,))
+            extracted = (rows.column("extracted").to_pylist() if "extracted" in rows.column_names
+                         else [None] * rows.num_rows)
+            for pid, idx, verdict, ans in zip(rows.column("prompt_id").to_pylist(),
+                                              rows.column("sample_index").to_pylist(),
+                                              rows.column("verdict").to_pylist(), extracted):
+                acc.add(pid, idx, verdict == "correct", answer_key(ans), 0, False, errored=verdict == "error")
+            errored = acc.summary()["errored"]
+            if errored:
+                ctx.drop("errored", "verdict_error" if role == p.role else f"{role}_verdict_error", errored)
+            try:
+                out[role] = (acc.per_prompt(p.metric), errored)
+            except ValueError as e:
+                raise StageError(f"input {key!r}: {e}") from e
+        return out
 
     def run(self, ctx: StageContext) -> None:
         p: Params = self.params
@@ -155,8 +161,8 @@ class Compare(Stage):
             group_by, groups, baseline = self._groups(keys)
         except ValueError as e:
             raise StageError(f"params.{e.args[0]}: {e.args[1]}") from e
-        scored = {key: self._score(ctx, key) for key in keys}
-        other = {key: self._score(ctx, key, p.ratio_to)[0] for key in keys} if p.ratio_to else {}
+        by_role = {key: self._score(ctx, key) for key in keys}
+        scored = {key: roles[p.role] for key, roles in by_role.items()}
         out: dict[str, dict] = {}
         for label, members in groups.items():
             members = sorted(members, key=lambda m: _sortable(m[0]))
@@ -169,7 +175,7 @@ class Compare(Stage):
                           "errored": sum(scored[k][1] for _, k in members), "avg": avg,
                           "by_seed": dict(zip([s for s, _ in members], seed_means))}
             if p.ratio_to:
-                to = [mean_se(list(other[k].values()))[0] for _, k in members]
+                to = [mean_se(list(by_role[k][p.ratio_to][0].values()))[0] for _, k in members]
                 ratios = [a / b if b else float("nan") for a, b in zip(seed_means, to)]
                 out[label].update(ratio_per_seed=ratios, ratio_to_per_seed=to)
         rows, metrics = [], {}
