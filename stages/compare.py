@@ -176,7 +176,8 @@ class Compare(Stage):
                           "by_seed": dict(zip([s for s, _ in members], seed_means))}
             if p.ratio_to:
                 to = [mean_se(list(by_role[k][p.ratio_to][0].values()))[0] for _, k in members]
-                ratios = [a / b if b else float("nan") for a, b in zip(seed_means, to)]
+                # a seed whose ratio_to scores 0 has no ratio (null), and is left out of its mean
+                ratios = [a / b if b else None for a, b in zip(seed_means, to)]
                 out[label].update(ratio_per_seed=ratios, ratio_to_per_seed=to)
         rows, metrics = [], {}
         for label, g in out.items():
@@ -187,9 +188,10 @@ class Compare(Stage):
                    "diff_se_seeds": None, "significant": None, "ratio_to": p.ratio_to, "ratio": None,
                    "ratio_se_seeds": None, "ratio_min": None, "ratio_per_seed": g.get("ratio_per_seed"),
                    "ratio_to_per_seed": g.get("ratio_to_per_seed")}
-            if p.ratio_to:
-                row["ratio"], row["ratio_se_seeds"] = mean_se(g["ratio_per_seed"])
-                row["ratio_min"] = min(g["ratio_per_seed"])
+            defined = [r for r in g.get("ratio_per_seed") or [] if r is not None]
+            if defined:
+                row["ratio"], row["ratio_se_seeds"] = mean_se(defined)
+                row["ratio_min"] = min(defined)
             if baseline is not None and label != baseline:
                 b = out[baseline]
                 d = paired_difference(g["avg"], b["avg"])
@@ -212,7 +214,8 @@ class Compare(Stage):
                 f"{row['diff_se_seeds']:.3f}{', beyond ' + format(p.z, 'g') + ' SE' if row['significant'] else ''})")
             ratio = "" if row["ratio"] is None else (
                 f"; ÷ {p.ratio_to}: {row['ratio']:.3f} ± {row['ratio_se_seeds']:.3f} (min {row['ratio_min']:.3f}; "
-                f"per {p.across}: {', '.join(format(r, '.3f') for r in row['ratio_per_seed'])})")
+                f"per {p.across}: {', '.join('n/a' if r is None else format(r, '.3f') for r in row['ratio_per_seed'])}"
+                f")")
             ctx.log(f"{row['variant']}: {p.metric} {row['mean']:.3f} ± {row['se_seeds']:.3f} over {row['seeds']} "
                     f"{p.across}s{diff}{ratio}")
 

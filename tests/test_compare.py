@@ -148,6 +148,18 @@ def test_compare_ratio_to_the_teacher_per_seed(tmp_path):
     assert rows["data=a"]["ratio_per_seed"][1] == pytest.approx(1.25)
 
 
+def test_compare_ratio_to_a_teacher_scoring_zero_is_null(tmp_path):
+    """A seed whose teacher scores 0 has no ratio (null), left out of the mean, not a NaN or inf."""
+    zero = [dict(r, verdict="wrong") if r["role"] == "teacher" else r for r in _rows("a", 1)]
+    cfg = _config(tmp_path, "{group_by: [data], across: seed, ratio_to: teacher}")
+    write_jsonl(tmp_path / "a-1.jsonl", zero)
+    stages, storage = run_stages(cfg)
+    a = {r["variant"]: r for r in output_rows(storage, stages["ablation"], "table")}["data=a"]
+    assert a["ratio_to_per_seed"] == pytest.approx([1.0, 0.0])
+    assert a["ratio_per_seed"][1] is None
+    assert a["ratio"] == pytest.approx(a["ratio_per_seed"][0]) == pytest.approx(a["ratio_min"])
+
+
 def test_cli_prints_the_table(tmp_path):
     from pipeline.cli import _print_manifest, out
 
