@@ -200,6 +200,41 @@ def test_driver_kill_then_rerun_resumes(ray_local, tiny_model, tmp_path):
     assert m["steps"] == start["last_step"] == 80, seen
 
 
+def test_a_snapshot_read_mid_write_is_retried_and_a_torn_one_named(tmp_path):
+    from stages.common.training import SNAPSHOT, TornSnapshot, registered_checkpoint_step
+
+    st = Storage(str(tmp_path))
+    path = f"{tmp_path}/run/{SNAPSHOT}"
+    whole = b'{"latest_checkpoint_result": {"metrics": {"step": 30}}}'
+    st.put_bytes(path, whole[:17])  # what a reader sees while Ray Train rewrites the file in place
+    writer = threading.Timer(0.3, lambda: st.put_bytes(path, whole))
+    writer.start()
+    assert registered_checkpoint_step(st, f"{tmp_path}/run") == 30  # the write finished within the retries
+    writer.join()
+    st.put_bytes(path, whole[:17])  # its writer killed mid-write: it never parses
+    with pytest.raises(TornSnapshot, match=SNAPSHOT):
+        registered_checkpoint_step(st, f"{tmp_path}/run", tries=2)
+    assert registered_checkpoint_step(st, f"{tmp_path}/none") is None
+
+
+def test_a_torn_snapshot_is_set_aside_and_training_starts_over(ray_local, tiny_model, tmp_path):
+    from stages.common.training import SNAPSHOT
+
+    cfg = _config(tmp_path, f"{tmp_path}/root", "torn", tiny_model, max_steps=4, checkpoint_every=2)
+    _, st = run_stages(cfg)
+    [snap] = st.fs.glob(st.path(SNAPSHOTS, SNAPSHOT))
+    st.put_bytes(snap, st.fs.cat(snap)[:40])  # as if the driver had been killed while Ray Train wrote it
+    [entry] = [e for e in Runner(load_config(cfg)).plan() if e.name == "sft"]
+    st.fs.rm(entry.record_path)  # the stage is not cached any more: the rerun trains in the same run folder
+    records, _ = run_stages(cfg)
+    m = records["sft"]["metrics"]
+    assert records["sft"]["status"] == "done"
+    [start] = m["worker_starts"]
+    assert start["resumed_from_step"] is None and start["first_step"] == 1, m["worker_starts"]
+    assert m["steps"] == 4
+    assert st.exists(f"{snap}.torn")
+
+
 def test_lora_trains_adapters_and_saves_merged_weights(ray_local, tiny_model, tmp_path):
     import torch
     from safetensors.torch import load_file

@@ -171,13 +171,29 @@ class TrainState:
 SNAPSHOT = layout.TRAIN_SNAPSHOT  # Ray Train's record of the checkpoints it registered
 
 
-def registered_checkpoint_step(storage, run_dir: str) -> int | None:
+class TornSnapshot(ValueError):
+    """Ray Train's checkpoint snapshot does not parse: its writer was killed mid-write."""
+
+
+def registered_checkpoint_step(storage, run_dir: str, tries: int = 5) -> int | None:
     """The step of the last checkpoint Ray Train registered for the run in ``run_dir`` (what a
-    restarted worker group or a rerun resumes from), read from its snapshot in storage."""
-    try:
-        snap = storage.read_json(f"{run_dir}/{SNAPSHOT}")
-    except FileNotFoundError:
-        return None
+    restarted worker group or a rerun resumes from), read from its snapshot in storage.
+
+    On a local filesystem Ray Train rewrites the snapshot in place (truncate, then write), so a
+    read during a write can see part of it: such a read is retried, and a snapshot that still
+    does not parse (its writer was killed mid-write) raises :class:`TornSnapshot`."""
+    path = f"{run_dir}/{SNAPSHOT}"
+    for attempt in range(tries):
+        try:
+            snap = storage.read_json(path)
+            break
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if attempt == tries - 1:
+                raise TornSnapshot(f"Ray Train's checkpoint snapshot {storage.uri(path)} does not parse "
+                                   f"({type(e).__name__} at byte {getattr(e, 'pos', '?')})") from None
+            time.sleep(0.2)
     latest = snap.get("latest_checkpoint_result")
     return int(latest["metrics"]["step"]) if latest else None
 
@@ -336,7 +352,13 @@ def run_training(ctx: StageContext, p, recipe: str, metrics: dict | None = None)
     storage_path, storage_fs = ray_storage(ctx.storage, ctx.checkpoint_root)
     lineage = lineage_with_data(ctx)
     name = f"train-{ctx.fingerprint}"
-    step = registered_checkpoint_step(ctx.storage, f"{ctx.checkpoint_root}/{name}")
+    try:
+        step = registered_checkpoint_step(ctx.storage, f"{ctx.checkpoint_root}/{name}")
+    except TornSnapshot as e:  # Ray Train would fail on it: set it aside and train from the start
+        snap = f"{ctx.checkpoint_root}/{name}/{SNAPSHOT}"
+        ctx.storage.fs.mv(snap, f"{snap}.torn")
+        ctx.log(f"{e}: moved to {SNAPSHOT}.torn; training starts from step 0")
+        step = None
     if step is not None:
         ctx.log(f"resuming from the checkpoint at step {step} ({ctx.storage.uri(ctx.checkpoint_root)}/{name})")
     try:  # left over by an earlier attempt in this Ray session
