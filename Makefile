@@ -32,10 +32,12 @@ demo-rl: $(STAMP)
 	$(DISTILL) report latest --root .distill
 
 # a crash of pytest itself (a fatal signal in native code) prints the test it was in and the stack
-# that crashed, then runs the suite once more from that test (tools/run_tests.py)
+# that crashed, then runs the suite once more from that test (tools/run_tests.py); the files run in
+# TEST_SHARDS pytest processes at once, split by their time in tests/durations.json
 TESTS ?= tests
+TEST_SHARDS ?= 2
 test: $(STAMP)
-	$(BIN)/python tools/run_tests.py -q -x --durations=15 $(TESTS)
+	$(BIN)/python tools/run_tests.py --shards $(TEST_SHARDS) -q -x --durations=15 $(TESTS)
 
 # one-line breaks of the code, each in a scratch copy of HEAD, and the tests that must catch
 # them (tools/mutate.py); not part of `make test`

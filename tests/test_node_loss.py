@@ -39,7 +39,7 @@ def test_worker_node_loss(tiny_model, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
         forget_dead_cluster(address_file)
-    left = watch.survivors(wait=30)
+    left = watch.survivors(wait=90)
     assert any("EngineActor" in c for c in watch.seen.values()), f"no engine actor seen: {list(watch.seen.values())}"
     assert left == []  # no engine, engine core, raylet or worker of the cluster is left
     assert proc.returncode == 0, log[-3000:]

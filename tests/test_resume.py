@@ -49,7 +49,7 @@ def test_driver_kill_and_resume(ray_local, tiny_model, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait(30)
-    left = watch.survivors(wait=30)  # stops the watch
+    left = watch.survivors(wait=90)  # stops the watch
     assert any("EngineActor" in c for c in watch.seen.values()), f"no engine actor seen: {list(watch.seen.values())}"
     assert left == []  # nothing of the killed run survives, in whatever process group it runs
 

@@ -171,7 +171,7 @@ def test_stages_spread_over_three_nodes_and_survive_losing_one(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
         forget_dead_cluster(Path(str(result) + ".address"))
-    assert watch.survivors(wait=30) == []
+    assert watch.survivors(wait=90) == []
     assert proc.returncode == 0, log[-3000:]
     r = json.loads(result.read_text())
     assert len(r["nodes"]) == 3
