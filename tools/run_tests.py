@@ -22,7 +22,9 @@ Much of the suite waits on one core (process and engine start-ups, imports, Ray'
 plane), so two processes on two cores finish sooner than one. Files that share an expensive
 session fixture (``GROUPS``: the solver model, the Jobs head) stay in one shard, so it is built
 once. The time of each file comes from ``tests/durations.json`` (``--weigh LOG`` rewrites it from
-a ``--durations=0`` log; a file it does not list counts ``DEFAULT_SECONDS``). Each shard's lines
+a ``--durations=0`` log; a file it does not list counts ``DEFAULT_SECONDS``). Today's file holds,
+per file, the larger of 1.4 x its time in one process and its slowest tests' time measured with
+two shards running (2026-12-03): two shards slow each other, and not every file alike. Each shard's lines
 are printed as they come, prefixed ``[shard i]``; the run passes only if every shard does.
 """
 from __future__ import annotations
