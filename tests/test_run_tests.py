@@ -4,6 +4,7 @@ in a single run (that shard runs again from the crashed test; the run passes onl
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -58,6 +59,7 @@ def test_a_crash_in_one_shard_reruns_that_shard_from_the_crashed_test(tmp_path):
     assert f"{crashed} pytest died of signal 11 in test_one.py::test_crash" in out
     assert f"{crashed} running the 2 tests from test_one.py::test_crash on again, once" in out
     assert out.count("exit code 0") == 2 and "2 passed" in out and "1 passed" in out
+    assert "temporary folders are kept" not in out
 
     (tmp_path / "test_two.py").write_text("def test_other(): assert False\n")
     marker.unlink()
@@ -65,3 +67,6 @@ def test_a_crash_in_one_shard_reruns_that_shard_from_the_crashed_test(tmp_path):
                           "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 1, run.stdout  # the other shard's failure fails the run
+    kept = run.stdout.split("temporary folders are kept in ")[1].split()[0]
+    assert Path(kept).is_dir()  # left for a look
+    shutil.rmtree(kept)

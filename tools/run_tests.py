@@ -16,22 +16,24 @@ to bury the one that matters. So here:
   the rerun passed every test from the crashed one to the end.
 
 Shards (``--shards N``, ``make test`` passes ``TEST_SHARDS``, 2 by default): the test files are
-split into N groups of about equal time and each group runs in a pytest process of its own, at
-the same time, each with its own temporary folder and crash log and the crash handling above.
-Much of the suite waits on one core (process and engine start-ups, imports, Ray's control
-plane), so two processes on two cores finish sooner than one. Files that share an expensive
-session fixture (``GROUPS``: the solver model, the Jobs head) stay in one shard, so it is built
-once. The time of each file comes from ``tests/durations.json`` (``--weigh LOG`` rewrites it from
-a ``--durations=0`` log; a file it does not list counts ``DEFAULT_SECONDS``). Today's file holds,
-per file, the larger of 1.4 x its time in one process and its slowest tests' time measured with
-two shards running (2026-12-03): two shards slow each other, and not every file alike. Each shard's lines
-are printed as they come, prefixed ``[shard i]``; the run passes only if every shard does.
+split into N groups of about equal time, and each group runs in a pytest process of its own, at
+the same time, with its own temporary folder (removed once every shard passed), its own crash
+log and the crash handling above. Much of the suite waits on one core (process and engine
+start-ups, imports, Ray's control plane), so two processes on two cores finish sooner than one.
+Files that share an expensive session fixture (``GROUPS``: the solver model, the Jobs head) stay
+in one shard, so it is built once. Each file's time comes from ``tests/durations.json``
+(``--weigh LOG`` rewrites it from a ``--durations=0`` log; a file it does not list counts
+``DEFAULT_SECONDS``). Today's file holds, per file, the larger of 1.4 x its time in one process
+and its slowest tests' time measured with two shards running (2026-12-03): two shards slow each
+other, and not every file alike. Each shard's lines are printed as they come, prefixed
+``[shard i]``; the run passes only if every shard does.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,7 +184,7 @@ def main(argv: list[str]) -> int:
 
     for i, fs in enumerate(shards):
         secs = sum(weights.get(Path(f).name, DEFAULT_SECONDS) for f in fs)
-        print(f"[shard {i}] {len(fs)} files, about {secs:.0f} s alone: {' '.join(Path(f).name for f in fs)}",
+        print(f"[shard {i}] {len(fs)} files, weighing {secs:.0f} s: {' '.join(Path(f).name for f in fs)}",
               flush=True)
     threads = [threading.Thread(target=one, args=(i, fs)) for i, fs in enumerate(shards)]
     for t in threads:
@@ -191,7 +193,12 @@ def main(argv: list[str]) -> int:
         t.join()
     for i, rc in enumerate(codes):
         print(f"[shard {i}] exit code {rc}", flush=True)
-    return next((rc for rc in codes if rc), 0)
+    rc = next((rc for rc in codes if rc), 0)
+    if rc == 0:  # pytest keeps its last 3 temporary folders; these go once every shard passed
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"the shards' temporary folders are kept in {tmp}", flush=True)
+    return rc
 
 
 if __name__ == "__main__":
