@@ -133,22 +133,23 @@ def _group(path: str) -> str:
     return path
 
 
+def seconds(files: list[str], weights: dict[str, float]) -> float:
+    """The files' time by ``weights`` (per file name; ``DEFAULT_SECONDS`` for one not listed)."""
+    return sum(weights.get(Path(f).name, DEFAULT_SECONDS) for f in files)
+
+
 def shard(files: list[str], n: int, weights: dict[str, float]) -> list[list[str]]:
     """``files`` in ``n`` shards of about equal total time: each group (a file, or the files of a
     ``GROUPS`` entry) goes, longest first, to the shard with the least time so far."""
     groups: dict[str, list[str]] = {}
     for f in files:
         groups.setdefault(_group(f), []).append(f)
-
-    def cost(fs: list[str]) -> float:
-        return sum(weights.get(Path(f).name, DEFAULT_SECONDS) for f in fs)
-
     shards: list[list[str]] = [[] for _ in range(n)]
     load = [0.0] * n
-    for key in sorted(groups, key=lambda k: (-cost(groups[k]), k)):
+    for key in sorted(groups, key=lambda k: (-seconds(groups[k], weights), k)):
         i = load.index(min(load))
         shards[i] += groups[key]
-        load[i] += cost(groups[key])
+        load[i] += seconds(groups[key], weights)
     return [sorted(s) for s in shards if s]
 
 
@@ -173,9 +174,11 @@ def main(argv: list[str]) -> int:
         i = argv.index("--shards")
         n = int(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
+    if n <= 1 or any("::" in a for a in argv):
+        return run_once(argv)
     options = [a for a in argv if not _is_path(a)]
     files = test_files([a for a in argv if _is_path(a)] or ["tests"])
-    if n <= 1 or len(files) < 2 or any("::" in a for a in argv):
+    if len(files) < 2:
         return run_once(argv)
     weights = json.loads(WEIGHTS.read_text()) if WEIGHTS.exists() else {}
     shards = shard(files, n, weights)
@@ -186,8 +189,8 @@ def main(argv: list[str]) -> int:
         codes[i] = run_once([*options, f"--basetemp={tmp}/shard{i}", *fs], f"{LOG}.{i}", f"[shard {i}] ")
 
     for i, fs in enumerate(shards):
-        secs = sum(weights.get(Path(f).name, DEFAULT_SECONDS) for f in fs)
-        print(f"[shard {i}] {len(fs)} files, weighing {secs:.0f} s: {' '.join(Path(f).name for f in fs)}",
+        print(f"[shard {i}] {len(fs)} files, weighing {seconds(fs, weights):.0f} s: "
+              f"{' '.join(Path(f).name for f in fs)}",
               flush=True)
     threads = [threading.Thread(target=one, args=(i, fs)) for i, fs in enumerate(shards)]
     for t in threads:
