@@ -1,5 +1,6 @@
-"""The sft stage on Ray Train: the same loss curve on 1 or 2 workers; a SIGKILLed worker and a
-killed driver both resume from the last reported checkpoint; checkpoints and the model in S3."""
+"""The sft stage on Ray Train: the same loss curve on 1 or 2 workers, and again after a torn Ray
+Train snapshot was set aside; a SIGKILLed worker and a killed driver both resume from the last
+reported checkpoint; checkpoints and the model in S3."""
 import os
 import re
 import signal
@@ -56,8 +57,11 @@ def _sft(records: dict) -> dict:
     return records["sft"]["metrics"]
 
 
-def test_same_loss_curve_on_one_and_two_workers(ray_local, tiny_model, tmp_path):
-    records, st = run_stages(_config(tmp_path, f"{tmp_path}/r1", "w1", tiny_model))
+def test_same_loss_curve_on_one_and_two_workers_and_after_a_torn_snapshot(ray_local, tiny_model, tmp_path):
+    from stages.common.training import SNAPSHOT
+
+    cfg = _config(tmp_path, f"{tmp_path}/r1", "w1", tiny_model)
+    records, st = run_stages(cfg)
     one = _sft(records)
     _assert_model_lineage(records, st)
     two = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r2", "w2", tiny_model, num_workers=2))[0])
@@ -68,8 +72,19 @@ def test_same_loss_curve_on_one_and_two_workers(ray_local, tiny_model, tmp_path)
     for (_, a), (_, b) in zip(one["loss_curve"], two["loss_curve"]):
         assert b == pytest.approx(a, rel=LOSS_RTOL)
     assert two["train_tokens"] == one["train_tokens"]  # both workers' tokens are counted, once
-    # the same seed and worker count gives the same run
-    again = _sft(run_stages(_config(tmp_path, f"{tmp_path}/r3", "w3", tiny_model))[0])
+
+    # the first run again, in its own run folder, after its Ray Train snapshot was cut short (as if
+    # the driver had been killed while Ray Train rewrote it): the torn file is set aside, training
+    # starts over from step 1 (an intact snapshot would resume at step 12 and train nothing), and
+    # the same seed and worker count give the same run
+    [snap] = st.fs.glob(st.path(SNAPSHOTS, SNAPSHOT))
+    st.put_bytes(snap, st.fs.cat(snap)[:40])
+    [entry] = [e for e in Runner(load_config(cfg)).plan() if e.name == "sft"]
+    st.fs.rm(entry.record_path)  # the stage is not cached any more: the rerun trains in the same run folder
+    again = _sft(run_stages(cfg)[0])
+    [start] = again["worker_starts"]
+    assert start["resumed_from_step"] is None and start["first_step"] == 1, again["worker_starts"]
+    assert st.exists(f"{snap}.torn")
     assert again["loss_curve"] == one["loss_curve"]
 
 
@@ -215,24 +230,6 @@ def test_a_snapshot_read_mid_write_is_retried_and_a_torn_one_named(tmp_path):
     with pytest.raises(TornSnapshot, match=SNAPSHOT):
         registered_checkpoint_step(st, f"{tmp_path}/run", tries=2)
     assert registered_checkpoint_step(st, f"{tmp_path}/none") is None
-
-
-def test_a_torn_snapshot_is_set_aside_and_training_starts_over(ray_local, tiny_model, tmp_path):
-    from stages.common.training import SNAPSHOT
-
-    cfg = _config(tmp_path, f"{tmp_path}/root", "torn", tiny_model, max_steps=4, checkpoint_every=2)
-    _, st = run_stages(cfg)
-    [snap] = st.fs.glob(st.path(SNAPSHOTS, SNAPSHOT))
-    st.put_bytes(snap, st.fs.cat(snap)[:40])  # as if the driver had been killed while Ray Train wrote it
-    [entry] = [e for e in Runner(load_config(cfg)).plan() if e.name == "sft"]
-    st.fs.rm(entry.record_path)  # the stage is not cached any more: the rerun trains in the same run folder
-    records, _ = run_stages(cfg)
-    m = records["sft"]["metrics"]
-    assert records["sft"]["status"] == "done"
-    [start] = m["worker_starts"]
-    assert start["resumed_from_step"] is None and start["first_step"] == 1, m["worker_starts"]
-    assert m["steps"] == 4
-    assert st.exists(f"{snap}.torn")
 
 
 def test_lora_trains_adapters_and_saves_merged_weights(ray_local, tiny_model, tmp_path):
