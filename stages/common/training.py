@@ -204,8 +204,10 @@ def state_actor_name(fingerprint: str) -> str:
 
 
 # logged figures kept per step beside the loss: DPO's rewards and log-probs; GRPO's mean reward,
-# completion lengths and truncation rate, and the share of each verification reason
-CURVE_PREFIXES = ("rewards/", "logps/", "reward", "completions/mean_length", "completions/clipped_ratio", "verify/")
+# completion lengths and truncation rate, the share of each verification reason, the KL to the
+# reference, the policy's entropy and the share of groups whose rewards were all equal (no signal)
+CURVE_PREFIXES = ("rewards/", "logps/", "reward", "completions/mean_length", "completions/clipped_ratio", "verify/",
+                  "kl", "entropy", "frac_reward_zero_std")
 
 
 def _report_callback(state, rank: int, resumed_from: int | None, tokens: dict):
