@@ -31,13 +31,13 @@ demo-rl: $(STAMP)
 	$(DISTILL) run configs/demo-rl.yaml
 	$(DISTILL) report latest --root .distill
 
-# a crash of pytest itself (a fatal signal in native code) prints the test it was in and the stack
-# that crashed, then runs the suite once more from that test (tools/run_tests.py). TEST_SHARDS=2 runs
-# the files in 2 pytest processes at once, split by their time in tests/durations.json: 21-25 min
-# instead of 30 here, but a Ray node's start (30 s, fixed in Ray) timed out once under that load,
-# so one process stays the default
+# a crash of pytest itself (a fatal signal in native code under it) prints the test it was in and the stack
+# that crashed, then runs the suite once more from that test (tools/run_tests.py). The files run in
+# TEST_SHARDS pytest processes at once, split by their time in tests/durations.json; files marked
+# pytest.mark.alone (Ray clusters of their own) run after them with nothing beside them.
+# TEST_SHARDS=1: one process, as before
 TESTS ?= tests
-TEST_SHARDS ?= 1
+TEST_SHARDS ?= 2
 test: $(STAMP)
 	$(BIN)/python tools/run_tests.py --shards $(TEST_SHARDS) -q -x --durations=15 $(TESTS)
 

@@ -70,3 +70,33 @@ def test_a_crash_in_one_shard_reruns_that_shard_from_the_crashed_test(tmp_path):
     kept = run.stdout.split("temporary folders are kept in ")[1].split()[0]
     assert Path(kept).is_dir()  # left for a look
     shutil.rmtree(kept)
+
+
+def test_files_marked_alone_run_after_the_shards_with_none_beside_them(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    shard_test = "import time\ndef test(): time.sleep(1); open({!r}, 'w').close()\n"
+    _files(tmp_path, {
+        "test_a.py": shard_test.format(str(done / "a")),
+        "test_b.py": shard_test.format(str(done / "b")),
+        "test_solo.py": ("import os, pytest\npytestmark = pytest.mark.alone\n"
+                         f"def test(): assert sorted(os.listdir({str(done)!r})) == ['a', 'b']\n"),
+    })
+    assert run_tests.alone(str(tmp_path / "test_solo.py")) and not run_tests.alone(str(tmp_path / "test_a.py"))
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "run_tests.py"), "--shards", "2", "-q",
+                          "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)  # hang guard
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    shards = [line for line in out.splitlines() if line.startswith("[shard ") and " files, weighing " in line]
+    assert len(shards) == 2 and not any("test_solo.py" in line for line in shards)  # in no shard
+    assert out.index("[alone] 1 files") > max(out.index("[shard 0] exit code 0"), out.index("[shard 1] exit code 0"))
+    assert "[alone] exit code 0" in out
+
+    (tmp_path / "done" / "a").unlink()
+    (tmp_path / "test_a.py").write_text("def test(): assert False\n")
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "run_tests.py"), "--shards", "2", "-q",
+                          "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and "[alone]" not in run.stdout, run.stdout  # a failed shard stops the run
+    shutil.rmtree(run.stdout.split("temporary folders are kept in ")[1].split()[0])

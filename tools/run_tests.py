@@ -15,21 +15,22 @@ to bury the one that matters. So here:
   crash, or any failure, fails the run; the exit code of a run with a crash is never 0 unless
   the rerun passed every test from the crashed one to the end.
 
-Shards (``--shards N``; ``make test`` passes ``TEST_SHARDS``, 1 by default): the test files are
-split into N groups of about equal time, and each group runs in a pytest process of its own, at
-the same time, with its own temporary folder (removed once every shard passed), its own crash
-log and the crash handling above. Much of the suite waits on one core (process and engine
-start-ups, imports, Ray's control plane), so two processes on two cores finish sooner than one.
-Files that share an expensive session fixture (``GROUPS``: the solver model, the Jobs head) stay
-in one shard, so it is built once. Each file's time comes from ``tests/durations.json``
-(``--weigh LOG`` rewrites it from a ``--durations=0`` log; a file it does not list counts
-``DEFAULT_SECONDS``). Today's file holds, per file, the larger of 1.4 x its time in one process
-and its slowest tests' time measured with two shards running (2026-12-03): two shards slow each
-other, and not every file alike. Each shard's lines are printed as they come, prefixed
-``[shard i]``; the run passes only if every shard does. Measured on 2 cores (2026-12-03), clean
-clone, CI=true: one process 30 min; two shards 20:48 and 24:42 (all passed), then a run where a
-Ray node's start in the lighter shard passed Ray's fixed 30 s limit (``ray._private.node``) while
-the other shard ran a 3-node cluster: the reason one process stays the default.
+Shards (``--shards N``; ``make test`` passes ``TEST_SHARDS``): the test files are split into N
+groups of about equal time, and each group runs in a pytest process of its own, at the same
+time, with its own temporary folder (removed once every shard passed), its own crash log and
+the crash handling above. Much of the suite waits on one core (process and engine start-ups,
+imports, Ray's control plane), so two processes on two cores finish sooner than one. Files that
+share an expensive session fixture (``GROUPS``: the solver model, the Jobs head) stay in one
+shard, so it is built once. Each file's time comes from ``tests/durations.json`` (``--weigh LOG``
+rewrites it from a ``--durations=0`` log; a file it does not list counts ``DEFAULT_SECONDS``):
+per file, the larger of 1.4 x its time in one process and its slowest tests' time measured with
+two shards running (2026-12-03). Each shard's lines are printed as they come, prefixed
+``[shard i]``; the run passes only if every shard does.
+
+Files marked ``pytest.mark.alone`` (a Ray cluster or scheduled jobs' Ray of their own) run after
+the shards have passed, in one process with nothing beside it, prefixed ``[alone]``. Ray bounds
+a node's start at a fixed 30 s (``ray._private.node``); in a run with every file sharded, one
+such start in one shard passed it while the other shard ran a 3-node cluster.
 """
 from __future__ import annotations
 
@@ -133,6 +134,14 @@ def _group(path: str) -> str:
     return path
 
 
+def alone(path: str) -> bool:
+    """A file marked ``pytest.mark.alone`` (it starts a Ray cluster or process tree of its own,
+    heavy enough that a second shard beside it slows Ray's fixed start-up limits past their
+    bound): it runs after the shards, in one process, with nothing else running."""
+    text = Path(path).read_text(errors="replace")
+    return re.search(r"^(pytestmark\s*=.*|@)\bpytest\.mark\.alone\b", text, re.M) is not None
+
+
 def seconds(files: list[str], weights: dict[str, float]) -> float:
     """The files' time by ``weights`` (per file name; ``DEFAULT_SECONDS`` for one not listed)."""
     return sum(weights.get(Path(f).name, DEFAULT_SECONDS) for f in files)
@@ -181,9 +190,25 @@ def main(argv: list[str]) -> int:
     if len(files) < 2:
         return run_once(argv)
     weights = json.loads(WEIGHTS.read_text()) if WEIGHTS.exists() else {}
-    shards = shard(files, n, weights)
-    codes = [0] * len(shards)
+    solo = [f for f in files if alone(f)]
+    shards = shard([f for f in files if f not in solo], n, weights)
     tmp = tempfile.mkdtemp(prefix="distill-tests-")
+    rc = run_shards(options, shards, weights, tmp)
+    if rc == 0 and solo:
+        print(f"[alone] {len(solo)} files, weighing {seconds(solo, weights):.0f} s, with no shard beside them: "
+              f"{' '.join(Path(f).name for f in solo)}", flush=True)
+        rc = run_once([*options, f"--basetemp={tmp}/alone", *solo], f"{LOG}.alone", "[alone] ")
+        print(f"[alone] exit code {rc}", flush=True)
+    if rc == 0:  # pytest keeps its last 3 temporary folders; these go once every shard passed
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"the shards' temporary folders are kept in {tmp}", flush=True)
+    return rc
+
+
+def run_shards(options: list[str], shards: list[list[str]], weights: dict[str, float], tmp: str) -> int:
+    """Each shard in a pytest process of its own, all at once; the first non-zero exit code."""
+    codes = [0] * len(shards)
 
     def one(i: int, fs: list[str]) -> None:
         codes[i] = run_once([*options, f"--basetemp={tmp}/shard{i}", *fs], f"{LOG}.{i}", f"[shard {i}] ")
@@ -199,12 +224,7 @@ def main(argv: list[str]) -> int:
         t.join()
     for i, rc in enumerate(codes):
         print(f"[shard {i}] exit code {rc}", flush=True)
-    rc = next((rc for rc in codes if rc), 0)
-    if rc == 0:  # pytest keeps its last 3 temporary folders; these go once every shard passed
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        print(f"the shards' temporary folders are kept in {tmp}", flush=True)
-    return rc
+    return next((rc for rc in codes if rc), 0)
 
 
 if __name__ == "__main__":
