@@ -38,9 +38,9 @@ N_PROMPTS, TARGET, MAX_SAMPLES, GIVE_UP, ROUND = 256, 2, 16, 6, 2
 
 def _run(tmp: str, name: str, src: Path, teacher: str, sampling: dict) -> list[dict]:
     """One pipeline run (prompts, generate, verify) in its own storage root, so nothing is cached."""
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
-    from pipeline.storage import Storage
+    from pipeline.core.config import load_config
+    from pipeline.core.runner import Runner
+    from pipeline.store.storage import Storage
 
     cfg = Path(tmp) / f"{name}.yaml"
     cfg.write_text(json.dumps({"name": f"bench-{name}", "storage": {"root": f"{tmp}/{name}"}, "stages": {
@@ -71,9 +71,9 @@ def _score(rows: list[dict]) -> dict:
 def main() -> None:
     os.environ["DISTILL_KEEP_ENGINES"] = "1"
     os.chdir(REPO)
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
-    from pipeline.storage import Storage
+    from pipeline.core.config import load_config
+    from pipeline.core.runner import Runner
+    from pipeline.store.storage import Storage
 
     teacher_run = Runner(load_config("configs/toy-teacher.yaml")).run()
     if not teacher_run.ok:

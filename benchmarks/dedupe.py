@@ -147,7 +147,7 @@ def bench_minhash() -> None:
     import pyarrow as pa
     from datasketch import MinHash, MinHashLSH
 
-    from pipeline.ids import normalize_text
+    from pipeline.core.ids import normalize_text
     from stages.dedupe import NearDupSpec, near_duplicates, normalize_texts, shingles
 
     spec = NearDupSpec(enabled=True)

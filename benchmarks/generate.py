@@ -143,7 +143,7 @@ def build_stopping_model(out: Path, mean_len: int) -> str:
 
 def write_prompts(path: Path, n: int, seed: int) -> list[tuple[str, str]]:
     """The (prompt_id, prompt) pairs the prompts stage will make, duplicates dropped as it does."""
-    from pipeline.ids import prompt_id
+    from pipeline.core.ids import prompt_id
 
     seen: dict[str, str] = {}
     for r in toy_rows(n * 2, seed=seed):
@@ -223,8 +223,8 @@ class Stage:
         self.records: list[dict] = []
 
     def run(self) -> dict:
-        from pipeline.config import load_config
-        from pipeline.runner import Runner
+        from pipeline.core.config import load_config
+        from pipeline.core.runner import Runner
 
         root = self.tmp / f"{self.name}-{len(self.records)}"
         root.mkdir(parents=True)

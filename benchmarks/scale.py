@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE))
 import pyarrow as pa  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
-from pipeline.stage import Stage, StageContext  # noqa: E402
+from pipeline.core.stage import Stage, StageContext  # noqa: E402
 
 SAMPLES_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt", pa.string()),
                             ("answer", pa.string()), ("source", pa.string()), ("completion", pa.string()),
@@ -96,7 +96,7 @@ def write_samples(path: str, rows: int, row_bytes: int, eval_path: str, prompts_
     the prompts JSONL."""
     import random
 
-    from pipeline.storage import Storage
+    from pipeline.store.storage import Storage
 
     rng = random.Random(seed)
     vocab = [f"{w}{i}" for i in range(400) for w in ("so", "then", "step", "add", "carry", "check")]
@@ -143,7 +143,7 @@ def _rss(pid: int) -> int:
 
 def _ray_pids(driver: int) -> list[int]:
     """The driver and its descendants: the local Ray it started (GCS, raylet, workers, actors)."""
-    from pipeline.supervise import descendants
+    from pipeline.ops.supervise import descendants
 
     return [driver, *descendants(driver)]
 
@@ -166,8 +166,8 @@ class Sampler(threading.Thread):
 
 def child(root: str, samples: str, eval_path: str, prompts_path: str) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.core.config import load_config
+    from pipeline.core.runner import Runner
 
     cfg = Path(root) / "scale.yaml"
     cfg.write_text(f"""

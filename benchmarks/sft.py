@@ -94,7 +94,7 @@ def ray_train(model: str, chat_path: str, st, workers: int, walls: list) -> floa
     """The sft stage through Ray Train (a fresh checkpoint folder, so nothing resumes)."""
     import uuid
 
-    from pipeline.stage import Artifact, StageContext
+    from pipeline.core.stage import Artifact, StageContext
     from stages.sft import SFT
 
     run = uuid.uuid4().hex[:8]
@@ -114,7 +114,7 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.storage import Storage
+    from pipeline.store.storage import Storage
 
     torch.set_num_threads(2)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

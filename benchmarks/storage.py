@@ -80,7 +80,7 @@ def ours(st, t) -> tuple[float, int]:
 
 
 def measure(name: str, root: str, arrow_fs, arrow_base: str) -> None:
-    from pipeline.storage import Storage
+    from pipeline.store.storage import Storage
 
     st = Storage(root)
     t = table()

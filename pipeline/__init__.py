@@ -1,5 +1,5 @@
 """distill pipeline core: config, DAG, runner, storage and CLI.
 
 This package knows stages only through their declared interface
-(`pipeline.stage.Stage`): inputs, outputs, params model and fingerprint.
+(`pipeline.core.stage.Stage`): inputs, outputs, params model and fingerprint.
 """

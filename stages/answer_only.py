@@ -16,7 +16,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.stage import Passthrough, Stage, StageContext
+from pipeline.core.stage import Passthrough, Stage, StageContext
 
 
 class Params(BaseModel):

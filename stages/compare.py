@@ -3,7 +3,7 @@ score as mean ± standard error across seeds, and its paired difference to a bas
 
 Input ``runs`` is variadic: wired to an expanded stage (``runs: evaluate.samples``) it
 receives every variant's evaluate ``samples`` as its own input, ``runs[data=...,seed=...]``
-(see ``pipeline.config``). From each, the rows of ``role`` at the main evaluation
+(see ``pipeline.core.config``). From each, the rows of ``role`` at the main evaluation
 (``max_thinking_tokens`` null) are scored per prompt with ``stages.common.metrics``
 (``metric``: pass@k or maj@k; samples with verdict ``error`` are left out as errored, not
 counted wrong).
@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import input_base, parse_variant, value_label, variant_label
-from pipeline.stage import Stage, StageContext, StageError
+from pipeline.core.config import input_base, parse_variant, value_label, variant_label
+from pipeline.core.stage import Stage, StageContext, StageError
 from stages.common.checkers import answer_key
 from stages.common.metrics import ReasoningMetrics, mean_se, paired_difference
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.stage import Passthrough, Stage, StageContext, StageError
+from pipeline.core.stage import Passthrough, Stage, StageContext, StageError
 
 
 class Params(BaseModel):

@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline import resources
-from pipeline.stage import Passthrough, Stage, StageContext, StageError
+from pipeline.core import resources
+from pipeline.core.stage import Passthrough, Stage, StageContext, StageError
 from stages.common.eval_sets import DEFAULT_DATA_ROOT, EVAL_SETS
 from stages.common.ngrams import DEFAULT_NGRAM, Index, row_text
 
@@ -174,7 +174,7 @@ class Decontaminate(Stage):
 
         import ray
 
-        from pipeline.streaming import ordered, parallelism
+        from pipeline.core.streaming import ordered, parallelism
 
         schema = ctx.input_schema("samples")
         specs = {"clean": ctx.output_spec("clean", schema), "contaminated": ctx.output_spec("contaminated", REPORT_SCHEMA)}
@@ -204,7 +204,7 @@ class Decontaminate(Stage):
 def _check_piece(piece, index: Index, specs: dict, check_completions: bool) -> dict:
     """One piece of the samples against the eval n-grams: its clean rows and its report rows
     written where it lies; back come shard lists and counts."""
-    from pipeline.streaming import iter_piece, node_id
+    from pipeline.core.streaming import iter_piece, node_id
 
     clean, report_w = specs["clean"].writer(piece), specs["contaminated"].writer(piece)
     sources: dict[str, int] = {}

@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.ids import hashes64
-from pipeline.stage import Stage, StageContext, StageError
+from pipeline.core.ids import hashes64
+from pipeline.core.stage import NOT_OUTPUT, Stage, StageContext, StageError
 from stages.common.textnorm import first_occurrences, normalize_texts, string_buffers, text_keys
 
 _U32 = np.uint32
@@ -70,7 +70,7 @@ class Params(BaseModel):
     prefer: str = Field("shortest", pattern="^(shortest|first|diverse)$",
                         description="which traces survive the cap: shortest, first, or diverse (max-min Jaccard)")
     system_prompt: str | None = None
-    partitions: int | None = Field(None, ge=1, json_schema_extra={"fingerprint": False},
+    partitions: int | None = Field(None, ge=1, json_schema_extra=NOT_OUTPUT,
                                    description="hash partitions of the global steps (default: one per 250k rows)")
 
 
@@ -240,7 +240,7 @@ class Dedupe(Stage):
         shard lists and counts only (see the module docstring of ``stages.dedupe``'s plan)."""
         import ray
 
-        from pipeline.streaming import ordered, parallelism
+        from pipeline.core.streaming import ordered, parallelism
 
         p: Params = self.params
         have = ctx.input_schema("samples").names
@@ -343,7 +343,7 @@ def _read_cols(p: Params, schema_names: list[str], extra: tuple = ()) -> list[st
 
 
 def _scan_piece(storage, piece, cfg: dict, parts: int, names: list[str]):
-    from pipeline.streaming import read_piece
+    from pipeline.core.streaming import read_piece
 
     p = Params.model_validate(cfg)
     table = read_piece(storage, piece, _read_cols(p, names))
@@ -461,7 +461,7 @@ def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list, na
     prompts by first surviving row, each prompt's rows by rank; drops before the cap by row."""
     import ray
 
-    from pipeline.streaming import read_piece
+    from pipeline.core.streaming import read_piece
 
     p = Params.model_validate(cfg)
     storage = specs["sft"].storage
@@ -514,7 +514,7 @@ def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list, na
     reasons: dict[str, int] = {}
     for d in dropped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
-    from pipeline.streaming import node_id
+    from pipeline.core.streaming import node_id
 
     return {"sft": sft.finish(), "dropped": drop_w.finish(), "reasons": reasons, "kept": len(out),
             "rows": table.num_rows, "node": node_id()}

@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field
 
-from pipeline import resources
-from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
+from pipeline.core import resources
+from pipeline.core.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from stages.common.chat import TextRenderer, template_rewrites_reasoning
 from stages.common.training import TrainingStage, TrainResources, run_training
 

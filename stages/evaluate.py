@@ -33,8 +33,9 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import fit, resources
-from pipeline.stage import KEYED_WHEN_SET, Stage, StageContext
+from pipeline.core import resources
+from pipeline.core.stage import KEYED_WHEN_SET, Stage, StageContext
+from pipeline.sizing import fit
 from stages.common.checkers import CHECKER_VERSION, FormatSpec
 from stages.common.engine import BudgetSpec, EngineSpec, SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap

@@ -50,8 +50,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import fit, resources
-from pipeline.stage import KEYED_WHEN_SET, NOT_SAMPLE, Stage, StageContext, StageError, sample_params
+from pipeline.core import resources
+from pipeline.core.stage import KEYED_WHEN_SET, NOT_SAMPLE, Stage, StageContext, StageError, sample_params
+from pipeline.sizing import fit
 from stages.common.checkers import FormatSpec
 from stages.common.engine import GENERATION_FORMAT, NO_FP, EngineSpec, SamplingSpec, open_engines
 from stages.common.verifier import RowChecker

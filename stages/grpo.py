@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
-from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
+from pipeline.core.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from stages.common.checkers import FORMAT_PASSED_REASONS, FormatSpec
 from stages.common.sandbox import CodeSpec
 from stages.common.training import TrainingStage, TrainResources, run_training

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import resources
-from pipeline.stage import KEYED_WHEN_SET, Stage, StageContext
+from pipeline.core import resources
+from pipeline.core.stage import KEYED_WHEN_SET, Stage, StageContext
 from stages.common.checkers import FormatSpec
 from stages.common.engine import EngineSpec, SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap

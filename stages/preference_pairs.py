@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import Stage, StageContext, StageError
+from pipeline.core.stage import Stage, StageContext, StageError
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PAIRS_SCHEMA = pa.schema([

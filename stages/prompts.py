@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import resources
-from pipeline.ids import prompt_id
-from pipeline.stage import Stage, StageContext, StageError
+from pipeline.core import resources
+from pipeline.core.ids import prompt_id
+from pipeline.core.stage import Stage, StageContext, StageError
 
 PROMPTS_SCHEMA = pa.schema(
     [("prompt_id", pa.string()), ("prompt", pa.string()), ("answer", pa.string()),

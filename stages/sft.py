@@ -47,14 +47,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import fit, resources
-from pipeline.stage import KEYED_WHEN_SET, NOT_OUTPUT, Stage, StageContext, StageError
+from pipeline.core.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
+from pipeline.sizing import fit
 from stages.common.chat import TextRenderer, template_rewrites_reasoning
 from stages.common.training import (  # noqa: F401 (the training names tests and benchmarks read from here)
     PEAK_FLOPS,
     SNAPSHOT,
-    TrainResources,
     TrainingStage,
+    TrainResources,
     TrainState,
     count_tokens,
     local_dataset_files,
@@ -63,7 +63,7 @@ from stages.common.training import (  # noqa: F401 (the training names tests and
     state_actor_name,
 )
 
-NO_FP = NOT_OUTPUT  # the params marker "does not change output" (``pipeline.stage``)
+NO_FP = NOT_OUTPUT  # the params marker "does not change output" (``pipeline.core.stage``)
 
 # lm_head: auto takes the model's own forward when one micro-batch's float32 logits fit in this
 FULL_LOGITS_BYTES = 256 * 2**20

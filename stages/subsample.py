@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import Passthrough, Stage, StageContext, StageError
+from pipeline.core.stage import Passthrough, Stage, StageContext, StageError
 
 
 class Params(BaseModel):

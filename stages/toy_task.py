@@ -18,8 +18,8 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.ids import prompt_id
-from pipeline.stage import Stage, StageContext
+from pipeline.core.ids import prompt_id
+from pipeline.core.stage import Stage, StageContext
 
 PROMPT_SCHEMA = pa.schema(
     [

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.ids import hashes64
-from pipeline.stage import NOT_OUTPUT, Passthrough, Stage, StageContext
+from pipeline.core.ids import hashes64
+from pipeline.core.stage import NOT_OUTPUT, Passthrough, Stage, StageContext
 from stages.common.checkers import CHECKER_VERSION, FormatSpec
 from stages.common.sandbox import CodeSpec
 from stages.common.verifier import RowChecker
@@ -58,7 +58,7 @@ class VerifierActor(RowChecker):
     def process(self, piece, spec, fmt: dict, checker: str, code: dict, chunk_size: int) -> dict:
         """Verify one piece of the input where it lies and write its verified rows: what comes
         back is the shard list and counters, never rows."""
-        from pipeline.streaming import iter_piece, node_id
+        from pipeline.core.streaming import iter_piece, node_id
 
         writer = spec.writer(piece)
         reasons: dict[str, int] = {}
@@ -105,7 +105,7 @@ class Verify(Stage):
         counters only."""
         import ray
 
-        from pipeline.streaming import ActorRing
+        from pipeline.core.streaming import ActorRing
 
         p: Params = self.params
         schema = ctx.input_schema("samples")

@@ -172,8 +172,8 @@ stages:
 def run_stages(cfg) -> tuple[dict, "object"]:
     """Run a config (a path or a loaded config) that must succeed; returns (stage records by
     name, the run's Storage)."""
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.core.config import load_config
+    from pipeline.core.runner import Runner
 
     runner = Runner(cfg if hasattr(cfg, "nodes") else load_config(cfg))
     result = runner.run()
@@ -196,7 +196,7 @@ def pid_running(pid: int) -> bool:
 
 
 def process_tree(pid: int) -> set[int]:
-    """pid and all its descendants, from /proc. Walked here, not by ``pipeline.supervise``:
+    """pid and all its descendants, from /proc. Walked here, not by ``pipeline.ops.supervise``:
     the tests that check supervise stops a whole tree need a walk of their own to check with."""
     import os
 
@@ -455,8 +455,8 @@ def run_stage_on_rows(root: Path, stage_cls, params: dict, inputs: dict[str, lis
     ``root``, without a pipeline around it: ``(the StageContext, the stage)``."""
     import pyarrow as pa
 
-    from pipeline.stage import Artifact, StageContext
-    from pipeline.storage import Storage
+    from pipeline.core.stage import Artifact, StageContext
+    from pipeline.store.storage import Storage
 
     st = Storage(str(root))
     arts = {}

@@ -10,7 +10,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import Stage, StageContext
+from pipeline.core.stage import Stage, StageContext
 from stages.dedupe import SFT_SCHEMA
 from stages.evaluate import EVAL_SCHEMA
 from stages.preference_pairs import PAIRS_SCHEMA

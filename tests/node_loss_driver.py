@@ -55,12 +55,11 @@ def _engine_nodes(alive_only: bool = False) -> list[str]:
 
 
 def _run(cluster, workers, cfg_path: str, root: str) -> dict:
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
-    from pipeline.storage import Storage
-
     import os
 
+    from pipeline.core.config import load_config
+    from pipeline.core.runner import Runner
+    from pipeline.store.storage import Storage
     from stages.common import engine
 
     os.environ["DISTILL_KEEP_ENGINES"] = "1"  # the pool outlives the stage, so its re-queue count can be read

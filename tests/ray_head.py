@@ -135,7 +135,7 @@ def cli(args: list[str], env: dict, cwd: Path) -> CliResult:
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.main import app
 
     overrides = {k: None for k in os.environ if k not in env}
     overrides.update(env)

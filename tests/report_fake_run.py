@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import layout
-from pipeline.storage import Storage, now_iso
+from pipeline.store import layout
+from pipeline.store.storage import Storage, now_iso
 
 RUN_ID = "20260101-000000-demo-fake01"
 PREV_RUN = "20251231-000000-toy-teacher-fake00"

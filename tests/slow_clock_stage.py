@@ -10,7 +10,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.stage import Stage, StageContext
+from pipeline.core.stage import Stage, StageContext
 
 SCHEMA = pa.schema([("run_id", pa.string()), ("started", pa.float64()), ("finished", pa.float64())])
 

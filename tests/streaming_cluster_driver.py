@@ -22,7 +22,7 @@ os.environ["DISTILL_PIECE_BYTES"] = "1"  # one row group (one shard here) per pi
 
 
 def _ctx(st, kind, stage_cls, src, out):
-    from pipeline.stage import Artifact, StageContext
+    from pipeline.core.stage import Artifact, StageContext
 
     return StageContext(name=kind, kind=kind, fingerprint="f", run_id="r", storage=st,
                         inputs={"samples": Artifact("dataset", src, st.uri(src), "f0")},
@@ -71,7 +71,7 @@ def main(workdir: str, result_path: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.storage import Storage
+    from pipeline.store.storage import Storage
     from stages.decontaminate import Decontaminate
     from stages.decontaminate import Params as DParams
     from stages.dedupe import Dedupe

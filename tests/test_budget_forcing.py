@@ -7,9 +7,9 @@ writes often, early (the reasoning "ends" before ``min_thinking_tokens``).
 import pytest
 from conftest import generate_config, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store.storage import Storage
 
 # no max_num_seqs (nothing here depends on it): the same engine as test_budget_cap's and the other
 # tiny-model tests', kept across tests (each engine start costs ~30 s)

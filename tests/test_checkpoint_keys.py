@@ -7,11 +7,11 @@ import shutil
 import pytest
 from conftest import generate_config, write_jsonl
 
-import pipeline.stage
-from pipeline import layout
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+import pipeline.core.stage
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store import layout
+from pipeline.store.storage import Storage
 
 # no max_num_seqs (not part of any key, and nothing here depends on it): the same engine as the
 # other tiny-model tests', kept across tests (each engine start costs ~30 s)
@@ -39,8 +39,8 @@ def _parts(st: Storage) -> set[str]:
 
 def _edit_comment_in(module_name: str, monkeypatch) -> None:
     """As if a comment had been edited in ``module_name``: the source every code hash reads."""
-    real = pipeline.stage._source
-    monkeypatch.setattr(pipeline.stage, "_source",
+    real = pipeline.core.stage._source
+    monkeypatch.setattr(pipeline.core.stage, "_source",
                         lambda m: real(m) + ("\n# an edited comment\n" if m.__name__ == module_name else ""))
 
 
@@ -163,7 +163,7 @@ def test_engine_options_key_generate_and_resources_do_not(tiny_model, tmp_path):
         assert keys(**{k: v}) == base, k
     assert keys(**{"engine.replicas": 4, "engine.options": "{quantization: fp8}"}) == quant
 
-    from pipeline.stage import fingerprint_params, sample_params
+    from pipeline.core.stage import fingerprint_params, sample_params
     from stages.common.engine import STOPPING_ONLY, EngineSpec, SamplingSpec
 
     # derived, not hand-listed: every engine field not marked NOT_OUTPUT keys a sample

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import output_rows, run_stages, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
 from stages.answer_only import strip_reasoning
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -161,10 +161,10 @@ def test_compare_ratio_to_a_teacher_scoring_zero_is_null(tmp_path):
 
 
 def test_cli_prints_the_table(tmp_path):
-    from pipeline.cli import _print_manifest, out
+    from pipeline.cli.main import _print_manifest, out
 
     _, storage = run_stages(_config(tmp_path))
-    from pipeline.runner import read_run
+    from pipeline.core.runner import read_run
 
     with out.capture() as cap:
         _print_manifest(read_run(storage, "latest"))

@@ -5,8 +5,8 @@ import pytest
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import ConfigError, load_config
+from pipeline.cli.main import app
+from pipeline.core.config import ConfigError, load_config
 
 
 def _write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:

@@ -14,14 +14,14 @@ from conftest import write_jsonl
 from pydantic import BaseModel, ConfigDict
 from typer.testing import CliRunner
 
-import pipeline.stage
-from pipeline import layout
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.ids import dataset_digest, row_hash_sum
-from pipeline.runner import Runner
-from pipeline.stage import Stage, StageContext
-from pipeline.storage import Storage
+import pipeline.core.stage
+from pipeline.cli.main import app
+from pipeline.core.config import load_config
+from pipeline.core.ids import dataset_digest, row_hash_sum
+from pipeline.core.runner import Runner
+from pipeline.core.stage import Stage, StageContext
+from pipeline.store import layout
+from pipeline.store.storage import Storage
 
 SAMPLES = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("answer", pa.string()),
                      ("completion", pa.string()), ("source", pa.string())])
@@ -100,8 +100,8 @@ def _run(cfg, sets=()):
 
 def _edit_comments_in(names: set[str], monkeypatch) -> None:
     """As if a comment line had been added to each module in ``names``: the source code hashes read."""
-    real = pipeline.stage._source
-    monkeypatch.setattr(pipeline.stage, "_source",
+    real = pipeline.core.stage._source
+    monkeypatch.setattr(pipeline.core.stage, "_source",
                         lambda m: real(m) + ("\n# an added comment\n" if m.__name__ in names else ""))
 
 

@@ -9,10 +9,10 @@ from conftest import write_jsonl
 from pydantic import BaseModel, ConfigDict
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import ConfigError, load_config
-from pipeline.stage import Artifact, Stage, StageContext, StageError, column_problems, type_matches
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.stage import Artifact, Stage, StageContext, StageError, column_problems, type_matches
+from pipeline.store.storage import Storage
 
 
 class _NoParams(BaseModel):
@@ -58,7 +58,7 @@ def no_ray(monkeypatch):
     """Fails the test if anything starts or joins Ray (or the runner gets as far as asking for it)."""
     import ray
 
-    from pipeline.runner import Runner
+    from pipeline.core.runner import Runner
 
     calls = []
 
@@ -190,7 +190,7 @@ def test_every_registered_stage_declares_its_dataset_columns():
     """Every registered stage kind (the ``distill.stages`` entry points, all of them, not a list
     kept here) declares the columns of each dataset it writes (a schema, or a passthrough of an
     input's columns), so the config check before Ray sees every wiring that reads it."""
-    from pipeline import registry
+    from pipeline.core import registry
 
     kinds = registry.kinds()
     assert len(kinds) >= 14 and {"evaluate", "sft", "hard_prompts", "compare", "concat"} <= set(kinds)
@@ -205,7 +205,7 @@ def test_every_registered_stage_declares_its_dataset_columns():
 
 
 def test_stage_records_written_before_dropped_still_read():
-    from pipeline.runner import StageRecord
+    from pipeline.core.runner import StageRecord
 
     old = {"name": "x", "kind": "x", "fingerprint": "f", "run_id": "r", "attempt": "a",
            "outputs": {"o": {"type": "dataset", "path": "/p", "uri": "/p"}}, "rows": {"o": 1},

@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import Storage
+from pipeline.store.storage import Storage
 
 ROWS = 23
 

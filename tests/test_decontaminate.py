@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import SHARED_DATA, output_rows, prompts_then, run_stages, write_jsonl
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 TRAIN = [{"prompt": "What is the capital of the small country that lies between France and Spain?", "answer": "x"},

@@ -2,7 +2,6 @@
 import pytest
 from conftest import output_rows, prompts_then, run_dedupe_stage, run_stages
 
-
 TRACE = ("<think> First we add the two numbers of apples that Janet has in her basket, which gives twelve, "
          "then we subtract the three she gave to her neighbour on Monday morning, leaving nine apples, "
          "and finally we double it because her sister brings the same amount again </think> \\boxed{18}")

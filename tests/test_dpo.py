@@ -4,9 +4,9 @@ it trains and records the truncation figures and the reward curves."""
 import pytest
 from conftest import REPO, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store.storage import Storage
 
 
 def _pairs(n: int) -> list[dict]:

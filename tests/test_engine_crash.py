@@ -8,9 +8,9 @@ import pytest
 import ray
 from conftest import generate_config, process_tree, still_running, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store.storage import Storage
 from stages.common import engine
 
 N_PROMPTS, N = 40, 2

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import estimate, fit, layout
-from pipeline.cli import app
-from pipeline.config import ConfigError, load_config
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.core.config import ConfigError, load_config
+from pipeline.sizing import estimate, fit
+from pipeline.store import layout
+from pipeline.store.storage import Storage
 from tests.hub_cache import CONFIGS
 
 QWEN_05 = fit.arch(CONFIGS["Qwen/Qwen2.5-0.5B-Instruct"])

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 from conftest import write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.stage import StageError
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.core.stage import StageError
 from stages.evaluate import refuse_overlap
 
 TRAIN = [

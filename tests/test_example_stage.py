@@ -8,9 +8,9 @@ import pytest
 from conftest import REPO, write_jsonl
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import ConfigError, load_config
-from pipeline.runner import Runner
+from pipeline.cli.main import app
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.runner import Runner
 
 DOC = (REPO / "stages" / "README.md").read_text()
 
@@ -35,6 +35,8 @@ def example(tmp_path, monkeypatch):
 
 
 def test_readme_filter_stage_runs_and_reports_its_drops(ray_local, example):
+    code = _block("python").strip().splitlines()
+    assert len(code) <= 25 and any(line.startswith("class LengthFilter(FilterStage)") for line in code)
     result = Runner(load_config(example)).run()
     assert result.ok, result.error
     stage = {s["name"]: s for s in result.manifest["stages"]}["length_filter"]

@@ -3,8 +3,8 @@ overlap with the held-out set) and feeds the next round's generate; concat joins
 import pytest
 from conftest import output_rows, run_stages, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
 
 POOL = [{"prompt": f"Compute {i} + {i + 3} - 1.", "answer": str(2 * i + 2)} for i in range(6)]
 HELDOUT = [{"prompt": "Compute 40 + 2.", "answer": "42"}, {"prompt": "Compute 7 + 9.", "answer": "16"}]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fit
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
+from pipeline.sizing import fit
 from tests.hub_cache import CONFIGS, lay_out
 
 # (parameters, non-embedding parameters), in billions, as the model cards state them:

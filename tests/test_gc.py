@@ -7,10 +7,10 @@ import pytest
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store.storage import Storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -73,12 +73,12 @@ def test_gc(ray_local, root, tmp_path):
 
 def test_gc_deletes_only_garbage_beside_live_checkpoints_and_attempts(ray_local, tmp_path):
     """A root with committed datasets, live generation checkpoints, an attempt in progress
-    and true garbage: gc (paths from pipeline.layout, as the runner writes them) deletes the
+    and true garbage: gc (paths from pipeline.store.layout, as the runner writes them) deletes the
     garbage and nothing else."""
     import os
     import time
 
-    from pipeline import layout
+    from pipeline.store import layout
 
     root = str(tmp_path / "root")
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": f"q{i}", "answer": "1"} for i in range(5)])
@@ -139,9 +139,9 @@ def test_gc_keeps_training_checkpoints_until_the_stage_is_done(tmp_path):
     """A training run's checkpoints (Ray Train, under the stage's checkpoint root) are kept while
     the stage has no record, whatever their age: a rerun resumes from them. Once the stage is
     done they are garbage like any other unreferenced file."""
-    from pipeline import layout
-    from pipeline.gc import collect
-    from pipeline.storage import STAGE_RECORD
+    from pipeline.store import layout
+    from pipeline.store.gc import collect
+    from pipeline.store.storage import STAGE_RECORD
 
     st = Storage(str(tmp_path / "root"))
     live = layout.checkpoint_root(st, "sft", "aaa") + "/train-aaa"

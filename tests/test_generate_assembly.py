@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 import stages.generate as gen
-from pipeline.stage import StageContext
-from pipeline.storage import Storage
+from pipeline.core.stage import StageContext
+from pipeline.store.storage import Storage
 
 
 def _sample(pid: str, i: int, rng: random.Random, tag: str) -> dict:

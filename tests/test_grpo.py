@@ -91,8 +91,8 @@ def test_grpo_trains_on_the_solver_then_a_killed_driver_resumes(ray_local, solve
 
     from conftest import REPO, ProcessWatch, kill_tree, run_stages
 
-    from pipeline import layout
-    from pipeline.storage import Storage
+    from pipeline.store import layout
+    from pipeline.store.storage import Storage
     from stages.common.training import registered_checkpoint_step
 
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import hub, resources
-from pipeline.config import ConfigError, load_config
-from pipeline.runner import Runner
+from pipeline.core import resources
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.runner import Runner
+from pipeline.sizing import hub
 from tests.hub_cache import CONFIGS, fake_sha, lay_out
 
 REPO = "Qwen/Qwen2.5-0.5B-Instruct"

@@ -9,10 +9,10 @@ from conftest import generate_config, write_jsonl
 from typer.testing import CliRunner
 
 import stages.generate as generate_module
-from pipeline.cli import app
-from pipeline.ids import prompt_id
-from pipeline.schedule import Schedule, add_schedule, execute_in_process, run_slot
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.core.ids import prompt_id
+from pipeline.ops.schedule import Schedule, add_schedule, execute_in_process, run_slot
+from pipeline.store.storage import Storage
 
 N = 2
 

@@ -87,7 +87,8 @@ def test_manifests_validate_against_kubernetes_and_our_kuberay_subset_schema():
     assert cmd[:4] == ["distill", "schedule", "run-now", "nightly"]
     # the command is one the CLI accepts
     from typer.testing import CliRunner
-    from pipeline.cli import app
+
+    from pipeline.cli.main import app
     res = CliRunner().invoke(app, [*cmd[1:4], "--help"])
     assert res.exit_code == 0 and all(opt in res.output for opt in cmd[4:] if opt.startswith("--"))
 
@@ -165,7 +166,7 @@ def parse_cli(args: list[str]) -> tuple[str, dict]:
     (of the click that typer uses)."""
     import typer
 
-    from pipeline.cli import app
+    from pipeline.cli.main import app
 
     cmd = typer.main.get_command(app)
     ctx = cmd.make_context("distill", list(args), resilient_parsing=False)

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.store.storage import Storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -99,8 +99,8 @@ def test_show_funnel_from_a_pipeline(ray_local, root, tmp_path):
     and reasons, and they match the committed datasets."""
     from conftest import write_jsonl
 
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.core.config import load_config
+    from pipeline.core.runner import Runner
 
     rows = [{"prompt": f"Apples question {i}?", "trace": f"<think> {i} apples </think> \\boxed{{{i}}}", "source": "s"}
             for i in range(6)]
@@ -207,7 +207,7 @@ def test_show_reads_manifests_and_records_written_before_the_dropped_key(tmp_pat
     """Datasets and stage records in the old shapes (per-stage names: stats.quarantined,
     stats.removed, stats.reasons; metrics quarantine_reasons, dropped_reasons,
     removed_by_eval_set) are shown in the one shape {kind: {reason: count}}."""
-    from pipeline.storage import STAGE_RECORD
+    from pipeline.store.storage import STAGE_RECORD
 
     st = Storage(str(tmp_path / "root"))
 

@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-
 from ray_head import cli, cli_process, client_env
 
 TOY = """
@@ -195,7 +194,8 @@ def test_submit_refuses_configs_that_cannot_work_on_a_cluster(head, project, tmp
 def test_shipped_smoke_config_builds_a_job(monkeypatch):
     """configs/smoke.yaml (the README's example) as a job from the project root: no cluster needed."""
     from conftest import REPO
-    from pipeline.jobs import Address, ConfigProblem, prepare
+
+    from pipeline.ops.jobs import Address, ConfigProblem, prepare
 
     monkeypatch.chdir(REPO)
     addr = Address("http://127.0.0.1:9", "--address")

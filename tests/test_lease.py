@@ -11,15 +11,15 @@ import time
 import pytest
 from conftest import REPO
 
-from pipeline import layout
-from pipeline.lease import LeaseHeld, LeaseLost, SlotTaken, acquire, is_live, read_lease
-from pipeline.storage import Storage
+from pipeline.store import layout
+from pipeline.store.lease import LeaseHeld, LeaseLost, SlotTaken, acquire, is_live, read_lease
+from pipeline.store.storage import Storage
 
 # Each contender says it is ready, waits for "go" on stdin, then tries to take the lease once.
 RACER = """
 import json, sys
-from pipeline.lease import LeaseError, acquire
-from pipeline.storage import Storage
+from pipeline.store.lease import LeaseError, acquire
+from pipeline.store.storage import Storage
 root, name, run_id, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 st = Storage(root)
 st.exists(st.root)  # the S3 client is set up before the start
@@ -132,7 +132,7 @@ def test_a_slot_runs_once(root):
 def test_local_overwrite_compares_the_etag(tmp_path):
     """The local compare-and-swap refuses a write based on a version that is no longer there,
     even when the lease looks free to the writer."""
-    from pipeline.lease import ConditionFailed, _LocalBackend
+    from pipeline.store.lease import ConditionFailed, _LocalBackend
 
     st = Storage(str(tmp_path / "root"))
     acquire(st, "s", "run-1", ttl=30).release()
@@ -152,7 +152,7 @@ def test_a_skewed_clock_cannot_take_a_live_lease(root, monkeypatch, skew):
     """Liveness is the store's age of the lease against its ttl, never a wall clock: a holder
     whose clock runs 60 s ahead or behind neither takes a live lease nor writes one that others
     see as expired."""
-    import pipeline.lease as lease_mod
+    import pipeline.store.lease as lease_mod
 
     st = Storage(root)
     real = lease_mod._now

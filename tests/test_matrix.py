@@ -6,9 +6,9 @@ import pytest
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import ConfigError, load_config, parse_variant, variant_name
-from pipeline.runner import Runner
+from pipeline.cli.main import app
+from pipeline.core.config import ConfigError, load_config, parse_variant, variant_name
+from pipeline.core.runner import Runner
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def test_unknown_kind_of_an_expanded_stage_is_reported_once(tmp_path, src):
 
 
 def test_plan_text_shows_variant_names_not_markup(tmp_path, src, monkeypatch):
-    from pipeline.cli import out
+    from pipeline.cli.main import out
 
     monkeypatch.setattr(out, "width", 250)
     path = _write(tmp_path, _body(src))

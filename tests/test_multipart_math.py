@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from stages.common.checkers import (FormatSpec, answer_parts, check_sample, compare_answers, gold_answer,
-                                    gold_parts)
+from stages.common.checkers import FormatSpec, answer_parts, check_sample, compare_answers, gold_answer, gold_parts
 from stages.common.verifier import VerifierPool
 
 FMT = FormatSpec()

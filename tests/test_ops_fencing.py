@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from pipeline import layout
-from pipeline.config import load_config
-from pipeline.lease import acquire
-from pipeline.runner import Runner
-from pipeline.schedule import Schedule, add_schedule, read_history
-from pipeline.storage import Storage
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.ops.schedule import Schedule, add_schedule, read_history
+from pipeline.store import layout
+from pipeline.store.lease import acquire
+from pipeline.store.storage import Storage
 
 
 def _run(cfg, run_id: str, root: str, epoch: int, monkeypatch) -> None:

@@ -18,8 +18,8 @@ import time
 from conftest import REPO
 from ray_head import BIN, client_env
 
-from pipeline.schedule import read_history, runs_of
-from pipeline.storage import Storage
+from pipeline.ops.schedule import read_history, runs_of
+from pipeline.store.storage import Storage
 
 TTL = 8.0
 HANG_GUARD_S = 240

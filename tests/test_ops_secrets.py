@@ -49,7 +49,7 @@ def _leaks(text: str) -> list[str]:
 
 
 def test_redact_covers_every_form(tmp_path, monkeypatch):
-    from pipeline.secrets import redact, secret_values
+    from pipeline.store.secrets import redact, secret_values
 
     home = _home(tmp_path)
     for k in list(os.environ):
@@ -96,7 +96,7 @@ def test_cli_errors_never_show_a_url_password(tmp_path):
 
 
 def test_shipped_working_dir_leaves_keys_out_by_name_and_content(tmp_path, monkeypatch):
-    from pipeline.jobs import Address, prepare
+    from pipeline.ops.jobs import Address, prepare
 
     home = _home(tmp_path)
     monkeypatch.setenv("HOME", str(home))
@@ -119,8 +119,9 @@ def test_shipped_working_dir_leaves_keys_out_by_name_and_content(tmp_path, monke
     assert "code.py" not in json.dumps(sub.runtime_env["excludes"])
 
     # what Ray would pack: its own packaging of the working dir with these excludes
-    from ray._private.runtime_env.packaging import create_package
     import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
 
     pkg = tmp_path / "pkg.zip"
     create_package(str(proj), pkg, include_gitignore=True, excludes=sub.runtime_env["excludes"])
@@ -137,7 +138,7 @@ import os
 from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel
-from pipeline.stage import Stage
+from pipeline.core.stage import Stage
 
 class P(BaseModel):
     pass

@@ -13,9 +13,9 @@ import pytest
 import s3fs
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.doctor import StoreUnsafe, check_store, require_safe_store
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.ops.doctor import StoreUnsafe, check_store, require_safe_store
+from pipeline.store.storage import Storage
 
 
 class IgnoresIfNoneMatchS3Double(s3fs.S3FileSystem):
@@ -60,7 +60,7 @@ def test_doctor_fails_on_a_store_that_ignores_a_condition(tmp_path, moto_s3_buck
 def test_a_412_is_known_by_its_error_code_not_its_text():
     from botocore.exceptions import ClientError
 
-    from pipeline.storage import s3_error_code
+    from pipeline.store.storage import s3_error_code
 
     refused = ClientError({"Error": {"Code": "PreconditionFailed", "Message": "At least one of the pre-conditions"},
                            "ResponseMetadata": {"HTTPStatusCode": 412}}, "PutObject")
@@ -72,8 +72,8 @@ def test_a_412_is_known_by_its_error_code_not_its_text():
 
 
 def test_schedule_json_is_validated_on_load(tmp_path, caplog):
-    from pipeline import layout
-    from pipeline.schedule import Schedule, ScheduleError, add_schedule, get_schedule, list_schedules
+    from pipeline.ops.schedule import Schedule, ScheduleError, add_schedule, get_schedule, list_schedules
+    from pipeline.store import layout
 
     st = Storage(str(tmp_path / "root"))
     add_schedule(st, Schedule("good", "0 3 * * *", "c.yaml"))
@@ -102,7 +102,7 @@ def test_schedule_json_is_validated_on_load(tmp_path, caplog):
 def test_schedules_store_the_config_relative_to_the_working_dir(tmp_path, monkeypatch):
     """`schedule add` stores the config relative to the working directory; a machine without
     that directory (a CronJob pod whose image holds the tree elsewhere) runs from its own."""
-    from pipeline.schedule import get_schedule, run_dir
+    from pipeline.ops.schedule import get_schedule, run_dir
 
     proj = tmp_path / "proj"
     (proj / "configs").mkdir(parents=True)

@@ -18,9 +18,9 @@ import time
 import pytest
 from conftest import REPO, process_tree, still_running
 
-from pipeline.lease import read_lease
-from pipeline.schedule import read_history, runs_of
-from pipeline.storage import Storage
+from pipeline.ops.schedule import read_history, runs_of
+from pipeline.store.lease import read_lease
+from pipeline.store.storage import Storage
 
 # scheduled jobs that start and lose Ray clusters of their own: Ray bounds a node's start at a fixed 30 s, and a
 # second shard's load beside it can pass that; tools/run_tests.py runs this file alone
@@ -78,7 +78,7 @@ def _add_schedule(cfg) -> None:
     child Python start-up (~1-2 s here) buys nothing."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.main import app
 
     r = CliRunner().invoke(app, ["schedule", "add", "n", "--cron", "0 3 * * *", "--config", str(cfg),
                                  "--lease-ttl", str(TTL)])
@@ -126,8 +126,8 @@ def test_a_killed_holders_job_goes_too_and_the_next_runs_once(tmp_path):
 def test_a_real_job_is_stopped_when_its_lease_is_taken_over(tmp_path):
     """The lease_lost path with a real job (not a fake executor): the holder's renewal fails, it
     stops the job, and the job's tree, Ray included, is gone."""
-    from pipeline import layout
-    from pipeline.lease import _encode, conditional_store
+    from pipeline.store import layout
+    from pipeline.store.lease import _encode, conditional_store
 
     root = str(tmp_path / "root")
     cfg = tmp_path / "slow.yaml"
@@ -162,8 +162,8 @@ def _fake_job(calls: list):
 def test_a_holder_that_cannot_renew_fences_itself(tmp_path, monkeypatch):
     """Renewals fail (the store is unreachable, the lease not lost): the holder stops its job
     before ttl - margin, records self_fenced, and its lease is never taken while the job runs."""
-    from pipeline.lease import Lease
-    from pipeline.schedule import Schedule, add_schedule, run_slot
+    from pipeline.ops.schedule import Schedule, add_schedule, run_slot
+    from pipeline.store.lease import Lease
 
     st = Storage(str(tmp_path / "root"))
     sched = add_schedule(st, Schedule("s", "0 3 * * *", "cfg.yaml", lease_ttl_s=1.5))
@@ -182,7 +182,7 @@ def test_a_holder_that_cannot_renew_fences_itself(tmp_path, monkeypatch):
 
 
 def test_a_run_past_its_maximum_time_is_stopped(tmp_path):
-    from pipeline.schedule import Schedule, add_schedule, run_slot
+    from pipeline.ops.schedule import Schedule, add_schedule, run_slot
 
     st = Storage(str(tmp_path / "root"))
     sched = add_schedule(st, Schedule("s", "0 3 * * *", "cfg.yaml", max_run_s=1.0))

@@ -8,10 +8,10 @@ import pytest
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store.storage import Storage
 
 N = 2
 PROMPTS = [{"q": f"Compute {i} + {i + 3}.", "a": str(2 * i + 3)} for i in range(1, 7)]

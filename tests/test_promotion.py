@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from pipeline import layout
-from pipeline.storage import Storage
+from pipeline.store import layout
+from pipeline.store.storage import Storage
 from stages.common.promotion import decide, promote, read_best
 
 

@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import output_rows, run_stages, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner, read_run
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner, read_run
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
     # the latest pointer names the newest version, and the inspection CLI follows it
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.main import app
 
     pointer = st.read_json(st.path("latest", "prompts-only", "prompts.prompts"))
     assert pointer["uri"] == third.manifest["stages"][0]["output"]["prompts"]

@@ -9,9 +9,9 @@ import pytest
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from pipeline import layout
-from pipeline.cli import app
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.store import layout
+from pipeline.store.storage import Storage
 from stages.common.promotion import read_best
 
 N, CAPS = 2, [4, 8]

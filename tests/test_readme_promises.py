@@ -10,9 +10,9 @@ import sys
 from conftest import REPO, ProcessWatch, generate_config, run_stages, write_jsonl
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.runner import Runner
+from pipeline.cli.main import app
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
 
 RAY_PROCESSES = ("raylet", "gcs_server", "default_worker.py", "ray::")
 

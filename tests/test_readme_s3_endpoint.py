@@ -8,8 +8,8 @@ import pytest
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.storage import Storage
+from pipeline.cli.main import app
+from pipeline.store.storage import Storage
 
 
 @pytest.mark.s3

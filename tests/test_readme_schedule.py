@@ -6,8 +6,8 @@ import json
 
 from ray_head import cli_process, client_env
 
-from pipeline.schedule import read_history, runs_of
-from pipeline.storage import Storage
+from pipeline.ops.schedule import read_history, runs_of
+from pipeline.store.storage import Storage
 
 
 def _event(stdout: str) -> dict:

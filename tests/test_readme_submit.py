@@ -9,8 +9,8 @@ import zipfile
 
 from typer.testing import CliRunner
 
-import pipeline.jobs_cli as jobs_cli
-from pipeline.cli import app
+import pipeline.cli.jobs as jobs_cli
+from pipeline.cli.main import app
 
 
 def test_submit_working_dir_python_and_what_is_shipped(tmp_path, monkeypatch):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import hub
-from pipeline.cli import app
-from pipeline.config import ConfigError, load_config
-from pipeline.runner import Runner
+from pipeline.cli.main import app
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.runner import Runner
+from pipeline.sizing import hub
 from tests.hub_cache import lay_out_recipes
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"

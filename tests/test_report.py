@@ -15,12 +15,12 @@ from conftest import write_jsonl
 from report_fake_run import fake_demo_run
 from typer.testing import CliRunner
 
-from pipeline import layout
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.inspect_datasets import read_dropped
-from pipeline.report import ReportError, build, load_run
-from pipeline.runner import Runner
+from pipeline.cli.main import app
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store import layout
+from pipeline.views.inspect_datasets import read_dropped
+from pipeline.views.report import ReportError, build, load_run
 
 N = 4
 TRAIN = [{"q": f"Compute {i} + {i + 3}.", "a": str(2 * i + 3)} for i in range(1, 7)]
@@ -294,7 +294,7 @@ def test_datasets_ls_fits_80_columns(tmp_path, monkeypatch):
     listed = json.loads(runner.invoke(app, ["datasets", "ls", st.root_uri, "--json"]).output)
     assert len(listed) == 9 and all({"uri", "created", "run", "bytes"} <= set(d) for d in listed)
 
-    from pipeline import cli
+    from pipeline.cli import main as cli
 
     monkeypatch.setattr(cli.out, "_width", 80)  # an 80-column terminal
     short = runner.invoke(app, ["datasets", "ls", st.root_uri])

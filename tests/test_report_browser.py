@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from report_fake_run import fake_demo_run
 
-from pipeline.report import build
+from pipeline.views.report import build
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "

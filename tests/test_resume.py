@@ -9,9 +9,9 @@ import time
 import pytest
 from conftest import REPO, ProcessWatch, generate_config, output_rows, run_stages, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store.storage import Storage
 
 N_PROMPTS, N = 24, 2
 

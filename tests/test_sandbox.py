@@ -13,7 +13,6 @@ import shutil
 import socket
 import tempfile
 import textwrap
-import time
 import uuid
 
 import pytest

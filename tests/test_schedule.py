@@ -13,9 +13,9 @@ from datetime import datetime
 import pytest
 from conftest import REPO
 
-from pipeline.lease import acquire, read_lease
-from pipeline.schedule import Schedule, Scheduler, add_schedule, read_history, run_due, run_slot, runs_of
-from pipeline.storage import Storage
+from pipeline.ops.schedule import Schedule, Scheduler, add_schedule, read_history, run_due, run_slot, runs_of
+from pipeline.store.lease import acquire, read_lease
+from pipeline.store.storage import Storage
 
 # schedulers whose jobs start Ray clusters of their own: Ray bounds a node's start at a fixed 30 s, and a
 # second shard's load beside it can pass that; tools/run_tests.py runs this file alone
@@ -45,7 +45,7 @@ def _cli_here(*args, check=True) -> subprocess.CompletedProcess:
     exit code, stdout and stderr as ``_cli``'s child, without a Python start-up each (~1-2 s here)."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.main import app
 
     r = CliRunner().invoke(app, [str(a) for a in args])
     p = subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
@@ -220,8 +220,8 @@ def test_lost_lease_stops_the_job_with_a_fake_executor(tmp_path):
             if state and state[0]["run_id"] != "thief":
                 break
         # take it over with a forged expired state: the holder's next renewal must fail
-        from pipeline.lease import conditional_store, _encode
-        from pipeline import layout
+        from pipeline.store import layout
+        from pipeline.store.lease import _encode, conditional_store
         conditional_store(st).replace(layout.lease(st, "s"), _encode({**state[0], "run_id": "thief"}), state[1])
 
     t = threading.Thread(target=thief)

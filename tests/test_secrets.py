@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ray_head import FAKE_SECRETS as FAKE
 from ray_head import cli, client_env
 
@@ -146,7 +145,7 @@ def test_submit_refuses_a_secret_in_the_job_and_never_echoes_it(tmp_path):
 
 
 def test_job_payload_and_secret_sources(tmp_path, monkeypatch):
-    from pipeline.jobs import Address, check_no_secrets, prepare, redact, secret_values
+    from pipeline.ops.jobs import Address, check_no_secrets, prepare, redact, secret_values
 
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
@@ -182,8 +181,8 @@ def test_run_config_errors_never_echo_a_secret(tmp_path, monkeypatch):
     """`distill run` (what a job runs) echoes a bad config value, but never a secret's."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
-    from pipeline.secrets import secret_values
+    from pipeline.cli.main import app
+    from pipeline.store.secrets import secret_values
 
     for k, v in FAKE.items():
         monkeypatch.setenv(k, v)

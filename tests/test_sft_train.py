@@ -12,9 +12,9 @@ import time
 import pytest
 from conftest import REPO, ProcessWatch, run_stages
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
-from pipeline.storage import Storage
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
+from pipeline.store.storage import Storage
 
 LOSS_RTOL = 1e-3  # 1 vs 2 workers: same data order and global batch; only float summation order differs
 

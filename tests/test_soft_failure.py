@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import R1_LIKE_TEMPLATE, write_jsonl
 
-from pipeline.config import load_config
-from pipeline.runner import Runner
+from pipeline.core.config import load_config
+from pipeline.core.runner import Runner
 
 
 @pytest.mark.engine

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.storage import AlreadyCommitted, Storage, StorageError, redact_uri
+from pipeline.store.storage import AlreadyCommitted, Storage, StorageError, redact_uri
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -63,7 +63,7 @@ def test_failed_writer_publishes_nothing(storage):
     nothing is published: no manifest, no reader and no listing sees them."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.main import app
 
     path = storage.path("ds")
     w = storage.dataset_writer(path, rows_per_shard=2)
@@ -179,7 +179,7 @@ def test_redact_uri():
 _KILLED_WRITER = r"""
 import os, sys, time
 import pyarrow as pa
-from pipeline.storage import Storage
+from pipeline.store.storage import Storage
 
 root, path, marker = sys.argv[1:4]
 st = Storage(root)
@@ -223,7 +223,7 @@ def test_killed_writer_leaves_nothing_visible(storage, tmp_path):
     import boto3
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.main import app
 
     root = Path(__file__).resolve().parents[1]
     other = storage.path("cache", "prompts", "f1", "a1", "prompts")  # a committed stage output beside it

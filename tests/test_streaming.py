@@ -135,8 +135,8 @@ def test_streaming_dedupe_keeps_the_rows_of_the_in_memory_form(ray_local, tmp_pa
 
 
 def test_pieces_cover_every_row_once(tmp_path, monkeypatch):
-    from pipeline.storage import Storage
-    from pipeline.streaming import plan_pieces, read_piece
+    from pipeline.core.streaming import plan_pieces, read_piece
+    from pipeline.store.storage import Storage
 
     st = Storage(str(tmp_path / "root"))
     path = st.path("d")
@@ -223,8 +223,8 @@ def test_sft_workers_read_the_data_memory_mapped(tmp_path):
     the same prompt/completion rows, in the same order, as the list the trainer used to get."""
     from datasets import Dataset
 
-    from pipeline.stage import StageError
-    from pipeline.storage import Storage
+    from pipeline.core.stage import StageError
+    from pipeline.store.storage import Storage
     from stages.dedupe import SFT_SCHEMA
     from stages.sft import local_dataset_files, to_prompt_completion, training_dataset
 

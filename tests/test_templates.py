@@ -12,9 +12,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import output_rows, run_stages, write_jsonl
-
 from conftest import R1_LIKE_TEMPLATE as R1_LIKE
+from conftest import output_rows, run_stages, write_jsonl
 
 
 def _with_template(model_dir: str, template: str) -> str:
@@ -43,7 +42,7 @@ def test_prefilled_think_generates_verifies_and_trains_with_its_reasoning(solver
                                                                           tmp_path):
     from transformers import AutoTokenizer
 
-    from pipeline.resources import localize_model
+    from pipeline.core.resources import localize_model
     from stages.sft import Params, build_trainer, training_dataset
 
     rows = solver_eval_rows[:16]

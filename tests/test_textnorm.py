@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.ids import normalize_text
+from pipeline.core.ids import normalize_text
 from stages.common.textnorm import first_occurrences, normalize_texts, text_keys
 
 # every character str.isspace() calls whitespace, control characters that are not, cased

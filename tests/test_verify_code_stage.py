@@ -9,7 +9,7 @@ import pytest
 from conftest import output_rows, run_stages, write_jsonl
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.stage import Stage, StageContext
+from pipeline.core.stage import Stage, StageContext
 from stages.common import sandbox as sb
 
 

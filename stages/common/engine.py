@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import NOT_OUTPUT, NOT_SAMPLE
+from pipeline.core.stage import NOT_OUTPUT, NOT_SAMPLE
 
-NO_FP = NOT_OUTPUT  # the params marker "does not change output" (``pipeline.stage``)
+NO_FP = NOT_OUTPUT  # the params marker "does not change output" (``pipeline.core.stage``)
 
 # The version of what a generation request returns for given (model, prompt, sampling):
 # bump it by hand when a change here alters rows (seeding, prompt building, budget forcing,
@@ -173,8 +173,9 @@ class EngineActor:
                 os.setpriority(os.PRIO_PROCESS, 0, nice)
             except OSError:  # lowering it needs CAP_SYS_NICE; then the engine keeps Ray's
                 pass
-        from pipeline.resources import localize_model
         from vllm import LLM
+
+        from pipeline.core.resources import localize_model
 
         self.model_path = localize_model(model_uri)
         self.llm = LLM(model=self.model_path, **llm_kwargs)
@@ -555,8 +556,8 @@ def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = N
     stages and runs in this process; ``shutdown_kept()`` stops them."""
     if os.environ.get("DISTILL_KEEP_ENGINES") != "1":
         return EnginePool(model_uri, spec, chat_template, system_prompt, chat_template_kwargs)
-    from pipeline.ids import fingerprint
-    from pipeline.resources import model_fingerprint
+    from pipeline.core.ids import fingerprint
+    from pipeline.core.resources import model_fingerprint
 
     # the client's own settings (commit unit, window) do not need another engine
     engine = spec.model_dump(mode="json", exclude=set(CLIENT_SETTINGS))

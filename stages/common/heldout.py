@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-from pipeline.stage import StageError
+from pipeline.core.stage import StageError
 from stages.common.ngrams import ngrams, row_text
 
 

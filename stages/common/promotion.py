@@ -1,6 +1,6 @@
 """The promotion gate (used by the evaluate stage): one ``best`` student per pipeline, replaced only by a clearly better one.
 
-``best/<name>.json`` (see :mod:`pipeline.layout`) holds the promoted student: its model URI,
+``best/<name>.json`` (see :mod:`pipeline.store.layout`) holds the promoted student: its model URI,
 its score and its per-prompt scores on the held-out set. A candidate replaces it only if its
 mean per-prompt difference from ``best`` (paired over the prompts both were scored on)
 exceeds ``z`` (default 2) paired standard errors; the first candidate of a pipeline is
@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import time
 
-from pipeline import layout
-from pipeline.lease import conditional_store, ConditionFailed, current_fence
-from pipeline.storage import Storage, now_iso
+from pipeline.store import layout
+from pipeline.store.lease import ConditionFailed, conditional_store, current_fence
+from pipeline.store.storage import Storage, now_iso
 from stages.common.metrics import paired_difference
 
 

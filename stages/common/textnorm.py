@@ -3,7 +3,7 @@
 Normalisation: runs of whitespace (exactly Python's ``str.isspace`` set) become one
 space, leading and trailing whitespace goes, and every code point is lower-cased on
 its own (``chr(c).lower()``, so U+0130 becomes ``"i\\u0307"``). That is
-``pipeline.ids.normalize_text(s).lower()`` except Python's context-dependent final
+``pipeline.core.ids.normalize_text(s).lower()`` except Python's context-dependent final
 sigma (``"ΟΔΟΣ".lower()`` ends in ``ς``; here every ``Σ`` becomes ``σ``). Bytes that are
 not valid UTF-8 pass through unchanged.
 

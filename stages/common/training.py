@@ -15,13 +15,13 @@ import shutil
 import tempfile
 import threading
 import time
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from typing import ClassVar
-
-from pipeline import layout, resources
-from pipeline.stage import NOT_OUTPUT, Stage, StageContext, StageError
+from pipeline.core import resources
+from pipeline.core.stage import NOT_OUTPUT, Stage, StageContext, StageError
+from pipeline.store import layout
 
 
 class TrainResources(BaseModel):
@@ -257,7 +257,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from pipeline import resources
+    from pipeline.core import resources
 
     params = config["params"]
     storage = config["storage"]

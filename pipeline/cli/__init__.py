@@ -1,0 +1,1 @@
+"""The ``distill`` command line: ``main`` builds one Typer app; each command group has its module."""

@@ -1,0 +1,1 @@
+"""The read side: dataset inspection (funnels, heads, diffs) and the run report."""
