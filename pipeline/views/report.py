@@ -27,7 +27,6 @@ a missing or corrupt manifest is a :class:`ReportError` naming the file.
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -681,28 +680,8 @@ def _fig_timings(perf: dict, folder: Path) -> str:
 
 
 # -- HTML ---------------------------------------------------------------------------------------
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#212121;background:#fafafa}
-main{max-width:1100px;margin:0 auto;padding:1rem 1.5rem 3rem}
-h1{font-size:1.5rem;margin:.5rem 0}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-h3{font-size:1rem;margin:1.2rem 0 .4rem}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem;background:#fff}
-th,td{border:1px solid #e0e0e0;padding:.25rem .5rem;text-align:left;vertical-align:top}
-td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-code,.mono{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:.8rem}
-img{max-width:100%;height:auto;display:block;margin:.5rem 0;background:#fff}
-nav a{margin-right:.8rem}.muted{color:#757575}
-.s-done{color:#2e7d32}.s-cached{color:#1565c0}.s-failed{color:#c62828}.s-skipped{color:#9e9e9e}
-details{margin:.3rem 0}summary{cursor:pointer}
-pre{white-space:pre-wrap;word-break:break-word;background:#f5f5f5;padding:.4rem;margin:.2rem 0;font-size:.78rem}
-.box{background:#fff;border:1px solid #e0e0e0;padding:.6rem .8rem;margin:.5rem 0}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape("" if x is None else str(x))
-
+# The page is templates/report.html.j2 (Jinja2, autoescaped) with templates/report.css inlined;
+# below, what the tables show, as plain text.
 
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
@@ -717,179 +696,61 @@ def _fmt(x: Any, digits: int = 3) -> str:
         return f"{x:,.{digits}f}"
     if isinstance(x, (list, tuple)) and all(isinstance(v, (int, float)) for v in x):
         return "[" + ", ".join(_fmt(v, digits) for v in x) + "]"
-    return html.escape(str(x))
+    return str(x)
 
 
-def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f'<th class="n">{_e(h)}</th>' if i in numeric else f"<th>{_e(h)}</th>" for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>"
-                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _pairs(counts: dict) -> str:
+    return ", ".join(f"{k}={v:,}" for k, v in counts.items()) or "–"
 
 
-def _img(src: str | None, alt: str) -> str:
-    return f'<img src="{_e(src)}" alt="{_e(alt)}">' if src else ""
+def _with_se(x: Any, se: Any) -> str:
+    return _fmt(x) + (f" ± {_fmt(se)}" if se is not None and x is not None else "")
 
 
-def _html_summary(d: dict) -> str:
-    s = d["summary"]
-    rows = [["pipeline", _e(s["pipeline"])], ["run id", f"<code>{_e(s['run_id'])}</code>"],
-            ["status", f'<span class="s-{_e(s["status"])}">{_e(s["status"])}</span>'],
-            ["config", _e(s["config_file"])], ["config hash", f"<code>{_e(s['config_hash'] or '–')}</code>"],
-            ["started", _e(s["started"])], ["finished", _e(s["finished"])],
-            ["total time", f"{_fmt(s['seconds'], 1)} s"], ["storage root", f"<code>{_e(s['storage_root'])}</code>"],
-            ["git commit", f"<code>{_e(s['git_commit'] or 'unknown')}</code>"],
-            ["run manifest", f"<code>{_e(s['manifest'])}</code>"]]
-    return "<h2 id='summary'>Summary</h2>" + _table(["", ""], rows)
-
-
-def _html_dag(d: dict, fig: str) -> str:
+def _evaluation_view(ev: dict, figs: dict) -> dict:
+    """One evaluate stage's tables: roles (pass@1 ± SE, CI, pass/maj@k, tokens), comparisons, promotion."""
+    ks = sorted({int(k.split("@")[1]) for v in ev["roles"].values() for k in v
+                 if k.split("@")[0] in ("pass", "maj") and k.count("@") == 1 and k.split("@")[1].isdigit()} - {1})
+    cols = ["role", "prompts", "samples", "pass@1 ± SE", "95% CI"]
+    cols += [f"{kind}@{k}" for k in ks for kind in ("pass", "maj")]
+    cols += ["mean tokens", "tokens/correct", "truncated"]
     rows = []
-    for s in d["dag"]:
-        outs = ", ".join(f"{k}={v:,}" for k, v in s["rows_out"].items()) or "–"
-        extra = f"<br><span class='muted'>from run {_e(s['produced_by_run'])}</span>" if s["produced_by_run"] else ""
-        if s.get("error"):
-            extra += f"<br><span class='s-failed'>{_e(s['error'][:300])}</span>"
-        rows.append([_e(s["name"]), _e(s["kind"]), f'<span class="s-{_e(s["status"])}">{_e(s["status"])}</span>{extra}',
-                     _fmt(s["seconds"], 1), _fmt(s["rows_in"]), _e(outs), f"<code>{_e(s['fingerprint'])}</code>"])
-    return ("<h2 id='dag'>DAG</h2>" + _img(fig, "the stages of the run as a graph")
-            + _table(["stage", "kind", "status", "seconds", "rows in", "rows out", "fingerprint"], rows, {3, 4}))
+    for role, v in ev["roles"].items():
+        row = [role, _fmt(v.get("prompts")), _fmt(v.get("samples")), _with_se(v.get("pass@1"), v.get("pass@1_se")),
+               _fmt(v.get("pass@1_ci95"))]
+        row += [_with_se(v.get(f"{kind}@{k}"), v.get(f"{kind}@{k}_se")) for k in ks for kind in ("pass", "maj")]
+        rows.append(row + [_fmt(v.get("mean_tokens"), 1), _fmt(v.get("tokens_per_correct"), 1),
+                           _fmt(v.get("truncated_rate"))])
+    comparisons = [[_fmt(c.get("a")), _fmt(c.get("b")), _fmt(c.get("metric")), _fmt(c.get("diff")), _fmt(c.get("se")),
+                    _fmt(c.get("ci95")), _fmt(c.get("prompts"))] for c in ev["comparisons"]]
+    pr = ev["promotion"] or {}
+    promotion = [[k, _fmt(v)] for k, v in pr.items() if not isinstance(v, (dict, list)) or k == "ci95"]
+    return {**{k: ev[k] for k in ("stage", "status", "sampling", "temperature")}, "cols": cols, "rows": rows,
+            "numeric": set(range(1, len(cols))), "comparisons": comparisons, "promotion": promotion,
+            "promoted": bool(pr.get("promoted")), "figs": figs}
 
 
-def _html_funnel(f: dict, figs: tuple[str, str | None]) -> str:
-    parts = ["<h2 id='funnel'>Funnel</h2>",
-             f"<p>The datasets that led to <code>{_e(f['target'])}</code>, oldest first. "
-             "“Passed on” counts rows a stage handed downstream; rows it marked rejected or errored stay in its "
-             "output (with their reason) and are taken out by a later stage.</p>", _img(figs[0], "rows at each step")]
-    rows = []
-    for s in f["steps"]:
-        reasons = "<br>".join(f"{_e(kind)}: " + ", ".join(f"{_e(r)}={n:,}" for r, n in v.items())
-                              for kind, v in s["dropped"].items() if v) or "–"
-        others = ", ".join(f"{_e(k)}={v:,}" for k, v in s["outputs"].items()) or "–"
-        rows.append([f"<code>{_e(s['dataset'])}</code>", _fmt(s["rows_in"]), _fmt(s["rows"]), _fmt(s["passed"]),
-                     reasons, others])
-    parts.append(_table(["dataset", "rows in", "rows", "passed on", "dropped by reason", "other outputs"], rows,
-                        {1, 2, 3}))
-    if figs[1]:
-        parts.append("<h3>Rows dropped, per reason</h3>" + _img(figs[1], "rows dropped per reason"))
-    ex = [(s, reason, rows) for s in f["steps"] for reason, rows in s["examples"].items()]
-    if ex:
-        parts.append("<h3>Examples per reason</h3>")
-        for s, reason, rows in ex:
-            items = []
-            for r in rows:
-                head = " ".join(f"{_e(k)}=<code>{_e(r[k])}</code>" for k in ("prompt_id", "sample_index") if k in r)
-                body = "".join(f"<div><b>{_e(k)}</b><pre>{_e(v)}</pre></div>" for k, v in r.items()
-                               if k not in ("prompt_id", "sample_index", "dataset", "reason"))
-                items.append(f"<div class='box'>{head}{body}</div>")
-            parts.append(f"<details><summary><code>{_e(rows[0]['dataset'])}</code> · <b>{_e(reason)}</b> "
-                         f"({len(rows)} example{'s' if len(rows) != 1 else ''})</summary>{''.join(items)}</details>")
-    return "".join(parts)
+def _training_view(tr: dict, fig: str) -> dict:
+    rows = [[key, _fmt(pts[0][0]), _fmt(pts[0][1]), _fmt(pts[-1][0]), _fmt(pts[-1][1]), _fmt(max(p[1] for p in pts)),
+             _fmt(len(pts))]
+            for key, pts in [("loss", tr["loss"]), *tr["rewards"].items(),
+                             *((f"verify/{k}", v) for k, v in tr["reasons"].items()), *tr["lengths"].items()]]
+    resumed = [w["resumed_from_step"] for w in tr["worker_starts"] if w.get("resumed_from_step") is not None]
+    return {**{k: tr[k] for k in ("stage", "kind", "status", "steps")}, "fig": fig, "rows": rows, "resumed": resumed}
 
 
-def _html_lengths(lengths: dict, fig: str) -> str:
-    rows = [[_e(k), _fmt(v.get("count")), _fmt(v.get("mean"), 1), _fmt(v.get("median")), _fmt(v.get("max"))]
-            for k, v in lengths["series"].items()]
-    src = f"<code>{_e(lengths['dataset'])}</code>"
-    if lengths.get("kept_from"):
-        src += f"; kept = in <code>{_e(lengths['kept_from'])}</code>"
-    return (f"<h2 id='lengths'>Lengths</h2><p>Completion tokens of the traces in {src}.</p>"
-            + _img(fig, "token-length histograms, kept and rejected")
-            + _table(["traces", "count", "mean", "median", "max"], rows, {1, 2, 3, 4}))
+def _performance_rows(perf: dict) -> list[list[str]]:
+    return [[t["stage"], t["what"], _fmt(t.get("tokens")), _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second"), 1),
+             _fmt(t.get("tokens_per_second_after_startup"), 1)] for t in perf["throughput"]]
 
 
-def _html_evaluation(evs: list[dict], figs: list[dict]) -> str:
-    parts = ["<h2 id='evaluation'>Evaluation</h2>"]
-    for ev, fg in zip(evs, figs):
-        parts.append(f"<h3>{_e(ev['stage'])} ({_e(ev['status'])})</h3>")
-        if ev["sampling"]:
-            parts.append("<p class='muted'>sampling: " + ", ".join(f"{_e(k)}={_e(v)}" for k, v in ev["sampling"].items())
-                         + "</p>")
-        elif ev["temperature"] is not None:
-            parts.append(f"<p class='muted'>temperature {_e(ev['temperature'])}</p>")
-        ks = sorted({int(k.split("@")[1]) for v in ev["roles"].values() for k in v
-                     if k.split("@")[0] in ("pass", "maj") and k.count("@") == 1 and k.split("@")[1].isdigit()})
-        cols = ["role", "prompts", "samples", "pass@1 ± SE", "95% CI"]
-        cols += [f"{kind}@{k}" for k in ks if k != 1 for kind in ("pass", "maj")]
-        cols += ["mean tokens", "tokens/correct", "truncated"]
-        rows = []
-        for role, v in ev["roles"].items():
-            p1 = v.get("pass@1")
-            cell = _fmt(p1) + (f" ± {_fmt(v.get('pass@1_se'))}" if v.get("pass@1_se") is not None else "")
-            row = [_e(role), _fmt(v.get("prompts")), _fmt(v.get("samples")), cell, _fmt(v.get("pass@1_ci95"))]
-            for k in ks:
-                if k == 1:
-                    continue
-                for kind in ("pass", "maj"):
-                    x = v.get(f"{kind}@{k}")
-                    se = v.get(f"{kind}@{k}_se")
-                    row.append(_fmt(x) + (f" ± {_fmt(se)}" if se is not None and x is not None else ""))
-            row += [_fmt(v.get("mean_tokens"), 1), _fmt(v.get("tokens_per_correct"), 1), _fmt(v.get("truncated_rate"))]
-            rows.append(row)
-        parts.append(_table(cols, rows, set(range(1, len(cols)))))
-        parts.append(_img(fg.get("pass1"), "pass@1 per role with 95% intervals"))
-        parts.append(_img(fg.get("curves"), "pass@k and maj@k curves per role"))
-        if ev["comparisons"]:
-            crow = [[_e(c.get("a")), _e(c.get("b")), _e(c.get("metric")), _fmt(c.get("diff")), _fmt(c.get("se")),
-                     _fmt(c.get("ci95")), _fmt(c.get("prompts"))] for c in ev["comparisons"]]
-            parts.append("<h3>Paired comparisons</h3>"
-                         + _table(["a", "b", "metric", "a − b", "paired SE", "95% CI", "prompts"], crow, {3, 4, 6}))
-        if fg.get("budget"):
-            parts.append("<h3>Accuracy against tokens (budget sweep)</h3>" + _img(fg["budget"], "pass@1 against tokens"))
-        if ev["promotion"]:
-            pr = ev["promotion"]
-            verdict = "promoted" if pr.get("promoted") else "not promoted"
-            rows = [[_e(k), _fmt(v)] for k, v in pr.items() if not isinstance(v, (dict, list)) or k == "ci95"]
-            parts.append(f"<h3>Promotion: <span class='{'s-done' if pr.get('promoted') else 's-failed'}'>{verdict}</span>"
-                         "</h3>" + _table(["", ""], rows))
-    return "".join(parts)
+def _template():
+    import jinja2
 
-
-def _html_training(trs: list[dict], figs: list[str]) -> str:
-    parts = ["<h2 id='training'>Training</h2>"]
-    for tr, fig in zip(trs, figs):
-        parts.append(f"<h3>{_e(tr['stage'])} ({_e(tr['kind'])}, {_e(tr['status'])}, {_fmt(tr['steps'])} steps)</h3>")
-        parts.append(_img(fig, f"{tr['stage']}: loss and trainer curves per optimizer step"))
-        rows = []
-        for key, pts in [("loss", tr["loss"]), *tr["rewards"].items(),
-                         *((f"verify/{k}", v) for k, v in tr["reasons"].items()), *tr["lengths"].items()]:
-            rows.append([_e(key), _fmt(pts[0][0]), _fmt(pts[0][1]), _fmt(pts[-1][0]), _fmt(pts[-1][1]),
-                         _fmt(max(p[1] for p in pts)), _fmt(len(pts))])
-        parts.append(_table(["curve", "first step", "first", "last step", "last", "max", "points"], rows,
-                            {1, 2, 3, 4, 5, 6}))
-        resumed = [w for w in tr["worker_starts"] if w.get("resumed_from_step") is not None]
-        if resumed:
-            parts.append("<p class='muted'>resumed: " + ", ".join(
-                f"from step {_e(w['resumed_from_step'])}" for w in resumed) + "</p>")
-    return "".join(parts)
-
-
-def _html_performance(perf: dict, fig: str) -> str:
-    rows = [[_e(t["stage"]), _e(t["what"]), _fmt(t.get("tokens")), _fmt(t.get("seconds"), 1),
-             _fmt(t.get("tokens_per_second"), 1), _fmt(t.get("tokens_per_second_after_startup"), 1)]
-            for t in perf["throughput"]]
-    out = "<h2 id='performance'>Performance</h2>" + _img(fig, "seconds per stage")
-    if rows:
-        out += _table(["stage", "work", "tokens", "seconds", "tokens/s", "tokens/s after engine start"], rows,
-                      {2, 3, 4, 5})
-    return out
-
-
-def _html_lineage(lin: dict) -> str:
-    def rows(items):
-        return [[f"<code>{_e(a['ref'])}</code>", _e(a["type"]), f"<code>{_e(a['version'])}</code>", _fmt(a["rows"]),
-                 _fmt(a["bytes"]), _e(a["created"]), _e(a["produced_by_run"]),
-                 f"<code class='mono'>{_e(a['uri'])}</code>"
-                 + (f"<br><span class='muted'>replaces {_e(a['previous'])}</span>" if a.get("previous") else "")]
-                for a in items]
-
-    cols = ["output", "type", "version", "rows", "bytes", "created", "written by run", "uri"]
-    out = "<h2 id='lineage'>Lineage</h2>"
-    if lin["written"]:
-        out += "<h3>Written by this run</h3>" + _table(cols, rows(lin["written"]), {3, 4})
-    if lin["reused"]:
-        out += "<h3>Read from earlier runs (cached stages)</h3>" + _table(cols, rows(lin["reused"]), {3, 4})
-    return out
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.views", "templates"), autoescape=True,
+                             finalize=lambda x: "" if x is None else x, undefined=jinja2.ChainableUndefined)
+    env.filters.update(fmt=_fmt, pairs=_pairs)
+    return env.get_template("report.html.j2")
 
 
 def render(data: dict, folder: Path) -> str:
@@ -898,37 +759,28 @@ def render(data: dict, folder: Path) -> str:
     figdir.mkdir(parents=True, exist_ok=True)
     for old in figdir.glob("*.png"):  # a report rebuilt in place references only its own figures
         old.unlink()
-    s = data["summary"]
-    sections = [_html_summary(data), _html_dag(data, _fig_dag(data["dag"], figdir) if data["dag"] else None)]
+    figs: dict[str, str | None] = {"dag": _fig_dag(data["dag"], figdir) if data["dag"] else None,
+                                   "timings": _fig_timings(data["performance"], figdir) if data["dag"] else None}
     nav = ["summary", "dag"]
+    examples = []
     if "funnel" in data:
         steps = data["funnel"]["steps"]
-        sections.append(_html_funnel(data["funnel"], (_fig_funnel(steps, figdir), _fig_reasons(steps, figdir))))
+        figs.update(funnel=_fig_funnel(steps, figdir), reasons=_fig_reasons(steps, figdir))
+        examples = [(reason, rows) for s in steps for reason, rows in s["examples"].items()]
         nav.append("funnel")
     if "lengths" in data:
-        sections.append(_html_lengths(data["lengths"], _fig_lengths(data["lengths"], figdir)))
+        figs["lengths"] = _fig_lengths(data["lengths"], figdir)
         nav.append("lengths")
-    if "evaluation" in data:
-        figs = [{"curves": _fig_curves(ev, figdir, i), "pass1": _fig_roles(ev, figdir, i),
-                 "budget": _fig_budget(ev, figdir, i)} for i, ev in enumerate(data["evaluation"])]
-        sections.append(_html_evaluation(data["evaluation"], figs))
-        nav.append("evaluation")
-    if "training" in data:
-        sections.append(_html_training(data["training"],
-                                       [_fig_training(tr, figdir, i) for i, tr in enumerate(data["training"])]))
-        nav.append("training")
-    sections.append(_html_performance(data["performance"],
-                                      _fig_timings(data["performance"], figdir) if data["dag"] else None))
-    sections.append(_html_lineage(data["lineage"]))
-    nav += ["performance", "lineage"]
-    links = "".join(f"<a href='#{n}'>{n.capitalize() if n != 'dag' else 'DAG'}</a>" for n in nav)
-    title = f"{s['pipeline']} · {s['run_id']}"
-    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>Run report: {_e(title)}</h1><nav>{links}</nav>{''.join(sections)}"
-            f"<p class='muted'>Built {_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))} by "
-            "<code>distill report</code> from the run's committed manifests.</p></main></body></html>")
+    evaluations = [_evaluation_view(ev, {"curves": _fig_curves(ev, figdir, i), "pass1": _fig_roles(ev, figdir, i),
+                                         "budget": _fig_budget(ev, figdir, i)})
+                   for i, ev in enumerate(data.get("evaluation", []))]
+    trainings = [_training_view(tr, _fig_training(tr, figdir, i)) for i, tr in enumerate(data.get("training", []))]
+    nav += ["evaluation"] * bool(evaluations) + ["training"] * bool(trainings) + ["performance", "lineage"]
+    s = data["summary"]
+    return _template().render(data=data, figs=figs, nav=nav, examples=examples, evaluations=evaluations,
+                              trainings=trainings, performance=_performance_rows(data["performance"]),
+                              title=f"{s['pipeline']} · {s['run_id']}",
+                              built=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
 
 
 def default_out(st: Storage, run_id: str) -> Path:
