@@ -31,6 +31,7 @@ def default_root() -> str:
     ``$DISTILL_ROOT``, else ``.distill``. Every command, and a config without a root, use this."""
     return os.environ.get(ROOT_ENV) or DEFAULT_ROOT
 
+
 CACHE = "cache"
 RUNS = "runs"
 LATEST = "latest"
