@@ -215,8 +215,7 @@ def run_shards(options: list[str], shards: list[list[str]], weights: dict[str, f
 
     for i, fs in enumerate(shards):
         print(f"[shard {i}] {len(fs)} files, weighing {seconds(fs, weights):.0f} s: "
-              f"{' '.join(Path(f).name for f in fs)}",
-              flush=True)
+              f"{' '.join(Path(f).name for f in fs)}", flush=True)
     threads = [threading.Thread(target=one, args=(i, fs)) for i, fs in enumerate(shards)]
     for t in threads:
         t.start()

@@ -8,18 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import console, fail, out
-from pipeline.ops.jobs import (
-    MAX_FILE_BYTES,
-    TERMINAL,
-    ConfigProblem,
-    JobsClient,
-    JobsError,
-    job_record,
-    prepare,
-    resolve_address,
-    submit,
-)
+from pipeline.cli.common import SetOpt, console, fail, out
+from pipeline.ops.jobs import (MAX_FILE_BYTES, TERMINAL, ConfigProblem, JobsClient, JobsError, job_record, prepare,
+                               resolve_address, submit)
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Distill jobs on a Ray cluster (Ray Jobs API).")
 
@@ -67,14 +58,20 @@ def _stop_job(client: JobsClient, job: str, why: str) -> None:
             time.sleep(2)
 
 
-def _client(address: Optional[str], config: Optional[str]) -> JobsClient:
+def _target(address: Optional[str], config: Optional[str]):
+    """The Jobs API address (``--address``, else the config's ``ray.address``), said on stderr with
+    a warning for plain http to another host."""
     _quiet_ray()
+    target = resolve_address(address, config)
+    console.print(f"using {target.describe()}", highlight=False, soft_wrap=True)
+    if target.plain_http_warning():
+        console.print(target.plain_http_warning(), highlight=False, soft_wrap=True, markup=False)
+    return target
+
+
+def _client(address: Optional[str], config: Optional[str]) -> JobsClient:
     try:
-        target = resolve_address(address, config)
-        console.print(f"using {target.describe()}", highlight=False, soft_wrap=True)
-        if target.plain_http_warning():
-            console.print(target.plain_http_warning(), highlight=False, soft_wrap=True, markup=False)
-        return JobsClient(target)
+        return JobsClient(_target(address, config))
     except JobsError as e:
         _fail(e)
         raise  # unreachable
@@ -94,7 +91,7 @@ def _json(obj) -> None:
 def submit_cmd(
     config: str = typer.Argument(..., help="pipeline YAML, inside the working directory"),
     address: Optional[str] = AddressOpt,
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config value: a.b.c=value (repeatable)"),
+    set_: Optional[list[str]] = SetOpt,
     run_id: Optional[str] = typer.Option(None, "--run-id", help="run id (default: time-pipeline-random); "
                                          "the job's submission id is distill-PIPELINE-RUN_ID"),
     rerun: bool = typer.Option(False, "--rerun", help="if a job with this id exists, submit it again as RUN_ID-r2, -r3, ..."),
@@ -110,12 +107,8 @@ def submit_cmd(
     json_: bool = JsonOpt,
 ):
     """Submit a pipeline as a Ray job: `distill run` on the cluster, writing to the config's storage root."""
-    _quiet_ray()
     try:
-        target = resolve_address(address, None if address else config)
-        console.print(f"using {target.describe()}", highlight=False, soft_wrap=True)
-        if target.plain_http_warning():
-            console.print(target.plain_http_warning(), highlight=False, soft_wrap=True, markup=False)
+        target = _target(address, None if address else config)
         sub = prepare(config, target, set_, run_id, working_dir, python, int(max_file_mb * 2**20))
         client = JobsClient(target)
         sub = submit(client, sub, rerun=rerun)

@@ -14,20 +14,9 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.common import RootOpt, console, fail, load, out, storage
-from pipeline.ops.schedule import (
-    Schedule,
-    ScheduleError,
-    Scheduler,
-    add_schedule,
-    get_schedule,
-    iso,
-    list_schedules,
-    read_history,
-    remove_schedule,
-    run_due,
-    run_slot,
-    runs_of,
-)
+from pipeline.ops.schedule import (Schedule, ScheduleError, Scheduler, add_schedule, get_schedule, list_schedules,
+                                   remove_schedule, run_due, run_slot, runs_of)
+from pipeline.store.history import iso, read_history
 from pipeline.store.storage import Storage
 
 schedule_app = typer.Typer(no_args_is_help=True, help="Cron schedules of pipeline runs, kept in the storage root.")

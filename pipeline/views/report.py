@@ -775,7 +775,11 @@ def render(data: dict, folder: Path) -> str:
                                          "budget": _fig_budget(ev, figdir, i)})
                    for i, ev in enumerate(data.get("evaluation", []))]
     trainings = [_training_view(tr, _fig_training(tr, figdir, i)) for i, tr in enumerate(data.get("training", []))]
-    nav += ["evaluation"] * bool(evaluations) + ["training"] * bool(trainings) + ["performance", "lineage"]
+    if evaluations:
+        nav.append("evaluation")
+    if trainings:
+        nav.append("training")
+    nav += ["performance", "lineage"]
     s = data["summary"]
     return _template().render(data=data, figs=figs, nav=nav, examples=examples, evaluations=evaluations,
                               trainings=trainings, performance=_performance_rows(data["performance"]),
