@@ -53,6 +53,10 @@ TABLE_SCHEMA = pa.schema(
      ("ratio_to_per_seed", pa.list_(pa.float64()))]
 )
 
+# the columns of a group's row repeated in the stage metrics under its label (those not null)
+ROW_METRICS = ("mean", "se_seeds", "se_prompts", "seeds", "prompts", "errored", "diff", "diff_se", "diff_se_seeds",
+               "significant", "ratio", "ratio_se_seeds", "ratio_min", "ratio_per_seed", "ratio_to_per_seed")
+
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -155,6 +159,7 @@ class Compare(Stage):
         return out
 
     def run(self, ctx: StageContext) -> None:
+        """Scores every wired variant, summarises each group over its seeds, and writes one row per group."""
         p: Params = self.params
         keys = [k for k in ctx.inputs if input_base(k) == "runs"]
         try:
@@ -162,63 +167,73 @@ class Compare(Stage):
         except ValueError as e:
             raise StageError(f"params.{e.args[0]}: {e.args[1]}") from e
         by_role = {key: self._score(ctx, key) for key in keys}
-        scored = {key: roles[p.role] for key, roles in by_role.items()}
-        out: dict[str, dict] = {}
-        for label, members in groups.items():
-            members = sorted(members, key=lambda m: _sortable(m[0]))
-            per_prompt = [scored[k][0] for _, k in members]
-            seed_means = [mean_se(list(pp.values()))[0] for pp in per_prompt]
-            mean, se_seeds = mean_se(seed_means)
-            avg = _average(per_prompt)
-            out[label] = {"seeds": [s for s, _ in members], "per_seed": seed_means, "mean": mean, "se_seeds": se_seeds,
-                          "se_prompts": mean_se(list(avg.values()))[1], "prompts": len(avg),
-                          "errored": sum(scored[k][1] for _, k in members), "avg": avg,
-                          "by_seed": dict(zip([s for s, _ in members], seed_means))}
-            if p.ratio_to:
-                to = [mean_se(list(by_role[k][p.ratio_to][0].values()))[0] for _, k in members]
-                # a seed whose ratio_to scores 0 has no ratio (null), and is left out of its mean
-                ratios = [a / b if b else None for a, b in zip(seed_means, to)]
-                out[label].update(ratio_per_seed=ratios, ratio_to_per_seed=to)
-        rows, metrics = [], {}
-        for label, g in out.items():
-            row = {"variant": label, "axes": json.dumps(parse_variant(f"x[{label}]")[1] if label != "all" else {}),
-                   "metric": p.metric, "seeds": len(g["seeds"]), "prompts": g["prompts"], "mean": g["mean"],
-                   "se_seeds": g["se_seeds"], "se_prompts": g["se_prompts"], "per_seed": g["per_seed"],
-                   "errored": g["errored"], "baseline": baseline, "diff": None, "diff_se": None,
-                   "diff_se_seeds": None, "significant": None, "ratio_to": p.ratio_to, "ratio": None,
-                   "ratio_se_seeds": None, "ratio_min": None, "ratio_per_seed": g.get("ratio_per_seed"),
-                   "ratio_to_per_seed": g.get("ratio_to_per_seed")}
-            defined = [r for r in g.get("ratio_per_seed") or [] if r is not None]
-            if defined:
-                row["ratio"], row["ratio_se_seeds"] = mean_se(defined)
-                row["ratio_min"] = min(defined)
-            if baseline is not None and label != baseline:
-                b = out[baseline]
-                d = paired_difference(g["avg"], b["avg"])
-                shared = [s for s in g["by_seed"] if s in b["by_seed"]]
-                se_seeds = mean_se([g["by_seed"][s] - b["by_seed"][s] for s in shared])[1]
-                row.update(diff=d["diff"], diff_se=d["se"], diff_se_seeds=se_seeds,
-                           significant=abs(d["diff"]) > p.z * max(d["se"], se_seeds))
-            rows.append(row)
-            metrics[label] = {k: row[k] for k in ("mean", "se_seeds", "se_prompts", "seeds", "prompts", "errored",
-                                                  "diff", "diff_se", "diff_se_seeds", "significant", "ratio",
-                                                  "ratio_se_seeds", "ratio_min", "ratio_per_seed", "ratio_to_per_seed")
-                              if row[k] is not None}
+        out = {label: self._summary(members, by_role) for label, members in groups.items()}
+        rows = [self._row(label, g, out, baseline) for label, g in out.items()]
+        metrics = {row["variant"]: {k: row[k] for k in ROW_METRICS if row[k] is not None} for row in rows}
         ctx.write_dataset("table", [pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)])
         ctx.metrics.update({**metrics, "metric": p.metric, "role": p.role, "across": p.across, "group_by": group_by,
                             "baseline": baseline, "z": p.z,
                             "per_seed": {label: g["by_seed"] for label, g in out.items()}})
         for row in rows:
-            diff = "" if row["diff"] is None else (
-                f"; {row['diff']:+.3f} vs {baseline} (paired SE {row['diff_se']:.3f}, seeds SE "
-                f"{row['diff_se_seeds']:.3f}{', beyond ' + format(p.z, 'g') + ' SE' if row['significant'] else ''})")
-            ratio = "" if row["ratio"] is None else (
-                f"; ÷ {p.ratio_to}: {row['ratio']:.3f} ± {row['ratio_se_seeds']:.3f} (min {row['ratio_min']:.3f}; "
-                f"per {p.across}: {', '.join('n/a' if r is None else format(r, '.3f') for r in row['ratio_per_seed'])}"
-                f")")
-            ctx.log(f"{row['variant']}: {p.metric} {row['mean']:.3f} ± {row['se_seeds']:.3f} over {row['seeds']} "
-                    f"{p.across}s{diff}{ratio}")
+            ctx.log(self._log_line(row, baseline))
 
+    # -- the table ------------------------------------------------------------------------------
+    def _summary(self, members: list[tuple[str, str]], by_role: dict[str, dict]) -> dict:
+        """One group's scores over its seeds (``members``: (seed label, input key)), with the
+        per-prompt averages the paired difference needs and, with ``ratio_to``, the per-seed ratios."""
+        p: Params = self.params
+        members = sorted(members, key=lambda m: _sortable(m[0]))
+        scored = [by_role[k][p.role] for _, k in members]
+        per_prompt = [pp for pp, _ in scored]
+        seed_means = [mean_se(list(pp.values()))[0] for pp in per_prompt]
+        mean, se_seeds = mean_se(seed_means)
+        avg = _average(per_prompt)
+        g = {"seeds": [s for s, _ in members], "per_seed": seed_means, "mean": mean, "se_seeds": se_seeds,
+             "se_prompts": mean_se(list(avg.values()))[1], "prompts": len(avg),
+             "errored": sum(errored for _, errored in scored), "avg": avg,
+             "by_seed": dict(zip([s for s, _ in members], seed_means))}
+        if p.ratio_to:
+            to = [mean_se(list(by_role[k][p.ratio_to][0].values()))[0] for _, k in members]
+            # a seed whose ratio_to scores 0 has no ratio (null), and is left out of its mean
+            ratios = [a / b if b else None for a, b in zip(seed_means, to)]
+            g.update(ratio_per_seed=ratios, ratio_to_per_seed=to)
+        return g
+
+    def _row(self, label: str, g: dict, out: dict[str, dict], baseline: str | None) -> dict:
+        """The table row of group ``label``: its summary, its ratio, and its difference to the baseline group."""
+        p: Params = self.params
+        row = {"variant": label, "axes": json.dumps(parse_variant(f"x[{label}]")[1] if label != "all" else {}),
+               "metric": p.metric, "seeds": len(g["seeds"]), "prompts": g["prompts"], "mean": g["mean"],
+               "se_seeds": g["se_seeds"], "se_prompts": g["se_prompts"], "per_seed": g["per_seed"],
+               "errored": g["errored"], "baseline": baseline, "diff": None, "diff_se": None,
+               "diff_se_seeds": None, "significant": None, "ratio_to": p.ratio_to, "ratio": None,
+               "ratio_se_seeds": None, "ratio_min": None, "ratio_per_seed": g.get("ratio_per_seed"),
+               "ratio_to_per_seed": g.get("ratio_to_per_seed")}
+        defined = [r for r in g.get("ratio_per_seed") or [] if r is not None]
+        if defined:
+            row["ratio"], row["ratio_se_seeds"] = mean_se(defined)
+            row["ratio_min"] = min(defined)
+        if baseline is not None and label != baseline:
+            b = out[baseline]
+            d = paired_difference(g["avg"], b["avg"])
+            shared = [s for s in g["by_seed"] if s in b["by_seed"]]
+            se_seeds = mean_se([g["by_seed"][s] - b["by_seed"][s] for s in shared])[1]
+            row.update(diff=d["diff"], diff_se=d["se"], diff_se_seeds=se_seeds,
+                       significant=abs(d["diff"]) > p.z * max(d["se"], se_seeds))
+        return row
+
+    def _log_line(self, row: dict, baseline: str | None) -> str:
+        """A table row as one line of the stage's log."""
+        p: Params = self.params
+        diff = "" if row["diff"] is None else (
+            f"; {row['diff']:+.3f} vs {baseline} (paired SE {row['diff_se']:.3f}, seeds SE "
+            f"{row['diff_se_seeds']:.3f}{', beyond ' + format(p.z, 'g') + ' SE' if row['significant'] else ''})")
+        ratio = "" if row["ratio"] is None else (
+            f"; ÷ {p.ratio_to}: {row['ratio']:.3f} ± {row['ratio_se_seeds']:.3f} (min {row['ratio_min']:.3f}; "
+            f"per {p.across}: {', '.join('n/a' if r is None else format(r, '.3f') for r in row['ratio_per_seed'])}"
+            f")")
+        return (f"{row['variant']}: {p.metric} {row['mean']:.3f} ± {row['se_seeds']:.3f} over {row['seeds']} "
+                f"{p.across}s{diff}{ratio}")
 
 def _sortable(label: str):
     try:

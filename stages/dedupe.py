@@ -255,20 +255,19 @@ class Dedupe(Stage):
         cfg = p.model_dump()
         # 1. scan: each piece's verdict/empty filter, 128-bit keys, band hashes and cap facts,
         #    hash-partitioned by key (exact) and by prompt (cap)
-        scan = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD", num_returns=1 + 2 * parts)(_scan_piece)
+        scan = _spread(_scan_piece, num_returns=1 + 2 * parts)
         scanned = [scan.remote(storage, pc, cfg, parts, have) for pc in pieces]
         bands = [s[0] for s in scanned]
         # 2. exact duplicates: the first row per key, per key partition
-        exact = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_exact_partition)
+        exact = _spread(_exact_partition)
         dups = [exact.remote(*[s[1 + q] for s in scanned]) for q in range(parts)]
         # 3. near duplicates (a greedy pass in row order over band hashes), then the cap per prompt partition
-        near = (ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_near_pass).remote(cfg, dups, *bands)
-                if p.near_dup.enabled else None)
-        cap = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_cap_partition)
+        near = _spread(_near_pass).remote(cfg, dups, *bands) if p.near_dup.enabled else None
+        cap = _spread(_cap_partition)
         caps = [cap.remote(cfg, dups, near, *[s[1 + parts + q] for s in scanned]) for q in range(parts)]
         # 4. write: each piece's kept rows as chat rows and its dropped rows, with their reasons
         specs = {"sft": ctx.output_spec("sft", SFT_SCHEMA), "dropped": ctx.output_spec("dropped", DROPPED_SCHEMA)}
-        write = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_write_piece)
+        write = _spread(_write_piece)
         shards: dict[str, list] = {"sft": [], "dropped": []}
         reasons: dict[str, int] = {}
         nodes: dict[str, int] = {}
@@ -294,6 +293,13 @@ class Dedupe(Stage):
 # Rows are named by their dataset row number. Between steps only compact facts travel (row numbers,
 # keys, hashes, lengths, prompt ids), through Ray's object store, never through the driver.
 
+def _spread(fn, **options):
+    """``fn`` as a Ray task of one CPU, spread over the nodes and retried up to 3 times."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD", **options)(fn)
+
+
 def _mix64(h: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer, elementwise on uint64."""
     h = h ^ (h >> np.uint64(30))
@@ -315,20 +321,24 @@ def band_hashes(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
     return out
 
 
+def _verdict_filter(table: pa.Table, p: Params, why: list) -> np.ndarray:
+    """Per row: whether its verdict is ``require_verdict`` (all rows without it); sets ``why`` of the others."""
+    if not p.require_verdict:
+        return np.ones(table.num_rows, bool)
+    verdict = table.column("verdict")
+    ok = pc.fill_null(pc.equal(verdict, p.require_verdict), False).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~ok)
+    r = table.column("reason").take(bad).to_pylist() if "reason" in table.column_names else [None] * len(bad)
+    for i, v, rr in zip(bad.tolist(), verdict.take(bad).to_pylist(), r):
+        why[i] = f"verdict:{rr or v}"
+    return ok
+
+
 def _pre_reasons(table: pa.Table, p: Params) -> tuple[np.ndarray, list]:
     """Per row: alive (passes the verdict filter and has a completion), and the reason of each
     row that does not (None where alive)."""
-    n = table.num_rows
-    why: list = [None] * n
-    alive = np.ones(n, bool)
-    if p.require_verdict:
-        verdict = table.column("verdict")
-        ok = pc.fill_null(pc.equal(verdict, p.require_verdict), False).to_numpy(zero_copy_only=False)
-        bad = np.flatnonzero(~ok)
-        r = table.column("reason").take(bad).to_pylist() if "reason" in table.column_names else [None] * len(bad)
-        for i, v, rr in zip(bad.tolist(), verdict.take(bad).to_pylist(), r):
-            why[i] = f"verdict:{rr or v}"
-        alive &= ok
+    why: list = [None] * table.num_rows
+    alive = _verdict_filter(table, p, why)
     comp = table.column(p.completion_field)
     has_text = pc.fill_null(pc.greater(pc.binary_length(comp.cast(pa.string())), 0), False)
     has = has_text.to_numpy(zero_copy_only=False)
@@ -438,18 +448,22 @@ def _cap_partition(cfg: dict, dups: list, near, *facts) -> dict:
     for group in groups.values():
         k = p.max_per_prompt if p.max_per_prompt is not None else len(group)
         keys = [(int(clen[j]), int(idx[j]), int(rows[j])) for j in group]
-        if p.prefer == "first":
-            order = group
-        elif p.prefer == "diverse" and len(group) > k:
-            sets = [shingles(norms[j], p.near_dup.ngram) for j in group]
-            picked = pick_diverse(keys, sets, k)
-            order = [group[q] for q in picked] + [group[q] for q in sorted(set(range(len(group))) - set(picked))]
-        else:
-            order = [group[q] for q in sorted(range(len(group)), key=lambda q: keys[q])]
-        for r, j in enumerate(order):
+        for r, j in enumerate(_cap_order(p, group, keys, norms, k)):
             rank[j], over[j] = r, r >= k
     s = np.argsort(rows, kind="stable")
     return {"rows": rows[s], "rank": rank[s], "over": over[s], "groups": len(groups)}
+
+
+def _cap_order(p: Params, group: list[int], keys: list[tuple], norms: list | None, k: int) -> list[int]:
+    """One prompt's surviving rows in the order ``prefer`` ranks them (the cap keeps the first k);
+    ``keys``: (completion length, sample index, row) of each."""
+    if p.prefer == "first":
+        return group
+    if p.prefer == "diverse" and len(group) > k:
+        sets = [shingles(norms[j], p.near_dup.ngram) for j in group]
+        picked = pick_diverse(keys, sets, k)
+        return [group[q] for q in picked] + [group[q] for q in sorted(set(range(len(group))) - set(picked))]
+    return [group[q] for q in sorted(range(len(group)), key=lambda q: keys[q])]
 
 
 def _groups(cap: dict) -> int:
@@ -459,30 +473,66 @@ def _groups(cap: dict) -> int:
 def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list, names: list[str]) -> dict:
     """One piece's chat rows (kept) and dropped rows, in the order the in-memory form gives:
     prompts by first surviving row, each prompt's rows by rank; drops before the cap by row."""
-    import ray
-
-    from pipeline.core.streaming import read_piece
+    from pipeline.core.streaming import node_id, read_piece
 
     p = Params.model_validate(cfg)
-    storage = specs["sft"].storage
-    table = read_piece(storage, piece, _read_cols(p, names, ("source",)))
-    lo, hi = piece.offset, piece.offset + table.num_rows
-    alive, why = _pre_reasons(table, p)
+    table = read_piece(specs["sft"].storage, piece, _read_cols(p, names, ("source",)))
+    _, why = _pre_reasons(table, p)
+    _mark_duplicates(why, piece.offset, table.num_rows, dups, near)
+    rank, over = _cap_marks(piece.offset, table.num_rows, caps)
+    out, dropped = _format_piece(table, p, piece.offset, why, rank, over)
+    sft, drop_w = specs["sft"].writer(piece), specs["dropped"].writer(piece)
+    if out:
+        sft.write(pa.Table.from_pylist(out, schema=SFT_SCHEMA))
+    if dropped:
+        drop_w.write(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA))
+    reasons: dict[str, int] = {}
+    for d in dropped:
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+    return {"sft": sft.finish(), "dropped": drop_w.finish(), "reasons": reasons, "kept": len(out),
+            "rows": table.num_rows, "node": node_id()}
 
-    def within(a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a)
-        return a[(a >= lo) & (a < hi)] - lo
 
-    for j in within(np.concatenate([np.asarray(d) for d in ray.get(dups)]) if dups else np.zeros(0, np.int64)):
+def _within(rows: np.ndarray, lo: int, n: int) -> np.ndarray:
+    """The dataset row numbers among ``rows`` that fall in the piece of ``n`` rows from ``lo``, as positions in it."""
+    rows = np.asarray(rows)
+    return rows[(rows >= lo) & (rows < lo + n)] - lo
+
+
+def _mark_duplicates(why: list, lo: int, n: int, dups: list, near) -> None:
+    """Sets the reason of the piece's exact duplicates (``dups``) and near duplicates (``near``)."""
+    import ray
+
+    exact = np.concatenate([np.asarray(d) for d in ray.get(dups)]) if dups else np.zeros(0, np.int64)
+    for j in _within(exact, lo, n):
         why[j] = "duplicate"
     if near is not None:
-        for j in within(near):
+        for j in _within(near, lo, n):
             why[j] = "near_duplicate"
-    rank = np.full(table.num_rows, -1, np.int64)
-    over = np.zeros(table.num_rows, bool)
+
+
+def _cap_marks(lo: int, n: int, caps: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of the piece: its rank in its prompt's order (-1 where unranked), and whether it falls over the cap."""
+    import ray
+
+    rank = np.full(n, -1, np.int64)
+    over = np.zeros(n, bool)
     for c in ray.get(caps):
-        m = (c["rows"] >= lo) & (c["rows"] < hi)
+        m = (c["rows"] >= lo) & (c["rows"] < lo + n)
         rank[c["rows"][m] - lo], over[c["rows"][m] - lo] = c["rank"][m], c["over"][m]
+    return rank, over
+
+
+def _chat_messages(system_prompt: str | None, prompt: str, completion: str) -> list[dict]:
+    """A kept trace as chat turns: the system prompt when set, the prompt as user, the completion as assistant."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def _format_piece(table: pa.Table, p: Params, lo: int, why: list, rank: np.ndarray,
+                  over: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """The piece's chat rows and dropped rows: drops with a reason in row order, then per prompt (by
+    first surviving row) the rows over the cap, while its rows within the cap become chat rows by rank."""
     pids = table.column("prompt_id").to_pylist()
     given = table.column("sample_index").to_pylist() if "sample_index" in table.column_names else [None] * len(pids)
     idx = [lo + j if s is None else s for j, s in enumerate(given)]
@@ -503,18 +553,6 @@ def _write_piece(specs: dict, piece, cfg: dict, dups: list, near, caps: list, na
                 dropped.append({"prompt_id": pid, "sample_index": idx[j], "reason": "over_max_per_prompt"})
         for j in order:
             if not over[j]:
-                messages = ([{"role": "system", "content": p.system_prompt}] if p.system_prompt else []) + [
-                    {"role": "user", "content": prompts[j]}, {"role": "assistant", "content": comps[j]}]
-                out.append({"prompt_id": pid, "source": sources[j], "sample_index": idx[j], "messages": messages})
-    sft, drop_w = specs["sft"].writer(piece), specs["dropped"].writer(piece)
-    if out:
-        sft.write(pa.Table.from_pylist(out, schema=SFT_SCHEMA))
-    if dropped:
-        drop_w.write(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA))
-    reasons: dict[str, int] = {}
-    for d in dropped:
-        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
-    from pipeline.core.streaming import node_id
-
-    return {"sft": sft.finish(), "dropped": drop_w.finish(), "reasons": reasons, "kept": len(out),
-            "rows": table.num_rows, "node": node_id()}
+                out.append({"prompt_id": pid, "source": sources[j], "sample_index": idx[j],
+                            "messages": _chat_messages(p.system_prompt, prompts[j], comps[j])})
+    return out, dropped

@@ -28,20 +28,21 @@ they are left out of every score and counted as ``errored``.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.core import resources
-from pipeline.core.stage import KEYED_WHEN_SET, Stage, StageContext
+from pipeline.core.stage import Stage, StageContext
 from pipeline.sizing import fit
-from stages.common.checkers import CHECKER_VERSION, FormatSpec
-from stages.common.engine import BudgetSpec, EngineSpec, SamplingSpec, open_engines
+from stages.common.checkers import CHECKER_VERSION
+from stages.common.engine import BudgetSpec, SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap
 from stages.common.metrics import ReasoningMetrics, paired_difference
 from stages.common.ngrams import DEFAULT_NGRAM
 from stages.common.promotion import promote, read_best
+from stages.common.rows_scoring import ScoringParams
 from stages.common.scoring import score
 from stages.common.verifier import VerifierPool
 
@@ -60,7 +61,7 @@ class PromotionSpec(BaseModel):
     z: float = Field(2.0, gt=0, description="promote only past this many paired standard errors")
 
 
-class Params(BaseModel):
+class Params(ScoringParams):  # format, chat_template, system_prompt, chat_template_kwargs, engine
     model_config = ConfigDict(extra="forbid")
     student: str | None = Field(None, description="student folder or URI (or wire input 'student')")
     teacher: str | None = Field(None, description="teacher folder or URI (or wire input 'teacher')")
@@ -69,13 +70,6 @@ class Params(BaseModel):
     ks: list[int] = Field(default_factory=lambda: [1, 4, 8])
     budgets: list[int] = Field(default_factory=list, description="thinking-token caps for a budget-forcing sweep")
     promote: PromotionSpec | None = Field(None, description="the promotion gate for the student")
-    format: FormatSpec = Field(default_factory=FormatSpec)
-    chat_template: str | None = None
-    system_prompt: str | None = None
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
-                                                 description="variables for the chat template, e.g. "
-                                                             "{enable_thinking: true} for Qwen3")
-    engine: EngineSpec = Field(default_factory=EngineSpec)
     checker_version: str = CHECKER_VERSION
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
     overlap_ngram: int = Field(DEFAULT_NGRAM, ge=1, description="refuse if a held-out prompt shares an n-gram "
@@ -159,7 +153,8 @@ class Evaluate(Stage):
     def _score(self, ctx, p: Params, role: str, pool, prompts: list[dict], sampling: SamplingSpec, writer,
                verifier: VerifierPool, cap: int | None = None) -> ReasoningMetrics:
         bar = ctx.progress(f"{role} answering" + (f" (thinking <= {cap} tokens)" if cap else ""), len(prompts))
-        acc = score(pool, prompts, sampling, verifier, p.format, tuple(p.ks), {"role": role, "max_thinking_tokens": cap},
+        acc = score(pool, prompts, sampling, verifier, p.format, tuple(p.ks),
+                    {"role": role, "max_thinking_tokens": cap},
                     lambda rows: writer.write(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)), bar)
         bar.close()
         return acc

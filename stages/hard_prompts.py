@@ -13,17 +13,17 @@ are the prompt columns generate reads, so it wires straight into the next round'
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from pipeline.core import resources
-from pipeline.core.stage import KEYED_WHEN_SET, Stage, StageContext
-from stages.common.checkers import FormatSpec
-from stages.common.engine import EngineSpec, SamplingSpec, open_engines
+from pipeline.core.stage import Stage, StageContext
+from stages.common.engine import SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap
 from stages.common.ngrams import DEFAULT_NGRAM
+from stages.common.rows_scoring import ScoringParams
 from stages.common.scoring import score
 from stages.common.verifier import VerifierPool
 
@@ -32,18 +32,11 @@ HARD_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("
                          ("samples", pa.int32()), ("correct", pa.int32())])
 
 
-class Params(BaseModel):
+class Params(ScoringParams):  # format, chat_template, system_prompt, chat_template_kwargs, engine
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="the model to score (or wire input 'model')")
     threshold: float = Field(0.5, gt=0, le=1, description="a prompt is hard when its pass rate is below this")
     sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(n=4))
-    format: FormatSpec = Field(default_factory=FormatSpec)
-    chat_template: str | None = None
-    system_prompt: str | None = None
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
-                                                 description="variables for the chat template, e.g. "
-                                                             "{enable_thinking: true} for Qwen3")
-    engine: EngineSpec = Field(default_factory=EngineSpec)
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
     overlap_ngram: int = Field(DEFAULT_NGRAM, ge=1)
 
@@ -76,7 +69,8 @@ class HardPrompts(Stage):
         verifier = VerifierPool(workers=1, timeout=p.timeout_s)
         bar = ctx.progress("scoring the training pool", len(pool))
         try:
-            with open_engines(ctx.model_uri("model", p.model), p.engine, p.chat_template, p.system_prompt, p.chat_template_kwargs) as engines:
+            with open_engines(ctx.model_uri("model", p.model), p.engine, p.chat_template, p.system_prompt,
+                              p.chat_template_kwargs) as engines:
                 acc = score(engines, pool, p.sampling, verifier, p.format, progress=bar)
         finally:
             verifier.close()

@@ -152,6 +152,47 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _json(value: Any) -> str:
+    """A row or its metadata as JSON text, any value that JSON lacks as its ``str``."""
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+class _Outputs:
+    """The two outputs' writers, the rows not written yet and the counts of rows kept, quarantined and blank."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.writers = {"prompts": ctx.dataset_writer("prompts"), "quarantine": ctx.dataset_writer("quarantine")}
+        self.good: list[dict] = []
+        self.bad: list[dict] = []
+        self.kept = self.quarantined = self.blank = 0
+
+    def keep(self, row: dict) -> None:
+        """Adds a usable prompt row."""
+        self.good.append(row)
+        self.kept += 1
+        self.flush()
+
+    def quarantine(self, source: str, n: int, reason: str, raw: str) -> None:
+        """Adds an unusable row with its reason, counted as quarantined under the reason's first words."""
+        self.bad.append({"source": source, "row_number": n, "reason": reason, "raw": _clean(raw)[:20000]})
+        self.quarantined += 1
+        self.ctx.drop("quarantined", reason.split(":")[0].split(" (")[0])
+        self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        """Writes each output's pending rows once 4096 are waiting, or all of them when ``final``."""
+        for out, rows, schema in (("prompts", self.good, PROMPTS_SCHEMA), ("quarantine", self.bad, QUARANTINE_SCHEMA)):
+            if rows and (final or len(rows) >= 4096):
+                self.writers[out].write(pa.Table.from_pylist(rows, schema=schema))
+                rows.clear()
+
+    def close(self) -> None:
+        """Closes both writers without publishing anything."""
+        for w in self.writers.values():
+            w.close()
+
+
 class Prompts(Stage):
     kind: ClassVar[str] = "prompts"
     version: ClassVar[str] = "1"
@@ -173,68 +214,50 @@ class Prompts(Stage):
         """Streams: rows are read incrementally and written in batches; the driver keeps one
         entry per distinct prompt (to name a repeated one's first occurrence), never the rows."""
         p: Params = self.params
-        good, bad = [], []
-        kept = quarantined = 0
         seen: dict[str, str] = {}
-        blank = 0
         files = [f for path in _paths(p) for f in resources.expand(path)]
         if not files:
             raise StageError(f"no prompt files found at {p.path}")
-        writers = {"prompts": ctx.dataset_writer("prompts"), "quarantine": ctx.dataset_writer("quarantine")}
-
-        def flush(final: bool = False) -> None:
-            for out, rows, schema in (("prompts", good, PROMPTS_SCHEMA), ("quarantine", bad, QUARANTINE_SCHEMA)):
-                if rows and (final or len(rows) >= 4096):
-                    writers[out].write(pa.Table.from_pylist(rows, schema=schema))
-                    rows.clear()
-
+        out = _Outputs(ctx)
         try:
             for file in files:
-                source = p.source or _source_name(file)
-                for n, row, err, raw in _read_rows(file, _fmt(file, p.format)):
-                    if p.limit is not None and kept >= p.limit:
-                        break
-                    if row is None and err is None:
-                        blank += 1
-                        continue
-                    if err is None:
-                        err = self._problem(row, p)
-                    if err is not None:
-                        bad.append({"source": source, "row_number": n, "reason": err,
-                                    "raw": _clean(raw or json.dumps(row, default=str, ensure_ascii=False))[:20000]})
-                        quarantined += 1
-                        ctx.drop("quarantined", err.split(":")[0].split(" (")[0])
-                        flush()
-                        continue
-                    prompt = _clean(_as_text(row[p.prompt_field]))
-                    if p.prompt_template:
-                        prompt = p.prompt_template.format(prompt=prompt)
-                    pid = prompt_id(prompt)
-                    if pid in seen:
-                        reason = f"duplicate prompt (same as {seen[pid]})"
-                        bad.append({"source": source, "row_number": n, "reason": reason,
-                                    "raw": _clean(json.dumps(row, default=str, ensure_ascii=False))[:20000]})
-                        quarantined += 1
-                        ctx.drop("quarantined", reason.split(":")[0].split(" (")[0])
-                        flush()
-                        continue
-                    seen[pid] = f"{source}#{n}"
-                    meta = {k: v for k, v in row.items() if k not in (p.prompt_field, p.answer_field)}
-                    good.append({"prompt_id": pid, "prompt": prompt, "answer": _clean(_as_text(row[p.answer_field])),
-                                 "source": source, "metadata": _clean(json.dumps(meta, default=str, ensure_ascii=False))})
-                    kept += 1
-                    flush()
-            flush(final=True)
+                self._read_file(file, p, out, seen)
+            out.flush(final=True)
         except BaseException:
-            for w in writers.values():
-                w.close()  # publishes nothing
+            out.close()  # publishes nothing
             raise
-        stats = {"input_rows": kept + quarantined}
-        ctx.commit_dataset("prompts", writers["prompts"], PROMPTS_SCHEMA, stats=stats)
-        ctx.commit_dataset("quarantine", writers["quarantine"], QUARANTINE_SCHEMA, stats=stats)
-        ctx.metrics.update({"files": len(files), "input_rows": kept + quarantined, "blank_lines": blank,
+        stats = {"input_rows": out.kept + out.quarantined}
+        ctx.commit_dataset("prompts", out.writers["prompts"], PROMPTS_SCHEMA, stats=stats)
+        ctx.commit_dataset("quarantine", out.writers["quarantine"], QUARANTINE_SCHEMA, stats=stats)
+        ctx.metrics.update({"files": len(files), "input_rows": out.kept + out.quarantined, "blank_lines": out.blank,
                             # kept for readers of older records; the counts live in ``dropped``
                             "quarantine_reasons": dict(ctx.dropped.get("quarantined", {}))})
+
+    def _read_file(self, file: str, p: Params, out: _Outputs, seen: dict[str, str]) -> None:
+        """One file's rows into the outputs, until ``limit`` usable rows are kept in all."""
+        source = p.source or _source_name(file)
+        for n, row, err, raw in _read_rows(file, _fmt(file, p.format)):
+            if p.limit is not None and out.kept >= p.limit:
+                break
+            if row is None and err is None:
+                out.blank += 1
+                continue
+            if err is None:
+                err = self._problem(row, p)
+            if err is not None:
+                out.quarantine(source, n, err, raw or _json(row))
+                continue
+            prompt = _clean(_as_text(row[p.prompt_field]))
+            if p.prompt_template:
+                prompt = p.prompt_template.format(prompt=prompt)
+            pid = prompt_id(prompt)
+            if pid in seen:
+                out.quarantine(source, n, f"duplicate prompt (same as {seen[pid]})", _json(row))
+                continue
+            seen[pid] = f"{source}#{n}"
+            meta = {k: v for k, v in row.items() if k not in (p.prompt_field, p.answer_field)}
+            out.keep({"prompt_id": pid, "prompt": prompt, "answer": _clean(_as_text(row[p.answer_field])),
+                      "source": source, "metadata": _clean(_json(meta))})
 
     @staticmethod
     def _problem(row: dict, p: Params) -> str | None:
