@@ -61,8 +61,8 @@ parse(completion))``):
 
 **Code samples** (a row with a ``tests`` field) go through ``check_code_sample``: the
 same format checks (``truncated``, ``missing_think``), then the last fenced code block of
-the answer part runs against the tests in the sandbox (``stages.common.sandbox``; its
-module docstring has the limits and isolation). Tests are stdin/stdout pairs (a list of
+the answer part runs against the tests in the sandbox (``stages.common.sandbox``; the
+README's "The code sandbox" has the limits and isolation). Tests are stdin/stdout pairs (a list of
 ``{"input", "output"}`` or its JSON) or function-call tests: Python test code run after the
 program, in the same sandbox run with the same limits, as HumanEval and MBPP do (a
 HumanEval ``{"test": "def check(candidate): ...", "entry_point": "f"}``, an MBPP

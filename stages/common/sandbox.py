@@ -1,128 +1,27 @@
-"""A sandbox for running untrusted code against tests (code datasets): stdin/stdout tests
-and function-call tests (HumanEval, MBPP).
+"""The code sandbox: runs untrusted Python (a completion's code) against a row's tests,
+stdin/stdout pairs or function-call tests (HumanEval, MBPP), and says ``pass``, ``fail``,
+``timeout`` or ``error``; ``error`` is an infrastructure or data fault, never a wrong answer.
 
-``run_tests(program, tests, limits, kind)`` runs a Python program against ``tests``:
+The entry point is ``run_tests(program, tests, limits, kind)``, which returns ``{"verdict",
+"reason", "detail", "kind", "tests", "passed", "failed_test", "seconds"}``. ``run_completion``
+does the same for a completion's last fenced code block, ``check_code_sample`` in
+``stages.common.checkers`` wraps it for the verify stage, and ``SandboxLimits`` (``CodeSpec``)
+holds the limits.
 
-* **stdin/stdout** (``kind`` ``stdio``; a list of ``{"input", "output"}`` or APPS-style
-  ``{"inputs": [...], "outputs": [...]}``): once per test, each run in a fresh process
-  tree, stopping at the first test that does not pass.
-* **function-call** (``kind`` ``function_call``; HumanEval ``{"test": "def
-  check(candidate): ...", "entry_point": "f"}``, MBPP ``{"test_list": ["assert f(1) ==
-  2", ...], "test_setup_code": ...}``, ``{"kind": "function_call", "code": ...}``, a list
-  of assert strings, or plain test code with ``kind="function_call"``): one run, with the
-  same limits, of a harness (``CALL_HARNESS``) that executes the program and then the test
-  code in one namespace (``__name__`` is ``"solution"``, so a program's ``if __name__ ==
-  "__main__":`` demo does not run), then ``check(f)`` for HumanEval. A failed assert of
-  the tests is ``wrong_output`` with the assertion in the detail (``failed: assert
-  candidate(1, 2) == 3``); an exception, an assert inside the program, or a missing
-  entry point is ``runtime_error``. The harness reads a random token from stdin before the
-  program runs (stdin is then empty) and reports on a last stdout line signed with it, so
-  a program that exits, or kills its process, before the tests finish fails.
+Isolation, detected once per process by running a probe in it:
 
-``kind`` (a row's ``test_kind``) is inferred from the tests' shape when None and must fit
-it when given (else ``bad_tests``). ``extract_program(completion)`` takes the last fenced
-code block of a completion.
-``check_code_sample`` in ``stages.common.checkers`` wraps both into the verdict
-shape the verify stage uses.
+* **bubblewrap** (``bwrap`` 0.7+): new user, pid, network, IPC and UTS namespaces, the host
+  filesystem read-only, a size-limited tmpfs as the only writable work folder;
+* **util-linux unshare**: the same namespaces without root or a setuid helper; a wrapper run
+  inside makes every mount read-only and drops the program's capabilities;
+* neither: every check is ``error``/``no_isolation`` unless ``allow_unisolated: true``, which
+  runs programs with the resource limits only.
 
-Isolation (detected once per process by actually running a probe in it, cached):
-
-* **bubblewrap** (``bwrap`` on PATH, 0.7 or later for ``--size``): ``--unshare-all
-  --unshare-user`` (user, pid, network, IPC, UTS namespaces), ``--die-with-parent``,
-  the host filesystem bound read-only, a fresh read-only ``/dev`` and a fresh
-  ``/proc``, the work folder a size-limited tmpfs, the only writable place.
-* **util-linux unshare** (``unshare --user --map-root-user --net --ipc --uts
-  --pid --fork --mount-proc --kill-child``; no root and no setuid helper needed):
-  inside, a small wrapper (pid 1 of the new pid namespace) makes every mount
-  read-only (``mount_setattr(AT_RECURSIVE)``; per-mount remounts on kernels older
-  than 5.12), mounts a size-limited tmpfs on the work folder, then forks the
-  program with an empty capability bounding set and ``no_new_privs``, so the
-  program cannot undo the read-only mounts.
-* neither works: every check is an ``error`` with reason ``no_isolation``
-  ("no network isolation available"), unless ``allow_unisolated: true``, in which
-  case programs run with the resource limits only (no namespaces, host
-  filesystem writable by the sandbox user, network reachable).
-
-The probe checks what matters: the only network interface is ``lo`` (down, so even
-127.0.0.1 is unreachable), ``/`` is read-only, the working folder is writable, the
-program has no capabilities.
-
-Per test run:
-
-* a fresh work folder (``$TMPDIR/distill-sbx-*`` on the host, holding ``prog.py``,
-  removed afterwards); inside the sandbox a tmpfs of ``max_file_mb + 1`` MiB is
-  mounted over it, so what the program writes never reaches the host and is
-  bounded in total; ``HOME`` and ``TMPDIR`` point at it, everything else is
-  read-only;
-* ``python -I prog.py`` (isolated mode: no ``PYTHON*`` variables, no user site;
-  ``site`` is imported so ``exit()``/``quit()`` exist), stdin fed from the test
-  input, with the environment cleared;
-* ``setrlimit`` in the forked child: ``RLIMIT_CPU`` (``cpu_seconds``; SIGXCPU, then
-  SIGKILL a second later), ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_NPROC``
-  (``max_processes``: tasks, threads included, that the program may have alive,
-  itself included), ``RLIMIT_FSIZE`` (``max_file_mb``), ``RLIMIT_NOFILE`` 256,
-  ``RLIMIT_CORE`` 0;
-* stdout is read as it comes and capped at ``max_output_bytes`` (the tree is
-  killed as soon as the cap is passed; the checker never holds more than the cap
-  plus one read); stderr keeps its last 4 KiB; stdin is written without blocking;
-* a wall-clock limit per test (``timeout_s``, counted from the program's start,
-  not the sandbox's), then SIGKILL to the whole process group. With a pid
-  namespace, the namespace's init dying takes every process in it along, so a
-  program that ``setsid()``s or double-forks leaves nothing behind. After a kill,
-  and after every run without a pid namespace (``allow_unisolated``), processes
-  carrying the run's environment marker (``DISTILL_SANDBOX=<work folder>``) are
-  hunted down in ``/proc`` until none is left (at most 3 s), so when ``run_tests``
-  returns, nothing of the run is alive.
-
-``RLIMIT_NPROC`` counts per user *and* user namespace, so inside its own user
-namespace a fork bomb is held to ``max_processes`` without other sandboxes or the
-machine's processes counting towards it. The kernel never applies it to real root
-(uid 0 outside any namespace), so when the checker runs as root the sandbox runs
-as ``nobody`` (uid/gid 65534) instead; then the interpreter has to be readable by
-``nobody``: ``python`` (config) or the first of ``sys.executable``,
-``/usr/bin/python3``, ``/usr/local/bin/python3`` that runs in the probe.
-Unisolated runs get ``RLIMIT_NPROC`` only as ``nobody`` (then all of ``nobody``'s
-processes on the machine count); as an ordinary user they get none.
-
-Known limits: ``RLIMIT_AS`` and ``RLIMIT_CPU`` are per process, so a program can hold
-up to ``max_processes x memory_mb`` of memory and ``max_processes`` CPUs until its
-wall-clock limit (no cgroups here: they need delegation that a Ray worker rarely
-has). The program can read whatever ``nobody`` (or the checker's user) can read on the
-host filesystem; it cannot write outside its work folder or reach any network.
-Function-call tests run in the program's own process, as HumanEval's and MBPP's harnesses
-do, so they trust the test code's comparisons: a program written to game them (returning
-an object whose ``__eq__`` always holds, or digging the run's token out of the harness's
-memory) can pass; it still cannot leave its sandbox.
-
-Verdicts (``run_tests`` returns ``{"verdict", "reason", "detail", "kind", "tests",
-"passed", "failed_test", "seconds"}``; a function-call suite counts as one test):
-
-==========  ================  ==================================================
-verdict     reason            meaning
-==========  ================  ==================================================
-pass        ok                every test's output matched (function-call: every
-                              assert held)
-fail        wrong_output      output differs (after trimming trailing
-                              whitespace per line and trailing empty lines; a
-                              prefix of the expected lines is wrong); a
-                              function-call test's assert failed
-fail        runtime_error     nonzero exit or killed by a signal; function-call:
-                              the program raised, lacks the entry point, or
-                              ended before the tests finished
-fail        memory_limit      ``MemoryError`` (``RLIMIT_AS``)
-fail        file_size_limit   a file beyond ``max_file_mb`` (EFBIG / SIGXFSZ), or
-                              the work folder full (ENOSPC)
-fail        output_limit      more than ``max_output_bytes`` on stdout
-fail        no_code_block     the completion has no fenced code block
-timeout     time_limit        wall clock beyond ``timeout_s``
-timeout     cpu_limit         CPU time beyond ``cpu_seconds`` (SIGXCPU)
-error       no_isolation      no sandbox available and unisolated runs not allowed
-error       sandbox_error     the sandbox could not start (details in ``detail``)
-error       bad_tests         tests missing or malformed, or not of the row's
-                              ``test_kind``
-==========  ================  ==================================================
-
-``error`` is an infrastructure or data fault, never a wrong answer.
+Every run also gets rlimits (CPU, memory, processes, file size), a stdout cap and a wall-clock
+limit, after which its whole process tree is killed. The programs that run inside the sandbox
+(that wrapper, the probe, the function-call harness) are files in ``sandbox_programs/``,
+shipped as package data. How each kind of test runs, the threat model, the limits of a run,
+what it does not stop, and every verdict and reason: README.md, "The code sandbox".
 """
 from __future__ import annotations
 
@@ -138,6 +37,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -145,6 +45,15 @@ NOBODY = 65534  # the sandbox's uid/gid when the checker runs as root
 WORKDIR_PREFIX = "distill-sbx-"
 SETUP_TIMEOUT_S = 20.0  # starting namespaces and the wrapper; beyond it: error, not timeout
 STDERR_TAIL = 4096
+
+
+# what runs inside the sandbox is part of this module's code: the stages' cache keys cover it
+CODE_FILES = sorted(str(f) for f in (files(__package__) / "sandbox_programs").iterdir() if f.name.endswith(".py"))
+
+
+def _program(name: str) -> str:
+    """The text of ``sandbox_programs/<name>``, a program that runs inside the sandbox (package data)."""
+    return (files(__package__) / "sandbox_programs" / name).read_text(encoding="utf-8")
 
 
 class SandboxLimits(BaseModel):
@@ -256,23 +165,9 @@ class CallTests:
     setup: str = ""
 
 
-# call-based cases (APPS ``fn_name``, LiveCodeBench functional): each case is one assert line
-_CALL_CASE_HELPERS = """
-def _distill_plain(v):
-    if isinstance(v, (list, tuple)):
-        return [_distill_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _distill_plain(x) for k, x in v.items()}
-    return v
-def _distill_eq(got, expected):
-    got, expected = _distill_plain(got), _distill_plain(expected)
-    return got == expected or (isinstance(expected, list) and len(expected) == 1 and got == expected[0])
-def _distill_fn(name):
-    cls = globals().get("Solution")
-    if isinstance(cls, type) and hasattr(cls, name):
-        return getattr(cls(), name)
-    return globals()[name]
-"""
+# call-based cases (APPS ``fn_name``, LiveCodeBench functional): each case is one assert line,
+# using these helpers (``_distill_eq``, ``_distill_fn``) set up before the tests
+_CALL_CASE_HELPERS = _program("call_case_helpers.py")
 
 
 def _call_cases(t: dict) -> CallTests:
@@ -374,52 +269,10 @@ def parse_test_suite(tests, kind: str | None = None) -> tuple[str, list[dict] | 
 # (``__name__`` is not ``"__main__"``, so a program's own ``if __name__ == "__main__":`` demo
 # does not run), and reports on stdout in a last line ``<token> PASS|FAIL|ERROR <json detail>``.
 # A program that exits, or kills its process, before the tests finish never prints the token.
-CALL_HARNESS = r"""
-import json as _json, os as _os, sys as _sys, traceback as _tb
-def _run(_token, _program, _setup, _tests, _entry):
-    def report(status, detail=""):
-        try:
-            _sys.stdout.flush()
-        except BaseException:
-            pass
-        _os.write(1, ("\n%%s %%s %%s\n" %% (_token, status, _json.dumps(str(detail)[:1500]))).encode())
-        _os._exit(0)
-    def where(e, name, src):
-        frames = [f for f in _tb.extract_tb(e.__traceback__) if f.filename == name]
-        if not frames:
-            return ""
-        f = frames[-1]
-        lines = src.splitlines()[f.lineno - 1:(getattr(f, "end_lineno", None) or f.lineno)]
-        return " ".join(l.strip() for l in lines)[:500]
-    def failed(e):
-        msg = "%%s: %%s" %% (type(e).__name__, e) if str(e) else type(e).__name__
-        return msg[:500]
-    ns = {"__name__": "solution", "__builtins__": __builtins__}
-    try:
-        exec(compile(_program, "<solution>", "exec"), ns)
-    except BaseException as e:
-        line = where(e, "<solution>", _program)
-        report("ERROR", "the program raised " + failed(e) + (" at: " + line if line else ""))
-    if _entry and _entry not in ns:
-        report("ERROR", "the program defines no %%s" %% _entry)
-    tests = (_setup + "\n" if _setup else "") + _tests
-    try:
-        exec(compile(tests, "<tests>", "exec"), ns)
-        if _entry and callable(ns.get("check")):
-            ns["check"](ns[_entry])
-    except AssertionError as e:
-        frames = _tb.extract_tb(e.__traceback__)
-        if frames and frames[-1].filename == "<tests>":  # the test's own assertion
-            report("FAIL", "failed: " + where(e, "<tests>", tests) + (" (%%s)" %% e if str(e) else ""))
-        report("ERROR", failed(e) + " in the program, while running: " + where(e, "<tests>", tests))
-    except BaseException as e:
-        line = where(e, "<tests>", tests)
-        report("ERROR", failed(e) + (", while running: " + line if line else ""))
-    report("PASS")
-_t = _sys.stdin.readline().strip()
-_sys.stdin = open(_os.devnull)
-_run(_t, %(program)r, %(setup)r, %(tests)r, %(entry)r)
-"""
+# ``sandbox_programs/call_harness.py`` is the harness as it runs but for its last line, the call
+# with this run's program and tests; its ``%`` are doubled here so only those four are substituted.
+CALL_HARNESS = (_program("call_harness.py").replace("%", "%%")
+                + "_run(_t, %(program)r, %(setup)r, %(tests)r, %(entry)r)\n")
 
 
 def call_harness(program: str, tests: CallTests) -> str:
@@ -429,94 +282,11 @@ def call_harness(program: str, tests: CallTests) -> str:
 
 # --------------------------------------------------------------------------- the in-sandbox wrapper
 
-# Runs as ``python -I -S -c WRAPPER CFG`` inside the namespaces (pid 1 there). Reports on
-# the status fd, line by line: ``ok`` (the program is about to exec), ``exit N`` or
-# ``signal N`` (how it ended), ``error MSG`` (setup failed). The program never sees the
-# status fd (close-on-exec), so it cannot forge these lines.
-WRAPPER = r'''
-import ctypes, json, os, re, resource, sys
-cfg = json.loads(sys.argv[1])
-st = cfg["status_fd"]
-def report(line):
-    os.write(st, (line.replace("\n", " ")[:2000] + "\n").encode())
-def check(rc, what):
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, what + ": " + os.strerror(e))
-try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    wd = cfg["workdir"].encode()
-    if cfg["readonly"]:
-        MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
-        with open(cfg["program"], "rb") as f:
-            prog = f.read()
-        ro = (ctypes.c_uint64 * 4)(1, 0, 0, 0)  # struct mount_attr: attr_set=MOUNT_ATTR_RDONLY
-        SYS_mount_setattr, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000
-        if cfg.get("legacy_remount") or libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, ro, 32) != 0:
-            # kernels before 5.12: remount each mount read-only, keeping its locked flags
-            keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024,
-                    "nodiratime": 2048, "relatime": 1 << 21}
-            unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-            for line in open("/proc/self/mountinfo").read().splitlines():
-                f = line.split()
-                mp, opts = unesc(f[4]), f[5].split(",")
-                flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-                for o in opts:
-                    flags |= keep.get(o, 0)
-                if not {"noatime", "relatime"} & set(opts):
-                    flags |= 1 << 24  # MS_STRICTATIME
-                libc.mount(None, mp.encode(), None, flags, None)
-        # the work folder: a fresh tmpfs, so what the program writes is bounded in total too
-        opts = "size=%d,mode=0755" % cfg["folder_bytes"]
-        check(libc.mount(b"tmpfs", wd, b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()), "work folder tmpfs")
-        with open(cfg["program"], "wb") as f:
-            f.write(prog)
-        if not os.statvfs("/").f_flag & os.ST_RDONLY:
-            raise OSError("/ is still writable")
-        if os.statvfs(cfg["workdir"]).f_flag & os.ST_RDONLY:
-            raise OSError("the work folder is read-only")
-    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: the program cannot ptrace its init
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.set_inheritable(st, False)
-            if cfg["drop_caps"]:
-                last = int(open("/proc/sys/kernel/cap_last_cap").read())
-                for cap in range(last + 1):
-                    check(libc.prctl(24, cap, 0, 0, 0), "drop capability")  # PR_CAPBSET_DROP
-            check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-            for name, soft, hard in cfg["rlimits"]:
-                resource.setrlimit(getattr(resource, name), (soft, hard))
-            os.chdir(cfg["workdir"])
-            os.close(w)  # tells init: setup done, exec next
-            os.execve(cfg["python"], [cfg["python"], "-I", cfg["program"]], cfg["env"])
-        except BaseException as e:
-            try:
-                report("error %s: %s" % (type(e).__name__, e))
-            finally:
-                os._exit(125)
-    os.close(w)
-    os.read(r, 1)  # EOF when the child closed it (about to exec) or died
-    os.close(r)
-    report("ok")
-    while True:
-        _, status = os.waitpid(pid, 0)
-        if os.WIFEXITED(status):
-            report("exit %d" % os.WEXITSTATUS(status))
-            break
-        if os.WIFSIGNALED(status):
-            report("signal %d" % os.WTERMSIG(status))
-            break
-except BaseException as e:
-    try:
-        report("error %s: %s" % (type(e).__name__, e))
-    finally:
-        os._exit(125)
-'''
+# ``sandbox_programs/wrapper.py`` runs as ``python -I -S -c WRAPPER CFG`` inside the namespaces
+# (pid 1 there). Reports on the status fd, line by line: ``ok`` (the program is about to exec),
+# ``exit N`` or ``signal N`` (how it ended), ``error MSG`` (setup failed). The program never
+# sees the status fd (close-on-exec), so it cannot forge these lines.
+WRAPPER = _program("wrapper.py")
 
 
 # --------------------------------------------------------------------------- isolation detection
@@ -552,23 +322,9 @@ def _unshare() -> str | None:
     return shutil.which("unshare")
 
 
-_PROBE = r'''
-import json, os, socket, sys
-r = {"python": sys.version.split()[0]}
-r["ifaces"] = [l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]]
-s = socket.socket()
-s.settimeout(1)
-try:
-    s.connect(("127.0.0.1", 9))
-    r["connect"] = "connected"
-except OSError as e:
-    r["connect"] = e.errno
-r["ro"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
-open("probe.txt", "w").write("x")
-r["writable"] = open("probe.txt").read() == "x"
-r["capeff"] = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0]
-print(json.dumps(r))
-'''
+# ``sandbox_programs/probe.py``: what ``_probe`` checks (interfaces, a connect to 127.0.0.1, ``/``
+# read-only, the work folder writable, the capabilities), printed as JSON
+_PROBE = _program("probe.py")
 
 _isolation_cache: dict[tuple, Isolation | None] = {}
 _isolation_errors: dict[tuple, str] = {}
@@ -831,6 +587,7 @@ def _pump(proc: subprocess.Popen, status_r: int, data: bytes, limits: SandboxLim
 
 
 def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
+    """Serve the run's pipes until all are closed or a limit is hit, then wait for the sandbox's leader."""
     in_fd, out_fd, err_fd, _ = fds
     sent = 0
     deadline = time.monotonic() + SETUP_TIMEOUT_S
@@ -841,51 +598,89 @@ def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
         if now >= deadline:
             if finished:  # the program ended; what is left holding the pipes gets killed
                 break
-            if started:
-                res.timed_out = True
-            else:
-                res.setup_error = f"sandbox did not start within {SETUP_TIMEOUT_S:g}s"
+            _expired(res, started, f"sandbox did not start within {SETUP_TIMEOUT_S:g}s")
             return
         for key, _ in sel.select(deadline - now):
             fd = key.fd
             if fd == in_fd:
-                try:
-                    sent += os.write(in_fd, data[sent : sent + 65536])
-                except BlockingIOError:
-                    continue
-                except OSError:  # the program closed its stdin or exited
-                    sent = len(data)
-                if sent >= len(data):
-                    sel.unregister(in_fd)
-                    proc.stdin.close()
+                sent = _feed_stdin(proc, sel, in_fd, data, sent)
                 continue
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
+            chunk = _read_chunk(sel, fd)
             if not chunk:
-                sel.unregister(fd)
                 continue
             if fd == out_fd:
-                res.stdout_bytes += len(chunk)
-                if res.stdout_bytes > limits.max_output_bytes:
-                    res.output_overflow = True
+                if not _take_stdout(chunk, limits, res, out):
                     return
-                out += chunk
             elif fd == err_fd:
                 err += chunk
                 if len(err) > 2 * STDERR_TAIL:
                     del err[:-STDERR_TAIL]
             else:
                 status += chunk
-                if not started and b"ok\n" in status:
-                    started = True
-                    deadline = time.monotonic() + limits.timeout_s
-                if not finished and re.search(rb"^(exit|signal|error) ", status, re.MULTILINE):
-                    # the program is gone; give its last output a moment to arrive (descendants
-                    # that outlive it, possible only without a pid namespace, are not waited for)
-                    finished = True
-                    deadline = min(deadline, time.monotonic() + 0.5)
+                started, finished, deadline = _on_status(status, started, finished, deadline, limits)
+    if not _wait_leader(proc, deadline, res) and not finished:
+        _expired(res, started, "sandbox did not start")
+
+
+def _expired(res: RunResult, started: bool, not_started: str) -> None:
+    """A limit ran out: a timeout once the program has started, before that a sandbox that did not start."""
+    if started:
+        res.timed_out = True
+    else:
+        res.setup_error = not_started
+
+
+def _feed_stdin(proc: subprocess.Popen, sel, in_fd: int, data: bytes, sent: int) -> int:
+    """Write the next piece of stdin without blocking, closing it when all is sent; how much is sent now."""
+    try:
+        sent += os.write(in_fd, data[sent : sent + 65536])
+    except BlockingIOError:
+        return sent
+    except OSError:  # the program closed its stdin or exited
+        sent = len(data)
+    if sent >= len(data):
+        sel.unregister(in_fd)
+        proc.stdin.close()
+    return sent
+
+
+def _read_chunk(sel, fd: int) -> bytes:
+    """Up to 64 KiB from ``fd``; empty when nothing is ready, or at its end (then it is unregistered)."""
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        return b""
+    if not chunk:
+        sel.unregister(fd)
+    return chunk
+
+
+def _take_stdout(chunk: bytes, limits: SandboxLimits, res: RunResult, out: bytearray) -> bool:
+    """Keep a piece of stdout; False, with ``output_overflow`` set, once past ``max_output_bytes``."""
+    res.stdout_bytes += len(chunk)
+    if res.stdout_bytes > limits.max_output_bytes:
+        res.output_overflow = True
+        return False
+    out += chunk
+    return True
+
+
+def _on_status(status: bytearray, started: bool, finished: bool, deadline: float,
+               limits: SandboxLimits) -> tuple[bool, bool, float]:
+    """``(started, finished, deadline)`` after the wrapper's status lines so far."""
+    if not started and b"ok\n" in status:
+        started = True
+        deadline = time.monotonic() + limits.timeout_s
+    if not finished and re.search(rb"^(exit|signal|error) ", status, re.MULTILINE):
+        # the program is gone; give its last output a moment to arrive (descendants
+        # that outlive it, possible only without a pid namespace, are not waited for)
+        finished = True
+        deadline = min(deadline, time.monotonic() + 0.5)
+    return started, finished, deadline
+
+
+def _wait_leader(proc: subprocess.Popen, deadline: float, res: RunResult) -> bool:
+    """Whether the sandbox's leader exited by ``deadline`` (0.1 s at least); it is not reaped."""
     # every pipe is closed: the namespace (or the process tree) is gone; wait for the leader
     # to exit, without reaping it: until it is reaped its pid, and so the process group id
     # the caller kills, cannot be reused
@@ -897,16 +692,10 @@ def _pump_loop(proc, sel, fds, data, limits, res, out, err, status) -> None:
             info = True
         if info is not None:
             res.leader_status = getattr(info, "si_status", None)
-            return
+            return True
         if time.monotonic() >= end:
-            break
+            return False
         time.sleep(0.005)
-    if finished:
-        pass
-    elif started:
-        res.timed_out = True
-    else:
-        res.setup_error = "sandbox did not start"
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -986,7 +775,7 @@ def run_tests(program: str, tests, limits: SandboxLimits | None = None, kind: st
     "output"}`` test in order, stopping at the first that does not pass. Function-call tests:
     one run of the program followed by the test code in the same process, under the same
     limits. Returns ``{"verdict", "reason", "detail", "kind", "tests", "passed",
-    "failed_test", "seconds"}``; see the module docstring for verdicts and reasons."""
+    "failed_test", "seconds"}``; verdicts and reasons: README.md, "The code sandbox"."""
     import secrets
 
     limits = limits or SandboxLimits()
