@@ -28,12 +28,13 @@ from pydantic import ConfigDict, Field
 from pipeline.core import resources
 from pipeline.core.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from stages.common.chat import TextRenderer, template_rewrites_reasoning
-from stages.common.training import TrainingStage, TrainResources, run_training
+from stages.common.train_recipe import recipe_start, trl_args, without_printer
+from stages.common.training import TrainingStage, TrainParams, run_training
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-class Params(TrainResources):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, json_schema_extra=NOT_OUTPUT,
                               description="starting model folder or URI (or wire input 'model'); also the reference")
@@ -47,20 +48,13 @@ class Params(TrainResources):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
                                                  description="template variables, as generation used them "
                                                              "(e.g. {enable_thinking: true} for Qwen3)")
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="overrides epochs when > 0")
     learning_rate: float = Field(1e-6, gt=0)
     lr_scheduler: str = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="global batch of pairs per optimizer step")
-    grad_accum: int = Field(1, ge=1)
-    seed: int = 0
     gradient_checkpointing: bool = False
-    bf16: bool = False
-
-    def per_device_batch(self) -> int:
-        return self.batch_size // (self.num_workers * self.grad_accum)
+    # epochs, max_steps, grad_accum, seed, bf16: TrainParams; where and how it runs: TrainResources
 
 
 def _text_pairs(tok, kwargs: dict | None = None):
@@ -98,33 +92,22 @@ def pair_lengths(tok, batch: dict, kwargs: dict | None = None) -> list[int]:
 
 
 def dpo_config(p: Params, output_dir: str):
-    import torch
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=output_dir, num_train_epochs=p.epochs, max_steps=p.max_steps, learning_rate=p.learning_rate,
-        lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio, weight_decay=p.weight_decay,
-        per_device_train_batch_size=p.per_device_batch(), gradient_accumulation_steps=p.grad_accum,
-        max_length=p.max_length, beta=p.beta, loss_type=p.loss_type,
-        precompute_ref_log_probs=p.precompute_ref_log_probs, seed=p.seed, data_seed=p.seed,
-        gradient_checkpointing=p.gradient_checkpointing, bf16=p.bf16, fp16=False,
-        use_cpu=p.num_gpus == 0 or not torch.cuda.is_available(), logging_steps=p.logging_steps,
-        save_strategy="steps", save_steps=p.checkpoint_every, save_total_limit=1, report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0,
+        **trl_args(p, output_dir), weight_decay=p.weight_decay, max_length=p.max_length, beta=p.beta,
+        loss_type=p.loss_type, precompute_ref_log_probs=p.precompute_ref_log_probs,
+        gradient_checkpointing=p.gradient_checkpointing,
     )
 
 
 def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     """The recipe ``stages.common.training.train_loop`` calls on each worker."""
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOTrainer
 
-    disable_progress_bar()
-    p = Params.model_validate(params)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    cache = os.path.join(work, "datasets-cache")
+    p, tok, cache = recipe_start(Params, model_dir, params, work)
     data = Dataset.from_parquet(files, columns=list(PAIR_COLUMNS), cache_dir=cache)
     text = _text_pairs(tok, p.chat_template_kwargs)
     if text is not None:
@@ -135,9 +118,8 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
         data = data.map(lambda b: {"chat_template_kwargs": [kw] * len(b["prompt"])}, batched=True,
                         cache_file_name=os.path.join(cache, "pairs-kwargs.arrow"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    trainer = DPOTrainer(model=model, args=dpo_config(p, work), train_dataset=data, processing_class=tok)
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+    return without_printer(DPOTrainer(model=model, args=dpo_config(p, work), train_dataset=data,
+                                      processing_class=tok))
 
 
 class DPO(TrainingStage):

@@ -36,13 +36,12 @@ from pydantic import ConfigDict, Field
 from pipeline.core.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from stages.common.checkers import FORMAT_PASSED_REASONS, FormatSpec
 from stages.common.sandbox import CodeSpec
-from stages.common.training import TrainingStage, TrainResources, run_training
+from stages.common.train_recipe import recipe_start, trl_args, without_printer
+from stages.common.training import TrainingStage, TrainParams, run_training
 
 
-class Params(TrainResources):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, json_schema_extra=NOT_OUTPUT,
-                              description="starting model folder or URI (or wire input 'model')")
     num_generations: int = Field(8, ge=2, description="completions per prompt (the group)")
     max_completion_length: int = Field(256, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -59,19 +58,12 @@ class Params(TrainResources):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET)
     vllm_mode: Literal["none", "colocate", "server"] = Field("none", json_schema_extra=NOT_OUTPUT,
                                                              description="GPUs only: TRL's vLLM generation")
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="overrides epochs when > 0")
     learning_rate: float = Field(1e-6, gt=0)
     lr_scheduler: str = "constant"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(16, ge=2, description="completions per optimizer step, all workers: a multiple of "
                                                   "num_generations")
-    grad_accum: int = Field(1, ge=1)
-    seed: int = 0
-    bf16: bool = False
-
-    def per_device_batch(self) -> int:
-        return self.batch_size // (self.num_workers * self.grad_accum)
+    # model, epochs, max_steps, grad_accum, seed, bf16: TrainParams; where and how it runs: TrainResources
 
 
 class VerifierReward:
@@ -136,30 +128,21 @@ def grpo_config(p: Params, output_dir: str):
 
     gpu = p.num_gpus > 0 and torch.cuda.is_available()
     return GRPOConfig(
-        output_dir=output_dir, num_train_epochs=p.epochs, max_steps=p.max_steps, learning_rate=p.learning_rate,
-        lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
-        per_device_train_batch_size=p.per_device_batch(), gradient_accumulation_steps=p.grad_accum,
+        **trl_args(p, output_dir),  # its use_cpu is the same as not gpu
         num_generations=p.num_generations, max_completion_length=p.max_completion_length,
         temperature=p.temperature, beta=p.beta, loss_type=p.loss_type, scale_rewards=p.scale_rewards,
         use_vllm=gpu and p.vllm_mode != "none", vllm_mode=p.vllm_mode if p.vllm_mode != "none" else "colocate",
         chat_template_kwargs=dict(p.chat_template_kwargs) or None,
-        seed=p.seed, data_seed=p.seed, bf16=p.bf16, fp16=False, use_cpu=not gpu, logging_steps=p.logging_steps,
-        save_strategy="steps", save_steps=p.checkpoint_every, save_total_limit=1, report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0,
     )
 
 
 def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     """The recipe ``stages.common.training.train_loop`` calls on each worker."""
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
-    disable_progress_bar()
-    p = Params.model_validate(params)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    cache = os.path.join(work, "datasets-cache")
+    p, tok, cache = recipe_start(Params, model_dir, params, work)
     import pyarrow.parquet as pq
 
     names = set(pq.read_schema(files[0]).names)
@@ -170,10 +153,8 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     reward = VerifierReward(p.format, p.timeout_s, p.max_completion_length, p.format_reward, p.checker, p.code,
                             p.code_workers)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_config(p, work), train_dataset=data,
-                          processing_class=tok)
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+    return without_printer(GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_config(p, work),
+                                       train_dataset=data, processing_class=tok))
 
 
 class GRPO(TrainingStage):
@@ -185,8 +166,8 @@ class GRPO(TrainingStage):
     def more_problems(self) -> list[tuple[str, str]]:
         p: Params = self.params
         if p.batch_size % p.num_generations:
-            return [("batch_size", f"{p.batch_size} completions per step is not a whole number of groups of "
-                                   f"num_generations {p.num_generations}")]
+            return [("batch_size", (f"{p.batch_size} completions per step is not a whole number of groups of "
+                                    f"num_generations {p.num_generations}"))]
         return []
 
     def run(self, ctx: StageContext) -> None:

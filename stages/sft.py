@@ -50,10 +50,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.core.stage import KEYED_WHEN_SET, NOT_OUTPUT, StageContext, StageError
 from pipeline.sizing import fit
 from stages.common.chat import TextRenderer, template_rewrites_reasoning
+from stages.common.train_recipe import without_printer
 from stages.common.training import (  # noqa: F401 (the training names tests and benchmarks read from here)
     PEAK_FLOPS,
     SNAPSHOT,
     TrainingStage,
+    TrainParams,
     TrainResources,
     TrainState,
     count_tokens,
@@ -78,23 +80,15 @@ class LoraSpec(BaseModel):
     merge: bool = Field(True, description="merge the adapters into the saved weights (a plain checkpoint vLLM loads)")
 
 
-class Params(TrainResources):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
-    # the path keys nothing: the model's files key the stage (external_fingerprint, or the wired input's digest)
-    model: str | None = Field(None, json_schema_extra=NOT_OUTPUT,
-                              description="starting model folder or URI (or wire input 'model')")
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="overrides epochs when > 0")
     learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="global batch per optimizer step (all workers, all accumulation steps)")
-    grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=8)
-    seed: int = 0
     gradient_checkpointing: bool = False
-    bf16: bool = False
     batching: Literal["padded", "group_by_length", "padding_free"] = "padded"
     lm_head: Literal["auto", "fused", "full"] = Field(
         "auto", description="auto: full when a micro-batch's float32 logits (batch_size / grad_accum x "
@@ -106,10 +100,8 @@ class Params(TrainResources):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=KEYED_WHEN_SET,
                                                  description="template variables, as generation used them "
                                                              "(e.g. {enable_thinking: true} for Qwen3)")
+    # model, epochs, max_steps, grad_accum, seed, bf16: TrainParams
     # where and how it runs (num_workers, num_cpus, ..., checkpoint_every): TrainResources
-
-    def per_device_batch(self) -> int:
-        return self.batch_size // (self.num_workers * self.grad_accum)
 
     def resolved_lm_head(self, vocab_size: int) -> str:
         """``lm_head`` with ``auto`` decided. The bound takes the whole global micro-batch (not the
@@ -233,7 +225,7 @@ def build_trainer(model_dir: str, rows, p: Params, output_dir: str, save: bool =
     (``training_dataset``), or dicts with ``messages``; rows that are not chat turns ending with
     the assistant raise."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -261,9 +253,7 @@ def build_trainer(model_dir: str, rows, p: Params, output_dir: str, save: bool =
     trainer = trainer_class()(model=model, args=sft_config(p, output_dir, save),
                               train_dataset=train, processing_class=tok, peft_config=peft_config)
     trainer.lm_head = p.resolved_lm_head(model.get_output_embeddings().weight.shape[0])
-    # without tqdm, transformers prints every log dict to stdout; the stage draws its own progress
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+    return without_printer(trainer)
 
 
 @functools.cache

@@ -40,12 +40,30 @@ class TrainResources(BaseModel):
     logging_steps: int = Field(10, ge=1, json_schema_extra=NOT_OUTPUT)
 
 
-# Dense peak FLOP/s used for MFU, by GPU name fragment (bf16 tensor cores / fp32).
+class TrainParams(TrainResources):
+    """The settings every training stage declares alike; a stage adds its own, with ``batch_size``
+    (the global batch per optimizer step) and its schedule's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    # the path keys nothing: the model's files key the stage (external_fingerprint, or the wired input's digest)
+    model: str | None = Field(None, json_schema_extra=NOT_OUTPUT,
+                              description="starting model folder or URI (or wire input 'model')")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="overrides epochs when > 0")
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    bf16: bool = False
+
+    def per_device_batch(self) -> int:
+        """One worker's share of one accumulation step of the global batch."""
+        return self.batch_size // (self.num_workers * self.grad_accum)
+
+
 class TrainingStage(Stage):
     """What the training stages (sft, dpo, grpo) share: inputs ``data`` and an optional ``model``
     (else ``params.model``), output ``model``, keyed by the starting model's files, and the
     checks of a global batch split over workers. Params need ``model``, ``batch_size``,
-    ``grad_accum`` and ``TrainResources``."""
+    ``grad_accum`` and ``TrainResources`` (``TrainParams`` has them but ``batch_size``)."""
 
     code_hash: ClassVar[bool] = False
     inputs: ClassVar[dict] = {"data": "dataset", "model": "model"}
@@ -56,8 +74,8 @@ class TrainingStage(Stage):
         p = self.params
         out = resources.model_params_problems(p, ("model",)) + self.more_problems()
         if p.batch_size % (p.num_workers * p.grad_accum):
-            out.append(("batch_size", f"the global batch {p.batch_size} must be a multiple of "
-                                      f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})"))
+            out.append(("batch_size", (f"the global batch {p.batch_size} must be a multiple of "
+                                       f"num_workers x grad_accum ({p.num_workers} x {p.grad_accum})")))
         return out
 
     def more_problems(self) -> list[tuple[str, str]]:
@@ -68,6 +86,7 @@ class TrainingStage(Stage):
         return resources.model_params_fingerprint(self.params, ("model",))
 
 
+# Dense peak FLOP/s used for MFU, by GPU name fragment (bf16 tensor cores / fp32).
 PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
               "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10G": (125e12, 31.2e12)}
 
@@ -347,13 +366,24 @@ def run_training(ctx: StageContext, p, recipe: str, metrics: dict | None = None)
     ``train_loop``). The stage's inputs are ``data`` and ``model``, its output ``model``.
     Fills the stage record (loss curve, tokens/s, worker starts, checkpoints, MFU; ``metrics``
     added) and returns the last snapshot of the workers' state."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    storage_path, storage_fs = ray_storage(ctx.storage, ctx.checkpoint_root)
+    storage = ray_storage(ctx.storage, ctx.checkpoint_root)
     lineage = lineage_with_data(ctx)
     name = f"train-{ctx.fingerprint}"
+    _prepare_resume(ctx, name)
+    state = _fresh_state_actor(ctx.fingerprint)
+    trainer = _torch_trainer(p, _loop_config(ctx, p, recipe, state, lineage), name, storage)
+    t0 = time.time()
+    outcome, snap = _fit_following(ctx, trainer, state, t0)
+    seconds = time.time() - t0
+    _raise_unless_saved(outcome, snap)
+    ctx.adopt("model", "model")
+    ctx.metrics.update({**_training_record(ctx, p, snap, lineage, name, seconds), **(metrics or {})})
+    ctx.log(json.dumps({k: v for k, v in ctx.metrics.items() if k not in ("loss_curve", "worker_starts", "curves")}))
+    return snap
+
+
+def _prepare_resume(ctx: StageContext, name: str) -> None:
+    """Log the checkpoint step the run ``name`` resumes from; a torn snapshot is moved aside (step 0)."""
     try:
         step = registered_checkpoint_step(ctx.storage, f"{ctx.checkpoint_root}/{name}")
     except TornSnapshot as e:  # Ray Train would fail on it: set it aside and train from the start
@@ -363,56 +393,93 @@ def run_training(ctx: StageContext, p, recipe: str, metrics: dict | None = None)
         step = None
     if step is not None:
         ctx.log(f"resuming from the checkpoint at step {step} ({ctx.storage.uri(ctx.checkpoint_root)}/{name})")
+
+
+def _fresh_state_actor(fingerprint: str):
+    """A new named :class:`TrainState` actor for the run, replacing one an earlier attempt left."""
+    import ray
+
     try:  # left over by an earlier attempt in this Ray session
-        ray.kill(ray.get_actor(state_actor_name(ctx.fingerprint)))
+        ray.kill(ray.get_actor(state_actor_name(fingerprint)))
     except ValueError:
         pass
-    state = ray.remote(num_cpus=0)(TrainState).options(name=state_actor_name(ctx.fingerprint)).remote()
+    return ray.remote(num_cpus=0)(TrainState).options(name=state_actor_name(fingerprint)).remote()
+
+
+def _loop_config(ctx: StageContext, p, recipe: str, state, lineage: dict) -> dict:
+    """What ``train_loop`` gets on every worker: params, storage, state actor, recipe, paths, lineage."""
+    return {"params": p.model_dump(mode="json"), "storage": ctx.storage, "state": state,
+            "recipe": recipe, "model_uri": ctx.model_uri("model", p.model),
+            "data_path": ctx.inputs["data"].path, "out_path": ctx.output_path("model"),
+            "lineage": lineage}
+
+
+def _torch_trainer(p, loop_config: dict, name: str, storage: tuple):
+    """Ray Train's ``TorchTrainer`` running ``train_loop`` on ``p``'s workers, its run ``name`` in ``storage``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = storage
     per_worker = {"CPU": p.num_cpus, **({"GPU": p.num_gpus} if p.num_gpus else {}), **p.resources}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"params": p.model_dump(mode="json"), "storage": ctx.storage, "state": state,
-                           "recipe": recipe, "model_uri": ctx.model_uri("model", p.model),
-                           "data_path": ctx.inputs["data"].path, "out_path": ctx.output_path("model"),
-                           "lineage": lineage},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.num_gpus > 0,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=p.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)),
     )
+
+
+def _fit_following(ctx: StageContext, trainer, state, t0: float) -> tuple[dict, dict]:
+    """Fit on a thread while drawing progress, then kill the state actor; the outcome and the last snapshot."""
+    import ray
+
     outcome: dict = {}
 
     def fit():
         try:
             outcome["result"] = trainer.fit()
-        except BaseException as e:  # reported on the driver thread below
+        except BaseException as e:  # noqa: BLE001 (reported on the driver thread by run_training)
             outcome["error"] = e
 
-    t0 = time.time()
     thread = threading.Thread(target=fit, name="train-fit", daemon=True)
     thread.start()
     try:
         snap = _follow(ctx, state, thread, t0)
     finally:
         ray.kill(state)
-    seconds = time.time() - t0
+    return outcome, snap
+
+
+def _raise_unless_saved(outcome: dict, snap: dict) -> None:
+    """Raise a StageError when the fit failed or ended without rank 0 saving the model."""
     if "error" in outcome:
         err = outcome["error"]
         raise StageError(f"training failed after {len(snap['starts'])} worker start(s): "
                          f"{type(err).__name__}: {err}") from err
     if snap["final"] is None:
         raise StageError("training ended without rank 0 saving the model")
-    ctx.adopt("model", "model")
-    final = snap["final"]
-    tok_s = snap["tokens"] / snap["train_seconds"] if snap["train_seconds"] else 0.0
+
+
+def _worker_starts(snap: dict) -> list[dict]:
+    """Per worker-group start: the checkpoint step it resumed from and the first and last step it ran."""
     starts = []
     for st in (s for s in snap["starts"] if s["rank"] == 0):
         ran = [step for a, step in snap["steps"] if a == st["attempt"]]
         starts.append({"resumed_from_step": st["resumed_from_step"],
                        "first_step": ran[0] if ran else None, "last_step": ran[-1] if ran else None})
+    return starts
+
+
+def _training_record(ctx: StageContext, p, snap: dict, lineage: dict, name: str, seconds: float) -> dict:
+    """The stage record's training figures, from the workers' last snapshot."""
+    final = snap["final"]
+    tok_s = snap["tokens"] / snap["train_seconds"] if snap["train_seconds"] else 0.0
+    starts = _worker_starts(snap)
     known = {"steps", "train_loss", "last_attempt_seconds", "non_embedding_parameters"}
-    ctx.metrics.update({
+    return {
         "rows": lineage["trained_on"][0]["rows"],  # from the manifest read once for the lineage
         "steps": final["steps"],
         "planned_steps": snap["total_steps"],
@@ -433,10 +500,7 @@ def run_training(ctx: StageContext, p, recipe: str, metrics: dict | None = None)
         "checkpoint_dir": ctx.storage.uri(f"{ctx.checkpoint_root}/{name}"),
         "non_embedding_parameters": final["non_embedding_parameters"],
         **mfu(p, final["non_embedding_parameters"], tok_s),
-        **(metrics or {}),
-    })
-    ctx.log(json.dumps({k: v for k, v in ctx.metrics.items() if k not in ("loss_curve", "worker_starts", "curves")}))
-    return snap
+    }
 
 
 def _follow(ctx: StageContext, state, thread: threading.Thread, t0: float) -> dict:
@@ -450,7 +514,7 @@ def _follow(ctx: StageContext, state, thread: threading.Thread, t0: float) -> di
         alive = thread.is_alive()
         try:
             snap = ray.get(state.snapshot.remote(), timeout=30)
-        except Exception:  # the driver keeps waiting on fit(); progress is best effort
+        except Exception:  # noqa: BLE001 (the driver keeps waiting on fit(); progress is best effort)
             snap = snap or {"starts": [], "steps": [], "losses": [], "curves": {}, "checkpoints": [], "tokens": 0,
                             "train_seconds": 0.0, "total_steps": None, "final": None, "last_step": 0}
         for s in snap["starts"]:
