@@ -219,71 +219,32 @@ class Generate(Stage):
         p: Params = self.params
         model_uri = ctx.model_uri("model", p.model)
         # metadata only: the input's prompt ids in order, and the keys already committed
-        order: dict[str, int] = {}
-        for t in _iter(ctx, ["prompt_id"]):
-            for pid in t.column("prompt_id").to_pylist():
-                order.setdefault(pid, len(order))
-        committed: set[tuple[str, int]] = set()
-        spent = 0  # completion tokens of the committed samples of these prompts (for a budget)
-        for path in ctx.committed_checkpoints():  # the key columns only, never the text
-            t = ctx.storage.read_dataset(path, columns=["prompt_id", "sample_index", "completion_tokens"])
-            for k, tokens in zip(zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist()),
-                                 t.column("completion_tokens").to_pylist()):
-                if k[0] in order and k not in committed:
-                    committed.add(k)
-                    spent += tokens or 0
+        order = _prompt_order(ctx)
+        committed, spent = _committed_keys(ctx, order)
         resumed = {pid for pid, _ in committed}
-        gate = None
-        if p.budget is not None:
-            e = p.engine
-            gate = _BudgetGate(p.budget, spent, p.sampling.n, p.sampling.max_tokens,
-                               e.replicas * e.tensor_parallel_size * max(1, int(-(-e.num_gpus // 1))))
+        gate = _budget_gate(p, spent)
         bar = ctx.progress("generating", len(order))
-        state = {"tokens": 0, "pool": None, "usage": None}
-
-        def sample(requests: Iterable[dict | None]) -> Iterator[list[dict]]:
-            """Generate; commit each batch of finished prompts as a checkpoint, then yield it."""
-            if state["pool"] is None:
-                state["pool"] = pool = open_engines(model_uri, p.engine, p.chat_template, p.system_prompt,
-                                                    p.chat_template_kwargs)
-                if pool.reused:  # kept from an earlier stage (DISTILL_KEEP_ENGINES): nothing started
-                    ctx.metrics["engine_reused"] = True
-                else:
-                    ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
-                state["usage"] = pool.usage()
-                if gate is not None:
-                    gate.t0 = time.monotonic()
-            if gate is not None:
-                requests = gate.gate(requests)
-            for batch in state["pool"].generate(requests, p.sampling, keep=PROMPT_COLUMNS[1:]):
-                part = ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
-                part.write(pa.Table.from_pylist(batch, schema=SAMPLES_SCHEMA))
-                part.commit(SAMPLES_SCHEMA)
-                state["tokens"] += sum(r["completion_tokens"] for r in batch)
-                if gate is not None:
-                    gate.returned(batch)
-                yield batch
-
+        sample = _Sampler(ctx, p, model_uri, gate)
         try:
             if p.sampling.strategy == "adaptive":
                 stats = self._adaptive(ctx, order, committed, sample, bar)
             else:
-                bar.advance(len(resumed))
-                todo = (r for t in _iter(ctx, PROMPT_COLUMNS) for r in t.to_pylist() if r["prompt_id"] not in resumed)
-                for batch in sample(_first_of_each(todo)):
-                    bar.advance(len({r["prompt_id"] for r in batch}))
-                stats = {}
-            if state["pool"] is not None:  # engine time and the actors' own CPU, this run's share
-                state["engine"] = state["pool"].usage_since(state["usage"], state["pool"].usage())
+                stats = self._fixed(ctx, resumed, sample, bar)
+            sample.measure()
         finally:
-            if state["pool"] is not None:  # requests lost with an engine actor and sent again
-                ctx.metrics["requeued_chunks"] = state["pool"].requeued_chunks
-                ctx.metrics["requeued_requests"] = state["pool"].requeued_requests
-                state["pool"].shutdown()
+            sample.close()
             bar.close()
-        self._write(ctx, order, stats, state["tokens"], len(resumed), gate)
-        if "engine" in state:
-            ctx.metrics["overhead"] = overhead(time.thread_time() - cpu0, time.process_time() - pcpu0, state["engine"])
+        self._write(ctx, order, stats, sample.tokens, len(resumed), gate)
+        if sample.engine is not None:
+            ctx.metrics["overhead"] = overhead(time.thread_time() - cpu0, time.process_time() - pcpu0, sample.engine)
+
+    def _fixed(self, ctx: StageContext, resumed: set[str], sample: _Sampler, bar) -> dict:
+        """``n`` samples for every prompt not resumed; no per-prompt stats."""
+        bar.advance(len(resumed))
+        todo = (r for t in _iter(ctx, PROMPT_COLUMNS) for r in t.to_pylist() if r["prompt_id"] not in resumed)
+        for batch in sample(_first_of_each(todo)):
+            bar.advance(len({r["prompt_id"] for r in batch}))
+        return {}
 
     def _adaptive(self, ctx: StageContext, order: dict[str, int], committed: set, sample, bar) -> dict:
         """Rounds of ``n`` samples per unfinished prompt; a prompt's next round is sent as soon as
@@ -291,73 +252,19 @@ class Generate(Stage):
         ``target_correct`` verified samples, ``max_samples`` samples or its token budget."""
         import ray
 
-        s = self.params.sampling
-        stats = {pid: {"samples": 0, "correct": 0, "tokens": 0} for pid in order}
-        seen: set[tuple[str, int]] = set()
-        fmt = self.params.format.model_dump()
-        # the checks run in a Ray actor on the cluster (no CPU reserved: it must never wait for
-        # the engines' CPUs), not in the driver
-        verifier = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(RowChecker).remote(
-            1, self.params.verify_timeout_s)
+        rounds = _Rounds(self.params, order)
+        columns = ["prompt_id", "sample_index", "completion", "answer", "completion_tokens", "error"]
         try:
-
-            def count(rows: list[dict]) -> None:
-                """Verify rows and add them to their prompts' counts (each key once)."""
-                rows = [r for r in rows if r["prompt_id"] in stats and (r["prompt_id"], r["sample_index"]) not in seen]
-                if not rows:
-                    return
-                for r, v in zip(rows, ray.get(verifier.check.remote(rows, fmt, "math"))):
-                    seen.add((r["prompt_id"], r["sample_index"]))
-                    st = stats[r["prompt_id"]]
-                    st["samples"] += 1
-                    st["correct"] += v["verdict"] == "correct"
-                    st["tokens"] += r["completion_tokens"]
-
             if committed:  # resumed samples count toward their prompts, verified batch by batch
                 for path in ctx.committed_checkpoints():  # one checkpoint (a commit batch) at a time
-                    count(ctx.storage.read_dataset(path, columns=["prompt_id", "sample_index", "completion", "answer",
-                                                                  "completion_tokens", "error"]).to_pylist())
-
-            def finished(st: dict) -> bool:
-                return (st["correct"] >= s.target_correct or st["samples"] >= s.max_samples
-                        or (s.max_tokens_per_prompt is not None and st["tokens"] >= s.max_tokens_per_prompt)
-                        or (s.give_up_after is not None and st["correct"] == 0 and st["samples"] >= s.give_up_after))
-
-            def request(row: dict) -> dict:
-                st = stats[row["prompt_id"]]
-                return {**{k: row[k] for k in PROMPT_COLUMNS}, "offset": st["samples"],
-                        "n": min(s.n, s.max_samples - st["samples"])}
-
-            bar.advance(sum(finished(st) for st in stats.values()))
-            again: collections.deque = collections.deque()  # next rounds, sent before new prompts
-            out = set()  # prompts with a round in flight
-
-            def source() -> Iterator[dict | None]:
-                first = (r for t in _iter(ctx, PROMPT_COLUMNS) for r in t.to_pylist())
-                for r in _first_of_each(first):
-                    while again:
-                        yield again.popleft()
-                    if not finished(stats[r["prompt_id"]]):
-                        out.add(r["prompt_id"])
-                        yield request(r)
-                while again or out:
-                    if again:
-                        yield again.popleft()
-                    else:
-                        yield None  # the rest wait on their verification
-
-            for batch in sample(source()):
-                count(batch)
-                for r in {r["prompt_id"]: r for r in batch}.values():  # one request per prompt
-                    out.discard(r["prompt_id"])
-                    if finished(stats[r["prompt_id"]]):
-                        bar.advance(1)
-                    else:
-                        out.add(r["prompt_id"])
-                        again.append(request(r))
+                    rounds.count(ctx.storage.read_dataset(path, columns=columns).to_pylist())
+            bar.advance(sum(rounds.finished(st) for st in rounds.stats.values()))
+            for batch in sample(rounds.source(ctx)):
+                rounds.count(batch)
+                rounds.next_rounds(batch, bar)
         finally:
-            ray.kill(verifier)
-        return stats
+            ray.kill(rounds.verifier)
+        return rounds.stats
 
     def _write(self, ctx: StageContext, order: dict[str, int], stats: dict, generated: int, resumed: int,
                gate: _BudgetGate | None = None) -> None:
@@ -369,10 +276,7 @@ class Generate(Stage):
         plan, paths = _plan(ctx, order)  # the key columns of every output row, in output order
         n_out = plan.num_rows
         errored = plan.filter(pc.is_valid(plan.column("error")))
-        reasons: dict[str, int] = {}
-        for e in errored.column("error").to_pylist():
-            code = e.split(":")[0]
-            reasons[code] = reasons.get(code, 0) + 1
+        reasons = _error_reasons(errored)
         errors = errored.num_rows
         tokens = int(pc.sum(plan.column("completion_tokens")).as_py() or 0)
         ctx.drop_counts("errored", reasons)  # passed on, with their error
@@ -382,35 +286,8 @@ class Generate(Stage):
         want = per.num_rows if exhausted else len(order)  # past a budget: whole prompts, fewer of them
         if p.sampling.strategy == "fixed" and n_out != want * p.sampling.n:
             raise StageError(f"expected {want * p.sampling.n} samples, assembled {n_out}")
-        writer = ctx.dataset_writer("samples")
-        forcing = {"forced_answers": 0, "waits": 0, "thinking_tokens": 0, "ok": 0}
-        for chunk in _gather(ctx, plan, paths):
-            writer.write(chunk)
-            ok = chunk.filter(pc.is_null(chunk.column("error")))
-            forcing["ok"] += ok.num_rows
-            forcing["forced_answers"] += int(pc.sum(pc.cast(pc.fill_null(ok.column("forced_answer"), False),
-                                                             pa.int64())).as_py() or 0)
-            forcing["waits"] += int(pc.sum(ok.column("waits")).as_py() or 0)
-            forcing["thinking_tokens"] += int(pc.sum(ok.column("thinking_tokens")).as_py() or 0)
-        per_prompt = {pid: (n, t) for pid, n, t in zip(per.column("prompt_id").to_pylist(),
-                                                       per.column("sample_index_count").to_pylist(),
-                                                       per.column("completion_tokens_sum").to_pylist())}
-
-        def stat_tables():
-            rows = []
-            for pid in order:
-                st = stats.get(pid)
-                n, t = per_prompt.get(pid, (0, 0))
-                rows.append({"prompt_id": pid, "samples": n, "completion_tokens": t or 0,
-                             "correct": st["correct"] if st else None,
-                             "est_pass_rate": st["correct"] / st["samples"] if st and st["samples"] else None,
-                             "exhausted_unsolved": (st["correct"] == 0) if st and st["samples"] else None})
-                if len(rows) >= 65536:
-                    yield pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
-                    rows = []
-            yield pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
-
-        ctx.write_dataset("prompt_stats", stat_tables())
+        writer, forcing = _write_samples(ctx, plan, paths)
+        ctx.write_dataset("prompt_stats", _stat_tables(order, stats, _per_prompt(per)))
         ctx.metrics.update({"prompts": len(order), "samples": n_out, "completion_tokens": tokens,
                             "generated_tokens_this_attempt": generated, "resumed_prompts": resumed,
                             "errored_samples": errors})
@@ -418,6 +295,14 @@ class Generate(Stage):
             ctx.metrics["budget_exhausted"] = figures = gate.figures(len(order), per.num_rows)
             ctx.log(f"budget exhausted ({figures['reason']}): {figures['prompts_done']} of {len(order)} prompts "
                     f"sampled, {figures['spent_tokens']} completion tokens; a larger budget resumes from here")
+        self._sampling_metrics(ctx, stats, forcing)
+        if n_out and errors / n_out > p.max_error_rate:
+            raise StageError(error_summary(errored.select(["prompt_id", "error"]).to_pylist(), p.max_error_rate, n_out))
+        ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA)
+
+    def _sampling_metrics(self, ctx: StageContext, stats: dict, forcing: dict) -> None:
+        """The adaptive sampling and budget forcing figures, when those are on."""
+        p: Params = self.params
         if stats:
             ctx.metrics.update({
                 "strategy": "adaptive",
@@ -430,9 +315,210 @@ class Generate(Stage):
                 "forced_answers": forcing["forced_answers"], "waits": forcing["waits"],
                 "mean_thinking_tokens": round(forcing["thinking_tokens"] / max(1, forcing["ok"]), 1),
             }
-        if n_out and errors / n_out > p.max_error_rate:
-            raise StageError(error_summary(errored.select(["prompt_id", "error"]).to_pylist(), p.max_error_rate, n_out))
-        ctx.commit_dataset("samples", writer, SAMPLES_SCHEMA)
+
+
+class _Sampler:
+    """The stage's ``sample``: opens the engines at the first request, commits each batch of
+    finished prompts as a checkpoint, then yields it; keeps the engine usage of this run."""
+
+    def __init__(self, ctx: StageContext, p: Params, model_uri: str, gate: _BudgetGate | None):
+        self.ctx, self.p, self.model_uri, self.gate = ctx, p, model_uri, gate
+        self.tokens = 0  # completion tokens generated in this attempt
+        self.pool = None
+        self.usage = None  # the engines' usage when they were up
+        self.engine: dict | None = None  # engine time and the actors' own CPU, this run's share
+
+    def __call__(self, requests: Iterable[dict | None]) -> Iterator[list[dict]]:
+        """Generate; commit each batch of finished prompts as a checkpoint, then yield it."""
+        if self.pool is None:
+            self._open()
+        if self.gate is not None:
+            requests = self.gate.gate(requests)
+        for batch in self.pool.generate(requests, self.p.sampling, keep=PROMPT_COLUMNS[1:]):
+            part = self.ctx.checkpoint_writer(f"part-{uuid.uuid4().hex[:12]}")
+            part.write(pa.Table.from_pylist(batch, schema=SAMPLES_SCHEMA))
+            part.commit(SAMPLES_SCHEMA)
+            self.tokens += sum(r["completion_tokens"] for r in batch)
+            if self.gate is not None:
+                self.gate.returned(batch)
+            yield batch
+
+    def _open(self) -> None:
+        """Start (or reuse) the engines; the budget's clock starts once they are up."""
+        p, ctx = self.p, self.ctx
+        self.pool = pool = open_engines(self.model_uri, p.engine, p.chat_template, p.system_prompt,
+                                        p.chat_template_kwargs)
+        if pool.reused:  # kept from an earlier stage (DISTILL_KEEP_ENGINES): nothing started
+            ctx.metrics["engine_reused"] = True
+        else:
+            ctx.metrics["engine_startup_seconds"] = round(pool.startup_seconds, 2)
+        self.usage = pool.usage()
+        if self.gate is not None:
+            self.gate.t0 = time.monotonic()
+
+    def measure(self) -> None:
+        """This run's engine time and the actors' own CPU, when engines were used."""
+        if self.pool is not None:
+            self.engine = self.pool.usage_since(self.usage, self.pool.usage())
+
+    def close(self) -> None:
+        """Record the requests lost with an engine actor and sent again; stop the engines."""
+        if self.pool is not None:
+            self.ctx.metrics["requeued_chunks"] = self.pool.requeued_chunks
+            self.ctx.metrics["requeued_requests"] = self.pool.requeued_requests
+            self.pool.shutdown()
+
+
+class _Rounds:
+    """Adaptive sampling's state: per-prompt counts, the verifier actor, and the next rounds."""
+
+    def __init__(self, p: Params, order: dict[str, int]):
+        import ray
+
+        self.s = p.sampling
+        self.stats = {pid: {"samples": 0, "correct": 0, "tokens": 0} for pid in order}
+        self.seen: set[tuple[str, int]] = set()
+        self.fmt = p.format.model_dump()
+        # the checks run in a Ray actor on the cluster (no CPU reserved: it must never wait for
+        # the engines' CPUs), not in the driver
+        self.verifier = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(RowChecker).remote(
+            1, p.verify_timeout_s)
+        self.again: collections.deque = collections.deque()  # next rounds, sent before new prompts
+        self.out: set[str] = set()  # prompts with a round in flight
+
+    def count(self, rows: list[dict]) -> None:
+        """Verify rows and add them to their prompts' counts (each key once)."""
+        import ray
+
+        stats, seen = self.stats, self.seen
+        rows = [r for r in rows if r["prompt_id"] in stats and (r["prompt_id"], r["sample_index"]) not in seen]
+        if not rows:
+            return
+        for r, v in zip(rows, ray.get(self.verifier.check.remote(rows, self.fmt, "math"))):
+            seen.add((r["prompt_id"], r["sample_index"]))
+            st = stats[r["prompt_id"]]
+            st["samples"] += 1
+            st["correct"] += v["verdict"] == "correct"
+            st["tokens"] += r["completion_tokens"]
+
+    def finished(self, st: dict) -> bool:
+        """Whether a prompt with these counts stops: its target, its sample or token budget, or given up."""
+        s = self.s
+        return (st["correct"] >= s.target_correct or st["samples"] >= s.max_samples
+                or (s.max_tokens_per_prompt is not None and st["tokens"] >= s.max_tokens_per_prompt)
+                or (s.give_up_after is not None and st["correct"] == 0 and st["samples"] >= s.give_up_after))
+
+    def request(self, row: dict) -> dict:
+        """The next round's request for a prompt: ``n`` more samples (fewer at ``max_samples``)."""
+        st = self.stats[row["prompt_id"]]
+        return {**{k: row[k] for k in PROMPT_COLUMNS}, "offset": st["samples"],
+                "n": min(self.s.n, self.s.max_samples - st["samples"])}
+
+    def source(self, ctx: StageContext) -> Iterator[dict | None]:
+        """Requests: next rounds first, then new prompts; None while the rest wait on verification."""
+        first = (r for t in _iter(ctx, PROMPT_COLUMNS) for r in t.to_pylist())
+        for r in _first_of_each(first):
+            while self.again:
+                yield self.again.popleft()
+            if not self.finished(self.stats[r["prompt_id"]]):
+                self.out.add(r["prompt_id"])
+                yield self.request(r)
+        while self.again or self.out:
+            if self.again:
+                yield self.again.popleft()
+            else:
+                yield None  # the rest wait on their verification
+
+    def next_rounds(self, batch: list[dict], bar) -> None:
+        """After a verified batch: each of its prompts is done or has its next round queued."""
+        for r in {r["prompt_id"]: r for r in batch}.values():  # one request per prompt
+            self.out.discard(r["prompt_id"])
+            if self.finished(self.stats[r["prompt_id"]]):
+                bar.advance(1)
+            else:
+                self.out.add(r["prompt_id"])
+                self.again.append(self.request(r))
+
+
+def _prompt_order(ctx: StageContext) -> dict[str, int]:
+    """The input's prompt ids, each at its first position."""
+    order: dict[str, int] = {}
+    for t in _iter(ctx, ["prompt_id"]):
+        for pid in t.column("prompt_id").to_pylist():
+            order.setdefault(pid, len(order))
+    return order
+
+
+def _committed_keys(ctx: StageContext, order: dict[str, int]) -> tuple[set[tuple[str, int]], int]:
+    """The keys of these prompts already committed, and their completion tokens (for a budget)."""
+    committed: set[tuple[str, int]] = set()
+    spent = 0  # completion tokens of the committed samples of these prompts (for a budget)
+    for path in ctx.committed_checkpoints():  # the key columns only, never the text
+        t = ctx.storage.read_dataset(path, columns=["prompt_id", "sample_index", "completion_tokens"])
+        for k, tokens in zip(zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist()),
+                             t.column("completion_tokens").to_pylist()):
+            if k[0] in order and k not in committed:
+                committed.add(k)
+                spent += tokens or 0
+    return committed, spent
+
+
+def _budget_gate(p: Params, spent: int) -> _BudgetGate | None:
+    """The spending cap's gate (None without a cap), its GPUs counted over every replica."""
+    if p.budget is None:
+        return None
+    e = p.engine
+    return _BudgetGate(p.budget, spent, p.sampling.n, p.sampling.max_tokens,
+                       e.replicas * e.tensor_parallel_size * max(1, int(-(-e.num_gpus // 1))))
+
+
+def _error_reasons(errored: pa.Table) -> dict[str, int]:
+    """Errored samples by reason (the error's text before its first colon)."""
+    reasons: dict[str, int] = {}
+    for e in errored.column("error").to_pylist():
+        code = e.split(":")[0]
+        reasons[code] = reasons.get(code, 0) + 1
+    return reasons
+
+
+def _write_samples(ctx: StageContext, plan: pa.Table, paths: list[str]) -> tuple[Any, dict]:
+    """Write the planned rows to the ``samples`` writer (not committed), summing the budget
+    forcing figures of the rows without an error."""
+    writer = ctx.dataset_writer("samples")
+    forcing = {"forced_answers": 0, "waits": 0, "thinking_tokens": 0, "ok": 0}
+    for chunk in _gather(ctx, plan, paths):
+        writer.write(chunk)
+        ok = chunk.filter(pc.is_null(chunk.column("error")))
+        forcing["ok"] += ok.num_rows
+        forcing["forced_answers"] += int(pc.sum(pc.cast(pc.fill_null(ok.column("forced_answer"), False),
+                                                         pa.int64())).as_py() or 0)
+        forcing["waits"] += int(pc.sum(ok.column("waits")).as_py() or 0)
+        forcing["thinking_tokens"] += int(pc.sum(ok.column("thinking_tokens")).as_py() or 0)
+    return writer, forcing
+
+
+def _per_prompt(per: pa.Table) -> dict[str, tuple[int, int]]:
+    """Each prompt's (samples, completion tokens) from the plan's per-prompt aggregate."""
+    return {pid: (n, t) for pid, n, t in zip(per.column("prompt_id").to_pylist(),
+                                             per.column("sample_index_count").to_pylist(),
+                                             per.column("completion_tokens_sum").to_pylist())}
+
+
+def _stat_tables(order: dict[str, int], stats: dict, per_prompt: dict) -> Iterator[pa.Table]:
+    """The ``prompt_stats`` rows, in input order, as tables of up to 65,536 rows."""
+    rows = []
+    for pid in order:
+        st = stats.get(pid)
+        n, t = per_prompt.get(pid, (0, 0))
+        rows.append({"prompt_id": pid, "samples": n, "completion_tokens": t or 0,
+                     "correct": st["correct"] if st else None,
+                     "est_pass_rate": st["correct"] / st["samples"] if st and st["samples"] else None,
+                     "exhausted_unsolved": (st["correct"] == 0) if st and st["samples"] else None})
+        if len(rows) >= 65536:
+            yield pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+            rows = []
+    yield pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+
 
 
 PROMPT_COLUMNS = ["prompt_id", "prompt", "answer", "source"]

@@ -649,112 +649,35 @@ class EnginePool:
         import ray
         from ray.exceptions import RayActorError
 
-        sp = sampling.model_dump()
-        source = iter(rows)
-        retry: collections.deque = collections.deque()  # (row, tries) lost with an actor, first
-        client = uuid.uuid4().hex
-        tickets = itertools.count()
-        window = self.spec.window()
-        limit = window + self.prefetch(window)
-        outstanding: list[dict] = [{} for _ in self.actors]  # per replica: ticket -> (row, n, tries)
-        seqs = [0] * len(self.actors)
-        polls: dict[Any, int] = {}
-        dead: set[int] = set()
-        batch: list[dict] = []
-        batch_units, batch_t0 = 0, 0.0
-        exhausted = False
-        paused = False  # the source said "nothing more yet"
-
-        def take():
-            nonlocal exhausted, paused
-            if retry:
-                return retry.popleft()
-            if exhausted or paused:
-                return None
-            try:
-                row = next(source)
-            except StopIteration:
-                exhausted = True
-                return None
-            if row is None:
-                paused = True
-                return None
-            return row, 0
-
+        st = _Stream(self, rows, sampling)
         try:
             while True:
-                paused = False  # ask the source again: finished units may have given it more
-                for idx in range(len(self.actors)):
-                    if idx in dead:
-                        continue
-                    units = []
-                    while seqs[idx] < limit:
-                        got = take()
-                        if got is None:
-                            break
-                        row, tries = got
-                        n = row.get("n", sp["n"])
-                        ticket = next(tickets)
-                        outstanding[idx][ticket] = (row, n, tries)
-                        seqs[idx] += n
-                        units.append((ticket, row))
-                    if units:
-                        self.actors[idx].submit.remote(client, units, sp, window)  # a lost actor shows in its poll
-                    if outstanding[idx] and idx not in polls.values():
-                        polls[self.actors[idx].poll.remote(client, 2.0)] = idx
-                if not polls:
-                    if retry or not (exhausted or paused):
-                        raise RuntimeError(f"all {len(self.actors)} engine replicas are dead; units left to generate")
-                    if exhausted:
+                st.paused = False  # ask the source again: finished units may have given it more
+                st.send()
+                if not st.polls:
+                    if st.idle_end():
                         break
-                    if not batch:  # nothing in flight, nothing to hand back: the source can never go on
-                        raise RuntimeError("the request source paused with nothing in flight")
-                    out, batch, batch_units = batch, [], 0
-                    yield out  # the caller adds work from these rows
+                    yield st.cut()  # the caller adds work from these rows
                     continue
-                wait = None if not batch else max(0.0, batch_t0 + self.spec.commit_seconds - time.monotonic())
-                done, _ = ray.wait(list(polls), num_returns=1, timeout=wait)
+                wait = None if not st.batch else max(0.0, st.batch_t0 + self.spec.commit_seconds - time.monotonic())
+                done, _ = ray.wait(list(st.polls), num_returns=1, timeout=wait)
                 for ref in done:
-                    idx = polls.pop(ref)
+                    idx = st.polls.pop(ref)
                     try:
                         finished = ray.get(ref)
                     except RayActorError:
-                        lost = list(outstanding[idx].values())
-                        outstanding[idx], seqs[idx] = {}, 0
-                        if any(tries >= self.spec.max_restarts + 2 for _, _, tries in lost):
+                        if not st.requeue(idx):
                             raise
-                        if not self._wait_ready(idx):  # Ray restarts a crashed actor; one that stays down is dead
-                            dead.add(idx)
-                        retry.extend((row, tries + 1) for row, _, tries in lost)
-                        self.requeued_chunks += 1 if lost else 0
-                        self.requeued_requests += len(lost)
                         continue
-                    for ticket, unit_rows in finished:
-                        got = outstanding[idx].pop(ticket, None)
-                        if got is None:  # not ours any more (sent again elsewhere): never taken twice
-                            continue
-                        seqs[idx] -= got[1]
-                        if keep:
-                            for r in unit_rows:
-                                r.update({k: got[0].get(k) for k in keep})
-                        if not batch:
-                            batch_t0 = time.monotonic()
-                        batch.extend(unit_rows)
-                        batch_units += 1
-                        if batch_units >= self.spec.batch_size:
-                            out, batch, batch_units = batch, [], 0
-                            yield out
-                live = len(self.actors) - len(dead)
-                starving = paused and sum(seqs) * 2 < live * window  # the source waits on these rows
-                if batch and (starving or time.monotonic() - batch_t0 >= self.spec.commit_seconds):
-                    out, batch, batch_units = batch, [], 0
-                    yield out
-            if batch:
-                yield batch
+                    yield from st.receive(idx, finished, keep)
+                if st.due():
+                    yield st.cut()
+            if st.batch:
+                yield st.batch
         finally:
             for a in self.actors:  # a generator closed early: its queued units go, unread
                 try:
-                    a.cancel.remote(client)
+                    a.cancel.remote(st.client)
                 except Exception:
                     pass
 
@@ -836,6 +759,121 @@ class EnginePool:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+class _Stream:
+    """The state of one ``EnginePool.generate`` call: its source, the units in flight on each
+    replica, the polls out, the replicas dead for good, and the open commit batch."""
+
+    def __init__(self, pool: EnginePool, rows: Iterable[dict | None], sampling: SamplingSpec):
+        self.pool = pool
+        self.sp = sampling.model_dump()
+        self.source = iter(rows)
+        self.retry: collections.deque = collections.deque()  # (row, tries) lost with an actor, first
+        self.client = uuid.uuid4().hex
+        self.tickets = itertools.count()
+        self.window = pool.spec.window()
+        self.limit = self.window + pool.prefetch(self.window)
+        self.outstanding: list[dict] = [{} for _ in pool.actors]  # per replica: ticket -> (row, n, tries)
+        self.seqs = [0] * len(pool.actors)
+        self.polls: dict[Any, int] = {}
+        self.dead: set[int] = set()
+        self.batch: list[dict] = []
+        self.batch_units, self.batch_t0 = 0, 0.0
+        self.exhausted = False
+        self.paused = False  # the source said "nothing more yet"
+
+    def take(self) -> tuple[dict, int] | None:
+        """The next ``(row, tries)`` to send: a lost unit first, then the source's next row."""
+        if self.retry:
+            return self.retry.popleft()
+        if self.exhausted or self.paused:
+            return None
+        try:
+            row = next(self.source)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        if row is None:
+            self.paused = True
+            return None
+        return row, 0
+
+    def send(self) -> None:
+        """Fill each live replica up to ``limit`` sequences, and poll those with units out."""
+        actors = self.pool.actors
+        for idx in range(len(actors)):
+            if idx in self.dead:
+                continue
+            units = []
+            while self.seqs[idx] < self.limit:
+                got = self.take()
+                if got is None:
+                    break
+                row, tries = got
+                n = row.get("n", self.sp["n"])
+                ticket = next(self.tickets)
+                self.outstanding[idx][ticket] = (row, n, tries)
+                self.seqs[idx] += n
+                units.append((ticket, row))
+            if units:
+                actors[idx].submit.remote(self.client, units, self.sp, self.window)  # a lost actor shows in its poll
+            if self.outstanding[idx] and idx not in self.polls.values():
+                self.polls[actors[idx].poll.remote(self.client, 2.0)] = idx
+
+    def idle_end(self) -> bool:
+        """With nothing in flight: True at the end of the source; else the open batch goes back
+        to the caller. Raises when no replica is left, or when nothing can ever go on."""
+        if self.retry or not (self.exhausted or self.paused):
+            raise RuntimeError(f"all {len(self.pool.actors)} engine replicas are dead; units left to generate")
+        if self.exhausted:
+            return True
+        if not self.batch:  # nothing in flight, nothing to hand back: the source can never go on
+            raise RuntimeError("the request source paused with nothing in flight")
+        return False
+
+    def requeue(self, idx: int) -> bool:
+        """Replica ``idx`` was lost with its units: queue them again (False, queuing nothing, when
+        one of them has been tried too often); a replica that does not come back is dead."""
+        pool = self.pool
+        lost = list(self.outstanding[idx].values())
+        self.outstanding[idx], self.seqs[idx] = {}, 0
+        if any(tries >= pool.spec.max_restarts + 2 for _, _, tries in lost):
+            return False
+        if not pool._wait_ready(idx):  # Ray restarts a crashed actor; one that stays down is dead
+            self.dead.add(idx)
+        self.retry.extend((row, tries + 1) for row, _, tries in lost)
+        pool.requeued_chunks += 1 if lost else 0
+        pool.requeued_requests += len(lost)
+        return True
+
+    def receive(self, idx: int, finished: list[tuple], keep: tuple[str, ...]) -> Iterator[list[dict]]:
+        """Add the units replica ``idx`` finished to the open batch, yielding it when it is full."""
+        for ticket, unit_rows in finished:
+            got = self.outstanding[idx].pop(ticket, None)
+            if got is None:  # not ours any more (sent again elsewhere): never taken twice
+                continue
+            self.seqs[idx] -= got[1]
+            if keep:
+                for r in unit_rows:
+                    r.update({k: got[0].get(k) for k in keep})
+            if not self.batch:
+                self.batch_t0 = time.monotonic()
+            self.batch.extend(unit_rows)
+            self.batch_units += 1
+            if self.batch_units >= self.pool.spec.batch_size:
+                yield self.cut()
+
+    def due(self) -> bool:
+        """Whether the open batch goes now: ``commit_seconds`` old, or the source waits on it."""
+        live = len(self.pool.actors) - len(self.dead)
+        starving = self.paused and sum(self.seqs) * 2 < live * self.window  # the source waits on these rows
+        return bool(self.batch) and (starving or time.monotonic() - self.batch_t0 >= self.pool.spec.commit_seconds)
+
+    def cut(self) -> list[dict]:
+        """The open batch, handed over; a new one is opened."""
+        out, self.batch, self.batch_units = self.batch, [], 0
+        return out
 
 
 def actor_options(spec: EngineSpec) -> dict:
