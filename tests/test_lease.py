@@ -132,7 +132,7 @@ def test_a_slot_runs_once(root):
 def test_local_overwrite_compares_the_etag(tmp_path):
     """The local compare-and-swap refuses a write based on a version that is no longer there,
     even when the lease looks free to the writer."""
-    from pipeline.store.lease import ConditionFailed, _LocalBackend
+    from pipeline.store.conditional import ConditionFailed, _LocalBackend
 
     st = Storage(str(tmp_path / "root"))
     acquire(st, "s", "run-1", ttl=30).release()

@@ -127,7 +127,8 @@ def test_a_real_job_is_stopped_when_its_lease_is_taken_over(tmp_path):
     """The lease_lost path with a real job (not a fake executor): the holder's renewal fails, it
     stops the job, and the job's tree, Ray included, is gone."""
     from pipeline.store import layout
-    from pipeline.store.lease import _encode, conditional_store
+    from pipeline.store.conditional import conditional_store
+    from pipeline.store.lease import _encode
 
     root = str(tmp_path / "root")
     cfg = tmp_path / "slow.yaml"

@@ -1,7 +1,7 @@
 """``distill doctor ROOT``: prove that a storage root honours what leases and pointers rely on.
 
-Leases and fenced pointers (:mod:`pipeline.store.lease`) are safe only if the store refuses a
-conditional create of a key that exists (``If-None-Match: *``; locally ``O_EXCL``) and a
+Leases, commits and fenced pointers (:mod:`pipeline.store.conditional`) are safe only if the store refuses a
+conditional create of a key that exists (``If-None-Match: *``; locally ``link()``) and a
 compare-and-swap against a version that is no longer there (``If-Match: <ETag>``; locally the
 ``flock``-guarded digest check). Some S3-compatible stores accept those headers and ignore
 them. The doctor tries each on a scratch key under ``_doctor/`` and removes it afterwards.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from pipeline.store.lease import ConditionFailed, LeaseError, conditional_store
+from pipeline.store.conditional import ConditionalWriteError, ConditionFailed, conditional_store
 from pipeline.store.storage import Storage
 
 
@@ -31,7 +31,7 @@ def check_store(st: Storage) -> list[Check]:
     """Each check's outcome, on a scratch key of ``st``."""
     try:
         backend = conditional_store(st)
-    except LeaseError as e:
+    except ConditionalWriteError as e:
         return [Check("conditional writes", False, str(e))]
     path = st.path("_doctor", uuid.uuid4().hex)
     checks: list[Check] = []

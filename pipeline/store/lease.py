@@ -15,22 +15,13 @@ longer); locally it is the lock file's mtime, touched at the read, minus the lea
 
 **Fencing epoch.** Each grant (a create or a take-over) carries ``epoch``, one more than the
 lease's previous one; renewals keep it. Pointers that a run publishes are written with it and
-refuse a write of an older epoch (:func:`fenced_replace`).
+refuse a write of an older epoch (:func:`fenced_put`).
 
-Every write is conditional, so two contenders can never both believe they hold it:
-
-- **Take a free lease** (no object yet): a conditional create. On S3 ``If-None-Match: *``
-  (s3fs ``pipe_file(mode="create")``); locally ``os.open(O_CREAT | O_EXCL)``.
-- **Take over** an expired or released lease, **renew** a live one, **release** it: a
-  conditional overwrite that succeeds only if the object is still the version read before.
-  On S3 ``If-Match: <ETag>`` (HTTP 412 when it changed; a 409 concurrent-write conflict is
-  retried). Locally the ETag is the SHA-256 of the file's bytes (every write holds a fresh
-  nonce, so no two versions share one), and the compare-and-swap is: take an exclusive
-  ``flock`` on ``<lease>.lock``, re-read and compare the digest, write a temporary file,
-  fsync, ``os.replace`` it over the lease, unlock. ``flock`` is released by the kernel when a
-  holder dies, so a crashed process never leaves the lock held; readers take a shared lock,
-  so they never see a half-written lease. (Local storage is one machine's filesystem, or a
-  network filesystem whose ``flock`` is coherent, as NFSv4's is.)
+Every write is conditional (:mod:`pipeline.store.conditional`), so two contenders can never
+both believe they hold it: a free lease (no object yet) is taken by a conditional create; an
+expired or released one is taken over, a live one renewed and released, by a compare-and-swap
+on the version read before. Locally every write holds a fresh nonce, so no two versions share
+an ETag; readers take a shared lock, so they never see a lease mid-swap.
 
 A holder that lost its lease (it expired and someone took it over) fails its next renewal
 with :class:`LeaseLost`: its ETag no longer matches. The lease is never deleted, so the
@@ -39,22 +30,17 @@ at or before the recorded one fails with :class:`SlotTaken`.
 """
 from __future__ import annotations
 
-import email.utils
-import errno
-import fcntl
-import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.store import layout
-from pipeline.store.storage import Storage, s3_error_code  # noqa: F401  (s3_error_code re-exported)
+from pipeline.store.conditional import ConditionalWriteError, ConditionFailed, conditional_store, swap
+from pipeline.store.storage import Storage
 
 DEFAULT_TTL = 300.0
 _TRANSIENT = ("store_age", "store_resolution", "read_at")  # attached by read_lease, never written
@@ -65,7 +51,7 @@ def _now() -> float:
     return time.time()
 
 
-class LeaseError(RuntimeError):
+class LeaseError(ConditionalWriteError):
     pass
 
 
@@ -92,165 +78,8 @@ class LeaseLost(LeaseError):
     """The lease changed since this holder last wrote it: it was taken over."""
 
 
-class ConditionFailed(Exception):
-    """The conditional write failed: the object is not the version expected."""
-
-
 def _holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-# -- conditional reads and writes -----------------------------------------------------------------
-
-class _Backend:
-    def read(self, path: str) -> tuple[bytes, str] | None:
-        got = self.read_aged(path)
-        return None if got is None else got[:2]
-
-    def read_aged(self, path: str) -> tuple[bytes, str, float, float] | None:
-        """(bytes, ETag, seconds since it was written by the store's clock, that clock's resolution)."""
-    def create(self, path: str, data: bytes) -> str: ...
-    def replace(self, path: str, data: bytes, etag: str) -> str: ...
-
-
-class _LocalBackend(_Backend):
-    """``O_EXCL`` create and a ``flock``-guarded compare-and-swap (see the module docstring)."""
-
-    @staticmethod
-    def _etag(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
-
-    @contextmanager
-    def _locked(self, path: str, mode: int):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, mode)
-            yield
-        finally:
-            os.close(fd)  # releases the flock
-
-    @staticmethod
-    def _read_file(path: str) -> bytes | None:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def read_aged(self, path: str) -> tuple[bytes, str, float, float] | None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                    written = os.fstat(f.fileno()).st_mtime
-            except FileNotFoundError:
-                return None
-            try:
-                os.utime(fd)  # the filesystem's own "now" (a network filesystem's server sets it)
-            except OSError:  # not the owner of the lock file: read its clock through a scratch file
-                with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".clock-") as t:
-                    store_now = os.fstat(t.fileno()).st_mtime
-            else:
-                store_now = os.fstat(fd).st_mtime
-        finally:
-            os.close(fd)
-        return data, self._etag(data), max(0.0, store_now - written), 0.0
-
-    def create(self, path: str, data: bytes) -> str:
-        with self._locked(path, fcntl.LOCK_EX):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError as e:
-                raise ConditionFailed() from e
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        return self._etag(data)
-
-    def replace(self, path: str, data: bytes, etag: str) -> str:
-        with self._locked(path, fcntl.LOCK_EX):
-            current = self._read_file(path)
-            if current is None or self._etag(current) != etag:
-                raise ConditionFailed()
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-lease-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        return self._etag(data)
-
-
-class _S3Backend(_Backend):
-    """``If-None-Match: *`` and ``If-Match: <ETag>`` on S3 (or any S3 API that honours them)."""
-
-    def __init__(self, fs):
-        self.fs = fs
-
-    def read_aged(self, path: str) -> tuple[bytes, str, float, float] | None:
-        from fsspec.asyn import sync
-
-        bucket, key, _ = self.fs.split_path(path)
-
-        async def get():  # body, ETag and age from one GET, so they belong to the same version
-            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
-            try:
-                body = await resp["Body"].read()
-            finally:
-                resp["Body"].close()
-            headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            server_now = email.utils.parsedate_to_datetime(headers["date"]) if headers.get("date") else None
-            if server_now is None or resp.get("LastModified") is None:
-                raise LeaseError(f"{path}: the store sent no Date or Last-Modified; lease age cannot be measured")
-            age = (server_now - resp["LastModified"]).total_seconds()
-            return body, resp["ETag"], max(0.0, age), 1.0  # both to the second
-
-        try:
-            return sync(self.fs.loop, get)
-        except FileNotFoundError:
-            return None
-
-    def _put(self, path: str, data: bytes, **kwargs) -> str:
-        for attempt in range(20):
-            try:
-                out = self.fs.pipe_file(path, data, **kwargs)
-                return out["ETag"]
-            except FileExistsError as e:
-                raise ConditionFailed() from e
-            except OSError as e:
-                code, status = s3_error_code(e)
-                if code == "PreconditionFailed" or status == 412:
-                    raise ConditionFailed() from e
-                if e.errno == errno.EBUSY or code in ("ConditionalRequestConflict", "OperationAborted") or status == 409:
-                    time.sleep(0.05 * (attempt + 1))  # a concurrent write to the key: retry
-                    continue
-                raise
-        raise LeaseError(f"{path}: S3 kept answering 409 (concurrent writes)")
-
-    def create(self, path: str, data: bytes) -> str:
-        return self._put(path, data, mode="create")
-
-    def replace(self, path: str, data: bytes, etag: str) -> str:
-        return self._put(path, data, IfMatch=etag)
-
-
-def conditional_store(storage: Storage) -> _Backend:
-    """Conditional reads and writes (create-if-absent, replace-if-unchanged) for ``storage``; used
-    by the leases here and by other single-writer pointers (the promotion gate's ``best``)."""
-    if storage.is_local:
-        return _LocalBackend()
-    if storage.is_s3:
-        return _S3Backend(storage.fs)
-    raise LeaseError(f"leases need local or s3:// storage, not {storage.root_uri}")
 
 
 # -- the lease ------------------------------------------------------------------------------------
@@ -401,22 +230,25 @@ def fenced_put(storage: Storage, path: str, data: bytes, fence: dict,
     (``fence_of`` reads the fence of the current bytes). A compare-and-swap, so a newer run's
     write that lands in between is seen. Returns None when written, else the newer fence that
     refused it."""
-    backend = conditional_store(storage)
-    for _ in range(tries):
-        got = backend.read(path)
-        if got is not None:
-            try:
-                theirs = fence_of(got[0])
-            except Exception:  # unreadable or unfenced: not newer
-                theirs = None
-            if theirs and theirs.get("lease") == fence["lease"] and int(theirs.get("epoch") or 0) > fence["epoch"]:
-                return theirs
-        try:
-            if got is None:
-                backend.create(path, data)
-            else:
-                backend.replace(path, data, got[1])
-            return None
-        except ConditionFailed:
-            continue  # someone wrote in between: look again
-    raise LeaseError(f"{storage.uri(path)}: could not write after {tries} tries (concurrent writers)")
+    refused: dict | None = None
+
+    def update(current: bytes | None) -> bytes | None:
+        nonlocal refused
+        refused = newer_fence(current, fence, fence_of)
+        return None if refused else data
+
+    swap(storage, path, update, tries)
+    return refused
+
+
+def newer_fence(current: bytes | None, fence: dict | None, fence_of: Callable[[bytes], dict | None]) -> dict | None:
+    """The fence of ``current`` if it is a newer epoch of ``fence``'s lease, else None."""
+    if current is None or not fence:
+        return None
+    try:
+        theirs = fence_of(current)
+    except Exception:  # unreadable or unfenced: not newer
+        return None
+    if theirs and theirs.get("lease") == fence["lease"] and int(theirs.get("epoch") or 0) > fence["epoch"]:
+        return theirs
+    return None

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.ids import row_hash_sum
+from pipeline.store.conditional import ConditionFailed, conditional_store, s3_error_code  # noqa: F401
 
 MANIFEST = "_manifest.json"
 STAGE_RECORD = "_stage.json"  # a stage attempt's record, written last by the runner
@@ -42,21 +43,7 @@ class StorageError(RuntimeError):
     pass
 
 
-def s3_error_code(e: BaseException) -> tuple[str | None, int | None]:
-    """(S3 error code, HTTP status) of a botocore ``ClientError`` in ``e`` or what it wraps (s3fs
-    re-raises them as ``OSError``), read from the client's fields, never from the message text."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict) and "Error" in resp:
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return resp["Error"].get("Code"), int(status) if status else None
-        e = e.__cause__ or e.__context__
-    return None, None
-
-
-class AlreadyCommitted(StorageError, FileExistsError):
+class AlreadyCommitted(StorageError, FileExistsError, ConditionFailed):
     """Another writer committed this artifact first."""
 
 
@@ -101,6 +88,16 @@ class Storage:
     def strip(self, uri: str) -> str:
         return self.fs._strip_protocol(uri)
 
+    def locate(self, uri: str) -> tuple["Storage", str]:
+        """Where an artifact's URI lives, as (storage, path): on this storage's filesystem when the
+        protocol matches, else on a storage of its own."""
+        protocol = fsspec.utils.get_protocol(uri)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if protocol in protocols:
+            return self, self.strip(uri)
+        other = Storage(uri)
+        return other, other.root
+
     # -- small files -------------------------------------------------------
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
@@ -114,9 +111,16 @@ class Storage:
         self.put_bytes(path, data, exclusive=exclusive)
 
     def put_bytes(self, path: str, data: bytes, exclusive: bool = False) -> None:
-        """Write a whole object at once. ``exclusive`` makes it a conditional create."""
-        parent = path.rsplit("/", 1)[0]
+        """Write a whole object at once. ``exclusive`` makes it a conditional create
+        (:mod:`pipeline.store.conditional`), which raises :class:`AlreadyCommitted` if it exists."""
+        if exclusive:
+            try:
+                conditional_store(self).create(path, data)
+            except ConditionFailed as e:
+                raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
+            return
         if self.is_local:
+            parent = path.rsplit("/", 1)[0]
             os.makedirs(parent, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
             try:
@@ -124,30 +128,12 @@ class Storage:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                if exclusive:
-                    try:
-                        os.link(tmp, path)
-                    except FileExistsError as e:
-                        raise AlreadyCommitted(f"{path} was already committed") from e
-                else:
-                    os.replace(tmp, path)
+                os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
-        kwargs = {"chunksize": self.part_size} if self.is_s3 else {}
-        if exclusive:
-            try:
-                self.fs.pipe_file(path, data, mode="create", **kwargs)
-            except FileExistsError as e:
-                raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
-            except Exception as e:  # botocore ClientError PreconditionFailed (by its code, not its text)
-                code, status = s3_error_code(e)
-                if code == "PreconditionFailed" or status == 412:
-                    raise AlreadyCommitted(f"{self.uri(path)} was already committed") from e
-                raise
-        else:
-            self.fs.pipe_file(path, data, **kwargs)
+        self.fs.pipe_file(path, data, **({"chunksize": self.part_size} if self.is_s3 else {}))
 
     def ls(self, path: str) -> list[str]:
         try:

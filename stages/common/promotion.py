@@ -4,9 +4,8 @@
 its score and its per-prompt scores on the held-out set. A candidate replaces it only if its
 mean per-prompt difference from ``best`` (paired over the prompts both were scored on)
 exceeds ``z`` (default 2) paired standard errors; the first candidate of a pipeline is
-promoted. The pointer is written only by conditional writes (``If-None-Match: *`` /
-``If-Match: <ETag>`` on S3, ``O_EXCL`` / a ``flock``-guarded compare-and-swap locally, the
-same mechanism as the run leases), so when two runs promote at once exactly one write
+promoted. The pointer is written only by conditional writes (:func:`pipeline.store.conditional.swap`,
+the same primitive as the run leases and manifest commits), so when two runs promote at once exactly one write
 lands; the other re-reads the new ``best`` and decides again against it. Every decision is
 also appended to ``best/<name>.history/``.
 
@@ -20,7 +19,8 @@ import json
 import time
 
 from pipeline.store import layout
-from pipeline.store.lease import ConditionFailed, conditional_store, current_fence
+from pipeline.store.conditional import conditional_store, swap
+from pipeline.store.lease import current_fence, newer_fence
 from pipeline.store.storage import Storage, now_iso
 from stages.common.metrics import paired_difference
 
@@ -50,31 +50,32 @@ def read_best(storage: Storage, name: str) -> dict | None:
 def promote(storage: Storage, name: str, candidate: dict, z: float = 2.0, tries: int = 20) -> dict:
     """Decide and, if promoted, replace ``best`` conditionally; returns the decision (with the
     ``best`` it was judged against) and records it in the history."""
-    backend = conditional_store(storage)
     path = layout.best_pointer(storage, name)
     fence = current_fence()
     if fence and candidate.get("run_id") not in (None, fence["run_id"]):
         fence = None  # the fence of another run
-    for _ in range(tries):
-        got = backend.read(path)
-        best = json.loads(got[0]) if got else None
+    judged: dict = {}
+
+    def update(current: bytes | None) -> bytes | None:
+        best = json.loads(current) if current is not None else None
         decision = decide(best, candidate, z)
-        theirs = (best or {}).get("fence") or {}
-        if fence and theirs.get("lease") == fence["lease"] and int(theirs.get("epoch") or 0) > fence["epoch"]:
+        theirs = newer_fence(current, fence, lambda data: json.loads(data).get("fence"))
+        if theirs:
             decision = {**decision, "promoted": False, "fenced": True,
                         "reason": f"fenced: run {fence['run_id']} (epoch {fence['epoch']}) is older than run "
                                   f"{theirs.get('run_id')} (epoch {theirs.get('epoch')}), which wrote best"}
-        if decision["promoted"]:
-            extra = {"fence": {k: fence[k] for k in ("lease", "epoch", "run_id")}} if fence else {}
-            body = json.dumps({**candidate, "promoted_at": now_iso(), "previous": best and best.get("model"), **extra},
-                              indent=2).encode()
-            try:
-                backend.create(path, body) if got is None else backend.replace(path, body, got[1])
-            except ConditionFailed:
-                continue  # another run changed best in between: judge against the new one
-        decision["best"] = candidate["model"] if decision["promoted"] else best and best.get("model")
-        key = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{candidate.get('run_id', 'run')}"
-        storage.write_json(layout.promotion_event(storage, name, key),
-                           {**decision, "candidate": candidate["model"], "score": candidate.get("score")})
-        return decision
-    raise RuntimeError(f"{storage.uri(path)}: could not write the best pointer after {tries} tries")
+        judged.update(best=best, decision=decision)
+        if not decision["promoted"]:
+            return None
+        extra = {"fence": {k: fence[k] for k in ("lease", "epoch", "run_id")}} if fence else {}
+        return json.dumps({**candidate, "promoted_at": now_iso(), "previous": best and best.get("model"), **extra},
+                          indent=2).encode()
+
+    swap(storage, path, update, tries)  # another run changing best in between: judged again against it
+    decision, best = judged["decision"], judged["best"]
+    decision["best"] = candidate["model"] if decision["promoted"] else best and best.get("model")
+    key = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{candidate.get('run_id', 'run')}"
+    storage.write_json(layout.promotion_event(storage, name, key),
+                       {**decision, "candidate": candidate["model"], "score": candidate.get("score")})
+    return decision
+
