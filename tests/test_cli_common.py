@@ -33,6 +33,11 @@ def test_every_command_resolves_the_same_root(tmp_path, monkeypatch):
     for args in (["runs", "ls", "--json"], ["runs", "ls", "--config", str(cfg), "--json"]):
         assert [r["run_id"] for r in json.loads(_ok(args))] == [run_id], args
     assert json.loads(_ok(["runs", "show", "--json"]))["run_id"] == run_id
+    # one run resolver: runs show takes what the report takes, a run manifest's URI or folder too
+    from pipeline.store import layout
+
+    for ref in (st.uri(layout.run_manifest(st, run_id)), st.uri(layout.run_dir(st, run_id))):
+        assert json.loads(_ok(["runs", "show", ref, "--json"]))["run_id"] == run_id
     listed = json.loads(_ok(["datasets", "ls", "--json"]))
     assert listed and all(d["uri"].startswith(str(root)) for d in listed)
     swept = json.loads(_ok(["datasets", "gc", "--dry-run", "--older-than-hours", "0", "--json"]))["files"]

@@ -164,10 +164,10 @@ def test_cli_prints_the_table(tmp_path):
     from pipeline.cli.main import _print_manifest, out
 
     _, storage = run_stages(_config(tmp_path))
-    from pipeline.core.runner import read_run
+    from pipeline.views.runs import load_run
 
     with out.capture() as cap:
-        _print_manifest(read_run(storage, "latest"))
+        _print_manifest(load_run("latest", storage)[1])
     text = cap.get()
     assert "ablation metrics" in text and "data=c" in text and "se_seeds" in text and "diff_se" in text
 

@@ -5,7 +5,8 @@ import pytest
 from conftest import output_rows, run_stages, write_jsonl
 
 from pipeline.core.config import load_config
-from pipeline.core.runner import Runner, read_run
+from pipeline.core.runner import Runner
+from pipeline.views.runs import load_run
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_bad_rows_are_quarantined_with_reasons(ray_local, tmp_path, source):
 
     again = Runner(_cfg(tmp_path, source)).run()
     assert [s["status"] for s in again.manifest["stages"]] == ["cached"]
-    assert read_run(st, "latest")["run_id"] == again.run_id
+    assert load_run("latest", st)[1]["run_id"] == again.run_id
 
     # editing the source file changes the fingerprint
     with open(source, "a") as f:

@@ -20,7 +20,8 @@ from pipeline.core.config import load_config
 from pipeline.core.runner import Runner
 from pipeline.store import layout
 from pipeline.views.inspect_datasets import read_dropped
-from pipeline.views.report import ReportError, build, load_run
+from pipeline.views.report import ReportError, build
+from pipeline.views.runs import load_run
 
 N = 4
 TRAIN = [{"q": f"Compute {i} + {i + 3}.", "a": str(2 * i + 3)} for i in range(1, 7)]

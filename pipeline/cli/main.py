@@ -227,7 +227,7 @@ def _print_comparison(stage: str, metrics: dict) -> None:
 @runs_app.command("ls")
 def runs_ls(root: Optional[str] = RootOpt, config: Optional[str] = ConfigOpt, json_: bool = typer.Option(False, "--json")):
     """List runs, oldest first."""
-    from pipeline.core.runner import list_runs
+    from pipeline.views.runs import list_runs
 
     runs = list_runs(storage(root, config))
     if json_:
@@ -248,12 +248,12 @@ def runs_ls(root: Optional[str] = RootOpt, config: Optional[str] = ConfigOpt, js
 @runs_app.command("show")
 def runs_show(run: str = typer.Argument("latest"), root: Optional[str] = RootOpt, config: Optional[str] = ConfigOpt,
               json_: bool = typer.Option(False, "--json")):
-    """Show one run manifest (RUN id or 'latest')."""
-    from pipeline.core.runner import read_run
+    """Show one run manifest (RUN: a run id, 'latest', or the URI of a run manifest or its folder)."""
+    from pipeline.views.runs import ReadError, load_run
 
     try:
-        m = read_run(storage(root, config), run)
-    except FileNotFoundError as e:
+        _, m, _ = load_run(run, storage(root, config))
+    except ReadError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(1)
     if json_:

@@ -524,32 +524,3 @@ class Runner:
             from pipeline.ops.local_ray import init_local_ray
 
             init_local_ray(**kwargs)
-
-
-# -- reading run manifests -------------------------------------------------
-
-def list_runs(storage: Storage) -> list[dict]:
-    runs = []
-    for p in storage.ls(layout.runs_root(storage)):
-        if not layout.is_run_dir(p):
-            continue
-        try:
-            runs.append(storage.read_json(f"{p}/{layout.RUN_MANIFEST}"))
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            continue
-    runs.sort(key=lambda m: m.get("started", ""))
-    return runs
-
-
-def read_run(storage: Storage, run: str) -> dict:
-    runs_uri = storage.uri(layout.runs_root(storage))
-    if run == "latest":
-        try:
-            with storage.fs.open(layout.latest_run(storage), "rb") as f:
-                run = f.read().decode().strip()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"no runs under {runs_uri}") from e
-    try:
-        return storage.read_json(layout.run_manifest(storage, run))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"no run {run!r} under {runs_uri}") from e

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core import registry
+from pipeline.core.stage import Passthrough
 from pipeline.store import layout
 from pipeline.store.storage import DATASET_FORMAT, MANIFEST, Storage, StorageError
 
@@ -178,20 +180,10 @@ def _stage_record(storage: Storage, path: str, lineage: dict) -> dict | None:
     return rec
 
 
-def _locate(storage: Storage, uri: str) -> tuple[Storage, str]:
-    """A parent URI as (storage, path): on the same filesystem when the protocol matches."""
-    protocol = fsspec.utils.get_protocol(uri)
-    protocols = storage.fs.protocol if isinstance(storage.fs.protocol, tuple) else (storage.fs.protocol,)
-    if protocol in protocols:
-        return storage, storage.strip(uri)
-    st = Storage(uri)
-    return st, st.root
-
-
 def _step(storage: Storage, path: str, m: dict) -> dict:
     lin = m.get("lineage") or {}
     brief = {k: v for k, v in summary(storage, path, m).items() if k not in ("bytes", "shards", "created")}
-    step: dict[str, Any] = {**brief, "stage": lin.get("stage"), "output": lin.get("output")}
+    step: dict[str, Any] = {**brief, "stage": lin.get("stage"), "kind": lin.get("kind"), "output": lin.get("output")}
     rec = _stage_record(storage, path, lin)
     if rec is not None:
         step["outputs"] = dict(rec.get("rows") or {})  # every dataset the stage wrote, with its rows
@@ -221,7 +213,7 @@ def funnel(storage: Storage, path: str, m: dict) -> list[dict]:
             if not uri:
                 continue
             try:
-                pst, ppath = _locate(st, uri)
+                pst, ppath = st.locate(uri)
                 pman = pst.read_json(f"{ppath.rstrip('/')}/{MANIFEST}")
             except (FileNotFoundError, NotADirectoryError, ValueError, StorageError):
                 step["parents"][inp] = uri
@@ -242,6 +234,52 @@ def funnel(storage: Storage, path: str, m: dict) -> list[dict]:
         if not changed:
             break
     return [nodes[k] for k in sorted(nodes, key=lambda k: -depth[k])]
+
+
+def _stage_class(kind: str | None):
+    """The registered Stage class of ``kind``, or None (an unknown or unimportable stage)."""
+    try:
+        return registry.load(kind) if kind else None
+    except (KeyError, ImportError, AttributeError):
+        return None
+
+
+def main_input(step: dict) -> str | None:
+    """The parent a funnel step's rows flow from: its stage's first declared dataset input that
+    the step has (e.g. decontaminate's ``samples``, not its ``eval``); for a stage whose kind is
+    not registered, its first parent."""
+    parents = step.get("parents") or {}
+    cls = _stage_class(step.get("kind"))
+    declared = [k for k, t in cls.inputs.items() if t == "dataset"] if cls else list(parents)
+    return next((k for k in declared if k in parents), None)
+
+
+def main_line(steps: list[dict], uri: str) -> list[dict]:
+    """From a :func:`funnel`, the steps the rows of the dataset at ``uri`` flowed through along
+    each stage's main input, oldest first."""
+    by_uri = {s["uri"]: s for s in steps}
+    line, step = [], by_uri.get(uri)
+    while step is not None and not step.get("missing") and step not in line:
+        line.append(step)
+        parent = main_input(step)
+        step = by_uri.get(step["parents"][parent]) if parent else None
+    return line[::-1]
+
+
+def declared_columns(step: dict, steps: list[dict]) -> set[str] | None:
+    """The columns the stage that wrote a funnel step declares for it (a ``Passthrough`` is its
+    input's declared columns and the ones it adds); None when the stage's kind is not registered
+    or declares none."""
+    cls = _stage_class(step.get("kind"))
+    declared = cls.output_columns.get(step.get("output")) if cls else None
+    if isinstance(declared, Passthrough):
+        by_uri = {s["uri"]: s for s in steps}
+        parent = by_uri.get((step.get("parents") or {}).get(declared.input))
+        base = declared_columns(parent, steps) if parent else None
+        return None if base is None else base | set(declared.added.names)
+    if isinstance(declared, pa.Schema):
+        return set(declared.names)
+    return set(declared) if isinstance(declared, dict) else None
 
 
 def _stats(values: list) -> dict:

@@ -35,12 +35,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from pipeline.store import layout
-from pipeline.store.layout import default_root
-from pipeline.store.storage import DATASET_FORMAT, MANIFEST, MODEL_FORMAT, Storage, StorageError
+from pipeline.store.storage import Storage
+from pipeline.views import inspect_datasets as inspect
 from pipeline.views.inspect_datasets import read_dropped
+from pipeline.views.runs import ReadError, RunArtifacts, load_run
 
 REPORT_FILE = "report.html"
 DATA_FILE = "report.json"
@@ -52,119 +51,18 @@ TEXT_COLUMNS = ("prompt", "completion", "detail", "extracted", "raw", "eval_text
                 "row_number", "source")
 
 
-class ReportError(RuntimeError):
-    """A run cannot be reported: its manifest, or one it references, is missing or corrupt."""
-
-
-# -- reading ---------------------------------------------------------------------------------
-
-def _read_json(st: Storage, path: str, what: str) -> dict:
-    uri = st.uri(path)
-    try:
-        data = st.read_json(path)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        raise ReportError(f"{uri}: missing ({what})") from e
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ReportError(f"{uri}: corrupt {what}, not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ReportError(f"{uri}: corrupt {what}, not a JSON object")
-    return data
-
-
-def load_run(run: str, root: str | None = None) -> tuple[Storage, dict, str]:
-    """(storage root, run manifest, manifest URI) for a run id, ``latest``, or the URI of a
-    run manifest (``.../runs/<id>/manifest.json``) or of its folder."""
-    looks_like_uri = "://" in run or run.endswith(".json") or "/" in run
-    if looks_like_uri:
-        st0 = Storage(run)
-        path = st0.root
-        if not path.endswith(".json"):
-            path = f"{path.rstrip('/')}/{layout.RUN_MANIFEST}"
-        m = _read_json(st0, path, "run manifest")
-        parts = path.rstrip("/").split("/")
-        if len(parts) >= 3 and parts[-3] == layout.RUNS:
-            base = "/".join(parts[:-3]) or "/"
-            st = Storage(st0.uri(base))
-        else:  # a manifest copied elsewhere: the root it names (without credentials)
-            st = Storage(m.get("storage_root") or st0.uri(path.rsplit("/", 1)[0]))
-        return st, _check_run(m, st0.uri(path)), st0.uri(path)
-    st = Storage(root or default_root())
-    run_id = run
-    if run == "latest":
-        try:
-            with st.fs.open(layout.latest_run(st), "rb") as f:
-                run_id = f.read().decode().strip()
-        except FileNotFoundError as e:
-            raise ReportError(f"no runs under {st.uri(layout.runs_root(st))} "
-                              f"(missing {st.uri(layout.latest_run(st))})") from e
-    path = layout.run_manifest(st, run_id)
-    return st, _check_run(_read_json(st, path, "run manifest"), st.uri(path)), st.uri(path)
-
-
-def _check_run(m: dict, uri: str) -> dict:
-    for key in ("run_id", "stages"):
-        if key not in m:
-            raise ReportError(f"{uri}: corrupt run manifest, no {key!r}")
-    if not isinstance(m["stages"], list) or not all(isinstance(s, dict) and "name" in s for s in m["stages"]):
-        raise ReportError(f"{uri}: corrupt run manifest, 'stages' is not a list of stage entries")
-    return m
-
-
-def _locate(st: Storage, uri: str) -> tuple[Storage, str]:
-    """A URI of an output as (storage, path): on the run's filesystem when the protocol matches."""
-    protocol = fsspec.utils.get_protocol(uri)
-    protocols = st.fs.protocol if isinstance(st.fs.protocol, tuple) else (st.fs.protocol,)
-    if protocol in protocols:
-        return st, st.strip(uri)
-    other = Storage(uri)
-    return other, other.root
-
-
-class _Run:
-    """A run manifest and the manifests of every artifact its stages name."""
-
-    def __init__(self, st: Storage, manifest: dict, uri: str):
-        self.st, self.m, self.uri = st, manifest, uri
-        self.stages = {s["name"]: s for s in manifest["stages"]}
-        self.order = [s["name"] for s in manifest["stages"]]
-        self.artifacts: dict[str, dict] = {}  # "stage.output" -> {uri, type, manifest, storage, path}
-        for s in manifest["stages"]:
-            for out, uri in (s.get("output") or {}).items():
-                ast, path = _locate(st, uri)
-                man = _read_json(ast, f"{path.rstrip('/')}/{MANIFEST}", f"manifest of {s['name']}.{out}")
-                kind = {DATASET_FORMAT: "dataset", MODEL_FORMAT: "model"}.get(man.get("format"))
-                if kind is None:
-                    raise ReportError(f"{ast.uri(path.rstrip('/') + '/' + MANIFEST)}: corrupt manifest of "
-                                      f"{s['name']}.{out}: unknown format {man.get('format')!r}")
-                if kind == "dataset" and not isinstance(man.get("rows"), int):
-                    raise ReportError(f"{ast.uri(path.rstrip('/') + '/' + MANIFEST)}: corrupt dataset manifest, "
-                                      "no 'rows'")
-                self.artifacts[f"{s['name']}.{out}"] = {"uri": uri, "type": kind, "manifest": man, "storage": ast,
-                                                        "path": path}
-
-    def dataset(self, ref: str) -> dict | None:
-        a = self.artifacts.get(ref)
-        return a if a and a["type"] == "dataset" else None
-
-    def read(self, ref: str, columns: list[str]):
-        a = self.artifacts[ref]
-        schema = a["manifest"].get("schema") or {}
-        cols = [c for c in columns if c in schema]
-        try:
-            return a["storage"].read_dataset(a["path"], columns=cols)
-        except (OSError, StorageError) as e:
-            raise ReportError(f"{a['uri']}: cannot read dataset {ref} ({e})") from e
+ReportError = ReadError  # a run that cannot be reported: the read side's error
 
 
 # -- sections --------------------------------------------------------------------------------
 
-def _summary(run: _Run) -> dict:
+def _summary(run: RunArtifacts) -> dict:
     m = run.m
     return {k: m.get(k) for k in ("pipeline", "run_id", "status", "config_file", "config_hash", "started", "finished",
                                   "seconds", "storage_root", "git_commit")} | {"manifest": run.uri}
 
 
-def _stage_rows_in(run: _Run, s: dict) -> int | None:
+def _stage_rows_in(run: RunArtifacts, s: dict) -> int | None:
     total, any_ds = 0, False
     for ref in (s.get("inputs") or {}).values():
         ds = run.dataset(ref)
@@ -174,7 +72,7 @@ def _stage_rows_in(run: _Run, s: dict) -> int | None:
     return total if any_ds else None
 
 
-def _dag(run: _Run) -> list[dict]:
+def _dag(run: RunArtifacts) -> list[dict]:
     out = []
     for name in run.order:
         s = run.stages[name]
@@ -190,7 +88,7 @@ def _evaluation_stage(s: dict) -> bool:
     return s.get("kind") == "evaluate" or isinstance(metrics.get("roles"), dict)
 
 
-def _funnel_target(run: _Run) -> str | None:
+def _funnel_target(run: RunArtifacts) -> str | None:
     """The dataset the run's last training stage trains on (the student's, in a run that also
     trains its teacher: an sft stage's ``data``), else the main output of the last stage that
     writes datasets and is not an evaluation."""
@@ -209,21 +107,36 @@ def _funnel_target(run: _Run) -> str | None:
     return None
 
 
-def _chain(run: _Run, target: str) -> list[str]:
-    """From the oldest ancestor down to ``target``: each dataset's stage's first dataset input
-    that is not an evaluation set."""
-    chain, ref = [target], target
-    while len(chain) < 64:
-        s = run.stages.get(ref.rsplit(".", 1)[0]) or {}
-        ups = [r for inp, r in (s.get("inputs") or {}).items() if "eval" not in inp and run.dataset(r)]
-        if not ups or ups[0] in chain:
+def _chain(run: RunArtifacts, target: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+    """The funnel of ``target`` (:func:`inspect_datasets.funnel`, read from lineage) and its main
+    line (:func:`inspect_datasets.main_line`) as (dataset ref, funnel step) pairs, oldest first,
+    from the oldest dataset this run names."""
+    a = run.artifacts[target]
+    steps = inspect.funnel(a["storage"], a["path"], a["manifest"])
+    refs = {art["storage"].uri(art["path"]): ref for ref, art in run.artifacts.items() if art["type"] == "dataset"}
+    chain = []
+    for step in reversed(inspect.main_line(steps, a["storage"].uri(a["path"]))):
+        if step["uri"] not in refs:
             break
-        ref = ups[0]
-        chain.append(ref)
-    return chain[::-1]
+        chain.append((refs[step["uri"]], step))
+    return chain[::-1], steps
 
 
-def _examples(run: _Run, stage: str, texts: dict) -> dict[str, list[dict]]:
+def _traces(run: RunArtifacts, chain: list[tuple[str, dict]], steps: list[dict]) -> str | None:
+    """The chain's dataset of traces: the last whose stage declares ``completion_tokens``,
+    preferring one that also declares ``verdict`` (its manifest's schema, for a stage whose
+    kind is not registered)."""
+    found = None
+    for ref, step in chain:
+        cols = inspect.declared_columns(step, steps)
+        if cols is None:
+            cols = set(run.dataset(ref)["manifest"].get("schema") or {})
+        if "completion_tokens" in cols and (found is None or "verdict" in cols):
+            found = ref
+    return found
+
+
+def _examples(run: RunArtifacts, stage: str, texts: dict) -> dict[str, list[dict]]:
     """Up to EXAMPLES_PER_REASON rows per reason from the datasets the stage wrote: rows of a
     ``reason`` column (not ``ok``, not verdict ``correct``), else, in an output holding only
     dropped rows (e.g. decontaminate's ``contaminated``), rows with a value that names one of the
@@ -277,17 +190,59 @@ def _examples(run: _Run, stage: str, texts: dict) -> dict[str, list[dict]]:
     return out
 
 
-def _funnel_and_lengths(run: _Run) -> tuple[dict | None, dict | None]:
+def _funnel_step(run: RunArtifacts, ref: str, rows_in: int | None, texts: dict) -> dict:
+    """One step of the report's funnel: the dataset's rows, what its stage passed on, marked and
+    dropped (by reason), and a few examples per reason."""
+    stage, output = ref.rsplit(".", 1)
+    s = run.stages[stage]
+    ds = run.dataset(ref)
+    dropped = read_dropped((ds["manifest"].get("stats") or {}), s) or {}
+    rows = ds["manifest"]["rows"]
+    marked = sum(n for kind in MARKED for n in (dropped.get(kind) or {}).values())
+    return {
+        "dataset": ref, "stage": stage, "kind": s.get("kind"), "status": s.get("status"), "rows": rows,
+        "rows_in": _stage_rows_in(run, s) if rows_in is None else rows_in,  # the chain's dataset before it
+        "passed": rows - marked if marked <= rows else rows,
+        "marked": marked,
+        "outputs": {k: v for k, v in (s.get("rows") or {}).items() if k != output},
+        "dropped": dropped,
+        "examples": _examples(run, stage, texts),
+    }
+
+
+def _length_series(run: RunArtifacts, traces, traces_ref: str, target: str) -> dict:
+    """Token lengths of the traces, by what became of each: kept (in ``target``), rejected,
+    errored, correct but not kept."""
+    tokens = traces.column("completion_tokens").to_pylist()
+    verdicts = traces.column("verdict").to_pylist() if "verdict" in traces.column_names else [None] * len(tokens)
+    tgt = run.read(target, ["prompt_id", "sample_index"]) if target != traces_ref else None
+    key = ("prompt_id", "sample_index")
+    kept_keys = keys = None
+    if tgt is not None and set(key) <= set(tgt.column_names) and set(key) <= set(traces.column_names):
+        kept_keys = set(zip(tgt.column("prompt_id").to_pylist(), tgt.column("sample_index").to_pylist()))
+        keys = list(zip(traces.column("prompt_id").to_pylist(), traces.column("sample_index").to_pylist()))
+    series: dict[str, list[int]] = defaultdict(list)
+    for i, (t, v) in enumerate(zip(tokens, verdicts)):
+        if t is None:
+            continue
+        if kept_keys is not None and keys[i] in kept_keys:  # in the training data, whatever its verdict
+            series["kept"].append(t)
+        elif v is not None and v != "correct":
+            series["rejected" if v != "error" else "errored"].append(t)
+        elif kept_keys is not None:
+            series["correct, not kept"].append(t)
+        else:
+            series["kept" if v == "correct" else "all"].append(t)
+    return {"dataset": traces_ref, "kept_from": target if kept_keys is not None else None,
+            "series": {k: _describe(v) for k, v in series.items()}, "values": dict(series)}
+
+
+def _funnel_and_lengths(run: RunArtifacts) -> tuple[dict | None, dict | None]:
     target = _funnel_target(run)
     if target is None:
         return None, None
-    chain = _chain(run, target)
-    # the traces: the chain's dataset with token counts (and verdicts, when there are)
-    traces_ref = None
-    for ref in chain:
-        schema = run.dataset(ref)["manifest"].get("schema") or {}
-        if "completion_tokens" in schema and (traces_ref is None or "verdict" in schema):
-            traces_ref = ref
+    chain, all_steps = _chain(run, target)
+    traces_ref = _traces(run, chain, all_steps)
     texts: dict = {}
     traces = None
     if traces_ref is not None:
@@ -296,49 +251,13 @@ def _funnel_and_lengths(run: _Run) -> tuple[dict | None, dict | None]:
         if {"prompt_id", "sample_index", "completion"} <= set(traces.column_names):
             texts = dict(zip(zip(traces.column("prompt_id").to_pylist(), traces.column("sample_index").to_pylist()),
                              traces.column("completion").to_pylist()))
-    steps = []
-    for ref in chain:
-        stage, output = ref.rsplit(".", 1)
-        s = run.stages[stage]
-        ds = run.dataset(ref)
-        dropped = read_dropped((ds["manifest"].get("stats") or {}), s) or {}
-        rows = ds["manifest"]["rows"]
-        marked = sum(n for kind in MARKED for n in (dropped.get(kind) or {}).values())
-        steps.append({
-            "dataset": ref, "stage": stage, "kind": s.get("kind"), "status": s.get("status"), "rows": rows,
-            "rows_in": steps[-1]["rows"] if steps else _stage_rows_in(run, s),  # the chain's dataset before it
-            "passed": rows - marked if marked <= rows else rows,
-            "marked": marked,
-            "outputs": {k: v for k, v in (s.get("rows") or {}).items() if k != output},
-            "dropped": dropped,
-            "examples": _examples(run, stage, texts),
-        })
-    funnel = {"target": target, "steps": steps}
+    steps: list[dict] = []
+    for ref, _ in chain:
+        steps.append(_funnel_step(run, ref, steps[-1]["rows"] if steps else None, texts))
     lengths = None
     if traces is not None and "completion_tokens" in traces.column_names:
-        tokens = traces.column("completion_tokens").to_pylist()
-        verdicts = traces.column("verdict").to_pylist() if "verdict" in traces.column_names else [None] * len(tokens)
-        tgt = run.read(target, ["prompt_id", "sample_index"]) if target != traces_ref else None
-        kept_keys = None
-        if tgt is not None and {"prompt_id", "sample_index"} <= set(tgt.column_names) \
-                and {"prompt_id", "sample_index"} <= set(traces.column_names):
-            kept_keys = set(zip(tgt.column("prompt_id").to_pylist(), tgt.column("sample_index").to_pylist()))
-            keys = list(zip(traces.column("prompt_id").to_pylist(), traces.column("sample_index").to_pylist()))
-        series: dict[str, list[int]] = defaultdict(list)
-        for i, (t, v) in enumerate(zip(tokens, verdicts)):
-            if t is None:
-                continue
-            if kept_keys is not None and keys[i] in kept_keys:  # in the training data, whatever its verdict
-                series["kept"].append(t)
-            elif v is not None and v != "correct":
-                series["rejected" if v != "error" else "errored"].append(t)
-            elif kept_keys is not None:
-                series["correct, not kept"].append(t)
-            else:
-                series["kept" if v == "correct" else "all"].append(t)
-        lengths = {"dataset": traces_ref, "kept_from": target if kept_keys is not None else None,
-                   "series": {k: _describe(v) for k, v in series.items()}, "values": dict(series)}
-    return funnel, lengths
+        lengths = _length_series(run, traces, traces_ref, target)
+    return {"target": target, "steps": steps}, lengths
 
 
 def _describe(values: list[float]) -> dict:
@@ -369,7 +288,7 @@ def _curve(role: dict, kind: str) -> list[list[float]]:
     return sorted(out)
 
 
-def _evaluation(run: _Run) -> list[dict]:
+def _evaluation(run: RunArtifacts) -> list[dict]:
     out = []
     for name in run.order:
         s = run.stages[name]
@@ -402,7 +321,7 @@ def _points(c: Any) -> list[list[float]]:
             and all(isinstance(x, (int, float)) for x in p)] if isinstance(c, list) else []
 
 
-def _training(run: _Run) -> list[dict]:
+def _training(run: RunArtifacts) -> list[dict]:
     out = []
     for name in run.order:
         s = run.stages[name]
@@ -421,7 +340,7 @@ def _training(run: _Run) -> list[dict]:
     return out
 
 
-def _performance(run: _Run) -> dict:
+def _performance(run: RunArtifacts) -> dict:
     timings = [{"stage": n, "status": run.stages[n].get("status"), "seconds": run.stages[n].get("seconds") or 0.0}
                for n in run.order]
     throughput = []
@@ -441,7 +360,7 @@ def _performance(run: _Run) -> dict:
     return {"timings": timings, "throughput": throughput, "total_seconds": run.m.get("seconds")}
 
 
-def _lineage(run: _Run) -> dict:
+def _lineage(run: RunArtifacts) -> dict:
     written, read = [], []
     produced_here = {n for n in run.order if run.stages[n].get("status") == "done"}
     for n in run.order:
@@ -461,7 +380,7 @@ def _lineage(run: _Run) -> dict:
     return {"written": written, "reused": read, "consumed": consumed}
 
 
-def collect(run: _Run) -> dict:
+def collect(run: RunArtifacts) -> dict:
     funnel, lengths = _funnel_and_lengths(run)
     data: dict[str, Any] = {"summary": _summary(run), "dag": _dag(run)}
     if funnel:
@@ -798,7 +717,7 @@ def default_out(st: Storage, run_id: str) -> Path:
 def build(run: str, root: str | None = None, out: str | Path | None = None) -> Path:
     """Write ``report.html``, ``report.json`` and ``figures/`` for a run; returns the page's path."""
     st, manifest, uri = load_run(run, root)
-    data = collect(_Run(st, manifest, uri))
+    data = collect(RunArtifacts(st, manifest, uri))
     folder = Path(out) if out else default_out(st, manifest["run_id"])
     folder.mkdir(parents=True, exist_ok=True)
     page = render(data, folder)
