@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.core import registry
-from pipeline.core.stage import Passthrough, Stage, column_problems, schema_columns
+from pipeline.core.stage import Passthrough, Stage, column_problems, missing_modules, schema_columns
 from pipeline.sizing import hub
 from pipeline.sizing.assumptions import EstimateSpec
 from pipeline.store.layout import default_root
@@ -199,6 +199,8 @@ def _collect(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, 
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, include, override, validate and wire a pipeline config; every problem found is in
+    one :class:`ConfigError`, each naming its file and field."""
     file = str(path)
     raw, origins = _collect(Path(path))
     _apply_set(raw, parse_set(overrides), file)
@@ -215,62 +217,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
             problems.extend(_pyd_problems(e, file, "estimate"))
     if problems:
         raise ConfigError(problems)
-    nodes: dict[str, StageNode] = {}
-    for name, (base, combo, sspec) in variants.items():
-        origin = _display(origins.get(base, file))
-        kind = sspec.uses or base
-        try:
-            cls = registry.load(kind)
-        except (KeyError, ImportError, AttributeError) as e:
-            msg = f"{origin}: stages.{base}.uses: {e.args[0] if e.args else e}"
-            if msg not in problems:  # once for all the variants of a stage
-                problems.append(msg)
-            continue
-        try:
-            params = cls.Params.model_validate(hub.normalize_params(sspec.params))  # {repo, revision} -> hf://
-        except ValidationError as e:
-            problems.extend(_pyd_problems(e, origin, f"stages.{name}.params"))
-            continue
-        nodes[name] = StageNode(name, cls, cls(name, params), sspec, origin, base=base, variant=combo)
-
-    for name, node in nodes.items():
-        declared = node.cls.inputs
-        variadic = node.cls.variadic_inputs
-        for inp, ref in node.spec.inputs.items():
-            where = f"{node.origin}: stages.{name}.inputs.{inp}"
-            if inp not in declared:
-                problems.append(f"{where}: unknown input (stage kind {node.cls.kind!r} takes: {', '.join(declared) or 'none'})")
-                continue
-            targets = _targets(ref, inp, node, spec, variants, by_base, inp in variadic)
-            if isinstance(targets, str):
-                problems.append(f"{where}: {targets}")
-                continue
-            for key, up, out in targets:
-                if up not in nodes:
-                    continue  # already reported
-                up_outputs = nodes[up].cls.outputs
-                if not out:
-                    if len(up_outputs) != 1:
-                        problems.append(f"{where}: stage {up!r} has outputs {', '.join(up_outputs)}; name one as {up}.OUTPUT")
-                        continue
-                    out = next(iter(up_outputs))
-                if out not in up_outputs:
-                    problems.append(f"{where}: stage {up!r} has no output {out!r} (it has: {', '.join(up_outputs)})")
-                    continue
-                if up_outputs[out] != declared[inp]:
-                    problems.append(f"{where}: expects a {declared[inp]}, but {up}.{out} is a {up_outputs[out]}")
-                    continue
-                node.inputs[key] = (up, out)
-        for inp in declared:
-            if inp not in node.spec.inputs and inp not in node.cls.optional_inputs and not _satisfied_by_params(node, inp):
-                problems.append(f"{node.origin}: stages.{name}.inputs.{inp}: required input is not wired")
-        for fld, msg in node.stage.check():
-            problems.append(f"{node.origin}: stages.{name}.params.{fld}: {msg}")
-        if node.cls.variadic_inputs and not problems:
-            for fld, msg in node.stage.check_variants(list(node.inputs)):
-                section = "inputs" if fld in declared else "params"
-                problems.append(f"{node.origin}: stages.{name}.{section}.{fld}: {msg}")
-
+    nodes = _build_nodes(variants, origins, file, problems)
+    for node in nodes.values():
+        _wire(node, nodes, spec, variants, by_base, problems)
+        _check_node(node, problems)
     if not problems:
         cycle = _find_cycle(nodes)
         if cycle:
@@ -282,6 +232,80 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _build_nodes(variants: dict, origins: dict, file: str, problems: list[str]) -> dict[str, StageNode]:
+    """A node per stage variant: its registered class and validated params (problems noted)."""
+    nodes: dict[str, StageNode] = {}
+    for name, (base, combo, sspec) in variants.items():
+        origin = _display(origins.get(base, file))
+        kind = sspec.uses or base
+        try:
+            cls = registry.load(kind)
+        except (KeyError, ImportError, AttributeError) as e:
+            msg = f"{origin}: stages.{base}.uses: {e.args[0] if e.args else e}"
+            if msg not in problems:  # once for all the variants of a stage
+                problems.append(msg)
+            continue
+        missing = missing_modules(cls.requires)
+        if missing:
+            msg = (f"{origin}: stages.{base}.uses: stage kind {cls.kind!r} needs {', '.join(missing)}, which cannot "
+                   f"be imported here; install it (this project: pip install -e '.[cpu]', or '.[gpu]' on GPUs)")
+            if msg not in problems:
+                problems.append(msg)
+            continue
+        try:
+            params = cls.Params.model_validate(hub.normalize_params(sspec.params))  # {repo, revision} -> hf://
+        except ValidationError as e:
+            problems.extend(_pyd_problems(e, origin, f"stages.{name}.params"))
+            continue
+        nodes[name] = StageNode(name, cls, cls(name, params), sspec, origin, base=base, variant=combo)
+    return nodes
+
+
+def _wire(node: StageNode, nodes: dict[str, StageNode], spec: PipelineSpec, variants: dict, by_base: dict,
+          problems: list[str]) -> None:
+    """Resolve each of the node's configured inputs to an upstream (stage, output) of the right type."""
+    declared = node.cls.inputs
+    for inp, ref in node.spec.inputs.items():
+        where = f"{node.origin}: stages.{node.name}.inputs.{inp}"
+        if inp not in declared:
+            problems.append(f"{where}: unknown input (stage kind {node.cls.kind!r} takes: {', '.join(declared) or 'none'})")
+            continue
+        targets = _targets(ref, inp, node, spec, variants, by_base, inp in node.cls.variadic_inputs)
+        if isinstance(targets, str):
+            problems.append(f"{where}: {targets}")
+            continue
+        for key, up, out in targets:
+            if up not in nodes:
+                continue  # already reported
+            up_outputs = nodes[up].cls.outputs
+            if not out:
+                if len(up_outputs) != 1:
+                    problems.append(f"{where}: stage {up!r} has outputs {', '.join(up_outputs)}; name one as {up}.OUTPUT")
+                    continue
+                out = next(iter(up_outputs))
+            if out not in up_outputs:
+                problems.append(f"{where}: stage {up!r} has no output {out!r} (it has: {', '.join(up_outputs)})")
+                continue
+            if up_outputs[out] != declared[inp]:
+                problems.append(f"{where}: expects a {declared[inp]}, but {up}.{out} is a {up_outputs[out]}")
+                continue
+            node.inputs[key] = (up, out)
+
+
+def _check_node(node: StageNode, problems: list[str]) -> None:
+    """Required inputs wired, and the stage's own checks of its params (and of its variadic inputs)."""
+    declared = node.cls.inputs
+    for inp in declared:
+        if inp not in node.spec.inputs and inp not in node.cls.optional_inputs and not _satisfied_by_params(node, inp):
+            problems.append(f"{node.origin}: stages.{node.name}.inputs.{inp}: required input is not wired")
+    for fld, msg in node.stage.check():
+        problems.append(f"{node.origin}: stages.{node.name}.params.{fld}: {msg}")
+    if node.cls.variadic_inputs and not problems:
+        for fld, msg in node.stage.check_variants(list(node.inputs)):
+            section = "inputs" if fld in declared else "params"
+            problems.append(f"{node.origin}: stages.{node.name}.{section}.{fld}: {msg}")
 
 
 def wiring_problems(cfg: PipelineConfig) -> list[str]:

@@ -367,47 +367,44 @@ def _escape(rel: str) -> str:
     return "/" + re.sub(r"([\[\]*?!\\])", r"\\\1", rel)
 
 
-def large_files(root: Path, max_bytes: int) -> list[tuple[str, int]]:
-    """Files over ``max_bytes`` under ``root``, outside the always-excluded folders."""
+def _shipped_files(root: Path):
+    """Every file under ``root`` outside the always-excluded names (``EXCLUDES``)."""
     import fnmatch
 
-    out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not any(fnmatch.fnmatch(d, p) for p in EXCLUDES)]
         for name in filenames:
-            if any(fnmatch.fnmatch(name, p) for p in EXCLUDES):
-                continue
-            p = Path(dirpath) / name
-            try:
-                size = p.stat().st_size
-            except OSError:
-                continue
-            if size > max_bytes and not p.is_symlink():
-                out.append((p.relative_to(root).as_posix(), size))
+            if not any(fnmatch.fnmatch(name, p) for p in EXCLUDES):
+                yield Path(dirpath) / name
+
+
+def large_files(root: Path, max_bytes: int) -> list[tuple[str, int]]:
+    """Files over ``max_bytes`` under ``root``, outside the always-excluded folders."""
+    out = []
+    for p in _shipped_files(root):
+        try:
+            size = p.stat().st_size
+        except OSError:
+            continue
+        if size > max_bytes and not p.is_symlink():
+            out.append((p.relative_to(root).as_posix(), size))
     return sorted(out)
 
 
 def credential_files(root: Path, secrets: dict[str, str] | None = None) -> list[str]:
     """Files under ``root`` (outside the excluded names) whose content looks like a key or a
     credential file, or holds a secret value of this environment: never shipped."""
-    import fnmatch
-
     values = [v.encode() for v in (secret_values() if secrets is None else secrets).values()]
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not any(fnmatch.fnmatch(d, p) for p in EXCLUDES)]
-        for name in filenames:
-            if any(fnmatch.fnmatch(name, p) for p in EXCLUDES):
+    for p in _shipped_files(root):
+        try:
+            if p.is_symlink() or p.stat().st_size > CONTENT_SCAN_BYTES:
                 continue
-            p = Path(dirpath) / name
-            try:
-                if p.is_symlink() or p.stat().st_size > CONTENT_SCAN_BYTES:
-                    continue
-                data = p.read_bytes()
-            except OSError:
-                continue
-            if _CREDENTIAL_SHAPES.search(data) or any(v in data for v in values):
-                out.append(p.relative_to(root).as_posix())
+            data = p.read_bytes()
+        except OSError:
+            continue
+        if _CREDENTIAL_SHAPES.search(data) or any(v in data for v in values):
+            out.append(p.relative_to(root).as_posix())
     return sorted(out)
 
 
@@ -473,10 +470,11 @@ def _manifest_exists(storage_root: str, run_id: str) -> bool:
     """Whether storage already holds this run's manifest (a job of a cluster since gone);
     best effort: this machine may not be able to read the cluster's storage."""
     try:
+        from pipeline.store import layout
         from pipeline.store.storage import Storage
 
         st = Storage(storage_root)
-        return st.exists(st.path("runs", run_id, "manifest.json"))
+        return st.exists(layout.run_manifest(st, run_id))
     except Exception:  # no credentials or no route from here: Ray's own record still counts
         return False
 

@@ -60,8 +60,9 @@ from croniter import croniter
 
 from pipeline.core.ids import new_run_id
 from pipeline.store import layout
+from pipeline.store.conditional import ConditionalWriteError
 from pipeline.store.history import fresh_ls, iso, read_history, record
-from pipeline.store.lease import LeaseError, LeaseHeld, LeaseLost, SlotTaken, acquire, is_live, read_lease
+from pipeline.store.lease import LeaseHeld, LeaseLost, SlotTaken, acquire, is_live, read_lease
 from pipeline.store.storage import AlreadyCommitted, Storage
 
 log = logging.getLogger("distill.schedule")
@@ -273,6 +274,72 @@ class Stop(threading.Event):
     """Set to interrupt running jobs (a scheduler shutting down)."""
 
 
+class _Watch:
+    """The threads beside a running job: one renews the lease (and fences the job off before the
+    lease could expire unrenewed), one stops the job on a scheduler stop or past ``max_run_s``.
+    ``job_stop`` is set when the job must stop; ``lost`` and ``ended`` say why."""
+
+    def __init__(self, sched: Schedule, lease, stop: threading.Event, started: float):
+        self.sched, self.lease, self.stop, self.started = sched, lease, stop, started
+        self.job_stop = threading.Event()
+        self.lost: list[str] = []
+        self.ended: list[str] = []  # "self_fenced" or "timeout"
+        self.threads = [threading.Thread(target=self._renew, daemon=True),
+                        threading.Thread(target=self._watch_stop, daemon=True)]
+
+    def _renew(self) -> None:
+        ttl = self.sched.lease_ttl_s
+        margin, wait, last_ok = ttl / 5, ttl / 3, time.monotonic()  # last_ok: when the last write that succeeded began
+        while not self.job_stop.wait(wait):
+            began = time.monotonic()
+            try:
+                self.lease.renew()
+                last_ok, wait = began, ttl / 3
+            except LeaseLost as e:
+                self.lost.append(str(e))
+                self.job_stop.set()
+            except Exception as e:  # a storage hiccup: retry soon, and fence ourselves before expiry
+                log.warning("renewing lease of %s: %s", self.sched.name, e)
+                wait = max(0.05, ttl / 15)
+            if not self.job_stop.is_set() and time.monotonic() - last_ok >= ttl - margin:
+                self.ended.append("self_fenced")
+                self.lost.append(f"self-fenced: the lease of {self.sched.name!r} could not be renewed for "
+                                 f"{time.monotonic() - last_ok:.1f}s (ttl {ttl:g}s - margin {margin:g}s); "
+                                 "the job was stopped before anyone else could take the lease")
+                self.job_stop.set()
+
+    def _watch_stop(self) -> None:
+        while not self.job_stop.is_set():
+            if self.stop.wait(0.2):
+                self.job_stop.set()
+            elif self.sched.max_run_s is not None and time.time() - self.started > self.sched.max_run_s:
+                self.ended.append("timeout")
+                self.job_stop.set()
+
+    def run(self, job: Callable[[], tuple[int, str]]) -> tuple[str, int | None, str]:
+        """Run ``job`` with the threads beside it; (status, exit code, output tail)."""
+        for t in self.threads:
+            t.start()
+        status, code, tail = "failed", None, ""
+        try:
+            code, tail = job()
+            status = "done" if code == 0 else "failed"
+        except Exception as e:  # the job could not even start
+            tail = f"{type(e).__name__}: {e}"
+        finally:
+            interrupted = self.job_stop.is_set()
+            self.job_stop.set()
+            for t in self.threads:
+                t.join()
+        if "self_fenced" in self.ended:
+            return "self_fenced", code, self.lost[0]
+        if self.lost:
+            return "lease_lost", code, self.lost[0]
+        if "timeout" in self.ended and status != "done":
+            return "timeout", code, f"stopped after the maximum run time of {self.sched.max_run_s:g}s\n" + tail
+        return ("interrupted" if interrupted and status != "done" else status), code, tail
+
+
 def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, first_slot: float | None = None,
              coalesced: int = 1, stop: threading.Event | None = None,
              execute: Callable[[Schedule, str, threading.Event], tuple[int, str]] | None = None) -> dict:
@@ -294,77 +361,22 @@ def run_slot(st: Storage, sched: Schedule, slot: float | None, trigger: str, fir
            {"run_id": run_id, "slot": iso(lease.state["slot"]), "first_slot": iso(first_slot if first_slot else slot),
             "coalesced": coalesced, "trigger": trigger, "started": iso(started), "holder": lease.state["holder"],
             "mode": "ray-job" if sched.address else "local", "config": sched.config}, at=started)
-    stop = stop or threading.Event()
-    job_stop = threading.Event()
-    lost: list[str] = []
-    ended: list[str] = []  # "self_fenced" or "timeout"
-    ttl = sched.lease_ttl_s
-    margin = ttl / 5
-    last_ok = [time.monotonic()]  # when the last write that succeeded began
-
-    def renew() -> None:
-        wait = ttl / 3
-        while not job_stop.wait(wait):
-            began = time.monotonic()
-            try:
-                lease.renew()
-                last_ok[0], wait = began, ttl / 3
-            except LeaseLost as e:
-                lost.append(str(e))
-                job_stop.set()
-            except Exception as e:  # a storage hiccup: retry soon, and fence ourselves before expiry
-                log.warning("renewing lease of %s: %s", sched.name, e)
-                wait = max(0.05, ttl / 15)
-            if not job_stop.is_set() and time.monotonic() - last_ok[0] >= ttl - margin:
-                ended.append("self_fenced")
-                lost.append(f"self-fenced: the lease of {sched.name!r} could not be renewed for "
-                            f"{time.monotonic() - last_ok[0]:.1f}s (ttl {ttl:g}s - margin {margin:g}s); "
-                            "the job was stopped before anyone else could take the lease")
-                job_stop.set()
-
-    def watch_stop() -> None:
-        while not job_stop.is_set():
-            if stop.wait(0.2):
-                job_stop.set()
-            elif sched.max_run_s is not None and time.time() - started > sched.max_run_s:
-                ended.append("timeout")
-                job_stop.set()
-
-    threads = [threading.Thread(target=renew, daemon=True), threading.Thread(target=watch_stop, daemon=True)]
-    for t in threads:
-        t.start()
-    status, code, tail = "failed", None, ""
-    try:
-        if execute is None:
-            code, tail = execute_subprocess(sched, run_id, job_stop, st=st, lease=lease.state)
-        else:
-            code, tail = execute(sched, run_id, job_stop)
-        status = "done" if code == 0 else "failed"
-    except Exception as e:  # the job could not even start
-        tail = f"{type(e).__name__}: {e}"
-    finally:
-        interrupted = job_stop.is_set()
-        job_stop.set()
-        for t in threads:
-            t.join()
-    if "self_fenced" in ended:
-        status, tail = "self_fenced", lost[0]
-    elif lost:
-        status, tail = "lease_lost", lost[0]
-    elif "timeout" in ended and status != "done":
-        status, tail = "timeout", f"stopped after the maximum run time of {sched.max_run_s:g}s\n" + tail
-    elif interrupted and status != "done":
-        status = "interrupted"
+    watch = _Watch(sched, lease, stop or threading.Event(), started)
+    if execute is None:
+        status, code, tail = watch.run(lambda: execute_subprocess(sched, run_id, watch.job_stop, st=st,
+                                                                  lease=lease.state))
+    else:
+        status, code, tail = watch.run(lambda: execute(sched, run_id, watch.job_stop))
     finished = time.time()
     body = {"run_id": run_id, "status": status, "exit_code": code, "started": iso(started), "finished": iso(finished),
             "seconds": round(finished - started, 3), **summarize_run(st, run_id)}
     if status != "done":
         body["error_tail"] = tail[-2000:]
     end = record(st, sched.name, "end", run_id, body, at=finished)
-    if not lost or status == "self_fenced":
+    if not watch.lost or status == "self_fenced":
         try:
             lease.release(status=status)
-        except LeaseError as e:
+        except ConditionalWriteError as e:  # a LeaseError, or the store refusing
             log.warning("releasing lease of %s: %s", sched.name, e)
     return end
 

@@ -163,24 +163,49 @@ class Estimator:
     # -- stages ------------------------------------------------------------
     def decode(self, name: str) -> StageEstimate:
         node = self.cfg.nodes[name]
-        p, eng = node.stage.params, node.stage.params.engine
-        a_spec = self.spec.for_stage(name, node.base)
+        eng = node.stage.params.engine
         g = _gpu_of(eng.resources, eng.num_gpus, self.spec)
-        roles = [f for f in hub.MODEL_FIELDS if hasattr(p, f) and self._model_of(name, f)]
+        roles = [f for f in hub.MODEL_FIELDS if hasattr(node.stage.params, f) and self._model_of(name, f)]
         if not roles:
             raise ValueError("its model is built upstream and not committed yet (no config.json to read): "
                              "run the pipeline up to it first")
-        sources: dict[str, str] = {}
+        last = self._last_record(name, next(iter(node.cls.outputs)))
+        prompts, per_prompt, per_sample, sources = self._decode_workload(name, node, last)
+        prompt_tokens = self.spec.for_stage(name, node.base).expected_prompt_tokens or 0
+        samples = prompts * per_prompt
+        raw, models = 0.0, []
+        for role in roles:
+            uri = self._model_of(name, role)
+            if self._arch(uri) is None:
+                raise ValueError(f"no config.json for {role} {uri} (not built yet?)")
+            models.append(uri)
+            raw += self._decode_seconds(name, role, g, samples, prompt_tokens, per_sample)
+        est = StageEstimate(name, "decode", ", ".join(models), g.name, eng.replicas * eng.tensor_parallel_size,
+                            prompts=prompts, samples=samples * len(models), completion_tokens_per_sample=round(per_sample, 1),
+                            completion_tokens=samples * per_sample * len(models), raw_seconds=raw, sources=sources)
+        if last is not None and last.seconds:
+            self._calibrate_decode(est, name, roles, g, last, prompt_tokens)
+        return self._finish(est)
+
+    def _decode_seconds(self, name: str, role: str, g, samples: float, prompt_tokens: float,
+                        completion_tokens: float) -> float:
+        """The roofline's seconds for one model role of a decode stage (its engine's settings)."""
+        eng = self.cfg.nodes[name].stage.params.engine
+        return decode_seconds(self._arch(self._model_of(name, role)), g, samples=samples, prompt_tokens=prompt_tokens,
+                              completion_tokens=completion_tokens, tp=eng.tensor_parallel_size, replicas=eng.replicas,
+                              max_num_seqs=eng.max_num_seqs, utilization=eng.gpu_memory_utilization)["seconds"]
+
+    def _decode_workload(self, name: str, node, last) -> tuple[int, float, float, dict[str, str]]:
+        """(prompts, samples per prompt, completion tokens per sample, where each figure came from):
+        the committed input and the last run's prompt stats where there are, else the config."""
+        a_spec, s = self.spec.for_stage(name, node.base), node.stage.params.sampling
+        sources: dict[str, str] = {"prompts": "committed input"}
         prompts = self._upstream_rows(name, "prompts")
-        sources["prompts"] = "committed input"
         if prompts is None:
-            prompts = a_spec.prompts
-            sources["prompts"] = "estimate.prompts"
+            prompts, sources["prompts"] = a_spec.prompts, "estimate.prompts"
         if prompts is None:
             raise ValueError("prompts unknown: its input is not committed yet; state estimate.prompts")
-        last = self._last_record(name, next(iter(node.cls.outputs)))
         stats = self._prompt_stats(last)
-        s = p.sampling
         if stats:
             per_sample, per_prompt = stats
             sources["completion_tokens"] = sources["samples_per_prompt"] = f"prompt_stats of run {last.run_id}"
@@ -194,41 +219,22 @@ class Estimator:
                 per_prompt, sources["samples_per_prompt"] = a_spec.samples_per_prompt, "estimate.samples_per_prompt"
             else:
                 per_prompt, sources["samples_per_prompt"] = s.max_samples, "sampling.max_samples (an upper bound)"
-        per_sample = min(per_sample, s.max_tokens)
-        prompt_tokens = a_spec.expected_prompt_tokens or 0
-        samples = prompts * per_prompt
-        raw, models = 0.0, []
-        for role in roles:
-            uri = self._model_of(name, role)
-            a = self._arch(uri)
-            if a is None:
-                raise ValueError(f"no config.json for {role} {uri} (not built yet?)")
-            models.append(uri)
-            raw += decode_seconds(a, g, samples=samples, prompt_tokens=prompt_tokens, completion_tokens=per_sample,
-                                  tp=eng.tensor_parallel_size, replicas=eng.replicas, max_num_seqs=eng.max_num_seqs,
-                                  utilization=eng.gpu_memory_utilization)["seconds"]
-        est = StageEstimate(name, "decode", ", ".join(models), g.name, eng.replicas * eng.tensor_parallel_size,
-                            prompts=prompts, samples=samples * len(models), completion_tokens_per_sample=round(per_sample, 1),
-                            completion_tokens=samples * per_sample * len(models), raw_seconds=raw, sources=sources)
-        if last is not None and last.seconds and roles:
-            m = last.metrics
-            done_samples = m.get("samples") or (last.rows or {}).get(next(iter(node.cls.outputs)))
-            done_tokens = m.get("completion_tokens")
-            if done_samples and done_tokens:
-                pred = 0.0
-                for role in roles:
-                    a = self._arch(self._model_of(name, role))
-                    pred += decode_seconds(a, g, samples=done_samples, prompt_tokens=prompt_tokens,
-                                           completion_tokens=done_tokens / done_samples,
-                                           tp=eng.tensor_parallel_size, replicas=eng.replicas,
-                                           max_num_seqs=eng.max_num_seqs,
-                                           utilization=eng.gpu_memory_utilization)["seconds"]
-                startup = float(m.get("engine_startup_seconds") or 0)
-                actual = last.seconds - startup
-                if pred > 0 and actual > 0:
-                    est.calibration, est.calibrated_from = actual / pred, f"run {last.run_id}"
-                    est.startup_seconds = startup
-        return self._finish(est)
+        return prompts, per_prompt, min(per_sample, s.max_tokens), sources
+
+    def _calibrate_decode(self, est: StageEstimate, name: str, roles: list[str], g, last, prompt_tokens: float) -> None:
+        """Scale by the last run's measured seconds over what the roofline predicts for its workload."""
+        m = last.metrics
+        done_samples = m.get("samples") or (last.rows or {}).get(next(iter(self.cfg.nodes[name].cls.outputs)))
+        done_tokens = m.get("completion_tokens")
+        if not (done_samples and done_tokens):
+            return
+        pred = sum(self._decode_seconds(name, role, g, done_samples, prompt_tokens, done_tokens / done_samples)
+                   for role in roles)
+        startup = float(m.get("engine_startup_seconds") or 0)
+        actual = last.seconds - startup
+        if pred > 0 and actual > 0:
+            est.calibration, est.calibrated_from = actual / pred, f"run {last.run_id}"
+            est.startup_seconds = startup
 
     def train(self, name: str) -> StageEstimate:
         node = self.cfg.nodes[name]

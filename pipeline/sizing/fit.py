@@ -218,22 +218,31 @@ def engine_fit(a: Arch, g: GPU, *, tp: int, max_model_len: int, seqs: int = 1, u
                      max_model_len, seqs, tp, util)
 
 
-def engine_problems(model: str | None, engine, prefix: str = "engine", max_len_default: int | None = None) -> list[tuple[str, str]]:
-    """``(field, message)`` when a replica of ``engine`` (an EngineSpec) serving ``model`` does
-    not fit its GPU; nothing when it fits or cannot be checked (no GPU type, no config)."""
-    accel = accelerator_of(engine.resources)
-    if engine.num_gpus <= 0 or accel is None:
+def _gpu_and_config(model: str | None, spec, field: str) -> tuple[GPU, dict] | list[tuple[str, str]]:
+    """(GPU, model config) that ``spec`` (an EngineSpec or training params: ``resources``,
+    ``num_gpus``) runs ``model`` on; else the problems to report: none when there is nothing to
+    check (no GPU type, no config; a hub error is the model check's), or an unknown GPU type."""
+    accel = accelerator_of(spec.resources)
+    if spec.num_gpus <= 0 or accel is None:
         return []
     try:
         g = gpu(accel)
     except KeyError as e:
-        return [(f"{prefix}.resources", e.args[0])]
+        return [(field, e.args[0])]
     try:
         cfg = model_config(model)
     except hub.HubError:
         return []  # reported by the model check
-    if cfg is None:
-        return []
+    return [] if cfg is None else (g, cfg)
+
+
+def engine_problems(model: str | None, engine, prefix: str = "engine", max_len_default: int | None = None) -> list[tuple[str, str]]:
+    """``(field, message)`` when a replica of ``engine`` (an EngineSpec) serving ``model`` does
+    not fit its GPU; nothing when it fits or cannot be checked (no GPU type, no config)."""
+    got = _gpu_and_config(model, engine, f"{prefix}.resources")
+    if not isinstance(got, tuple):
+        return got
+    g, cfg = got
     a = arch(cfg)
     max_len = engine.max_model_len or int(cfg.get("max_position_embeddings") or max_len_default or 0)
     if not max_len:
@@ -278,19 +287,10 @@ def lora_trainable(a: Arch, rank: int) -> int:
 
 def training_problems(model: str | None, params, prefix: str = "") -> list[tuple[str, str]]:
     """``(field, message)`` when one training worker of ``params`` (sft's) does not fit its GPU."""
-    accel = accelerator_of(params.resources)
-    if params.num_gpus <= 0 or accel is None:
-        return []
-    try:
-        g = gpu(accel)
-    except KeyError as e:
-        return [(f"{prefix}resources", e.args[0])]
-    try:
-        cfg = model_config(model)
-    except hub.HubError:
-        return []
-    if cfg is None:
-        return []
+    got = _gpu_and_config(model, params, f"{prefix}resources")
+    if not isinstance(got, tuple):
+        return got
+    g, cfg = got
     a = arch(cfg)
     lora = getattr(params, "lora", None)
     trainable = lora_trainable(a, lora.r) if lora is not None and hasattr(lora, "r") else a.params

@@ -38,9 +38,8 @@ def _referenced(st: Storage) -> set[str]:
     for m in st.fs.glob(layout.checkpoint_manifest_glob(st)):
         keep.add(m.rsplit("/", 1)[0])
     for snap in st.fs.glob(layout.train_run_glob(st)):
-        run = snap.rsplit("/", 1)[0]
-        stage = run.rsplit("/", 2)[0]  # cache/<kind>/<key>
-        if not st.exists(f"{stage}/{STAGE_RECORD}"):
+        run, record = layout.train_run_of(snap)
+        if not st.exists(record):
             keep.add(run)  # training not finished: its checkpoints are what a rerun resumes from
     return {k.rstrip("/") for k in keep}
 

@@ -10,7 +10,6 @@ inspection reads through them, so a changed layout changes all three at once::
     runs/<run_id>/manifest.json                       run manifests
     runs/_latest                                      id of the newest run
     latest/<pipeline>/<stage>.<output>                pointer (JSON) to the newest committed version of an output
-    models/<name>/<version>/                          models published under a name (outside the cache)
 
 All functions take a :class:`~pipeline.store.storage.Storage` and return storage paths (no
 protocol); ``Storage.uri`` turns one into a URI.
@@ -18,7 +17,6 @@ protocol); ``Storage.uri`` turns one into a URI.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from pipeline.store.storage import MANIFEST, STAGE_RECORD, Storage
 
@@ -35,7 +33,6 @@ def default_root() -> str:
 CACHE = "cache"
 RUNS = "runs"
 LATEST = "latest"
-MODELS = "models"
 CHECKPOINTS = "checkpoints"
 LATEST_RUN = "_latest"
 RUN_MANIFEST = "manifest.json"
@@ -87,23 +84,11 @@ def train_run_glob(st: Storage) -> str:
     return st.path(CACHE, "*", "*", CHECKPOINTS, "*", TRAIN_SNAPSHOT)
 
 
-@dataclass(frozen=True)
-class OutputLocation:
-    kind: str
-    fingerprint: str
-    attempt: str
-    output: str
-
-
-def parse_output_path(st: Storage, path: str) -> OutputLocation | None:
-    """Where a stage output path sits in the layout, or None if it is not one."""
-    prefix = st.path(CACHE).rstrip("/") + "/"
-    if not path.startswith(prefix):
-        return None
-    parts = path[len(prefix):].strip("/").split("/")
-    if len(parts) != 4 or parts[2] == CHECKPOINTS:
-        return None
-    return OutputLocation(*parts)
+def train_run_of(snapshot: str) -> tuple[str, str]:
+    """For a snapshot path :func:`train_run_glob` matched: (the training run's folder, the stage
+    record at ``cache/<kind>/<key>/`` whose presence says its training finished)."""
+    run = snapshot.rsplit("/", 1)[0]
+    return run, f"{run.rsplit('/', 2)[0]}/{STAGE_RECORD}"
 
 
 def record_for_output(path: str) -> str:
@@ -137,13 +122,6 @@ def is_run_dir(path: str) -> bool:
 
 def latest_pointer(st: Storage, pipeline: str, stage: str, output: str) -> str:
     return st.path(LATEST, pipeline, f"{stage}.{output}")
-
-
-# -- models ------------------------------------------------------------------------------------
-
-def model_dir(st: Storage, name: str, version: str) -> str:
-    """A model published under a name, outside the cache."""
-    return st.path(MODELS, name, version)
 
 
 # -- promotion -----------------------------------------------------------------------------------
