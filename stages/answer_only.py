@@ -34,7 +34,6 @@ def strip_reasoning(content: str, close: str = "</think>") -> tuple[str | None, 
 
 class AnswerOnly(Stage):
     kind: ClassVar[str] = "answer_only"
-    version: ClassVar[str] = "1"
     Params = Params
     inputs: ClassVar[dict] = {"data": "dataset"}
     input_columns: ClassVar[dict] = {"data": {"messages": "messages"}}
@@ -43,7 +42,7 @@ class AnswerOnly(Stage):
 
     def run(self, ctx: StageContext) -> None:
         """Streams the input batch by batch through one writer."""
-        p: Params = self.params
+        think_close = self.params.think_close
         schema = ctx.input_schema("data")
         writer = ctx.dataset_writer("data")
         n = kept = 0
@@ -54,7 +53,7 @@ class AnswerOnly(Stage):
                     messages, reason = [], "no_assistant_turn"
                     for m in row["messages"] or []:
                         if m["role"] == "assistant":
-                            content, reason = strip_reasoning(m["content"] or "", p.think_close)
+                            content, reason = strip_reasoning(m["content"] or "", think_close)
                             if reason:
                                 break
                             m = {**m, "content": content}

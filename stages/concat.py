@@ -16,7 +16,6 @@ class Params(BaseModel):
 
 class Concat(Stage):
     kind: ClassVar[str] = "concat"
-    version: ClassVar[str] = "1"
     Params = Params
     inputs: ClassVar[dict] = {"a": "dataset", "b": "dataset", "c": "dataset", "d": "dataset"}
     optional_inputs: ClassVar[frozenset] = frozenset({"c", "d"})

@@ -127,7 +127,6 @@ def _index_file(index: Index, e: EvalFile) -> int:
 
 class Decontaminate(Stage):
     kind: ClassVar[str] = "decontaminate"
-    version: ClassVar[str] = "1"
     Params = Params
     inputs: ClassVar[dict] = {"samples": "dataset", "eval": "dataset"}
     optional_inputs: ClassVar[frozenset] = frozenset({"eval"})

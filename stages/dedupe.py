@@ -222,8 +222,8 @@ def pick_diverse(keys: Sequence, sets: Sequence[set], k: int) -> list[int]:
 
 class Dedupe(Stage):
     kind: ClassVar[str] = "dedupe"
-    version: ClassVar[str] = "1"
     Params = Params
+    requires: ClassVar[tuple] = ("datasketch", "numba")
     inputs: ClassVar[dict] = {"samples": "dataset"}
     outputs: ClassVar[dict] = {"sft": "dataset", "dropped": "dataset"}
     output_columns: ClassVar[dict] = {"sft": SFT_SCHEMA, "dropped": DROPPED_SCHEMA}

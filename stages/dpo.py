@@ -124,8 +124,8 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
 
 class DPO(TrainingStage):
     kind: ClassVar[str] = "dpo"
-    version: ClassVar[str] = "1"
     Params = Params
+    requires: ClassVar[tuple] = ("torch", "transformers", "trl", "ray.train")
     input_columns: ClassVar[dict] = {"data": {"prompt": "messages", "chosen": "messages", "rejected": "messages"}}
 
     def run(self, ctx: StageContext) -> None:

@@ -90,6 +90,7 @@ class Evaluate(Stage):
     version: ClassVar[str] = "2"
     code_hash: ClassVar[bool] = False
     Params = Params
+    requires: ClassVar[tuple] = ("vllm", "math_verify")
     inputs: ClassVar[dict] = {"prompts": "dataset", "train": "dataset", "student": "model", "teacher": "model",
                               "base": "model"}
     optional_inputs: ClassVar[frozenset] = frozenset({"student", "teacher", "base"})

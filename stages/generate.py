@@ -191,6 +191,7 @@ class Generate(Stage):
     version: ClassVar[str] = "2"
     code_hash: ClassVar[bool] = False
     Params = Params
+    requires: ClassVar[tuple] = ("vllm", "math_verify")
     inputs: ClassVar[dict] = {"prompts": "dataset", "model": "model"}
     optional_inputs: ClassVar[frozenset] = frozenset({"model"})
     outputs: ClassVar[dict] = {"samples": "dataset", "prompt_stats": "dataset"}

@@ -159,8 +159,8 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
 
 class GRPO(TrainingStage):
     kind: ClassVar[str] = "grpo"
-    version: ClassVar[str] = "1"
     Params = Params
+    requires: ClassVar[tuple] = ("torch", "transformers", "trl", "ray.train", "math_verify")
     input_columns: ClassVar[dict] = {"data": {"prompt": "string", "answer": "string"}}
 
     def more_problems(self) -> list[tuple[str, str]]:

@@ -43,8 +43,8 @@ class Params(ScoringParams):  # format, chat_template, system_prompt, chat_templ
 
 class HardPrompts(Stage):
     kind: ClassVar[str] = "hard_prompts"
-    version: ClassVar[str] = "1"
     Params = Params
+    requires: ClassVar[tuple] = ("vllm", "math_verify")
     inputs: ClassVar[dict] = {"prompts": "dataset", "model": "model", "heldout": "dataset"}
     optional_inputs: ClassVar[frozenset] = frozenset({"model", "heldout"})
     input_columns: ClassVar[dict] = {"prompts": {"prompt_id": "string", "prompt": "string", "answer": "string"},

@@ -69,8 +69,8 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 class InitModel(Stage):
     kind: ClassVar[str] = "init_model"
-    version: ClassVar[str] = "1"
     Params = Params
+    requires: ClassVar[tuple] = ("torch", "transformers", "tokenizers")
     inputs: ClassVar[dict] = {"corpus": "dataset"}
     outputs: ClassVar[dict] = {"model": "model"}
 

@@ -90,7 +90,6 @@ def pair_rows(policy: str, verdicts: list[str], lengths: list[int], reasons: lis
 
 class PreferencePairs(Stage):
     kind: ClassVar[str] = "preference_pairs"
-    version: ClassVar[str] = "1"
     Params = Params
     inputs: ClassVar[dict] = {"samples": "dataset"}
     outputs: ClassVar[dict] = {"pairs": "dataset"}

@@ -195,7 +195,6 @@ class _Outputs:
 
 class Prompts(Stage):
     kind: ClassVar[str] = "prompts"
-    version: ClassVar[str] = "1"
     Params = Params
     outputs: ClassVar[dict] = {"prompts": "dataset", "quarantine": "dataset"}
     output_columns: ClassVar[dict] = {"prompts": PROMPTS_SCHEMA, "quarantine": QUARANTINE_SCHEMA}

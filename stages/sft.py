@@ -320,6 +320,7 @@ class SFT(TrainingStage):
     kind: ClassVar[str] = "sft"
     version: ClassVar[str] = "2"  # keyed by this version, bumped by hand, not by a hash of the code
     Params = Params
+    requires: ClassVar[tuple] = ("torch", "transformers", "trl", "peft", "ray.train")
     input_columns: ClassVar[dict] = {"data": {"messages": "messages"}}
 
     def more_problems(self) -> list[tuple[str, str]]:

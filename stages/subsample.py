@@ -28,7 +28,6 @@ class Params(BaseModel):
 
 class Subsample(Stage):
     kind: ClassVar[str] = "subsample"
-    version: ClassVar[str] = "1"
     Params = Params
     inputs: ClassVar[dict] = {"data": "dataset", "like": "dataset"}
     optional_inputs: ClassVar[frozenset] = frozenset({"like"})

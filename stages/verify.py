@@ -92,8 +92,8 @@ class VerifierActor(RowChecker):
 
 class Verify(Stage):
     kind: ClassVar[str] = "verify"
-    version: ClassVar[str] = "1"
     Params = Params
+    requires: ClassVar[tuple] = ("math_verify",)
     inputs: ClassVar[dict] = {"samples": "dataset"}
     outputs: ClassVar[dict] = {"verified": "dataset"}
     input_columns: ClassVar[dict] = {"samples": {"prompt_id": "string", "completion": "string"}}

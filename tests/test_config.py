@@ -144,3 +144,32 @@ def test_shipped_configs_validate(name):
         assert cfg.storage.root.startswith("s3://")
         gen = cfg.nodes["generate"].stage.params
         assert gen.engine.tensor_parallel_size == 2 and gen.sampling.budget.max_thinking_tokens == 12000
+
+
+def test_a_stage_needing_a_module_that_is_not_installed_fails_at_plan(tmp_path, monkeypatch):
+    """``Stage.requires``: plan names the stage, the module and how to install it, before Ray."""
+    (tmp_path / "needy_stage.py").write_text(
+        "from typing import ClassVar\nfrom pydantic import BaseModel\nfrom pipeline.core.stage import Stage\n"
+        "class Params(BaseModel):\n    pass\n"
+        "class Needy(Stage):\n    kind: ClassVar[str] = 'needy'\n    Params = Params\n"
+        "    requires: ClassVar[tuple] = ('json', 'no_such_module_for_distill', 'no_such_pkg_for_distill.sub')\n"
+        "    def run(self, ctx):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = _write(tmp_path, "name: needs\nstages:\n  needy: {uses: 'needy_stage:Needy'}\n")
+    (line,) = _problems(p)
+    assert line.startswith(f"{p}: stages.needy.uses: stage kind 'needy' needs no_such_module_for_distill, "
+                           "no_such_pkg_for_distill.sub, which cannot be imported here"), line
+    result = CliRunner().invoke(app, ["plan", str(p)])
+    assert result.exit_code == 2 and "no_such_module_for_distill" in result.output
+
+
+def test_every_registered_stage_declares_what_it_needs_and_it_is_installed_here():
+    from pipeline.core import registry
+    from pipeline.core.stage import missing_modules
+
+    heavy = {"generate": "vllm", "evaluate": "vllm", "hard_prompts": "vllm", "sft": "trl", "dpo": "trl", "grpo": "trl",
+             "verify": "math_verify"}
+    for kind, module in heavy.items():
+        assert module in registry.load(kind).requires, kind
+    for kind in registry.kinds():
+        assert not missing_modules(registry.load(kind).requires), kind

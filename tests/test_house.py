@@ -61,3 +61,37 @@ def test_readme_stage_table_lists_every_registered_kind():
     section = readme.split("\n## Stages\n", 1)[1].split("\n## ", 1)[0]  # the table under "## Stages"
     table = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
     assert set(registry.kinds()) <= table, f"missing from the README's stage table: {set(registry.kinds()) - table}"
+
+
+def test_no_function_is_over_60_lines():
+    long = []
+    for package in ("pipeline", "stages"):
+        for f in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                    long.append(f"{f.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_conditional_writes_go_through_one_primitive():
+    """Create-if-absent and compare-and-swap are written once, in pipeline/store/conditional.py:
+    commits, leases and promotion call it, and no other module speaks If-None-Match, If-Match or
+    link() itself."""
+    spelled = re.compile(r'mode="create"|IfMatch|os\.link\(|O_EXCL|fcntl\.flock')
+    where = [f"{f.relative_to(REPO)}" for package in ("pipeline", "stages") for f in sorted((REPO / package).rglob("*.py"))
+             if f.name != "conditional.py" and spelled.search(f.read_text())]
+    assert not where, f"conditional writes spelt outside pipeline/store/conditional.py: {where}"
+
+
+def test_a_stage_cache_key_covers_the_programs_its_helpers_ship(tmp_path, monkeypatch):
+    """The sandbox's programs are package data, not modules: verify's code version still changes
+    when one of them does."""
+    from stages.common import sandbox
+    from stages.verify import Verify
+
+    assert sandbox.CODE_FILES and all(f.endswith(".py") for f in sandbox.CODE_FILES)
+    before = Verify.code_version()
+    program = tmp_path / "wrapper.py"
+    program.write_text(open(sandbox.CODE_FILES[-1]).read() + "\n# edited\n")
+    monkeypatch.setattr(sandbox, "CODE_FILES", [*sandbox.CODE_FILES[:-1], str(program)])
+    assert Verify.code_version() != before

@@ -22,7 +22,7 @@ def _table(n, start=0):
     return pa.table({"id": list(range(start, start + n)), "text": [f"row {i}" for i in range(start, start + n)]})
 
 
-def test_sharded_dataset_roundtrip_and_readers(storage):
+def test_sharded_dataset_roundtrip_and_readers(storage, monkeypatch):
     path = storage.path("ds")
     w = storage.dataset_writer(path, lineage={"run_id": "r1"}, rows_per_shard=40)
     w.write(_table(50))
@@ -39,6 +39,9 @@ def test_sharded_dataset_roundtrip_and_readers(storage):
 
     import datasets
 
+    # a map-style load of s3:// files is a download, which datasets refuses in offline mode; a test
+    # that set HF_HUB_OFFLINE before datasets was first imported in this process leaves it on
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     opts = None if storage.is_local else {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
     ds = datasets.load_dataset("parquet", data_files=files, split="train", storage_options=opts)
     assert len(ds) == 100 and ds[0]["text"] == "row 0"

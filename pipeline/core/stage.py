@@ -6,6 +6,8 @@ A stage declares:
   stage module's source and the project modules it uses; an expensive stage sets it to
   False and is keyed by ``version`` alone, bumped by hand;
 - ``Params``: a pydantic model (``extra="forbid"``) validated from the config;
+- ``requires``: the modules it needs at run time (``vllm``, ``trl``, ``ray.train``), checked
+  when the config loads, as datatrove's ``_requires_dependencies`` does;
 - ``inputs`` / ``outputs``: artifact name -> type (``dataset`` or ``model``);
   inputs listed in ``optional_inputs`` may be left unwired;
 - ``input_columns`` / ``output_columns`` (or the methods ``needs()`` / ``produces()`` when
@@ -44,6 +46,7 @@ stages and checkpoints made before it existed as they were.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import sys
@@ -64,10 +67,13 @@ log = logging.getLogger("distill")
 
 
 def _source(module: ModuleType) -> str:
+    """A module's source, and the text of the files it declares its code reads (``CODE_FILES``,
+    e.g. programs shipped as package data)."""
     try:
-        return inspect.getsource(module)
+        text = inspect.getsource(module)
     except (OSError, TypeError):
         return module.__name__
+    return chr(0).join([text, *(Path(f).read_text(encoding="utf-8") for f in getattr(module, "CODE_FILES", ()))])
 
 
 def _local_modules(root: ModuleType) -> set[ModuleType]:
@@ -141,6 +147,19 @@ def column_problems(needs: dict[str, str], have: dict[str, pa.DataType]) -> list
     return out
 
 
+def missing_modules(names: Iterable[str]) -> list[str]:
+    """The modules of ``names`` that cannot be imported here (found without importing them)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package is missing, or broken
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def schema_columns(schema: pa.Schema) -> dict[str, pa.DataType]:
     return {f.name: f.type for f in schema}
 
@@ -167,6 +186,9 @@ class Stage:
     # Inputs that take every variant of an expanded (matrix) stage rather than one (compare's
     # ``runs``); ``check_variants`` then checks what was wired to them.
     variadic_inputs: ClassVar[frozenset[str]] = frozenset()
+    # Modules the stage needs at run time (e.g. "vllm", "trl", "ray.train"): ``load_config``
+    # (so ``plan`` and ``run``, before Ray starts) reports any that cannot be imported here.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, params: BaseModel):
         self.name = name
