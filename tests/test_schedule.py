@@ -221,7 +221,8 @@ def test_lost_lease_stops_the_job_with_a_fake_executor(tmp_path):
                 break
         # take it over with a forged expired state: the holder's next renewal must fail
         from pipeline.store import layout
-        from pipeline.store.lease import _encode, conditional_store
+        from pipeline.store.conditional import conditional_store
+        from pipeline.store.lease import _encode
         conditional_store(st).replace(layout.lease(st, "s"), _encode({**state[0], "run_id": "thief"}), state[1])
 
     t = threading.Thread(target=thief)
