@@ -191,9 +191,9 @@ class Generate(Stage):
     version: ClassVar[str] = "2"
     code_hash: ClassVar[bool] = False
     Params = Params
-    requires: ClassVar[tuple] = ("vllm", "math_verify")
     inputs: ClassVar[dict] = {"prompts": "dataset", "model": "model"}
     optional_inputs: ClassVar[frozenset] = frozenset({"model"})
+    requires: ClassVar[tuple] = ("vllm", "math_verify")  # math_verify: adaptive sampling's checks
     outputs: ClassVar[dict] = {"samples": "dataset", "prompt_stats": "dataset"}
     input_columns: ClassVar[dict] = {"prompts": {"prompt_id": "string", "prompt": "string", "answer": "string",
                                                  "source": "string"}}
