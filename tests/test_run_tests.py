@@ -35,8 +35,10 @@ def test_shards_balance_time_and_keep_a_fixture_group_together(tmp_path):
 def test_weigh_sums_each_files_phases(tmp_path):
     log = tmp_path / "durations.log"
     log.write_text("12.50s call     tests/test_x.py::test_one[a]\n0.50s setup    tests/test_x.py::test_one[a]\n"
-                   "3.00s teardown tests/test_y.py::test_two\n(12 durations < 0.005s hidden)\n")
-    assert run_tests.weigh(str(log)) == {"test_x.py": 13.0, "test_y.py": 3.0}
+                   "3.00s teardown tests/test_y.py::test_two\n(12 durations < 0.005s hidden)\n"
+                   "[shard 1] 2.00s call     tests/test_z.py::test_three\n[alone] 1.00s setup    tests/test_x.py::t\n"
+                   "[shard 1] [ 50%] 9.00s call tests/test_w.py::not_a_duration_line\n")
+    assert run_tests.weigh(str(log)) == {"test_x.py": 14.0, "test_y.py": 3.0, "test_z.py": 2.0}
 
 
 def test_a_crash_in_one_shard_reruns_that_shard_from_the_crashed_test(tmp_path):

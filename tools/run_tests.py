@@ -22,9 +22,10 @@ the crash handling above. Much of the suite waits on one core (process and engin
 imports, Ray's control plane), so two processes on two cores finish sooner than one. Files that
 share an expensive session fixture (``GROUPS``: the solver model, the Jobs head) stay in one
 shard, so it is built once. Each file's time comes from ``tests/durations.json`` (``--weigh LOG``
-rewrites it from a ``--durations=0`` log; a file it does not list counts ``DEFAULT_SECONDS``):
-per file, the larger of 1.4 x its time in one process and its slowest tests' time measured with
-two shards running (2026-12-03). Each shard's lines are printed as they come, prefixed
+rewrites it from a ``--durations=0`` log, with its ``[shard i]`` prefixes; a file it does not
+list counts ``DEFAULT_SECONDS``): per file, its setup, call and teardown seconds measured with
+two shards running, the alone files' alone (a clean clone's ``TESTS="--durations=0 tests" CI=true
+bash .ci/run``, 2026-12-03). Each shard's lines are printed as they come, prefixed
 ``[shard i]``; the run passes only if every shard does.
 
 Files marked ``pytest.mark.alone`` (a Ray cluster or scheduled jobs' Ray of their own) run after
@@ -166,7 +167,7 @@ def weigh(log: str) -> dict[str, float]:
     """Seconds per test file (setup, call and teardown) from a pytest ``--durations=0`` log."""
     per: dict[str, float] = {}
     for line in Path(log).read_text().splitlines():
-        m = re.match(r"\s*([\d.]+)s (?:call|setup|teardown)\s+(\S+?)::", line)
+        m = re.match(r"(?:\[[\w ]+\] )?\s*([\d.]+)s (?:call|setup|teardown)\s+(\S+?)::", line)
         if m:
             name = Path(m.group(2)).name
             per[name] = round(per.get(name, 0.0) + float(m.group(1)), 1)
