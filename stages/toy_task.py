@@ -34,30 +34,41 @@ PROMPT_SCHEMA = pa.schema(
 
 
 def make_problem(rng: random.Random, min_steps: int, max_steps: int, max_operand: int,
-                 easy_fraction: float = 0.0) -> tuple[str, str, str]:
+                 easy_fraction: float = 0.0, slip_rate: float = 0.0) -> tuple[str, str, str]:
     """Returns (prompt, solution, answer).
 
     With probability ``easy_fraction`` a problem uses single-digit operands only
     (easy for a small model); otherwise operands go up to ``max_operand``. The
     mix gives a teacher whose pass rate varies by problem, as real data does.
     Values never go negative.
+
+    With probability ``slip_rate`` a step of the written solution is off by one
+    (an arithmetic slip, carried into the later steps and the boxed answer);
+    ``answer`` stays the true value. A model trained to convergence on such
+    solutions slips at about that rate per step, so its pass rate is set by
+    the data rather than by where its training stopped. ``slip_rate=0`` draws
+    exactly the problems it drew before the option existed.
     """
     top = 9 if rng.random() < easy_fraction else max_operand
     steps = rng.randint(min_steps, max_steps)
     value = rng.randint(1, top)
     terms = [str(value)]
     lines = []
+    written = value  # what the solution carries: the true value unless a step slipped
     for _ in range(steps):
         b = rng.randint(1, top)
-        if b <= value and rng.random() < 0.4:
+        if b <= min(value, written) and rng.random() < 0.4:
             new, op = value - b, "-"
         else:
             new, op = value + b, "+"
-        lines.append(f"{value} {op} {b} = {new}")
+        shown = written - b if op == "-" else written + b
+        if slip_rate and rng.random() < slip_rate:
+            shown = shown + 1 if shown == 0 or rng.random() < 0.5 else shown - 1
+        lines.append(f"{written} {op} {b} = {shown}")
         terms.append(f"{op} {b}")
-        value = new
+        value, written = new, shown
     prompt = f"Compute {' '.join(terms)}."
-    solution = "<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{" + str(value) + "}."
+    solution = "<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{" + str(written) + "}."
     return prompt, solution, str(value)
 
 
@@ -71,6 +82,7 @@ class Params(BaseModel):
     max_steps: int = Field(3, ge=1)
     max_operand: int = Field(50, ge=2)
     easy_fraction: float = Field(0.5, ge=0, le=1)
+    slip_rate: float = Field(0.0, ge=0, lt=1)
 
 
 class ToyTask(Stage):
@@ -98,7 +110,8 @@ class ToyTask(Stage):
                         f"toy_task: could not draw {size} distinct problems for split {split!r}; "
                         "raise max_operand or max_steps"
                     )
-                prompt, solution, answer = make_problem(rng, p.min_steps, p.max_steps, p.max_operand, p.easy_fraction)
+                prompt, solution, answer = make_problem(rng, p.min_steps, p.max_steps, p.max_operand, p.easy_fraction,
+                                                       p.slip_rate)
                 if prompt in seen:
                     continue
                 seen.add(prompt)

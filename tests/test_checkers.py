@@ -1,3 +1,4 @@
+import hashlib
 import json
 import random
 
@@ -64,6 +65,39 @@ def test_toy_gold_solutions_verify():
         assert check_sample(solution, "stop", answer, FMT).reason == "ok", (prompt, solution)
         wrong = solution.replace("\\boxed{" + answer + "}", "\\boxed{" + str(int(answer) + 1) + "}")
         assert check_sample(wrong, "stop", answer, FMT).reason == "wrong_answer"
+
+
+def test_toy_slips_are_off_by_one_carried_to_the_answer_and_verified_wrong():
+    """``slip_rate``: a slipped step writes its result off by one and the later steps carry it,
+    so the boxed answer is wrong and verify says so; no written value is negative; the share of
+    slipped solutions is about 1 - (1 - rate)^steps; rate 0 draws the same problems as before."""
+    import re
+
+    rng, slipped, n, expected = random.Random(3), 0, 3000, 0.0
+    for _ in range(n):
+        prompt, solution, answer = make_problem(rng, 2, 4, 9, 1.0, slip_rate=0.1)
+        lines = re.findall(r"^(\d+) ([+-]) (\d+) = (\d+)$", solution, re.M)
+        terms = [int(t) for t in re.findall(r"\d+", prompt)]
+        assert len(lines) == len(terms) - 1 and int(lines[0][0]) == terms[0]
+        true, off = terms[0], 0
+        for (a, op, b, c), t in zip(lines, terms[1:]):
+            assert int(b) == t and int(a) == true + off  # a step starts from what the last one wrote
+            true = true + t if op == "+" else true - t
+            step_off = int(c) - (int(a) + t if op == "+" else int(a) - t)
+            assert step_off in (-1, 0, 1)
+            off += step_off
+        assert int(answer) == true
+        boxed = solution.rsplit("\\boxed{", 1)[1].split("}")[0]
+        assert int(boxed) == true + off
+        reason = check_sample(solution, "stop", answer, FMT).reason
+        assert reason == ("ok" if off == 0 else "wrong_answer"), solution
+        slipped += off != 0
+        expected += 1 - 0.9 ** len(lines)
+    assert abs(slipped - expected) < 4 * (expected * (1 - expected / n)) ** 0.5  # within 4 SE of the rate
+    # the digest of the first 500 problems of seed 7 as drawn before slip_rate existed (cb97c48's toy_task)
+    rng = random.Random(7)
+    drawn = json.dumps([make_problem(rng, 2, 3, 40, 0.5, slip_rate=0.0) for _ in range(500)])
+    assert hashlib.sha256(drawn.encode()).hexdigest()[:16] == "51623ee117c73031"
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
