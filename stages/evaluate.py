@@ -37,7 +37,7 @@ from pipeline.core import resources
 from pipeline.core.stage import Stage, StageContext
 from pipeline.sizing import fit
 from stages.common.checkers import CHECKER_VERSION
-from stages.common.engine import NO_FP, BudgetSpec, SamplingSpec, fit_at_once, open_engines
+from stages.common.engine import BudgetSpec, SamplingSpec, open_engines
 from stages.common.heldout import refuse_overlap
 from stages.common.metrics import ReasoningMetrics, paired_difference
 from stages.common.ngrams import DEFAULT_NGRAM
@@ -72,8 +72,6 @@ class Params(ScoringParams):  # format, chat_template, system_prompt, chat_templ
     promote: PromotionSpec | None = Field(None, description="the promotion gate for the student")
     checker_version: str = CHECKER_VERSION
     timeout_s: float = Field(5.0, gt=0, description="hard wall-clock limit per answer check")
-    start_engines_together: bool = Field(True, json_schema_extra=NO_FP, description="start every role's engines at "
-                                         "once when the cluster's free resources hold them all")
     overlap_ngram: int = Field(DEFAULT_NGRAM, ge=1, description="refuse if a held-out prompt shares an n-gram "
                                "of this many words with a training prompt")
 
@@ -136,39 +134,22 @@ class Evaluate(Stage):
         verifier = VerifierPool(workers=1, timeout=p.timeout_s)
         scores: dict[str, ReasoningMetrics] = {}
         sweep: dict[str, list] = {}
-        # every role's engines start at once when the cluster's free resources hold them all (the
-        # later roles' start-up overlaps the first role's answers); else one role at a time
-        together = p.start_engines_together and len(models) > 1 and fit_at_once([p.engine] * len(models))
-        pools: dict = {}
         try:
-            for role, uri in models.items() if together else ():
-                pools[role] = self._open(p, uri, wait=False)
             for role, uri in models.items():
-                pools[role] = pools.get(role) or self._open(p, uri, wait=True)
-                with pools[role].wait_ready() as pool:
-                    scores[role] = self._score_role(ctx, p, role, pool, prompts, writer, verifier, sweep)
+                with open_engines(uri, p.engine, p.chat_template, p.system_prompt, p.chat_template_kwargs) as pool:
+                    scores[role] = self._score(ctx, p, role, pool, prompts, p.sampling, writer, verifier)
+                    for cap in p.budgets:
+                        budget = (p.sampling.budget or BudgetSpec()).model_copy(update={"max_thinking_tokens": cap})
+                        sampling = p.sampling.model_copy(update={"budget": budget})
+                        acc = self._score(ctx, p, role, pool, prompts, sampling, writer, verifier, cap)
+                        s = acc.summary()
+                        sweep.setdefault(role, []).append(
+                            {"max_thinking_tokens": cap, **{k: s.get(k) for k in
+                                                            ("pass@1", "pass@1_se", "mean_tokens", "errored")}})
         finally:
-            for pool in pools.values():  # the roles not reached (a failure part-way); shutdown is idempotent
-                pool.shutdown()
             verifier.close()
         ctx.commit_dataset("samples", writer, EVAL_SCHEMA)
-        ctx.metrics.update(self._summarise(ctx, p, scores, sweep), engines_started_together=together)
-
-    def _score_role(self, ctx, p: Params, role: str, pool, prompts: list[dict], writer, verifier: VerifierPool,
-                    sweep: dict) -> ReasoningMetrics:
-        """One role's scores at ``p.sampling``; each budget of the sweep added to ``sweep[role]``."""
-        acc = self._score(ctx, p, role, pool, prompts, p.sampling, writer, verifier)
-        for cap in p.budgets:
-            budget = (p.sampling.budget or BudgetSpec()).model_copy(update={"max_thinking_tokens": cap})
-            sampling = p.sampling.model_copy(update={"budget": budget})
-            s = self._score(ctx, p, role, pool, prompts, sampling, writer, verifier, cap).summary()
-            sweep.setdefault(role, []).append(
-                {"max_thinking_tokens": cap, **{k: s.get(k) for k in ("pass@1", "pass@1_se", "mean_tokens", "errored")}})
-        return acc
-
-    @staticmethod
-    def _open(p: Params, uri: str, wait: bool):
-        return open_engines(uri, p.engine, p.chat_template, p.system_prompt, p.chat_template_kwargs, wait=wait)
+        ctx.metrics.update(self._summarise(ctx, p, scores, sweep))
 
     def _score(self, ctx, p: Params, role: str, pool, prompts: list[dict], sampling: SamplingSpec, writer,
                verifier: VerifierPool, cap: int | None = None) -> ReasoningMetrics:

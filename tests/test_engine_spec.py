@@ -2,7 +2,7 @@
 import pytest
 from pydantic import ValidationError
 
-from stages.common.engine import BudgetSpec, EngineSpec, SamplingSpec, actor_options, fit_at_once, placement_bundles
+from stages.common.engine import BudgetSpec, EngineSpec, SamplingSpec, actor_options, placement_bundles
 
 
 def test_single_gpu_replica_takes_its_gpu_on_the_actor():
@@ -70,25 +70,3 @@ def test_streaming_keeps_chunks_in_flight_on_a_threaded_actor(ray_local, tiny_mo
     # four chunks' requests queued in each actor at once, never more than chunks_in_flight
     assert peak == [4, 4]
     assert all(n >= 2 for n in served)  # both replicas took requests
-
-
-def test_pools_start_together_only_when_the_free_resources_hold_them_all(ray_local, monkeypatch):
-    """evaluate starts every role's engines at once only when ``fit_at_once``: the cluster's free
-    CPUs and GPUs cover every replica of every pool (else one pool's replicas could wait on
-    resources another waiting pool holds), and, with kept engines, no more pools than are kept."""
-    import ray
-
-    from stages.common import engine
-
-    free = ray.available_resources()["CPU"]
-    half = EngineSpec(num_cpus=free / 2)
-    assert fit_at_once([half, half])
-    assert not fit_at_once([half, half, half])
-    assert not fit_at_once([EngineSpec(num_cpus=free / 4, replicas=2), EngineSpec(num_cpus=free / 4 + 0.5, replicas=2)])
-    assert not fit_at_once([EngineSpec(num_cpus=0.5, num_gpus=1)])  # no GPU here
-    assert not fit_at_once([EngineSpec(num_cpus=0.5, tensor_parallel_size=2, num_gpus=1)])
-    monkeypatch.setenv("DISTILL_KEEP_ENGINES", "1")
-    monkeypatch.setattr(engine, "MAX_KEPT", 1)
-    assert not fit_at_once([EngineSpec(num_cpus=0.5), EngineSpec(num_cpus=0.5)])
-    monkeypatch.setattr(engine, "MAX_KEPT", 2)
-    assert fit_at_once([EngineSpec(num_cpus=0.5), EngineSpec(num_cpus=0.5)])

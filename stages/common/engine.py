@@ -550,14 +550,12 @@ CLIENT_SETTINGS = ("batch_size", "commit_seconds", "max_inflight", "chunks_in_fl
 
 
 def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = None,
-                 system_prompt: str | None = None, chat_template_kwargs: dict | None = None,
-                 wait: bool = True) -> "EnginePool":
+                 system_prompt: str | None = None, chat_template_kwargs: dict | None = None) -> "EnginePool":
     """Start engines for a model. With ``DISTILL_KEEP_ENGINES=1`` (long-lived drivers, test
     sessions) engines for the same model files and settings are kept and reused across
-    stages and runs in this process; ``shutdown_kept()`` stops them. ``wait=False`` returns
-    once the actors are requested; ``pool.wait_ready()`` then waits for their start-up."""
+    stages and runs in this process; ``shutdown_kept()`` stops them."""
     if os.environ.get("DISTILL_KEEP_ENGINES") != "1":
-        return EnginePool(model_uri, spec, chat_template, system_prompt, chat_template_kwargs, wait)
+        return EnginePool(model_uri, spec, chat_template, system_prompt, chat_template_kwargs)
     from pipeline.core.ids import fingerprint
     from pipeline.core.resources import model_fingerprint
 
@@ -572,7 +570,7 @@ def open_engines(model_uri: str, spec: EngineSpec, chat_template: str | None = N
             old = _KEPT.pop(next(iter(_KEPT)))
             old.kept = False
             old.shutdown()
-        pool = EnginePool(model_uri, spec, chat_template, system_prompt, chat_template_kwargs, wait)
+        pool = EnginePool(model_uri, spec, chat_template, system_prompt, chat_template_kwargs)
         pool.kept = True
     else:
         pool.reused = True
@@ -595,7 +593,7 @@ class EnginePool:
     reused = False  # an engine kept from an earlier stage: no start-up this time
 
     def __init__(self, model_uri: str, spec: EngineSpec, chat_template: str | None = None, system_prompt: str | None = None,
-                 chat_template_kwargs: dict | None = None, wait: bool = True):
+                 chat_template_kwargs: dict | None = None):
         import ray
 
         # A crashed engine actor is restarted by Ray (max_restarts); its calls in flight fail
@@ -620,24 +618,13 @@ class EnginePool:
                     placement_group=pg, placement_group_capture_child_tasks=True)
             self.actors.append(actor_cls.options(**opts).remote(model_uri, spec.llm_kwargs(), chat_template, system_prompt,
                                                                 spec.nice, spec.window(), chat_template_kwargs))
-        self._t0, self._ready = time.time(), [a.ready.remote() for a in self.actors]
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> "EnginePool":
-        """Wait until every replica has started (once; a no-op after). ``startup_seconds`` counts
-        from the actors' request, so engines started beside other work count their own time."""
-        import ray
-
-        if self._ready is None:
-            return self
+        t0 = time.time()
         try:
-            self.max_len = ray.get(self._ready)[0]
+            self.max_len = ray.get([a.ready.remote() for a in self.actors])[0]
         except Exception:
             self.shutdown()
             raise
-        self._ready, self.startup_seconds = None, time.time() - self._t0
-        return self
+        self.startup_seconds = time.time() - t0
 
     def generate(self, rows: Iterable[dict | None], sampling: SamplingSpec,
                  keep: tuple[str, ...] = ()) -> Iterator[list[dict]]:
@@ -915,25 +902,6 @@ def placement_bundles(spec: EngineSpec) -> list[dict]:
         bundle["GPU"] = spec.num_gpus
     bundle.update(spec.resources)
     return [dict(bundle) for _ in range(spec.tensor_parallel_size)]
-
-
-def fit_at_once(specs: list[EngineSpec]) -> bool:
-    """Whether the cluster's free resources hold every replica of every spec at the same time
-    (summed over nodes). Pools started together only when this holds: a pool whose replicas
-    wait for resources that another pool, itself waiting, holds would never start. With kept
-    engines (``DISTILL_KEEP_ENGINES``), only as many as are kept: one more would stop the first."""
-    import ray
-
-    if os.environ.get("DISTILL_KEEP_ENGINES") == "1" and len(specs) > max(1, MAX_KEPT):
-        return False
-
-    need: collections.Counter = collections.Counter()
-    for spec in specs:
-        for bundle in placement_bundles(spec):
-            for k, v in bundle.items():
-                need[k] += v * spec.replicas
-    free = ray.available_resources()
-    return all(free.get(k, 0.0) >= v for k, v in need.items())
 
 
 def _engine_env(spec: EngineSpec) -> dict[str, str]:
