@@ -122,3 +122,19 @@ def test_no_prompt_in_common_is_never_a_promotion():
     d = decide(best, _candidate("new", {"q1": 1.0, "q2": 1.0}))
     assert not d["promoted"] and d["prompts"] == 0
     assert d["reason"] == "no held-out prompt in common with the current best"
+
+
+def test_a_best_scored_on_another_held_out_set_is_not_compared():
+    """The demo's case after its held-out set changed: 2 of 128 prompts in common, where the
+    candidate was better on both (a margin with SE 0, which a plain z rule would promote). Under
+    half of the candidate's prompts shared: not promoted, and the reason says why; half or more
+    shared: judged as usual."""
+    old = {f"old{i}": 0.0 for i in range(126)}
+    best = _candidate("best", {**old, "p0": 0.0, "p1": 0.0})
+    new_set = {f"p{i}": 1.0 for i in range(128)}
+    d = decide(best, _candidate("new", new_set))
+    assert not d["promoted"] and d["prompts"] == 2
+    assert d["reason"].startswith("only 2 of the candidate's 128 held-out prompts were scored for the current best")
+    half = _candidate("best", {**{f"p{i}": 0.0 for i in range(64)}, **old})
+    d = decide(half, _candidate("new", new_set))
+    assert d["prompts"] == 64 and d["promoted"]

@@ -35,6 +35,11 @@ def decide(best: dict | None, candidate: dict, z: float = 2.0) -> dict:
            "best_before": best.get("model")}
     if paired["prompts"] == 0:
         return {**out, "promoted": False, "reason": "no held-out prompt in common with the current best"}
+    if 2 * paired["prompts"] < len(candidate["per_prompt"]):  # best was scored on another held-out set
+        return {**out, "promoted": False,
+                "reason": f"only {paired['prompts']} of the candidate's {len(candidate['per_prompt'])} held-out "
+                          "prompts were scored for the current best (it was evaluated on another held-out set); "
+                          "not compared: evaluate best on these prompts, or promote under a new name"}
     if paired["diff"] > z * paired["se"]:
         return {**out, "promoted": True,
                 "reason": f"beats best by {paired['diff']:+.4f} > {z:g} x paired SE {paired['se']:.4f}"}
