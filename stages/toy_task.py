@@ -57,16 +57,14 @@ def make_problem(rng: random.Random, min_steps: int, max_steps: int, max_operand
     written = value  # what the solution carries: the true value unless a step slipped
     for _ in range(steps):
         b = rng.randint(1, top)
-        if b <= min(value, written) and rng.random() < 0.4:
-            new, op = value - b, "-"
-        else:
-            new, op = value + b, "+"
-        shown = written - b if op == "-" else written + b
+        op = "-" if b <= min(value, written) and rng.random() < 0.4 else "+"
+        delta = -b if op == "-" else b
+        shown = written + delta
         if slip_rate and rng.random() < slip_rate:
             shown = shown + 1 if shown == 0 or rng.random() < 0.5 else shown - 1
         lines.append(f"{written} {op} {b} = {shown}")
         terms.append(f"{op} {b}")
-        value, written = new, shown
+        value, written = value + delta, shown
     prompt = f"Compute {' '.join(terms)}."
     solution = "<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{" + str(written) + "}."
     return prompt, solution, str(value)
