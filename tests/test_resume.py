@@ -32,8 +32,9 @@ def test_driver_kill_and_resume(ray_local, tiny_model, tmp_path):
     # of any key), so it is still generating when the test sees its third checkpoint, even on a
     # loaded machine where the test's own polling competes with it for the CPU
     slow = ["--set", "stages.generate.params.engine.max_num_seqs=1", "--set", "stages.generate.params.engine.nice=19"]
+    log = open(tmp_path / "killed-run.log", "wb")  # its output, for the message if it ends on its own
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg), *slow], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     watch = ProcessWatch(proc.pid, interval=1.0)  # the driver's whole process tree: Ray, its workers, the engines
     st = Storage(str(root))
     parts: list[str] = []
@@ -44,11 +45,14 @@ def test_driver_kill_and_resume(ray_local, tiny_model, tmp_path):
             if len(parts) >= 3:
                 break
             time.sleep(0.1)
-        assert proc.poll() is None, "the first run finished before it could be killed"
+        log.flush()
+        assert proc.poll() is None, ("the first run finished before it could be killed; its output ends:\n"
+                                     + (tmp_path / "killed-run.log").read_text(errors="replace")[-3000:])
         assert len(parts) >= 3
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait(30)
+        log.close()
     left = watch.survivors(wait=90)  # stops the watch
     assert any("EngineActor" in c for c in watch.seen.values()), f"no engine actor seen: {list(watch.seen.values())}"
     assert left == []  # nothing of the killed run survives, in whatever process group it runs
