@@ -18,6 +18,8 @@ def test_every_pip_source_is_passed_to_uv():
         "cert": "/etc/ssl/ca.crt",
         "default-timeout": "180",
     })
+    assert "--compile-bytecode" in args  # pip writes .pyc files at install; without them each process recompiles
+    args = [a for a in args if a != "--compile-bytecode"]
     pairs = list(zip(args[::2], args[1::2]))
     assert ("--index-strategy", "unsafe-best-match") in pairs
     assert ("--index-url", "https://mirror.example/simple") in pairs
@@ -27,8 +29,8 @@ def test_every_pip_source_is_passed_to_uv():
     assert env == {"SSL_CERT_FILE": "/etc/ssl/ca.crt", "UV_HTTP_TIMEOUT": "180"}
 
 
-def test_no_settings_give_only_the_strategy():
-    assert setup_venv.uv_arguments({}) == (["--index-strategy", "unsafe-best-match"], {})
+def test_no_settings_give_only_pips_strategy_and_its_bytecode():
+    assert setup_venv.uv_arguments({}) == (["--index-strategy", "unsafe-best-match", "--compile-bytecode"], {})
 
 
 def test_pip_settings_read_files_and_environment(tmp_path):

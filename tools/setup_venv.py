@@ -6,7 +6,9 @@ pip took 2.6-4.8 min to install the 230 packages here; uv installs the same vers
 uv does not read pip's configuration, so this script reads it (files and PIP_* variables, as pip
 itself loads them) and passes each source on: index-url, extra-index-url, find-links, constraint,
 cert and timeout. `--index-strategy unsafe-best-match` gives pip's rule (the best version over all
-indexes), so both tools resolve to the same versions.
+indexes), so both tools resolve to the same versions. `--compile-bytecode` writes the .pyc files
+pip writes: without them, and with PYTHONDONTWRITEBYTECODE set (as on these machines), every
+process compiles vllm again on import (23 s against 13 s), and each engine took 80 s to start.
 
 If uv cannot be installed or fails, the install falls back to pip, with the reason printed.
 """
@@ -34,7 +36,7 @@ def pip_settings() -> dict[str, str]:
 
 def uv_arguments(settings: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """uv pip install's arguments and environment for pip's settings."""
-    args = ["--index-strategy", "unsafe-best-match"]
+    args = ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]
     for key, flag in (("index-url", "--index-url"), ("extra-index-url", "--extra-index-url"),
                       ("find-links", "--find-links"), ("constraint", "--constraint")):
         for value in settings.get(key, "").split():
