@@ -21,6 +21,11 @@ answer is wrong. A completion cut at ``max_completion_length`` has finish reason
 Per logging step the record's ``curves`` hold TRL's ``reward`` (the mean),
 ``completions/mean_length`` and ``completions/clipped_ratio`` (the truncation rate), and
 ``verify/<reason>``: the share of each verification reason among that step's completions.
+Those means are over different prompts at each step, so their noise hides a small gain. The
+record's ``reward_by_visit`` follows the same prompts instead: for each prompt (its
+``prompt_id``, or its text), the mean reward of its group on its 1st, 2nd, ... visit (epoch),
+and per visit the gain over the 1st visit, paired over the prompts seen on both, with its SE.
+It counts rank 0's completions from the step its worker group started at (``from_step``).
 
 ``num_generations``, ``beta``, ``loss_type``, ``max_completion_length``, ``temperature`` and
 ``scale_rewards`` go to TRL as they are. Completions come from the trainer's own generation;
@@ -66,6 +71,40 @@ class Params(TrainParams):
     # model, epochs, max_steps, grad_accum, seed, bf16: TrainParams; where and how it runs: TrainResources
 
 
+class RewardByVisit:
+    """Each prompt's group reward per visit, and per visit the paired gain over the first one."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}  # prompt key -> visits so far
+        self.means: dict[int, dict[str, float]] = {}  # visit (1-based) -> prompt key -> its group's mean reward
+
+    def add(self, keys: list[str], rewards: list[float]) -> None:
+        groups: dict[str, list[float]] = {}
+        for k, r in zip(keys, rewards):
+            groups.setdefault(k, []).append(r)
+        for k, rs in groups.items():  # one call scores one visit of a prompt: its group's completions
+            visit = self.seen.get(k, 0) + 1
+            self.seen[k] = visit
+            self.means.setdefault(visit, {})[k] = sum(rs) / len(rs)
+
+    def summary(self) -> list[dict]:
+        import math
+
+        first = self.means.get(1, {})
+        out = []
+        for visit in sorted(self.means):
+            now = self.means[visit]
+            row = {"visit": visit, "prompts": len(now), "mean_reward": round(sum(now.values()) / len(now), 4)}
+            diffs = [now[k] - first[k] for k in now if k in first]
+            if visit > 1 and diffs:
+                d = sum(diffs) / len(diffs)
+                sd = math.sqrt(sum((x - d) ** 2 for x in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else 0.0
+                row.update({"paired_prompts": len(diffs), "gain_vs_first": round(d, 4),
+                            "gain_se": round(sd / math.sqrt(len(diffs)), 4)})
+            out.append(row)
+        return out
+
+
 class VerifierReward:
     """A TRL reward function: ``verify``'s verdict per completion. Math rows are checked in the
     verifier's worker processes (``stages.common.verifier.VerifierPool``), code rows (a ``tests``
@@ -81,6 +120,7 @@ class VerifierReward:
         self.checker, self.code, self.code_workers = checker, code or CodeSpec(), code_workers
         self.code_cache: dict = {}
         self._pool = None
+        self.by_visit = RewardByVisit()
 
     def pool(self):
         if self._pool is None:
@@ -108,7 +148,7 @@ class VerifierReward:
                                 self.code_cache)
 
     def __call__(self, prompts, completions, completion_ids=None, answer=None, log_metric=None, tests=None,
-                 test_kind=None, **kw) -> list[float]:
+                 test_kind=None, prompt_id=None, **kw) -> list[float]:
         verdicts = self.verdicts(completions, answer, completion_ids, tests, test_kind)
         if log_metric is not None:
             reasons: dict[str, int] = {}
@@ -116,9 +156,12 @@ class VerifierReward:
                 reasons[v["reason"]] = reasons.get(v["reason"], 0) + 1
             for reason, n in reasons.items():
                 log_metric(f"verify/{reason}", n / len(verdicts))
-        return [1.0 if v["verdict"] == "correct" else
-                (self.format_reward if self.format_reward and v["reason"] in FORMAT_PASSED_REASONS else 0.0)
-                for v in verdicts]
+        rewards = [1.0 if v["verdict"] == "correct" else
+                   (self.format_reward if self.format_reward and v["reason"] in FORMAT_PASSED_REASONS else 0.0)
+                   for v in verdicts]
+        keys = [str(k) for k in prompt_id] if prompt_id is not None else [repr(p) for p in prompts]
+        self.by_visit.add(keys, rewards)
+        return rewards
 
 
 
@@ -146,15 +189,32 @@ def worker_trainer(model_dir: str, files: list[str], params: dict, work: str):
     import pyarrow.parquet as pq
 
     names = set(pq.read_schema(files[0]).names)
-    columns = ["prompt", "answer"] + [c for c in ("tests", "test_kind") if c in names]  # code rows' tests
+    columns = ["prompt", "answer"] + [c for c in ("tests", "test_kind", "prompt_id") if c in names]
     data = Dataset.from_parquet(files, columns=columns, cache_dir=cache)
     data = data.map(lambda b: {"prompt": [[{"role": "user", "content": q}] for q in b["prompt"]]}, batched=True,
                     cache_file_name=os.path.join(cache, "prompts-chat.arrow"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     reward = VerifierReward(p.format, p.timeout_s, p.max_completion_length, p.format_reward, p.checker, p.code,
                             p.code_workers)
-    return without_printer(GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_config(p, work),
-                                       train_dataset=data, processing_class=tok))
+    trainer = without_printer(GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_config(p, work),
+                                          train_dataset=data, processing_class=tok))
+    trainer.add_callback(_by_visit_callback(trainer, reward))
+    return trainer
+
+
+def _by_visit_callback(trainer, reward: VerifierReward):
+    """Puts ``reward_by_visit`` (and the step it was counted from) into the trainer's stage metrics."""
+    from transformers import TrainerCallback
+
+    class ByVisit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.from_step = state.global_step  # after a resume: the checkpoint's step
+
+        def on_train_end(self, args, state, control, **kw):
+            trainer.stage_metrics = {"reward_by_visit": reward.by_visit.summary(),
+                                     "reward_by_visit_from_step": self.from_step}
+
+    return ByVisit()
 
 
 class GRPO(TrainingStage):

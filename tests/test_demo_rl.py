@@ -11,6 +11,7 @@ def test_demo_rl_plans(tmp_path):
                         "--set", f"storage.root={tmp_path / 'root'}"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    for stage in ("student_samples", "pairs", "student_dpo", "student_grpo", "eval_dpo", "eval_grpo"):
+    for stage in ("student_samples", "pairs", "student_dpo", "grpo_pool", "grpo_prompts", "student_grpo", "eval_dpo",
+                  "eval_grpo"):
         assert stage in p.stdout, p.stdout
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("_manifest.json"))  # nothing ran

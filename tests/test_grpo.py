@@ -42,6 +42,33 @@ def test_reward_is_verify_verdict_for_every_reason(ray_local, tmp_path):
     assert reward(prompts=[[]], completions=["<think>y</think> \\boxed{3}"], completion_ids=[[1]], answer=["3"]) == [1.0]
 
 
+def test_reward_by_visit_pairs_each_prompt_with_its_first_visit():
+    """Two calls score prompt a and b, the third a again: visit 2 holds a only, paired with its visit 1."""
+    from stages.grpo import RewardByVisit
+
+    v = RewardByVisit()
+    v.add(["a", "a", "b", "b"], [0.0, 1.0, 1.0, 1.0])  # a: 0.5, b: 1.0
+    v.add(["c", "c"], [0.0, 0.0])
+    v.add(["a", "a", "c", "c"], [1.0, 1.0, 1.0, 0.0])  # a: 1.0 (+0.5), c: 0.5 (+0.5)
+    first, second = v.summary()
+    assert first == {"visit": 1, "prompts": 3, "mean_reward": 0.5}
+    assert second == {"visit": 2, "prompts": 2, "mean_reward": 0.75, "paired_prompts": 2, "gain_vs_first": 0.5,
+                      "gain_se": 0.0}
+    v.add(["b", "b"], [0.0, 0.0])  # b falls by 1.0: the gains are now +0.5, +0.5, -1.0
+    second = v.summary()[1]
+    assert second["paired_prompts"] == 3 and second["gain_vs_first"] == 0.0
+    assert second["gain_se"] == pytest.approx(round((0.75 ** 0.5) / 3 ** 0.5, 4))  # sd of (0.5, 0.5, -1) / sqrt(3)
+
+
+def test_the_reward_tallies_visits_by_prompt_id():
+    reward = VerifierReward(FormatSpec(), timeout_s=2.0, max_completion_length=MAXLEN)
+    good, bad = "<think>x</think> \\boxed{7}", "<think>x</think> \\boxed{8}"
+    reward(prompts=[[]] * 2, completions=[bad, good], completion_ids=[[1]] * 2, answer=["7"] * 2, prompt_id=["p", "p"])
+    reward(prompts=[[]] * 2, completions=[good, good], completion_ids=[[1]] * 2, answer=["7"] * 2, prompt_id=["p", "p"])
+    assert [(r["visit"], r["mean_reward"]) for r in reward.by_visit.summary()] == [(1, 0.5), (2, 1.0)]
+    assert reward.by_visit.summary()[1]["gain_vs_first"] == 0.5
+
+
 def test_format_reward_pays_a_well_formed_wrong_answer_only():
     reward = VerifierReward(FormatSpec(), timeout_s=2.0, max_completion_length=MAXLEN, format_reward=0.2)
     got = reward(prompts=[[]] * 3, completions=["<think>x</think> \\boxed{7}", "<think>x</think> \\boxed{8}",
@@ -152,3 +179,7 @@ stages:
         assert sum(v for c in shares.values() for t, v in c if t == s) == pytest.approx(1.0)
     assert {"completions/mean_length", "completions/clipped_ratio"} <= set(curves)
     assert [c for c in m["checkpoints"] if c > step] == list(range(step + every, steps + 1, every))
+    # the same prompts followed across visits, counted from the step the resumed group started at:
+    # every group scored since then (2 prompts per step) is one prompt's visit
+    assert m["reward_by_visit_from_step"] == step
+    assert sum(v["prompts"] for v in m["reward_by_visit"]) == (steps - step) * 8 // 4
