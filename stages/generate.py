@@ -93,7 +93,8 @@ def overhead(driver_cpu_s: float, driver_process_cpu_s: float, engine: dict) -> 
     ``fraction``: CPU seconds of the stage's driver thread (reading, rows, checkpoints, the output)
     plus the engine actors' own code outside the engine (prompt building, rows, the loop).
     ``fraction_upper``: whole processes instead (the driver process, Ray's threads included, and
-    each actor process less its engine calls; vLLM's front-end threads count here too), a bound.
+    each actor process less its engine calls; vLLM's front-end threads count here too, and with an
+    engine in the actor's process its compute threads other than the caller's), a bound.
     ``engine_steps``: engine steps taken (completion tokens ÷ steps is the mean batch)."""
     e = engine["engine_s"]
     actor_process = max(0.0, engine["process_cpu_s"] - engine["engine_cpu_s"])

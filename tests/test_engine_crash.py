@@ -38,7 +38,7 @@ def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
         if pools and len(parts) >= 2:
             killed = pools[0].actors[0]
             old_pid = ray.get(killed.pid.remote())
-            old_tree = process_tree(old_pid)  # the actor and its vLLM engine-core process
+            old_tree = process_tree(old_pid)  # the actor (on CPU its vLLM engine runs inside it) and any children
             ray.kill(killed, no_restart=False)  # like a crash: Ray restarts the actor
             break
         time.sleep(0.1)
@@ -54,4 +54,4 @@ def test_engine_actor_crash_is_survived(ray_local, tiny_model, tmp_path):
     assert ray.get(killed.pid.remote(), timeout=120) != old_pid  # a restarted engine served the rest
     # the pool's own re-queue recovered the chunks lost with the actor (Ray retries no call)
     assert pools[0].requeued_chunks >= 1 and gen["metrics"]["samples"] == N_PROMPTS * N
-    assert len(old_tree) >= 2 and still_running(old_tree) == set()  # nothing of the crashed engine survives
+    assert old_pid in old_tree and still_running(old_tree) == set()  # nothing of the crashed engine survives

@@ -12,6 +12,18 @@ def test_single_gpu_replica_takes_its_gpu_on_the_actor():
     assert "distributed_executor_backend" not in spec.llm_kwargs()
 
 
+def test_a_cpu_replica_runs_its_engine_in_the_actors_process():
+    """vLLM's engine core and worker stay in the actor on CPU (no two more processes importing vLLM);
+    a GPU or tensor-parallel replica keeps vLLM's processes; the choice can be forced either way."""
+    assert EngineSpec().runs_in_process() and EngineSpec().llm_kwargs()["distributed_executor_backend"] == "uni"
+    assert not EngineSpec(num_gpus=1).runs_in_process()
+    assert EngineSpec(num_gpus=1, in_process=True).llm_kwargs()["distributed_executor_backend"] == "uni"
+    assert "distributed_executor_backend" not in EngineSpec(in_process=False).llm_kwargs()
+    assert EngineSpec(num_gpus=1, tensor_parallel_size=2).llm_kwargs()["distributed_executor_backend"] == "ray"
+    with pytest.raises(ValidationError, match="tensor_parallel_size 1"):
+        EngineSpec(in_process=True, tensor_parallel_size=2)
+
+
 def test_tensor_parallel_replica_gets_one_bundle_per_rank():
     spec = EngineSpec(num_gpus=1, num_cpus=2, tensor_parallel_size=4, gpu_memory_utilization=0.85,
                       max_num_seqs=256, options={"enable_prefix_caching": True})
