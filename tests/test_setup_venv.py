@@ -1,5 +1,6 @@
 """tools/setup_venv.py, which `make setup` runs: uv gets every source pip would use (config files and
 PIP_* variables), with pip's best-match rule, so both resolve to the same versions."""
+import json
 import subprocess
 import sys
 
@@ -23,7 +24,8 @@ def test_every_pip_source_is_passed_to_uv():
     pairs = list(zip(args[::2], args[1::2]))
     assert ("--index-strategy", "unsafe-best-match") in pairs
     assert ("--index-url", "https://mirror.example/simple") in pairs
-    assert ("--extra-index-url", "file:///opt/a/simple") in pairs and ("--extra-index-url", "file:///opt/b/simple") in pairs
+    assert ("--extra-index-url", "file:///opt/a/simple") in pairs
+    assert ("--extra-index-url", "file:///opt/b/simple") in pairs
     assert ("--find-links", "/opt/wheels") in pairs
     assert ("--constraint", "/etc/pip/constraints.txt") in pairs
     assert env == {"SSL_CERT_FILE": "/etc/ssl/ca.crt", "UV_HTTP_TIMEOUT": "180"}
@@ -41,7 +43,6 @@ def test_pip_settings_read_files_and_environment(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO / "tools",
         env={"PATH": "/usr/bin:/bin", "PIP_CONFIG_FILE": str(conf), "PIP_FIND_LINKS": "/from/env"},
     ).stdout
-    import json
     settings = json.loads(out)
     assert settings["extra-index-url"] == "file:///from/file/simple"
     assert settings["find-links"] == "/from/env"  # the variable overrides the file, as in pip
