@@ -16,6 +16,7 @@ def test_a_cpu_replica_runs_its_engine_in_the_actors_process():
     """vLLM's engine core and worker stay in the actor on CPU (no two more processes importing vLLM);
     a GPU or tensor-parallel replica keeps vLLM's processes; the choice can be forced either way."""
     assert EngineSpec().runs_in_process() and EngineSpec().llm_kwargs()["distributed_executor_backend"] == "uni"
+    assert EngineSpec().llm_kwargs()["enable_chunked_prefill"] is False  # a seeded request in one process needs it
     assert not EngineSpec(num_gpus=1).runs_in_process()
     assert EngineSpec(num_gpus=1, in_process=True).llm_kwargs()["distributed_executor_backend"] == "uni"
     assert "distributed_executor_backend" not in EngineSpec(in_process=False).llm_kwargs()

@@ -117,6 +117,10 @@ class EngineSpec(BaseModel):
             kw["distributed_executor_backend"] = "ray"  # workers in the replica's placement group
         elif self.runs_in_process():
             kw["distributed_executor_backend"] = "uni"  # the model worker in the engine core's process
+            # in one process vLLM 0.32 rewinds a seeded request's CPU generator when it discards the
+            # token of a partly prefilled prompt, which CPU generators refuse ("CPU Generator does not
+            # use offset"): prompts are prefilled whole instead
+            kw["enable_chunked_prefill"] = False
         if self.max_model_len:
             kw["max_model_len"] = self.max_model_len
         if self.gpu_memory_utilization:
