@@ -83,3 +83,23 @@ def test_streaming_keeps_chunks_in_flight_on_a_threaded_actor(ray_local, tiny_mo
     # four chunks' requests queued in each actor at once, never more than chunks_in_flight
     assert peak == [4, 4]
     assert all(n >= 2 for n in served)  # both replicas took requests
+
+
+@pytest.mark.engine
+def test_seeded_prompts_past_one_steps_token_budget_generate_in_process(ray_local, tiny_model):
+    """A CPU engine runs in its actor's process. There vLLM 0.32 crashes when it discards the token
+    of a partly prefilled seeded request (it rewinds a CPU generator); prompts are prefilled whole,
+    so prompts that overflow one step's token budget all generate (the demo-rl crash)."""
+    from stages.common.engine import EnginePool
+
+    spec = EngineSpec(max_model_len=128, kv_cache_gb=0.25, batch_size=8, max_inflight=32,
+                      options={"max_num_batched_tokens": 128})  # 2-3 of these prompts per step
+    assert spec.runs_in_process()
+    words = "add the numbers and explain each step"
+    rows = [{"prompt_id": f"p{i}", "prompt": f"{words} {i} + {i}."} for i in range(24)]
+    with EnginePool(tiny_model, spec) as pool:
+        out = [r for chunk in pool.generate(rows, SamplingSpec(n=2, max_tokens=8, seed=5)) for r in chunk]
+        assert sorted((r["prompt_id"], r["sample_index"]) for r in out) == sorted(
+            (f"p{i}", k) for i in range(24) for k in range(2))
+        assert all(r["error"] is None for r in out), [r["error"] for r in out if r["error"]][:3]
+        assert min(r["prompt_tokens"] for r in out) > 128 // 4  # 3 prompts or fewer fit in one step
