@@ -28,9 +28,9 @@ batch 32. Pass@1 (128 eval prompts x 4 samples) by epoch, seed 0:
       under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
                                                  0.10 / 0.34 / 0.57 / 0.72 / 0.79 / 0.80 (137 s, 135 s)
 At about 290 sequences/s, the teacher's 6 epochs take about 100 s in one process and the
-student's 8 about 75 s. The teacher ends near the slips' cap; the student, whose clean data has
-no such cap, is still rising at 8 epochs, and its two float paths are within 0.02 only from
-about 10 epochs on.
+student's 10 about 95 s. The teacher ends near the slips' cap; the student, whose clean data has
+no such cap, was still rising at 8 epochs, and its two float paths are within 0.02 only from
+about 10 epochs on: so the demo's student trains 10 (it had 8 until 2026-12-04).
 
 The earlier recipe, measured 2026-12-03 on the demo's teacher of then (4 x 256, the toy task's 8,000 gold solutions, batch 32,
 learning rate 1e-3, cosine, 5% warm-up, seed 0; pass@1 over 128 eval prompts x 4 samples), by
