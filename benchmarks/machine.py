@@ -28,10 +28,10 @@ from _common import build_model, emit, summary, toy_rows  # noqa: E402
 
 # measured with this script on the developer's machine (2 cores, 24 GiB), idle, medians of 3 runs
 # (train 4,617-5,013, generate 4,067-4,447 tok/s), 2026-12-02; demo_minutes: a fresh clone's
-# `make demo` (install included) scaled to that speed: the recipe of 2026-12-03 took 17 min 39 s
-# on a fresh clone with this script at ratios 0.73 (train) and 0.77 (generate) just after, so
-# 17.65 x 0.75 = 13.2 minutes at ratio 1 (the install, 4 min 50 s of it, may not scale so)
-REFERENCE = {"train": 4845.0, "generate": 4270.0, "demo_minutes": 13.2}
+# `make demo` (install included) scaled to that speed: the recipe of 2026-12-04 took 6 min 19 s
+# on a fresh clone with this script at ratios 1.12 (train) and 1.21 (generate) just after, so
+# 6.31 x 1.17 = 7.4 minutes at ratio 1 (the install, 43 s of it, may not scale so)
+REFERENCE = {"train": 4845.0, "generate": 4270.0, "demo_minutes": 7.4}
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 
 
